@@ -1,0 +1,11 @@
+"""Kafka's default key partitioner (murmur2), so a stream's partition follows from its id."""
+
+from __future__ import annotations
+
+from aiokafka.partitioner import murmur2
+
+
+def partition_for(key: str | bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (Java, aiokafka, librdkafka murmur2_random) picks."""
+    raw = key.encode() if isinstance(key, str) else key
+    return (int(murmur2(raw)) & 0x7FFFFFFF) % partitions
