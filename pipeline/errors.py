@@ -76,3 +76,9 @@ class DeadlineExceededError(SumstreamError):
 
 class CancelledError(SumstreamError):
     code = "cancelled"
+
+
+class TopicMissingError(SumstreamError):
+    """A topic sumstream needs does not exist (run `sumstream topics create`)."""
+
+    code = "topic_missing"
