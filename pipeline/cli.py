@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# subcommand -> (module, help). Each module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+# subcommand -> (module, help); each module has ``add_arguments(parser)`` and ``run(args)``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("pipeline.up", "run everything: broker, topics, simulator, workers, gateway"),
     "broker": ("pipeline.broker", "the local Kafka broker: start, stop, status"),

@@ -95,9 +95,7 @@ class Codec:
             raise UnknownSchemaError(f"expected {expect}, got {writer.name}")
         reader = self.current[writer.name]
         try:
-            record = schemaless_reader(
-                io.BytesIO(data[HEADER_LEN:]), writer.parsed, reader.parsed
-            )
+            record = schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer.parsed, reader.parsed)
         except Exception as exc:  # fastavro raises many types on corrupt input
             raise CodecError(f"{writer.name}: corrupt body: {exc}") from exc
         if not isinstance(record, dict):

@@ -6,6 +6,6 @@ from aiokafka.partitioner import murmur2
 
 
 def partition_for(key: str | bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner (Java, aiokafka, librdkafka murmur2_random) picks."""
+    """The partition chosen by Kafka's default partitioner (and librdkafka murmur2_random)."""
     raw = key.encode() if isinstance(key, str) else key
     return (int(murmur2(raw)) & 0x7FFFFFFF) % partitions

@@ -79,3 +79,12 @@ class SimulatorSettings(BaseSettings):
 @lru_cache(maxsize=1)
 def kafka_settings() -> KafkaSettings:
     return KafkaSettings()
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """The environment for a child process: ours, plus ``SUMSTREAM_*`` overrides."""
+    import os
+
+    env = dict(os.environ)
+    env.update({f"SUMSTREAM_{k.upper()}": v for k, v in overrides.items()})
+    return env

@@ -55,4 +55,9 @@ class TopicNames:
     @classmethod
     def from_settings(cls, settings: KafkaSettings) -> TopicNames:
         p = settings.topic_prefix
-        return cls(*(f"{p}{s}" for s in ("requests", "preprocessed", "tokens", "results", "control", "dlq")))
+        return cls(
+            *(
+                f"{p}{s}"
+                for s in ("requests", "preprocessed", "tokens", "results", "control", "dlq")
+            )
+        )
