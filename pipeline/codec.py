@@ -32,6 +32,7 @@ RECORDS = (
     "SummaryResult",
     "ControlEvent",
     "DeadLetter",
+    "QuotaEvent",
 )
 
 
@@ -52,8 +53,8 @@ def _parse_dir(directory: Path, names: tuple[str, ...]) -> dict[str, Schema]:
         parsed = parse_schema(json.loads(path.read_text()), named_schemas=named)
         canonical = to_parsing_canonical_form(parsed)
         fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
-        # Single-object encoding stores the fingerprint little-endian.
-        out[name] = Schema(name, parsed, fp[::-1])
+        # fastavro gives the bytes little-endian, as single-object encoding stores them.
+        out[name] = Schema(name, parsed, fp)
     return out
 
 

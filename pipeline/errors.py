@@ -78,6 +78,12 @@ class CancelledError(SumstreamError):
     code = "cancelled"
 
 
+class TopicConfigError(SumstreamError):
+    """A topic exists with a partition count or configuration sumstream cannot use."""
+
+    code = "topic_config"
+
+
 class TopicMissingError(SumstreamError):
     """A topic sumstream needs does not exist (run `sumstream topics create`)."""
 

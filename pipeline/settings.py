@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,9 @@ class BrokerSettings(KafkaSettings):
     broker_heap: str = "512m"
     java_home: Path | None = None
     kafka_pom: Path = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
+    # None means <data_dir>/kafka/jars; a second broker (tests) may share the first one's jars.
+    jars_dir: Path | None = None
+    broker_stop_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class WorkerSettings(KafkaSettings):
@@ -57,23 +61,63 @@ class WorkerSettings(KafkaSettings):
     breaker_reset_s: float = Field(default=5.0, gt=0)
     tiers_file: Path = REPO_ROOT / "config" / "tiers.toml"
     prices_file: Path = REPO_ROOT / "config" / "prices.toml"
+    # Inference engine (pipeline/inference.py): scheduler bound, retry timing and budget, HTTP timeouts.
+    max_queued: int = Field(default=256, ge=1)
+    retry_base_s: float = Field(default=0.25, gt=0)
+    retry_cap_s: float = Field(default=8.0, gt=0)
+    retry_budget_window_s: float = Field(default=10.0, gt=0)
+    retry_budget_min: int = Field(default=3, ge=0)
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_read_timeout_s: float = Field(default=60.0, gt=0)
+    # Stages and the Faust app (pipeline/app.py, preprocess.py, postprocess.py).
+    # Tokens one model call may hold (prompt + output); longer documents are split (map-reduce).
+    model_budget_tokens: int = Field(default=150_000, ge=1_000)
+    # A killed worker's partitions move after this long without heartbeats (Faust's default is 60 s).
+    session_timeout_s: float = Field(default=10.0, gt=0)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    # Finished requests stay marked in the in-flight table this long so replayed jobs are skipped.
+    inflight_done_retention_s: float = Field(default=600.0, gt=0)
+    # Requests whose partial text postprocess keeps in memory before it re-reads from `tokens`.
+    postprocess_max_open: int = Field(default=10_000, ge=1)
+    # Faust hard-codes 1500 ms; records that arrive while a fetch is parked wait for it.
+    fetch_max_wait_ms: int = Field(default=10, ge=0)
+    log_level: str = "info"
+    log_json: bool = True
 
 
 class SimulatorSettings(BaseSettings):
-    """The Anthropic-compatible LLM simulator (`sumstream llm-sim`)."""
+    """The Anthropic-compatible LLM simulator (`sumstream llm-sim`).
+
+    Every field from ``ttft_ms`` on is a knob that ``POST /_sim/config`` can change at run time.
+    """
 
     model_config = SettingsConfigDict(env_prefix="SUMSTREAM_SIM_", frozen=True, extra="ignore")
 
     host: str = "127.0.0.1"
-    port: int = 8088
-    ttft_ms: float = 200.0
-    token_delay_ms: float = 10.0
-    max_concurrent: int = 0  # 0 means unlimited
-    error_rate: float = 0.0
-    error_status: int = 529
-    fault_at_token: int = 0  # 0 means never
-    fault_kind: str = "error"  # error | drop
-    retry_after_s: float = 1.0
+    port: int = Field(default=8088, ge=0, le=65535)
+    log_level: str = "warning"
+    # Per-request records kept for GET /_sim/stats; the oldest request ids go first.
+    max_records: int = Field(default=10_000, ge=1)
+    ttft_ms: float = Field(default=200.0, ge=0)
+    token_delay_ms: float = Field(default=10.0, ge=0)
+    max_concurrent: int = Field(default=0, ge=0)  # 0 means unlimited; beyond it 429
+    error_rate: float = Field(default=0.0, ge=0.0, le=1.0)  # failures before the first token
+    error_status: int = 529  # 429, or 500..599 (529 overloaded_error, others api_error)
+    seed: int = 0  # seeds the error_rate draws
+    fail_next: int = Field(default=0, ge=0)  # the next N requests fail with error_status
+    fail_all: bool = False  # an outage: every request fails until turned off
+    fault_at_token: int = Field(default=0, ge=0)  # 0 means never
+    fault_kind: Literal["error", "drop"] = "error"
+    fault_times: int = Field(default=-1, ge=-1)  # streams that get the fault; -1 means all
+    retry_after_s: float = Field(default=1.0, ge=0)
+
+    @field_validator("error_status")
+    @classmethod
+    def _known_status(cls, status: int) -> int:
+        if status != 429 and not 500 <= status <= 599:
+            raise ValueError("error_status must be 429 or 500..599")
+        return status
 
 
 @lru_cache(maxsize=1)

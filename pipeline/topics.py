@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pipeline.settings import KafkaSettings
 
 DAY_MS = 24 * 60 * 60 * 1000
+QUOTA_PARTITIONS = 3
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ def declared_topics(settings: KafkaSettings) -> list[TopicSpec]:
         ),
         TopicSpec("control", "ControlEvent", work, {"retention.ms": str(DAY_MS)}),
         TopicSpec("dlq", "DeadLetter", 1, {"retention.ms": str(30 * DAY_MS)}),
+        # The per-user quota ledger (gateway/quota.py). The broker stamps the time so every
+        # reader evaluates with one clock per partition; 35 d covers a month's budget replay.
+        # Its partition count must never change: a user's records must stay in one partition.
+        TopicSpec(
+            "quota",
+            "QuotaEvent",
+            QUOTA_PARTITIONS,
+            {"retention.ms": str(35 * DAY_MS), "message.timestamp.type": "LogAppendTime"},
+        ),
     ]
 
 
@@ -51,6 +61,7 @@ class TopicNames:
     results: str
     control: str
     dlq: str
+    quota: str
 
     @classmethod
     def from_settings(cls, settings: KafkaSettings) -> TopicNames:
@@ -58,6 +69,14 @@ class TopicNames:
         return cls(
             *(
                 f"{p}{s}"
-                for s in ("requests", "preprocessed", "tokens", "results", "control", "dlq")
+                for s in (
+                    "requests",
+                    "preprocessed",
+                    "tokens",
+                    "results",
+                    "control",
+                    "dlq",
+                    "quota",
+                )
             )
         )

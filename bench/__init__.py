@@ -1,0 +1,1 @@
+"""The sumstream benchmark: sumstream against the notebook design, side by side (``make bench``)."""

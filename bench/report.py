@@ -1,0 +1,477 @@
+"""The benchmark report: markdown tables and PNG plots from a results document.
+
+``python -m bench.report bench/results/<stamp>.json`` re-renders a report from its JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bench import analysis, stats
+
+NA = "-"
+
+
+def _f(value: Any, digits: int = 1, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NA
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _verdict(ok: bool | None) -> str:
+    return {True: "**met**", False: "**missed**", None: "not measured"}[ok]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return [*out, ""]
+
+
+def render(results: dict[str, Any], image_dir: str = ".") -> str:
+    """The markdown report; images are linked as ``<image_dir>/<stamp>-*.png``."""
+    meta, plan = results["meta"], results["plan"]
+    a = results.get("analysis") or analysis.analyze(results)
+    systems: list[str] = list(plan["systems"])
+    stamp = meta["stamp"]
+    img = f"{image_dir}/{stamp}" if image_dir not in ("", ".") else stamp
+    m = meta["machine"]
+    lines = [f"# sumstream benchmark {stamp}", ""]
+    if plan.get("quick"):
+        lines += ["> **Quick smoke run** (`--quick`): too few samples for the targets.", ""]
+    for err in meta.get("errors") or []:
+        lines.append(f"> **Failed:** {err} (logs: `{meta.get('logs')}`)")
+    if meta.get("errors"):
+        lines.append("")
+    lines += _targets(a, systems)
+    busy = [p["cpu"]["machine_busy"] for p in results["phases"]]
+    lines += [
+        "## Machine and setup",
+        "",
+        f"- {m.get('cores')} cores ({m.get('cpu', '?')}), {m.get('ram_gib', '?')} GiB RAM, "
+        f"{m.get('platform')}; Python {m.get('python')}; Apache Kafka {m.get('kafka')} "
+        f"({'started by the bench' if meta.get('broker_started_by_bench') else 'running already'})"
+        ".",
+        "- Libraries: "
+        + ", ".join(f"{k} {v}" for k, v in sorted((m.get("versions") or {}).items())),
+        f"- Load average at start {meta.get('loadavg_start')}, at end {meta.get('loadavg_end')}; "
+        f"the whole machine was busy {_f(100 * stats.percentile(busy, 50), 0)} % of the time "
+        "during the median phase (the benchmark's processes plus anything else running). "
+        "The machine is shared: other processes' load shows as noise in both systems alike.",
+        f"- Run took {meta.get('duration_s')} s; processes ready after "
+        + ", ".join(f"{k} {_f(v, 1)} s" for k, v in (meta.get("ready_s") or {}).items())
+        + f"; warm-up {meta.get('warmup_s')} s.",
+        f"- Simulator: TTFT {plan['ttft_ms']:.0f} ms, {plan['token_delay_ms']:.0f} ms per token, "
+        f"max_output_tokens {plan['max_tokens']}, every summary exactly {plan['max_tokens']} "
+        "tokens. One simulator serves both systems, one system at a time (never both at once), "
+        "so neither steals the other's CPU; phases alternate the order (ABBA) against drift.",
+        "- Baseline: `bench/baseline.py`, one Starlette endpoint streaming the anthropic SDK's "
+        "deltas as SSE (SDK defaults: 2 retries honouring retry-after; no error event).",
+        f"- sumstream: one gateway, one worker (all stages, max_streams {plan['max_streams']}), "
+        f"{plan['users']} users of tier `{plan['tier']}` (each concurrent client is its own user), "
+        "random topic prefix and app id for the run.",
+        "- Times: TTFT = POST written to first `token` event read; inter-token = gap between "
+        "consecutive token reads of one stream (all streams pooled); TTFB = POST to the status "
+        "line; overhead = sumstream minus baseline at the same percentile, with a bootstrap 95 % "
+        "interval (500 resamples) for TTFT.",
+        "",
+    ]
+    lines += _overhead(a, systems, img)
+    lines += _bursts(a, systems)
+    lines += _throughput(a, systems, img)
+    lines += _rate_limited(a, systems)
+    lines += _where(results, a, systems)
+    return "\n".join(lines) + "\n"
+
+
+def _targets(a: dict[str, Any], systems: list[str]) -> list[str]:
+    rows: list[list[str]] = []
+    ov = (a.get("overhead") or {}).get(str(analysis.TARGET_LEVEL), {}).get("overhead")
+    v = a.get("overhead_verdict") or {}
+    if ov:
+        rows += [
+            [
+                "TTFT overhead p50 at 50 streams",
+                f"≤ {analysis.TTFT_OVERHEAD_P50_MS:.0f} ms",
+                f"{_f(ov['ttft_p50']['diff'], signed=True)} ms",
+                _verdict(v.get("ttft_p50_ok")),
+            ],
+            [
+                "TTFT overhead p99 at 50 streams",
+                f"≤ {analysis.TTFT_OVERHEAD_P99_MS:.0f} ms",
+                f"{_f(ov['ttft_p99']['diff'], signed=True)} ms",
+                _verdict(v.get("ttft_p99_ok")),
+            ],
+            [
+                "inter-token overhead p99 at 50 streams",
+                f"≤ {analysis.TOKEN_OVERHEAD_P99_MS:.0f} ms",
+                f"{_f(ov['gap_p99']['diff'], signed=True)} ms",
+                _verdict(v.get("gap_p99_ok")),
+            ],
+        ]
+    best = (a.get("throughput") or {}).get("best", {}).get("sumstream")
+    if "sumstream" in systems:
+        rows.append(
+            [
+                "tokens/s where p99 inter-token stays within 50 ms of pacing",
+                f"≥ {analysis.THROUGHPUT_TOKENS_PER_S:,.0f}",
+                NA if not best else f"{best['tokens_per_s']:,.0f} at {best['concurrency']} streams",
+                _verdict(None if not best else best["ok"]),
+            ]
+        )
+        tv = a.get("ttfb_verdict") or {}
+        rows.append(
+            [
+                "`accepted` p99 under the bursts",
+                f"≤ {analysis.ACCEPTED_P99_MS:.0f} ms",
+                f"{_f(tv.get('accepted_p99_ms'))} ms",
+                _verdict(tv.get("ok")),
+            ]
+        )
+    if not rows:
+        return []
+    return ["## Targets", "", *_table(["target", "goal", "measured", "verdict"], rows)]
+
+
+def _overhead(a: dict[str, Any], systems: list[str], img: str) -> list[str]:
+    lines = ["## 1. Overhead by concurrency", ""]
+    rows = []
+    for c, entry in (a.get("overhead") or {}).items():
+        for sys_ in systems:
+            if sys_ not in entry:
+                continue
+            e = entry[sys_]
+            rows.append(
+                [
+                    c,
+                    sys_,
+                    f"{e['correct']}/{e['n']}",
+                    _f(e["ttft"]["p50"]),
+                    _f(e["ttft"]["p99"]),
+                    _f(e["gap"]["p50"]),
+                    _f(e["gap"]["p99"]),
+                    _f(e["ttfb"]["p99"]),
+                    _f(e["tokens_per_s"], 0),
+                ]
+            )
+        if "overhead" in entry:
+            o = entry["overhead"]
+            rows.append(
+                [
+                    c,
+                    "**overhead**",
+                    "",
+                    _with_ci(o["ttft_p50"]),
+                    _with_ci(o["ttft_p99"]),
+                    _f(o["gap_p50"]["diff"], signed=True),
+                    _f(o["gap_p99"]["diff"], signed=True),
+                    "",
+                    "",
+                ]
+            )
+    header = [
+        "streams",
+        "system",
+        "correct",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "gap p50 ms",
+        "gap p99 ms",
+        "TTFB p99 ms",
+        "tokens/s",
+    ]
+    lines += _table(header, rows)
+    lines += [f"![TTFT distribution]({img}-ttft.png)", "", f"![overhead]({img}-overhead.png)", ""]
+    return lines
+
+
+def _with_ci(o: dict[str, Any]) -> str:
+    lo, hi = o["ci95"]
+    return (
+        f"{_f(o['diff'], signed=True)} [{_f(lo, signed=True)}, {_f(hi, signed=True)}] "
+        f"x{_f(o['ratio'], 2)}"
+    )
+
+
+def _bursts(a: dict[str, Any], systems: list[str]) -> list[str]:
+    lines = [
+        "## 2. The notebook failure: users arriving at once (and 5. time to first byte)",
+        "",
+    ]
+    rows = []
+    for users, entry in (a.get("burst") or {}).items():
+        for sys_ in systems:
+            if sys_ not in entry:
+                continue
+            e = entry[sys_]
+            rows.append(
+                [
+                    users,
+                    sys_,
+                    f"{e['correct']}/{e['n']}",
+                    str(e["no_final"]),
+                    _f(e["ttft"]["p50"]),
+                    _f(e["ttft"]["p99"]),
+                    f"x{_f(e.get('ttft_p99_vs_single'), 2)}",
+                    _f(e["ttfb"]["p99"]),
+                    _f(e["accepted"]["p99"]),
+                    _f(e["total"]["p99"]),
+                ]
+            )
+    header = [
+        "users",
+        "system",
+        "correct (complete, in order, own)",
+        "no final event",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "p99 vs single user",
+        "TTFB p99 ms",
+        "`accepted` p99 ms",
+        "total p99 ms",
+    ]
+    return lines + _table(header, rows)
+
+
+def _throughput(a: dict[str, Any], systems: list[str], img: str) -> list[str]:
+    t = a.get("throughput") or {}
+    lines = ["## 3. Throughput", ""]
+    rows = []
+    for row in t.get("levels", []):
+        cells = [str(row["concurrency"])]
+        for sys_ in systems:
+            cell = row.get(sys_) or {}
+            cells += [
+                _f(cell.get("tokens_per_s"), 0),
+                _f(cell.get("gap_p99")),
+                f"{cell.get('correct', 0)}/{cell.get('n', 0)}",
+            ]
+        cells.append(_f(row.get("gap_p99_overhead"), signed=True))
+        rows.append(cells)
+    header = ["streams"]
+    for sys_ in systems:
+        header += [f"{sys_} tokens/s", f"{sys_} gap p99 ms", f"{sys_} correct"]
+    header.append("gap p99 overhead ms")
+    lines += _table(header, rows)
+    for sys_, best in (t.get("best") or {}).items():
+        if best:
+            lines.append(
+                f"- {sys_}: highest level with p99 inter-token within "
+                f"{analysis.THROUGHPUT_GAP_OVERHEAD_MS:.0f} ms of the simulator's pacing: "
+                f"**{best['concurrency']} streams, {best['tokens_per_s']:,.0f} tokens/s**."
+            )
+        else:
+            lines.append(f"- {sys_}: no level kept p99 inter-token within 50 ms of the pacing.")
+    return [*lines, "", f"![tokens per second]({img}-throughput.png)", ""]
+
+
+def _rate_limited(a: dict[str, Any], systems: list[str]) -> list[str]:
+    rl = a.get("rate_limited") or {}
+    if not rl:
+        return []
+    rows = []
+    for sys_ in systems:
+        e = rl.get(sys_)
+        if not e:
+            continue
+        sim = e.get("sim") or {}
+        rows.append(
+            [
+                sys_,
+                str(e["n"]),
+                str(e["completed"]),
+                _f(e.get("success_ratio"), 2),
+                str(e.get("upstream_attempts")),
+                _f(e.get("attempts_per_completed"), 2),
+                str(e["no_final"]),
+                ", ".join(f"{k} {v}" for k, v in sorted(e["outcomes"].items())),
+                ", ".join(f"{k}: {v}" for k, v in (sim.get("by_status") or {}).items()),
+                _f(e["total"]["p99"], 0),
+            ]
+        )
+    header = [
+        "system",
+        "clients",
+        "completed",
+        "success ratio",
+        "upstream attempts",
+        "attempts per completed",
+        "ended without a final event",
+        "outcomes",
+        "upstream statuses",
+        "total p99 ms",
+    ]
+    return ["## 4. Rate-limited upstream", "", *_table(header, rows)]
+
+
+def _where(results: dict[str, Any], a: dict[str, Any], systems: list[str]) -> list[str]:
+    lines = ["## Where the time goes", ""]
+    # The stage breakdown sumstream's own `done` event carries, at the target level.
+    entry = (a.get("overhead") or {}).get(str(analysis.TARGET_LEVEL), {}).get("sumstream", {})
+    latency = entry.get("latency_ms") or {}
+    if latency:
+        lines += [
+            "sumstream's per-stage latency (`done.latency_ms`) at "
+            f"{analysis.TARGET_LEVEL} streams:",
+            "",
+        ]
+        rows = [[k, _f(v["p50"]), _f(v["p99"])] for k, v in latency.items()]
+        lines += _table(["stage", "p50 ms", "p99 ms"], rows)
+    # CPU per process, by scenario and level.
+    cpu: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for p in results["phases"]:
+        for proc, v in p["cpu"]["processes"].items():
+            cpu[(p["name"], p["system"])][proc].append(v["cpu_s"] / max(p["n"], 1) * 1000)
+    procs = sorted({proc for d in cpu.values() for proc in d})
+    if cpu:
+        lines += ["CPU milliseconds per request, by process (all processes on 2 shared cores):", ""]
+        rows = []
+        for (name, sys_), d in cpu.items():
+            if not name.startswith("overhead/") and name != "rate_limited":
+                continue
+            rows.append(
+                [name, sys_] + [_f(stats.percentile(d[p], 50)) if d.get(p) else NA for p in procs]
+            )
+        lines += _table(["phase", "system", *procs], rows)
+    prof = results.get("profile") or {}
+    for proc, summary in prof.items():
+        if "error" in summary:
+            lines += [f"py-spy on the {proc} failed: {summary['error']}", ""]
+            continue
+        lines += [
+            f"py-spy, {proc} ({summary['samples']} samples of busy threads at "
+            f"{results['plan']['profile_level']} streams): share of CPU by area of the leaf frame",
+            "",
+        ]
+        rows = [[k, f"{v * 100:.1f} %"] for k, v in summary["areas"].items()]
+        lines += _table(["area", "share"], rows)
+        rows = [[f"`{k}`", f"{v * 100:.1f} %"] for k, v in summary["self"][:10]]
+        lines += _table([f"{proc}: hottest functions (self)", "share"], rows)
+    return lines
+
+
+# -- plots ------------------------------------------------------------------------------------
+
+
+def plot(results: dict[str, Any], out_dir: Path, stamp: str) -> list[Path]:
+    """TTFT distribution, tokens/s against concurrency, overhead against concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = results.get("analysis") or analysis.analyze(results)
+    plan = results["plan"]
+    systems: list[str] = list(plan["systems"])
+    by = analysis.group(results["streams"])
+    colors = {"baseline": "tab:blue", "sumstream": "tab:orange"}
+    paths = []
+
+    levels = list(plan["levels"])
+    fig, axes = plt.subplots(1, len(levels), figsize=(4 * len(levels), 3.4), squeeze=False)
+    for ax, c in zip(axes[0], levels, strict=True):
+        for sys_ in systems:
+            v = sorted(
+                s["ttft_ms"]
+                for s in by.get((f"overhead/c{c}", sys_), [])
+                if s["ttft_ms"] is not None
+            )
+            if v:
+                ax.step(
+                    v,
+                    [(i + 1) / len(v) for i in range(len(v))],
+                    where="post",
+                    label=sys_,
+                    color=colors.get(sys_),
+                )
+        ax.set_title(f"{c} concurrent streams")
+        ax.set_xlabel("TTFT (ms)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fraction of streams")
+    axes[0][0].legend()
+    fig.suptitle("Time to first token (ECDF)")
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir / f"{stamp}-ttft.png"))
+
+    rows = (a.get("throughput") or {}).get("levels", [])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sys_ in systems:
+        pts = [(r["concurrency"], r[sys_]["tokens_per_s"]) for r in rows if sys_ in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=sys_, color=colors.get(sys_))
+    if rows:
+        cs = [r["concurrency"] for r in rows]
+        per_stream = plan["max_tokens"] / (
+            (plan["ttft_ms"] + plan["max_tokens"] * plan["token_delay_ms"]) / 1000
+        )
+        ax.plot(cs, [c * per_stream for c in cs], "k--", lw=1, label="simulator's pace")
+    ax.axhline(analysis.THROUGHPUT_TOKENS_PER_S, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("tokens/s delivered to clients")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir / f"{stamp}-throughput.png"))
+
+    ov = a.get("overhead") or {}
+    pts = [(int(c), e["overhead"]) for c, e in ov.items() if "overhead" in e]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if pts:
+        cs = [c for c, _ in pts]
+        for key, style in (("ttft_p50", "o-"), ("ttft_p99", "s-")):
+            ax1.plot(cs, [o[key]["diff"] for _, o in pts], style, label=key.replace("_", " "))
+        ax2.plot(cs, [o["gap_p99"]["diff"] for _, o in pts], "s-", label="inter-token p99")
+        ax2.plot(cs, [o["gap_p50"]["diff"] for _, o in pts], "o-", label="inter-token p50")
+    ax1.axhline(analysis.TTFT_OVERHEAD_P50_MS, color="tab:blue", ls=":", lw=1, label="p50 target")
+    ax1.axhline(analysis.TTFT_OVERHEAD_P99_MS, color="tab:orange", ls=":", lw=1, label="p99 target")
+    ax2.axhline(analysis.TOKEN_OVERHEAD_P99_MS, color="tab:blue", ls=":", lw=1, label="p99 target")
+    for ax, title in ((ax1, "TTFT overhead"), (ax2, "inter-token overhead")):
+        ax.set_xscale("log")
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel("sumstream - baseline (ms)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir / f"{stamp}-overhead.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write(results: dict[str, Any], out_dir: Path, stamp: str) -> Path:
+    """Write ``<stamp>.md`` and its PNGs into ``out_dir``; return the markdown path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(results, out_dir, stamp)
+    path = out_dir / f"{stamp}.md"
+    path.write_text(render(results))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    parser.add_argument("results", type=Path, help="a bench/results/<stamp>.json file")
+    args = parser.parse_args()
+    results = json.loads(args.results.read_text())
+    results["analysis"] = analysis.analyze(results)
+    print(write(results, args.results.parent, results["meta"]["stamp"]))
+
+
+if __name__ == "__main__":
+    main()

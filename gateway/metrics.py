@@ -1,0 +1,25 @@
+"""The gateway's Prometheus metrics (DESIGN.md section 7), named ``sumstream_gateway_*``.
+
+Labels stay bounded: outcome is an error code or "accepted"/"idempotent_replay".
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "sumstream_gateway_requests_total", "POST /v1/summaries answers by outcome", ["outcome"]
+)
+SSE_CLIENTS = Gauge("sumstream_gateway_sse_clients", "Open SSE streams")
+OVERHEAD_SECONDS = Histogram(
+    "sumstream_gateway_overhead_seconds",
+    "Gateway time from request arrival to response start (auth, validation, admission, produce)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+STREAMS = Counter(
+    "sumstream_gateway_streams_total", "SSE streams by how they were served", ["source"]
+)
+STREAM_ENDS = Counter(
+    "sumstream_gateway_stream_ends_total", "SSE streams by how they ended", ["reason"]
+)
+CANCELS = Counter("sumstream_gateway_cancels_total", "Cancel events produced", ["reason"])

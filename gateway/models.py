@@ -1,0 +1,77 @@
+"""The HTTP API's bodies: what clients send, and how records are shown to them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class SummaryIn(BaseModel):
+    """``POST /v1/summaries``: the document to summarize and optional guidance."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    document: str = Field(min_length=1, description="the text to summarize")
+    instructions: str | None = Field(default=None, max_length=4_000)
+    max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    model: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("document")
+    @classmethod
+    def _not_blank(cls, document: str) -> str:
+        if not document.strip():
+            raise ValueError("document is empty")
+        return document
+
+
+class Links(BaseModel):
+    self: str
+    events: str
+
+
+class AcceptedOut(BaseModel):
+    """The 202 answer (``Accept: application/json``) and the SSE ``accepted`` event's data."""
+
+    id: str
+    status: str = "accepted"
+    queue_position: int
+    estimated_wait_s: float
+    links: Links
+
+
+class RunningOut(BaseModel):
+    id: str
+    status: str = "running"
+    links: Links
+
+
+def links(request_id: str) -> Links:
+    base = f"/v1/summaries/{request_id}"
+    return Links(self=base, events=f"{base}/events")
+
+
+def result_json(result: dict[str, Any]) -> dict[str, Any]:
+    """A SummaryResult record as the API shows it (``done`` event and ``GET``)."""
+    usage = result.get("usage") or {}
+    cost = int(usage.get("cost_micro_usd", 0))
+    return {
+        "id": result["request_id"],
+        "status": result["status"],
+        "summary": result.get("summary", ""),
+        "model": result.get("model", ""),
+        "tier": result.get("tier", ""),
+        "usage": {
+            "input_tokens": int(usage.get("input_tokens", 0)),
+            "output_tokens": int(usage.get("output_tokens", 0)),
+            "attempts": int(usage.get("attempts", 0)),
+        },
+        "cost": {"micro_usd": cost, "usd": cost / 1_000_000},
+        "latency_ms": dict(result.get("latency_ms") or {}),
+        "stop_reason": result.get("stop_reason"),
+        "error": result.get("error"),
+        "degraded": result.get("degraded"),
+        "last_seq": int(result.get("last_seq", 0)),
+        "created_at": result.get("created_at"),
+        "completed_at": result.get("completed_at"),
+    }

@@ -1,0 +1,330 @@
+"""The model API client: the official ``anthropic`` SDK, with its retries off (retries are ours).
+
+Every failure leaves here as an :class:`UpstreamAttemptError` that says whether a retry may help,
+the HTTP status, the server's retry-after, how many tokens had arrived, and the usage of the
+failed attempt (every attempt is billed). The same code talks to the real API and the simulator.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import anthropic
+import httpx2
+from anthropic import AsyncAnthropic
+
+from pipeline.errors import UpstreamError
+from pipeline.settings import WorkerSettings
+
+REQUEST_ID_HEADER = "x-sumstream-request-id"
+# The simulator ignores the key, but the SDK refuses to send a request without one.
+SIMULATOR_API_KEY = "sumstream-simulator"
+
+# Error types of the Anthropic API (the `error.type` of a JSON error body or an `event: error`)
+# and the HTTP status each one stands for; a mid-stream error arrives inside a 200 response.
+ERROR_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+RETRIABLE_STATUSES = frozenset({408, 409, 429})
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of generated text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a successful call, with the usage the API reported."""
+
+    stop_reason: str | None
+    input_tokens: int
+    output_tokens: int
+
+
+class UpstreamAttemptError(UpstreamError):
+    """One failed upstream call, with what it had produced before failing."""
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        retriable: bool,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        error_type: str = "api_error",
+        tokens_received: int = 0,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+    ) -> None:
+        super().__init__(message, retriable=retriable, status=status, retry_after_s=retry_after_s)
+        self.error_type = error_type
+        self.tokens_received = tokens_received
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+
+
+def retriable_status(status: int) -> bool:
+    """The statuses worth retrying: timeouts, conflicts, rate limits, server errors, overload."""
+    return status in RETRIABLE_STATUSES or status >= 500
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date)."""
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            return max(0.0, float(millis) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def map_error(
+    exc: BaseException, *, tokens_received: int = 0, input_tokens: int = 0, output_tokens: int = 0
+) -> UpstreamAttemptError:
+    """Translate an SDK or transport exception into an :class:`UpstreamAttemptError`."""
+    usage = {
+        "tokens_received": tokens_received,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+    }
+    if isinstance(exc, anthropic.APIStatusError):
+        body_type = exc.type if isinstance(exc.type, str) else None
+        error_type = body_type if body_type in ERROR_TYPE_STATUS else None
+        status = exc.status_code
+        retry_after: float | None = None
+        if status < 400:
+            # An `event: error` inside a 200 stream: its type says what the status would be.
+            status = ERROR_TYPE_STATUS.get(error_type or "api_error", 500)
+        else:
+            retry_after = parse_retry_after(exc.response.headers)
+        return UpstreamAttemptError(
+            exc.api_message or str(exc),
+            retriable=retriable_status(status),
+            status=status,
+            retry_after_s=retry_after,
+            error_type=error_type or f"http_{status}",
+            **usage,
+        )
+    if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
+        return UpstreamAttemptError(
+            "upstream timed out", retriable=True, error_type="timeout", **usage
+        )
+    if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
+        return UpstreamAttemptError(
+            f"upstream connection failed: {exc}",
+            retriable=True,
+            error_type="connection_error",
+            **usage,
+        )
+    # Anything else the SDK raises (an unparseable response...) will not get better by retrying.
+    return UpstreamAttemptError(
+        f"upstream response not understood: {exc}",
+        retriable=False,
+        error_type="invalid_response",
+        **usage,
+    )
+
+
+def _request(
+    *, model: str, system: str, messages: Iterable[Mapping[str, Any]], max_tokens: int
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"model": model, "messages": list(messages), "max_tokens": max_tokens}
+    if system:
+        params["system"] = system
+    return params
+
+
+class UpstreamStream:
+    """One streamed call: ``async with client.stream(...) as s: async for event in s``.
+
+    Yields :class:`Delta` per text delta, then one :class:`Finished`. Leaving the ``async with``
+    early (break, cancellation, deadline) closes the HTTP stream at once, so the upstream stops
+    generating (and billing). ``input_tokens``/``output_tokens`` are live, for usage of calls
+    that end early.
+    """
+
+    def __init__(self, client: AsyncAnthropic, params: dict[str, Any], request_id: str) -> None:
+        self._client = client
+        self._params = params
+        self._request_id = request_id
+        self._stream: anthropic.AsyncStream[anthropic.types.RawMessageStreamEvent] | None = None
+        self._finished = False
+        self._stop_reason: str | None = None
+        self.tokens_received = 0
+        self.input_tokens = 0
+        self._reported_output = 0
+
+    @property
+    def output_tokens(self) -> int:
+        # The API's cumulative count once it sent one; until then one per delta received.
+        return max(self._reported_output, self.tokens_received)
+
+    async def __aenter__(self) -> Self:
+        try:
+            self._stream = await self._client.messages.create(
+                **self._params,
+                stream=True,
+                extra_headers={REQUEST_ID_HEADER: self._request_id},
+            )
+        except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+            raise map_error(exc) from exc
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP stream (idempotent)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Delta | Finished:
+        if self._finished:
+            raise StopAsyncIteration
+        if self._stream is None:
+            raise RuntimeError("use the stream inside `async with`")
+        while True:
+            try:
+                event = await self._stream.__anext__()
+            except StopAsyncIteration:
+                # The body ended without message_stop: the connection was cut.
+                raise self._error(
+                    UpstreamAttemptError(
+                        "upstream stream ended before message_stop",
+                        retriable=True,
+                        error_type="incomplete_stream",
+                    )
+                ) from None
+            except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+                raise self._error(exc) from exc
+            if event.type == "content_block_delta":
+                if event.delta.type == "text_delta" and event.delta.text:
+                    self.tokens_received += 1
+                    return Delta(event.delta.text)
+            elif event.type == "message_start":
+                usage = event.message.usage
+                self.input_tokens = usage.input_tokens
+                self._reported_output = usage.output_tokens
+            elif event.type == "message_delta":
+                self._stop_reason = event.delta.stop_reason
+                self._reported_output = event.usage.output_tokens
+                if event.usage.input_tokens is not None:
+                    self.input_tokens = event.usage.input_tokens
+            elif event.type == "message_stop":
+                self._finished = True
+                return Finished(self._stop_reason, self.input_tokens, self.output_tokens)
+
+    def _error(self, exc: BaseException) -> UpstreamAttemptError:
+        if isinstance(exc, UpstreamAttemptError):
+            exc.tokens_received = self.tokens_received
+            exc.input_tokens = self.input_tokens
+            exc.output_tokens = self.output_tokens
+            return exc
+        return map_error(
+            exc,
+            tokens_received=self.tokens_received,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+        )
+
+
+class UpstreamClient:
+    """The model API: the real one when an API key is set, else the simulator."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        timeout = httpx2.Timeout(
+            settings.upstream_read_timeout_s, connect=settings.upstream_connect_timeout_s
+        )
+        key = settings.anthropic_api_key
+        if key is not None and key.get_secret_value():
+            self.name = "anthropic"
+            self._client = AsyncAnthropic(
+                api_key=key.get_secret_value(),
+                base_url=settings.anthropic_base_url,
+                max_retries=0,
+                timeout=timeout,
+            )
+        else:
+            self.name = "llm-sim"
+            self._client = AsyncAnthropic(
+                api_key=SIMULATOR_API_KEY,
+                base_url=settings.llm_sim_url,
+                max_retries=0,
+                timeout=timeout,
+            )
+
+    def stream(
+        self,
+        *,
+        request_id: str,
+        model: str,
+        system: str,
+        messages: Iterable[Mapping[str, Any]],
+        max_tokens: int,
+    ) -> UpstreamStream:
+        """A streamed call; use it as ``async with`` (see :class:`UpstreamStream`)."""
+        params = _request(model=model, system=system, messages=messages, max_tokens=max_tokens)
+        return UpstreamStream(self._client, params, request_id)
+
+    async def complete(
+        self,
+        *,
+        request_id: str,
+        model: str,
+        system: str,
+        messages: Iterable[Mapping[str, Any]],
+        max_tokens: int,
+    ) -> tuple[str, Finished]:
+        """A non-streamed call (a map step of map-reduce): its whole text and usage."""
+        params = _request(model=model, system=system, messages=messages, max_tokens=max_tokens)
+        try:
+            message = await self._client.messages.create(
+                **params, extra_headers={REQUEST_ID_HEADER: request_id}
+            )
+        except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+            raise map_error(exc) from exc
+        text = "".join(block.text for block in message.content if block.type == "text")
+        usage = message.usage
+        return text, Finished(message.stop_reason, usage.input_tokens, usage.output_tokens)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._client.close()

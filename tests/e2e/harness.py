@@ -1,0 +1,304 @@
+"""Real sumstream processes for end-to-end tests: simulator, workers and gateways as subprocesses
+on the broker the test command started, each test module with its own topics and consumer group."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gateway.auth import hash_key
+from pipeline.admin import create_topics
+from pipeline.settings import KafkaSettings
+
+REPO = Path(__file__).resolve().parents[2]
+BOOTSTRAP = os.environ.get("SUMSTREAM_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+
+# Two users with their own keys, so ownership checks have someone to fail against.
+KEYS = {
+    "key-ann": ("ann", "enterprise"),
+    "key-ben": ("ben", "enterprise"),
+    "key-fay": ("fay", "free"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    """One sumstream subprocess, its log in a file, restartable."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *self.args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def kill9(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+def wait_http(url: str, proc: Proc, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready in {timeout_s} s:\n{proc.tail()}")
+
+
+@dataclass
+class Stack:
+    """A running pipeline: simulator, workers, gateways, all on one random topic prefix."""
+
+    tmp: Path
+    prefix: str = field(default_factory=lambda: f"e2e-{uuid.uuid4().hex[:8]}.")
+    app_id: str = field(default_factory=lambda: f"e2e-{uuid.uuid4().hex[:8]}")
+    sim_port: int = field(default_factory=free_port)
+    procs: list[Proc] = field(default_factory=list)
+    gateways: list[str] = field(default_factory=list)
+    workers: list[Proc] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sim_url(self) -> str:
+        return f"http://127.0.0.1:{self.sim_port}"
+
+    @property
+    def gateway(self) -> str:
+        return self.gateways[0]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        keys_file = self.tmp / "keys.json"
+        if not keys_file.exists():
+            entries = [
+                {"sha256": hash_key(k), "user": u, "tier": t} for k, (u, t) in KEYS.items()
+            ]
+            keys_file.write_text(json.dumps({"keys": entries}))
+        env = dict(os.environ)
+        env.update(
+            {
+                "SUMSTREAM_BOOTSTRAP_SERVERS": BOOTSTRAP,
+                "SUMSTREAM_TOPIC_PREFIX": self.prefix,
+                "SUMSTREAM_APP_ID": self.app_id,
+                "SUMSTREAM_LLM_SIM_URL": self.sim_url,
+                "SUMSTREAM_KEYS_FILE": str(keys_file),
+                "SUMSTREAM_LOG_LEVEL": "info",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.pop("ANTHROPIC_API_KEY", None)
+        env.pop("SUMSTREAM_ANTHROPIC_API_KEY", None)
+        env.update(self.extra_env)
+        env.update(extra)
+        return env
+
+    def spawn(self, name: str, args: list[str], **env: str) -> Proc:
+        proc = Proc(name, args, self.env(**env), self.tmp / f"{name}.log")
+        proc.start()
+        self.procs.append(proc)
+        return proc
+
+    def start_simulator(self, ttft_ms: float = 20, token_delay_ms: float = 2, **knobs: str) -> Proc:
+        args = ["llm-sim", "--port", str(self.sim_port), "--ttft-ms", str(ttft_ms)]
+        args += ["--token-delay-ms", str(token_delay_ms)]
+        for k, v in knobs.items():
+            args += [f"--{k.replace('_', '-')}", v]
+        proc = self.spawn("llm-sim", args)
+        wait_http(f"{self.sim_url}/healthz", proc)
+        return proc
+
+    def start_worker(self, stages: str = "preprocess,inference,postprocess", **env: str) -> Proc:
+        n = len(self.workers)
+        proc = self.spawn(
+            f"worker-{n}", ["worker", "--stages", stages, "--metrics-port", "0"], **env
+        )
+        self.workers.append(proc)
+        return proc
+
+    def start_gateway(self, index: int = 0, count: int = 1, **env: str) -> Proc:
+        port = free_port()
+        args = ["gateway", "--port", str(port)]
+        args += ["--instance-index", str(index), "--instance-count", str(count)]
+        proc = self.spawn(f"gateway-{index}-of-{count}-{port}", args, **env)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/readyz", proc)
+        self.gateways.append(url)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n\n".join(f"== {p.name} ==\n{p.tail(60)}" for p in self.procs)
+
+    # --- simulator control -------------------------------------------------------------
+
+    def sim_config(self, **knobs: Any) -> dict[str, Any]:
+        r = httpx.post(f"{self.sim_url}/_sim/config", json=knobs, timeout=5)
+        r.raise_for_status()
+        return dict(r.json())
+
+    def sim_stats(self) -> dict[str, Any]:
+        r = httpx.get(f"{self.sim_url}/_sim/stats", timeout=5)
+        r.raise_for_status()
+        return dict(r.json())
+
+
+@contextlib.contextmanager
+def running_stack(tmp: Path, workers: int = 1, gateways: int = 1, **sim: Any) -> Iterator[Stack]:
+    stack = Stack(tmp)
+    try:
+        create_topics(KafkaSettings(bootstrap_servers=BOOTSTRAP, topic_prefix=stack.prefix))
+        stack.start_simulator(**sim)
+        for _ in range(workers):
+            stack.start_worker()
+        for i in range(gateways):
+            stack.start_gateway(i, gateways)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def auth(key: str = "key-ann") -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@dataclass
+class SseEvent:
+    event: str
+    data: Any
+    id: str | None = None
+
+
+@dataclass
+class StreamResult:
+    """Everything one SSE client received."""
+
+    status_code: int
+    events: list[SseEvent] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def of(self, name: str) -> list[SseEvent]:
+        return [e for e in self.events if e.event == name]
+
+    @property
+    def request_id(self) -> str:
+        return str(self.of("accepted")[0].data["id"])
+
+    @property
+    def text(self) -> str:
+        return "".join(e.data["text"] for e in self.of("token"))
+
+    @property
+    def seqs(self) -> list[int]:
+        return [int(e.id) for e in self.of("token") if e.id is not None]
+
+    @property
+    def done(self) -> dict[str, Any]:
+        done = self.of("done")
+        assert done, f"no done event in {[e.event for e in self.events]}"
+        return dict(done[-1].data)
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
+    """Parse an SSE body (WHATWG rules: event/data/id fields, blank line ends an event)."""
+    event, data, ident = "message", [], None
+    async for line in response.aiter_lines():
+        if line == "":
+            if data:
+                raw = "\n".join(data)
+                try:
+                    parsed: Any = json.loads(raw)
+                except json.JSONDecodeError:
+                    parsed = raw
+                yield SseEvent(event, parsed, ident)
+            event, data, ident = "message", [], None
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            ident = value
+
+
+async def collect(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    stop_after_tokens: int | None = None,
+    **kwargs: Any,
+) -> StreamResult:
+    """Run one SSE request to its end (the `done` event) or until ``stop_after_tokens``."""
+    async with client.stream(method, url, **kwargs) as response:
+        result = StreamResult(response.status_code, headers=dict(response.headers))
+        if response.status_code >= 300:
+            await response.aread()
+            result.events.append(SseEvent("http_error", response.json()))
+            return result
+        async for ev in sse_events(response):
+            result.events.append(ev)
+            if ev.event == "done":
+                break
+            if stop_after_tokens is not None and len(result.of("token")) >= stop_after_tokens:
+                break
+    return result

@@ -1,0 +1,96 @@
+"""A second local broker, on free ports with its own data dir (the shared one is not touched)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline import broker
+from pipeline.admin import create_topics, describe_topics
+from pipeline.cli import main
+from pipeline.settings import REPO_ROOT, BrokerSettings, KafkaSettings
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def second_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerSettings]:
+    port, ctrl = free_port(), free_port()
+    env = {
+        "SUMSTREAM_DATA_DIR": str(tmp_path),
+        "SUMSTREAM_BROKER_PORT": str(port),
+        "SUMSTREAM_CONTROLLER_PORT": str(ctrl),
+        # The jars cache is shared with the main broker: fetched once per checkout.
+        "SUMSTREAM_JARS_DIR": str(REPO_ROOT / ".data" / "kafka" / "jars"),
+        "SUMSTREAM_BROKER_HEAP": "256m",
+        "SUMSTREAM_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # for the CLI, which reads its settings itself
+    settings = BrokerSettings()
+    assert settings.broker_port == port and settings.data_dir == tmp_path
+    try:
+        yield settings
+    finally:
+        broker.stop(settings)  # never leave a broker behind, whatever failed
+
+
+def test_start_status_stop(second_broker: BrokerSettings, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = second_broker
+    bootstrap = f"127.0.0.1:{settings.broker_port}"
+    before = broker.status(settings)
+    assert (before.reachable, before.pid, before.state) == (False, None, "stopped")
+    assert main(["broker", "status"]) == 3
+
+    assert main(["broker", "start", "--timeout", "120"]) == 0
+    assert "started in" in capsys.readouterr().out
+    running = broker.status(settings)
+    assert running.reachable and running.pid is not None
+    assert running.state == "running"
+    assert broker.is_reachable(bootstrap, timeout_s=5.0)
+    assert main(["broker", "status"]) == 0
+
+    # Starting again is harmless: same process, reported as already running.
+    assert broker.start(settings) is False
+    assert main(["broker", "start"]) == 0
+    assert "already running" in capsys.readouterr().out
+    assert broker.status(settings).pid == running.pid
+
+    # It is a working broker: topics with their declared configuration.
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix="probe.")
+    assert len(create_topics(kafka)) == len(describe_topics(kafka))
+    assert all(row["matches"] for row in describe_topics(kafka))
+
+    assert broker.stop(settings) is True
+    after = broker.status(settings)
+    assert (after.reachable, after.pid, after.state) == (False, None, "stopped")
+    assert not broker.is_reachable(bootstrap, timeout_s=1.0)
+    assert not broker.BrokerPaths.of(settings).pid_file.exists()
+    assert broker.stop(settings) is False
+    assert main(["broker", "stop"]) == 0
+    assert main(["broker", "status"]) == 3
+    assert "Kafka Server started" in broker.BrokerPaths.of(settings).log_file.read_text()
+
+
+def test_restart_keeps_the_data(second_broker: BrokerSettings) -> None:
+    settings = second_broker
+    bootstrap = f"127.0.0.1:{settings.broker_port}"
+    assert broker.start(settings, wait_s=120) is True
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix="kept.")
+    create_topics(kafka)
+    first = broker.status(settings).pid
+    assert main(["broker", "restart", "--timeout", "120"]) == 0
+    second = broker.status(settings)
+    assert second.reachable and second.pid not in (None, first)
+    assert all(row["exists"] for row in describe_topics(kafka))
+    assert broker.stop(settings) is True

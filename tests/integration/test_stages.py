@@ -1,0 +1,446 @@
+"""The three stages on the real broker: `sumstream worker` subprocesses against the simulator.
+
+Requests are produced with confluent-kafka, as another system would; results, tokens and dead
+letters are read back from the topics. Each stack has its own topic prefix and Faust app id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from ulid import ULID
+
+from pipeline.admin import create_topics, delete_topics
+from pipeline.codec import codec
+from pipeline.llm.extractive import summarize
+from pipeline.postprocess import LATENCY_SPANS
+from pipeline.settings import KafkaSettings
+from pipeline.topics import TopicNames
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+DOCUMENT = (
+    "The city council approved a new budget for public libraries on Monday. "
+    "The plan adds evening hours at six branches and funds a mobile library for rural areas. "
+    "Librarians said demand for study space has doubled since last year. "
+    "The budget also replaces aging computers and expands the digital lending collection. "
+    "Some council members questioned the cost of the mobile library. "
+    "Supporters argued that rural residents currently travel over an hour to borrow books. "
+    "The new hours start in September, and the mobile library will launch next spring. "
+    "A public meeting on the plan is scheduled for the end of the month."
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    """A sumstream subprocess with its output in a file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_for(self, text: str, timeout_s: float = 60.0, after: int = 0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in self.log.read_text(errors="replace")[after:]:
+                return
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name}: no {text!r} in {timeout_s} s:\n{self.tail()}")
+
+    def kill9(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+@dataclass
+class Stack:
+    """A simulator plus workers on a topic prefix and app id of their own."""
+
+    tmp: Path
+    bootstrap: str
+    prefix: str = field(default_factory=lambda: f"t-{uuid.uuid4().hex[:8]}.")
+    app_id: str = field(default_factory=lambda: f"it-{uuid.uuid4().hex[:8]}")
+    sim_port: int = field(default_factory=free_port)
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def settings(self) -> KafkaSettings:
+        return KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix)
+
+    @property
+    def topics(self) -> TopicNames:
+        return TopicNames.from_settings(self.settings)
+
+    @property
+    def sim_url(self) -> str:
+        return f"http://127.0.0.1:{self.sim_port}"
+
+    def spawn(self, name: str, *args: str, **env: str) -> Proc:
+        log = self.tmp / f"{name}.log"
+        environment = {
+            **os.environ,
+            "SUMSTREAM_BOOTSTRAP_SERVERS": self.bootstrap,
+            "SUMSTREAM_TOPIC_PREFIX": self.prefix,
+            "SUMSTREAM_APP_ID": self.app_id,
+            "SUMSTREAM_LLM_SIM_URL": self.sim_url,
+            "SUMSTREAM_DATA_DIR": str(self.tmp / "data"),
+            "SUMSTREAM_SESSION_TIMEOUT_S": "6",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        environment.pop("ANTHROPIC_API_KEY", None)
+        environment.pop("SUMSTREAM_ANTHROPIC_API_KEY", None)
+        with log.open("ab") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", *args],
+                env=environment,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_simulator(self) -> None:
+        proc = self.spawn(
+            "llm-sim", "llm-sim", "--port", str(self.sim_port), "--ttft-ms", "5",
+            "--token-delay-ms", "2",
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.sim_url}/healthz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(proc.tail())
+
+    def start_worker(self, name: str = "worker") -> Proc:
+        proc = self.spawn(name, "worker", "--metrics-port", "0")
+        proc.wait_for('"msg": "inflight partitions assigned"', timeout_s=60)
+        return proc
+
+    def sim_config(self, **knobs: Any) -> None:
+        httpx.post(f"{self.sim_url}/_sim/config", json=knobs, timeout=5).raise_for_status()
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        delete_topics(self.settings)
+        internal = [f"{self.app_id}-inflight-changelog", f"{self.app_id}-__assignor-__leader"]
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        for future in admin.delete_topics(internal, operation_timeout=10).values():
+            with contextlib.suppress(Exception):
+                future.result()
+
+    # --- Kafka I/O as another system would do it -------------------------------------------
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None) -> tuple[int, int]:
+        """Produce one record; return its (partition, offset)."""
+        producer = Producer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "enable.idempotence": True,
+                "partitioner": "murmur2_random",
+            }
+        )
+        where: list[tuple[int, int]] = []
+        producer.produce(
+            topic, key=key, value=value, on_delivery=lambda err, msg: where.append(
+                (msg.partition(), msg.offset())
+            ),
+        )  # fmt: skip
+        producer.flush(10)
+        assert len(where) == 1
+        return where[0]
+
+    def submit(self, document: str = DOCUMENT, request_id: str | None = None, **fields: Any) -> str:
+        request_id = request_id or str(ULID())
+        record = {
+            "request_id": request_id,
+            "user_id": "ext-user",
+            "tier": "pro",
+            "document": document,
+            "created_at": int(time.time() * 1000),
+            "source": "external",
+            **fields,
+        }
+        value = codec().encode("SummarizeRequest", record)
+        self.produce(self.topics.requests, request_id.encode(), value)
+        return request_id
+
+    def read(
+        self,
+        topic: str,
+        until: Callable[[list[tuple[bytes | None, bytes | None, int, int]]], bool],
+        timeout_s: float = 30.0,
+    ) -> list[tuple[bytes | None, bytes | None, int, int]]:
+        """Every record (key, value, partition, offset) of ``topic`` until ``until`` holds."""
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+            }
+        )
+        try:
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+            records: list[tuple[bytes | None, bytes | None, int, int]] = []
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                msg = consumer.poll(0.2)
+                if msg is not None and not msg.error():
+                    records.append((msg.key(), msg.value(), msg.partition(), msg.offset()))
+                    if until(records):
+                        return records
+            raise TimeoutError(f"{topic}: condition not met; {len(records)} records")
+        finally:
+            consumer.close()
+
+    def result(self, request_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        key = request_id.encode()
+        records = self.read(self.topics.results, lambda rs: any(r[0] == key for r in rs), timeout_s)
+        return codec().decode_as(next(r[1] for r in records if r[0] == key), "SummaryResult")
+
+    def tokens(self, request_id: str) -> list[dict[str, Any]]:
+        key = request_id.encode()
+
+        def ended(rs: list[tuple[bytes | None, bytes | None, int, int]]) -> bool:
+            return any(
+                r[0] == key
+                and codec().decode_as(r[1], "TokenEvent")["kind"] in {"DONE", "ERROR", "CANCELLED"}
+                for r in rs
+            )
+
+        return [
+            codec().decode_as(r[1], "TokenEvent")
+            for r in self.read(self.topics.tokens, ended)
+            if r[0] == key
+        ]
+
+
+@contextlib.contextmanager
+def stack_at(tmp: Path, bootstrap: str) -> Iterator[Stack]:
+    stack = Stack(tmp, bootstrap)
+    create_topics(stack.settings)
+    try:
+        stack.start_simulator()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, bootstrap: str) -> Iterator[Stack]:
+    with stack_at(tmp_path_factory.mktemp("stages"), bootstrap) as s:
+        s.start_worker()
+        yield s
+
+
+def test_a_request_from_another_system_completes(stack: Stack) -> None:
+    request_id = stack.submit(max_output_tokens=40)
+    result = stack.result(request_id)
+    expected = summarize(DOCUMENT, 40).strip()
+    assert result["status"] == "COMPLETED", result
+    assert result["summary"] == expected
+    assert result["user_id"] == "ext-user" and result["tier"] == "pro"
+    usage = result["usage"]
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
+    assert usage["attempts"] == 1
+    assert usage["cost_micro_usd"] > 0
+    assert set(result["latency_ms"]) == set(LATENCY_SPANS), result["latency_ms"]
+    assert result["completed_at"] >= result["created_at"]
+
+    events = stack.tokens(request_id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["kind"] == "STARTED" and events[-1]["kind"] == "DONE"
+    assert "".join(e["text"] for e in events if e["kind"] == "DELTA").strip() == expected
+    assert result["last_seq"] == events[-1]["seq"]
+
+
+def test_oversized_input_on_a_rejecting_tier_ends_with_a_rejected_result(stack: Stack) -> None:
+    request_id = stack.submit(document="word " * 9_000, tier="free")
+    result = stack.result(request_id)
+    assert result["status"] == "REJECTED"
+    assert result["error"]["code"] == "input_too_large"
+    assert result["usage"]["cost_micro_usd"] == 0
+    [event] = stack.tokens(request_id)
+    assert (event["seq"], event["kind"]) == (1, "ERROR")
+
+
+def test_poison_records_go_to_the_dead_letter_topic_and_every_stage_goes_on(
+    stack: Stack,
+) -> None:
+    topics = stack.topics
+    unknown = b"\xc3\x01" + bytes(range(8)) + b"\x02\x04"
+    invalid_job_id = str(ULID())
+    invalid = {
+        topics.requests: codec().encode(
+            "SummarizeRequest",
+            {"request_id": "", "user_id": "", "document": "x", "created_at": 1},
+        ),
+        topics.preprocessed: codec().encode(
+            "InferenceJob",
+            {
+                "request_id": invalid_job_id,
+                "user_id": "u",
+                "tier": "pro",
+                "model": "claude-haiku-4-5",
+                "prompt": "<document>x</document>",
+                "max_output_tokens": 0,
+                "deadline_ms": 1,
+                "created_at": 1,
+            },
+        ),
+        topics.tokens: codec().encode(
+            "TokenEvent", {"request_id": "01J0000000000000000000000Z", "seq": 0, "kind": "DELTA"}
+        ),
+    }
+    stages = {
+        topics.requests: "preprocess",
+        topics.preprocessed: "inference",
+        topics.tokens: "postprocess",
+    }
+    produced: dict[tuple[str, int, int], tuple[bytes, str]] = {}
+    for topic in stages:
+        for value, error_type in [
+            (b"not avro at all", "undecodable_record"),
+            (unknown, "unknown_schema"),
+            (invalid[topic], "invalid_record"),
+        ]:
+            key = invalid_job_id.encode() if topic == topics.preprocessed else b"poison"
+            partition, offset = stack.produce(topic, key, value)
+            produced[(topic, partition, offset)] = (value, error_type)
+
+    # A valid request after the poison still goes through every stage.
+    request_id = stack.submit(max_output_tokens=30)
+    assert stack.result(request_id)["status"] == "COMPLETED"
+
+    letters = [
+        codec().decode_as(r[1], "DeadLetter")
+        for r in stack.read(topics.dlq, lambda rs: len(rs) >= len(produced))
+    ]
+    found = {(d["origin_topic"], d["origin_partition"], d["origin_offset"]): d for d in letters}
+    assert set(found) == set(produced)
+    for where, (value, error_type) in produced.items():
+        letter = found[where]
+        assert letter["value"] == value
+        assert letter["error_type"] == error_type, letter
+        assert letter["stage"] == stages[where[0]]
+        assert letter["error"]
+        assert letter["created_at"] > 0
+
+    # The invalid job still ends for its client.
+    rejected = stack.result(invalid_job_id)
+    assert rejected["status"] == "REJECTED"
+    assert rejected["error"]["code"] == "invalid_request"
+
+
+def test_a_cancel_on_the_control_topic_ends_the_stream(stack: Stack) -> None:
+    stack.sim_config(token_delay_ms=100)
+    try:
+        request_id = stack.submit(max_output_tokens=60)
+        key = request_id.encode()
+        stack.read(
+            stack.topics.tokens,
+            lambda rs: (
+                sum(
+                    r[0] == key and codec().decode_as(r[1], "TokenEvent")["kind"] == "DELTA"
+                    for r in rs
+                )
+                >= 2
+            ),
+        )
+        cancel = {
+            "request_id": request_id,
+            "action": "CANCEL",
+            "reason": "client",
+            "user_id": "ext-user",
+            "created_at": int(time.time() * 1000),
+        }
+        stack.produce(stack.topics.control, key, codec().encode("ControlEvent", cancel))
+        result = stack.result(request_id)
+    finally:
+        stack.sim_config(token_delay_ms=2)
+    assert result["status"] == "CANCELLED"
+    assert 0 < len(result["summary"]) < len(summarize(DOCUMENT, 60))
+    assert result["usage"]["output_tokens"] > 0
+    assert stack.tokens(request_id)[-1]["kind"] == "CANCELLED"
+
+
+def test_a_cancel_that_arrives_before_the_job_ends_it_without_a_model_call(
+    stack: Stack,
+) -> None:
+    request_id = str(ULID())
+    cancel = {"request_id": request_id, "action": "CANCEL", "created_at": 1}
+    stack.produce(stack.topics.control, request_id.encode(), codec().encode("ControlEvent", cancel))
+    time.sleep(1.0)  # the cancel is consumed first (different topics, no ordering between them)
+    stack.submit(request_id=request_id)
+    result = stack.result(request_id)
+    assert result["status"] == "CANCELLED"
+    assert result["usage"]["attempts"] == 0 and result["summary"] == ""
+
+
+def test_a_killed_worker_is_resumed_by_the_next_one(tmp_path: Path, bootstrap: str) -> None:
+    with stack_at(tmp_path, bootstrap) as stack:
+        stack.sim_config(token_delay_ms=40)
+        first = stack.start_worker("worker-a")
+        request_id = stack.submit(max_output_tokens=60)
+        key = request_id.encode()
+        stack.read(
+            stack.topics.tokens,
+            lambda rs: sum(r[0] == key for r in rs) >= 8,  # STARTED + 7 deltas
+        )
+        first.kill9()
+        second = stack.start_worker("worker-b")
+        result = stack.result(request_id, timeout_s=60)
+        events = stack.tokens(request_id)
+        assert "resuming request" in second.log.read_text()
+
+    expected = summarize(DOCUMENT, 60).strip()
+    assert result["status"] == "COMPLETED", result
+    assert result["summary"] == expected
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(1, len(seqs) + 1)), "no seq duplicated or skipped"
+    assert [e["kind"] for e in events].count("STARTED") == 1
+    assert "".join(e["text"] for e in events if e["kind"] == "DELTA").strip() == expected
+    assert result["usage"]["attempts"] >= 2

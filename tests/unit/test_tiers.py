@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.settings import WorkerSettings
+from pipeline.tiers import DEFAULT_TIERS_FILE, ConfigError, Tier, load_tiers
+
+VALID = """
+[basic]
+rpm = 5
+tpm = 1_000
+max_input_tokens = 500
+max_output_tokens = 100
+weight = 2
+monthly_budget_usd = 3
+max_queue_wait_s = 10
+on_input_too_large = "truncate"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tiers.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_tiers_are_free_pro_enterprise_with_growing_limits() -> None:
+    tiers = load_tiers(DEFAULT_TIERS_FILE)
+    assert list(tiers) == ["free", "pro", "enterprise"]
+    free, pro, ent = tiers["free"], tiers["pro"], tiers["enterprise"]
+    for field in ("rpm", "tpm", "max_input_tokens", "max_output_tokens", "weight"):
+        assert getattr(free, field) < getattr(pro, field) < getattr(ent, field), field
+    assert free.on_input_too_large == "reject"
+    assert pro.on_input_too_large == "truncate"
+
+
+def test_worker_settings_point_at_the_shipped_file() -> None:
+    assert WorkerSettings().tiers_file == DEFAULT_TIERS_FILE
+
+
+def test_load_valid_file(tmp_path: Path) -> None:
+    tiers = load_tiers(write(tmp_path, VALID))
+    assert tiers == {
+        "basic": Tier(
+            name="basic",
+            rpm=5,
+            tpm=1000,
+            max_input_tokens=500,
+            max_output_tokens=100,
+            weight=2,
+            monthly_budget_usd=3.0,
+            max_queue_wait_s=10.0,
+            on_input_too_large="truncate",
+        )
+    }
+    assert tiers["basic"].monthly_budget_micro_usd == 3_000_000
+
+
+def test_tier_is_frozen(tmp_path: Path) -> None:
+    tier = load_tiers(write(tmp_path, VALID))["basic"]
+    with pytest.raises(AttributeError):
+        tier.rpm = 10  # type: ignore[misc]
+
+
+def test_policy_defaults_to_reject(tmp_path: Path) -> None:
+    text = VALID.replace('on_input_too_large = "truncate"\n', "")
+    assert load_tiers(write(tmp_path, text))["basic"].on_input_too_large == "reject"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("rpm = 5", "rpm = 0", "rpm must be a positive integer"),
+        ("weight = 2", "weight = true", "weight must be a positive integer"),
+        ("tpm = 1_000", "tpm = 1.5", "tpm must be a positive integer"),
+        ("max_queue_wait_s = 10", "max_queue_wait_s = -1", "max_queue_wait_s"),
+        ('"truncate"', '"drop"', "on_input_too_large"),
+        ("rpm = 5", "rpm = 5\nburst = 3", r"unknown keys \['burst'\]"),
+        ("max_input_tokens = 500\n", "", "max_input_tokens must be a positive integer"),
+    ],
+)
+def test_invalid_values_are_rejected_with_the_field_named(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_tiers(write(tmp_path, VALID.replace(old, new)))
+
+
+def test_missing_or_broken_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_tiers(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_tiers(write(tmp_path, "[free\nrpm ="))
+    with pytest.raises(ConfigError, match="no tiers"):
+        load_tiers(write(tmp_path, ""))
