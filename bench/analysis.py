@@ -78,10 +78,14 @@ def _latency_breakdown(streams: list[Stream]) -> dict[str, dict[str, float]]:
     """Per-stage durations that sumstream's ``done`` event reports (its ``latency_ms``)."""
     by_key: dict[str, list[float]] = defaultdict(list)
     for s in streams:
-        done = s.get("done") or {}
-        for key, value in (done.get("latency_ms") or {}).items():
+        latency = (s.get("done") or {}).get("latency_ms") or {}
+        for key, value in latency.items():
             if isinstance(value, int | float):
                 by_key[key].append(float(value))
+        # What the trace cannot see: POST to `received`, and the first token's way from the
+        # inference stage through `tokens` and the gateway to the client.
+        if s.get("ttft_ms") is not None and "time_to_first_token" in latency:
+            by_key["delivery"].append(float(s["ttft_ms"]) - float(latency["time_to_first_token"]))
     return {k: stats.describe(v).as_dict() for k, v in sorted(by_key.items())}
 
 

@@ -50,7 +50,9 @@ def render(results: dict[str, Any], image_dir: str = ".") -> str:
         lines += ["> **Quick smoke run** (`--quick`): too few samples for the targets.", ""]
     for err in meta.get("errors") or []:
         lines.append(f"> **Failed:** {err} (logs: `{meta.get('logs')}`)")
-    if meta.get("errors"):
+    if meta.get("skipped"):
+        lines.append(f"> Skipped to stay within the time budget: {', '.join(meta['skipped'])}.")
+    if meta.get("errors") or meta.get("skipped"):
         lines.append("")
     lines += _targets(a, systems)
     busy = [p["cpu"]["machine_busy"] for p in results["phases"]]
@@ -313,19 +315,38 @@ def _rate_limited(a: dict[str, Any], systems: list[str]) -> list[str]:
     return ["## 4. Rate-limited upstream", "", *_table(header, rows)]
 
 
+# latency_ms keys of sumstream's result (pipeline/postprocess.py) in the order a request meets them.
+STAGES = (
+    ("admission", "gateway: admit + produce"),
+    ("queue_wait", "`requests` wait"),
+    ("preprocess", "preprocess"),
+    ("inference_queue", "`preprocessed` + scheduler"),
+    ("ttft", "upstream TTFT"),
+    ("delivery", "delivery to client"),
+    ("time_to_first_token", "trace TTFT"),
+)
+
+
+def _p50_p99(d: dict[str, Any] | None) -> str:
+    return NA if not d else f"{_f(d['p50'], 0)} / {_f(d['p99'], 0)}"
+
+
 def _where(results: dict[str, Any], a: dict[str, Any], systems: list[str]) -> list[str]:
     lines = ["## Where the time goes", ""]
-    # The stage breakdown sumstream's own `done` event carries, at the target level.
-    entry = (a.get("overhead") or {}).get(str(analysis.TARGET_LEVEL), {}).get("sumstream", {})
-    latency = entry.get("latency_ms") or {}
-    if latency:
+    rows = []
+    phases = [(f"{c} streams", e) for c, e in (a.get("overhead") or {}).items()]
+    phases += [(f"burst of {u}", e) for u, e in (a.get("burst") or {}).items()]
+    for label, entry in phases:
+        latency = (entry.get("sumstream") or {}).get("latency_ms") or {}
+        if latency:
+            rows.append([label] + [_p50_p99(latency.get(k)) for k, _ in STAGES])
+    if rows:
         lines += [
-            "sumstream's per-stage latency (`done.latency_ms`) at "
-            f"{analysis.TARGET_LEVEL} streams:",
+            "sumstream's time to first token by stage, p50 / p99 ms (from the trace stamps its "
+            "`done` event carries; `delivery` is the client's TTFT minus the trace's):",
             "",
+            *_table(["load", *(title for _, title in STAGES)], rows),
         ]
-        rows = [[k, _f(v["p50"]), _f(v["p99"])] for k, v in latency.items()]
-        lines += _table(["stage", "p50 ms", "p99 ms"], rows)
     # CPU per process, by scenario and level.
     cpu: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for p in results["phases"]:
@@ -458,7 +479,13 @@ def _save(fig: Any, path: Path) -> Path:
 def write(results: dict[str, Any], out_dir: Path, stamp: str) -> Path:
     """Write ``<stamp>.md`` and its PNGs into ``out_dir``; return the markdown path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot(results, out_dir, stamp)
+    try:
+        plot(results, out_dir, stamp)
+    except ImportError:
+        # The report is still worth having without its pictures.
+        results["meta"].setdefault("errors", []).append(
+            "plots: matplotlib is not installed (pip install -e '.[bench]')"
+        )
     path = out_dir / f"{stamp}.md"
     path.write_text(render(results))
     return path

@@ -43,13 +43,12 @@ class Plan:
     max_tokens: int = 100
     # 1: closed-loop concurrency levels and requests per system at each.
     levels: tuple[int, ...] = (1, 10, 50, 100)
-    requests: dict[int, int] = field(default_factory=lambda: {1: 20, 10: 60, 50: 150, 100: 300})
-    # 2 and 5: simultaneous users, bursts per system at each size.
-    burst_users: tuple[int, ...] = (10, 100)
-    burst_repeats: int = 3
+    requests: dict[int, int] = field(default_factory=lambda: {1: 16, 10: 60, 50: 150, 100: 200})
+    # 2 and 5: simultaneous users -> bursts per system of that size.
+    bursts: dict[int, int] = field(default_factory=lambda: {10: 4, 100: 2})
     # 3: levels beyond those of scenario 1, each run for a fixed time.
     throughput_levels: tuple[int, ...] = (200,)
-    throughput_duration_s: float = 8.0
+    throughput_duration_s: float = 6.0
     # 4: clients against an upstream limited to rl_max_concurrent streams.
     rl_clients: int = 64
     rl_max_concurrent: int = 8
@@ -59,14 +58,21 @@ class Plan:
     max_streams: int = 256
     users: int = 256
     tier: str = "pro"
+    # Optional steps (throughput beyond scenario 1, profile) are skipped when the run has
+    # used this share of its budget, so scenario 4 and the teardown still fit.
+    budget_s: float = 600.0
+    optional_until: float = 0.6
+
+    @property
+    def burst_users(self) -> tuple[int, ...]:
+        return tuple(self.bursts)
 
 
 QUICK = Plan(
     quick=True,
     levels=(1, 10),
     requests={1: 4, 10: 20},
-    burst_users=(10,),
-    burst_repeats=1,
+    bursts={10: 1},
     throughput_levels=(),
     rl_clients=16,
     rl_max_concurrent=4,
@@ -176,8 +182,8 @@ async def bursts(b: Bench) -> None:
     """2 and 5: all users at once, repeated, alternating systems."""
     b.log("scenario 2: bursts of simultaneous users")
     p = b.plan
-    for users in p.burst_users:
-        for rep in range(p.burst_repeats):
+    for users, repeats in p.bursts.items():
+        for rep in range(repeats):
             for system in b.order(rep):
                 first = b.prepare(users)
                 await b.phase(
@@ -420,18 +426,25 @@ async def run_bench(plan: Plan, out_dir: Path, log: Callable[[str], None] = prin
         b.log = log
         meta["ready_s"] = {p.name: p.ready_s for p in st.procs if p.ready_s is not None}
         meta["broker_started_by_bench"] = st.broker_settings is not None
+        meta["pids"] = {p.name: p.pid for p in st.procs}
         meta["warmup_s"] = await warm_up(b)
         log(f"ready in {time.perf_counter() - t_start:.0f} s (warm-up {meta['warmup_s']})")
         prof: dict[str, Any] = {}
         errors: list[str] = []
-        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-            ("overhead", lambda: overhead(b)),
-            ("bursts", lambda: bursts(b)),
-            ("throughput", lambda: throughput(b)),
-            ("profile", lambda: profile_sumstream(b, run_dir)),
-            ("rate_limited", lambda: rate_limited(b)),
+        steps: list[tuple[str, bool, Callable[[], Awaitable[Any]]]] = [
+            ("overhead", False, lambda: overhead(b)),
+            ("bursts", False, lambda: bursts(b)),
+            ("throughput", True, lambda: throughput(b)),
+            ("profile", True, lambda: profile_sumstream(b, run_dir)),
+            ("rate_limited", False, lambda: rate_limited(b)),
         ]
-        for name, step in steps:
+        skipped: list[str] = []
+        for name, optional, step in steps:
+            elapsed = time.perf_counter() - t_start
+            if optional and elapsed > plan.budget_s * plan.optional_until:
+                log(f"skipping {name}: {elapsed:.0f} s of the {plan.budget_s:.0f} s budget used")
+                skipped.append(name)
+                continue
             try:
                 result = await step()
             except Exception as exc:
@@ -443,6 +456,7 @@ async def run_bench(plan: Plan, out_dir: Path, log: Callable[[str], None] = prin
             if name == "profile":
                 prof = result
         meta["errors"] = errors
+        meta["skipped"] = skipped
     finally:
         st.close()
         if "sumstream" in plan.systems:
@@ -454,8 +468,7 @@ async def run_bench(plan: Plan, out_dir: Path, log: Callable[[str], None] = prin
     meta["duration_s"] = round(time.perf_counter() - t_start, 1)
     results: dict[str, Any] = {
         "meta": meta,
-        "plan": {k: v for k, v in asdict(plan).items() if k != "requests"}
-        | {"requests": {str(k): v for k, v in plan.requests.items()}},
+        "plan": _plan_json(plan),
         "phases": b.phases,
         "profile": prof,
         "streams": b.streams,
@@ -467,6 +480,14 @@ async def run_bench(plan: Plan, out_dir: Path, log: Callable[[str], None] = prin
     md_path = report.write(results, out_dir, stamp)
     log(f"results: {json_path}\nreport:  {md_path}")
     return md_path
+
+
+def _plan_json(plan: Plan) -> dict[str, Any]:
+    out = asdict(plan)
+    out["requests"] = {str(k): v for k, v in plan.requests.items()}
+    out["bursts"] = {str(k): v for k, v in plan.bursts.items()}
+    out["burst_users"] = list(plan.burst_users)
+    return out
 
 
 def _run(coro: Coroutine[Any, Any, Path]) -> Path:

@@ -128,6 +128,9 @@ class StreamHub:
         self._on_result = on_result
         self._clock = clock
         self.streams: OrderedDict[str, RequestStream] = OrderedDict()
+        self._finished: OrderedDict[str, float] = OrderedDict()
+        self._waiting: set[str] = set()
+        self._last_sweep = 0.0
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self.tokens_topic = ""
@@ -142,11 +145,13 @@ class StreamHub:
         if stream is None:
             stream = RequestStream(request_id, deque(maxlen=self.buffer_events), self._clock())
             self.streams[request_id] = stream
+            self._waiting.add(request_id)
             self._evict()
         return stream
 
     def forget(self, request_id: str) -> None:
-        stream = self.streams.pop(request_id, None)
+        stream = self.streams.get(request_id)
+        self._drop(request_id)
         if stream is not None:
             for sub in stream.subscribers:
                 sub.close("forgotten")
@@ -156,9 +161,7 @@ class StreamHub:
 
     def queued(self) -> int:
         """Requests accepted here that have not streamed a token yet."""
-        return sum(
-            1 for s in self.streams.values() if s.first_token_at is None and s.finished_at is None
-        )
+        return len(self._waiting)
 
     def subscribe(self, request_id: str, after_seq: int = 0) -> Subscriber | None:
         """A subscriber replaying from memory every event after ``after_seq``, then live.
@@ -194,26 +197,33 @@ class StreamHub:
         return stream is not None and bool(stream.subscribers)
 
     def _evict(self) -> None:
+        # Finished streams leave in the order they finished: amortised O(1) per stream.
         now = self._clock()
-        for rid in [
-            rid
-            for rid, s in self.streams.items()
-            if s.finished_at is not None
-            and not s.subscribers
-            and now - s.finished_at > self.finished_retention_s
-        ]:
-            del self.streams[rid]
+        while self._finished:
+            rid, finished_at = next(iter(self._finished.items()))
+            if now - finished_at <= self.finished_retention_s:
+                break
+            del self._finished[rid]
+            stream = self.streams.get(rid)
+            if stream is not None and stream.subscribers:
+                self._finished[rid] = now  # still being read; look again later
+            elif stream is not None:
+                self._drop(rid)
         if len(self.streams) <= self.max_streams:
             return
         # Over the bound: drop finished streams first, then the oldest idle ones. Their
         # clients fall back to the log reader, so nothing is lost but a little latency.
-        for finished_first in (True, False):
-            for rid in list(self.streams):
-                if len(self.streams) <= self.max_streams:
-                    return
-                s = self.streams[rid]
-                if not s.subscribers and (s.finished_at is not None or not finished_first):
-                    del self.streams[rid]
+        for rid in [*self._finished, *self.streams]:
+            if len(self.streams) <= self.max_streams:
+                return
+            stream = self.streams.get(rid)
+            if stream is not None and not stream.subscribers:
+                self._drop(rid)
+
+    def _drop(self, request_id: str) -> None:
+        self.streams.pop(request_id, None)
+        self._finished.pop(request_id, None)
+        self._waiting.discard(request_id)
 
     # -- fan-out ------------------------------------------------------------------------------
 
@@ -233,6 +243,7 @@ class StreamHub:
             stream.last_seq = seq
             if event["kind"] == "DELTA" and stream.first_token_at is None:
                 stream.first_token_at = self._clock()
+                self._waiting.discard(stream.request_id)
             # Streams only need these three fields; the buffer keeps nothing else.
             event = {"seq": seq, "kind": event["kind"], "text": event.get("text", "")}
         if len(stream.events) == stream.events.maxlen:
@@ -249,6 +260,8 @@ class StreamHub:
             return
         stream.result = result
         stream.finished_at = self._clock()
+        self._finished[stream.request_id] = stream.finished_at
+        self._waiting.discard(stream.request_id)
         self._fan_out(stream, ("result", result))
 
     def _fan_out(self, stream: RequestStream, item: Item) -> None:
@@ -319,7 +332,8 @@ class StreamHub:
                     is_tokens = tp.topic == self.tokens_topic
                     for msg in messages:
                         self._handle(is_tokens, msg.key, msg.value)
-                if batches:
+                if batches and self._clock() - self._last_sweep > 1.0:
+                    self._last_sweep = self._clock()
                     self._evict()
             except Exception:
                 # A bug in fan-out must not stop every stream of this instance.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,8 @@ from gateway.hub import TERMINAL_KINDS
 from gateway.metrics import SSE_CLIENTS, STREAM_ENDS, STREAMS
 from gateway.models import AcceptedOut, result_json
 from gateway.runtime import Gateway, StreamSource
+
+log = logging.getLogger("sumstream.gateway.sse")
 
 # TokenEvent kind of a terminal event -> the status its result will have.
 TERMINAL_STATUS = {"DONE": "COMPLETED", "CANCELLED": "CANCELLED", "ERROR": "FAILED"}
@@ -101,6 +104,8 @@ async def summary_events(
     finished = False
     last_sent = after_seq
     source: StreamSource | None = None
+    terminal: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
     end = "disconnect"
     SSE_CLIENTS.inc()
     try:
@@ -108,8 +113,6 @@ async def summary_events(
             yield _event("accepted", accepted.model_dump())
         source = gateway.open_stream(request_id, after_seq)
         STREAMS.labels(source.kind).inc()
-        terminal: dict[str, Any] | None = None
-        result: dict[str, Any] | None = None
         while True:
             if result is not None and (terminal is not None or last_sent >= result["last_seq"]):
                 for event in final_events(result):
@@ -169,4 +172,10 @@ async def summary_events(
             source.close(gateway.hub)
         SSE_CLIENTS.dec()
         STREAM_ENDS.labels(end).inc()
-        gateway.stream_closed(request_id, user_id, finished=finished)
+        log.info(
+            "stream closed",
+            extra={"request_id": request_id, "reason": end, "last_seq": last_sent},
+        )
+        # A request known to have ended needs no cancel, whether or not the client saw it.
+        ended = finished or result is not None or terminal is not None
+        gateway.stream_closed(request_id, user_id, finished=ended)

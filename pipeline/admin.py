@@ -27,7 +27,13 @@ from pipeline.settings import KafkaSettings
 from pipeline.topics import TopicSpec, declared_topics
 
 TIMEOUT_S = 30.0
-_UNAVAILABLE = {KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN}
+_UNAVAILABLE = {
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+}
 
 
 def admin_client(settings: KafkaSettings) -> AdminClient:
@@ -71,8 +77,8 @@ def create_topics(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> list
                 continue
             raise kafka_error(f"creating {name}", exc) from exc
         created.append(name)
-    # The controller knows a new topic before the broker's metadata does: wait, so callers can
-    # produce at once and the checks below see every topic.
+    # The controller knows a new topic before the broker's metadata does: wait for every
+    # partition's leader, so callers can produce at once and the checks below see every topic.
     counts = _wait_visible(client, by_name, timeout_s)
     if existing:
         _reconcile(client, {name: by_name[name] for name in existing}, counts, timeout_s)
@@ -84,7 +90,7 @@ def _wait_visible(
 ) -> dict[str, int | None]:
     deadline = time.monotonic() + timeout_s
     while True:
-        counts = partition_counts(client, names, timeout_s)
+        counts = partition_counts(client, names, timeout_s, with_leaders=True)
         missing = sorted(name for name, count in counts.items() if count is None)
         if not missing:
             return counts
@@ -99,9 +105,10 @@ async def ensure_topics(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -
 
 
 def partition_counts(
-    client: AdminClient, names: Iterable[str], timeout_s: float
+    client: AdminClient, names: Iterable[str], timeout_s: float, *, with_leaders: bool = False
 ) -> dict[str, int | None]:
-    """Partition count per topic; None for a topic that does not exist."""
+    """Partition count per topic; None for a topic that does not exist (``with_leaders``:
+    or that has a partition without a leader yet)."""
     names = list(names)
     if not names:
         return {}
@@ -109,11 +116,14 @@ def partition_counts(
     counts: dict[str, int | None] = {}
     for name, future in futures.items():
         try:
-            counts[name] = len(future.result(timeout=timeout_s + 5).partitions)
+            partitions = future.result(timeout=timeout_s + 5).partitions
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
                 raise kafka_error(f"describing {name}", exc) from exc
             counts[name] = None
+            continue
+        leaderless = with_leaders and any(p.leader is None for p in partitions)
+        counts[name] = None if leaderless else len(partitions)
     return counts
 
 

@@ -46,6 +46,9 @@ log = logging.getLogger("sumstream.worker")
 STAGES = ("preprocess", "inference", "postprocess")
 # How many requests the resume after a rebalance reads back from `tokens` at once.
 RESUME_CONCURRENCY = 8
+# A resume that fails (broker unreachable) is retried with this backoff while we own the job.
+RESUME_RETRY_S = 1.0
+RESUME_RETRY_MAX_S = 30.0
 
 
 # --- Faust transport: idempotent producer, short fetch wait -------------------------------
@@ -351,6 +354,14 @@ class InflightWork:
         if self.owns(key):
             self.table[key] = entry.encode()
 
+    async def _put_acked(self, key: bytes, entry: Entry) -> None:
+        """Like ``_put``, and wait until the broker has the changelog record."""
+        raw = entry.encode()
+        # table[key] = raw would not let us wait for the write: set the store and send the
+        # changelog record ourselves (the same two steps, with the send's future kept).
+        self.table.data[key] = raw
+        await self.table.send_changelog(None, key, raw)
+
     def _entry(self, key: bytes) -> Entry | None:
         raw = self.table.get(key)
         return Entry.decode(raw) if raw else None
@@ -359,13 +370,14 @@ class InflightWork:
         self._put(request_id.encode(), Entry("D", _now_ms()))
 
     def purge_done(self) -> int:
-        """Delete done markers past their retention (they only exist to skip replays)."""
+        """Delete old done markers, and cancels whose job never came (they only skip replays)."""
         horizon = _now_ms() - int(self.settings.inflight_done_retention_s * 1000)
-        old = [
-            bytes(k)
-            for k, v in self.table.items()
-            if v and v[:1] == b"D" and Entry.decode(v).at_ms < horizon and self.owns(bytes(k))
-        ]
+        old = []
+        for k, v in self.table.items():
+            entry = Entry.decode(v)
+            stale = entry.state == "D" or (entry.state == "C" and not entry.job)
+            if stale and entry.at_ms < horizon and self.owns(bytes(k)):
+                old.append(bytes(k))
         for key in old:
             del self.table[key]
         return len(old)
@@ -394,14 +406,15 @@ class InflightWork:
             if entry.state == "C" and not entry.job:
                 # Cancelled before the job reached us: end the stream without a model call.
                 await self._emit(cancelled_event(job, seq=1, reason="client", state=None))
-                self.table[key] = Entry("D", _now_ms()).encode()
+                self._put(key, Entry("D", _now_ms()))
                 RECORDS_PROCESSED.labels(stage="inference", outcome="cancelled").inc()
             else:
                 # A replay of a job that is running, being resumed, or finished.
                 RECORDS_PROCESSED.labels(stage="inference", outcome="duplicate").inc()
             return
-        # Durable first: from here on a crash leaves this entry for the next owner to resume.
-        self.table[key] = Entry("R", _now_ms(), bytes(message.value or b"")).encode()
+        # Durable first: once the engine emits, a crash must leave this entry for the next
+        # owner to resume (a replay without it would start the stream again at seq 1).
+        await self._put_acked(key, Entry("R", _now_ms(), bytes(message.value or b"")))
         await self._submit(job, None)
         RECORDS_PROCESSED.labels(stage="inference", outcome="ok").inc()
 
@@ -447,10 +460,10 @@ class InflightWork:
         entry = self._entry(key)
         if entry is None:
             # The job has not reached inference yet; it will be ended when it does.
-            self.table[key] = Entry("C", _now_ms()).encode()
+            self._put(key, Entry("C", _now_ms()))
         elif entry.state == "R":
             # Waiting to be resumed after a rebalance; the resume ends it instead.
-            self.table[key] = Entry("C", entry.at_ms, entry.job).encode()
+            self._put(key, Entry("C", entry.at_ms, entry.job))
         log.info(
             "cancel recorded for a job not running here",
             extra={"request_id": request_id, "reason": reason},
@@ -467,13 +480,22 @@ class InflightWork:
                     await self._resume_one(key, entry, generation)
 
         pending = [(k, e) for k, e in snapshot if e.state != "D"]
-        results = await asyncio.gather(*(one(k, e) for k, e in pending), return_exceptions=True)
-        for (key, _), result in zip(pending, results, strict=True):
-            if isinstance(result, Exception):
-                log.error(
-                    "resume failed; the job stays in the table",
-                    extra={"request_id": key.decode(errors="replace"), "error": repr(result)},
-                )
+        delay = RESUME_RETRY_S
+        while pending and generation == self._generation:
+            results = await asyncio.gather(*(one(k, e) for k, e in pending), return_exceptions=True)
+            failed = []
+            for (key, entry), result in zip(pending, results, strict=True):
+                if isinstance(result, Exception):
+                    failed.append((key, entry))
+                    log.warning(
+                        "resume failed; retrying",
+                        extra={"request_id": key.decode(errors="replace"), "error": repr(result)},
+                    )
+            pending = failed
+            if pending:
+                # The broker may be restarting: keep the job and try again, it is not lost.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESUME_RETRY_MAX_S)
         if generation == self._generation:
             self.purge_done()
 
@@ -483,7 +505,16 @@ class InflightWork:
             return
         if not entry.job:
             return  # a cancel marker for a job that never arrived: the job's arrival ends it
-        job = codec().decode_as(entry.job, "InferenceJob")
+        try:
+            job = codec().decode_as(entry.job, "InferenceJob")
+        except CodecError as exc:
+            # Written by a version whose schema this one does not know: it can never run here.
+            log.error(
+                "in-flight job unreadable", extra={"request_id": request_id, "error": str(exc)}
+            )
+            await self._emit(invalid_job_event({"request_id": request_id}, str(exc)))
+            self._put(key, Entry("D", _now_ms()))
+            return
         events = [
             e
             async for e in read_request_records(

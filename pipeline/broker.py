@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -268,6 +269,7 @@ def _java_cmd(java: Path, settings: BrokerSettings, paths: BrokerPaths) -> list[
         "-XX:MaxGCPauseMillis=20",
         "-XX:+ExitOnOutOfMemoryError",
         "-Djava.awt.headless=true",
+        *shlex.split(settings.broker_jvm_opts),
         f"-Dlog4j2.configurationFile={paths.log4j}",
         f"-Dkafka.logs.dir={paths.logs}",
         "-cp",

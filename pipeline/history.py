@@ -245,8 +245,8 @@ async def scan(
                     pending.discard(tp)
                     consumer.pause(tp)
             if on_progress is not None:
-                done = sum(min(positions[tp], stop[tp]) - start[tp] for tp in tps)
-                on_progress(max(0, done), total)
+                done = sum(max(0, min(positions[tp], stop[tp]) - start[tp]) for tp in tps)
+                on_progress(done, total)
             if pending and time.monotonic() - moved_at > stall_timeout_s:
                 names = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(pending))
                 raise HistoryReadError(f"no progress reading {names} for {stall_timeout_s:.0f} s")

@@ -77,6 +77,10 @@ class _GiveUp(Exception):
         self.partial = partial
 
 
+class _PublishError(Exception):
+    """``emit`` failed: the request cannot be ended here (the next owner resumes it)."""
+
+
 @dataclass(eq=False)
 class _Run:
     """One request inside the engine: its job, progress and lifecycle flags."""
@@ -385,6 +389,22 @@ class InferenceEngine:
                 ),
             )
             return
+        except _PublishError:
+            raise
+        except Exception as exc:
+            # A bug must not leave the client with a stream that just stops.
+            logger.exception("inference failed unexpectedly", extra=run.log)
+            await self._finish(
+                run,
+                "ERROR",
+                error=_error_info(
+                    "internal_error",
+                    f"inference failed: {exc!r}",
+                    retriable=True,
+                    partial=bool(run.text),
+                ),
+            )
+            return
         await self._finish(run, "DONE", stop_reason=finished.stop_reason)
 
     async def _prompt(self, run: _Run) -> str:
@@ -669,6 +689,8 @@ class InferenceEngine:
                 await send
                 run.terminal_sent = run.terminal_sent or terminal
             raise
+        except Exception as exc:
+            raise _PublishError(f"publishing {event['kind']} seq {event['seq']} failed") from exc
         run.terminal_sent = run.terminal_sent or terminal
 
     def _now_ms(self) -> int:

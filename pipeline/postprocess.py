@@ -11,6 +11,7 @@ the same result again, never a different one (`results` is compacted by request 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -39,6 +40,8 @@ from pipeline.tail import TERMINAL_KINDS, read_request_records
 log = logging.getLogger("sumstream.postprocess")
 
 STAGE = "postprocess"
+REREAD_ATTEMPTS = 3
+REREAD_BACKOFF_S = 0.5
 
 # latency_ms key -> (start stamp, end stamp) in the request's trace. Documented in
 # ``latency_breakdown``; a key is present only when both stamps are.
@@ -263,9 +266,11 @@ class PostprocessStage:
         assembly = assemble(events.values(), upto_seq=int(terminal["seq"]))
         if not assembly.complete:
             # Part of the stream was consumed before a restart or by another instance.
-            reread = await self._reread(request_id, int(terminal.get("created_at") or 0))
+            reread = await self._reread_with_retries(request_id, terminal)
             assembly = assemble([*reread, *events.values()], upto_seq=int(terminal["seq"]))
-            log.info(
+            log_at = logging.INFO if assembly.complete else logging.ERROR
+            log.log(
+                log_at,
                 "stream re-read from tokens",
                 extra={"request_id": request_id, "complete": assembly.complete},
             )
@@ -284,6 +289,21 @@ class PostprocessStage:
                 "cost_micro_usd": result["usage"]["cost_micro_usd"],
             },
         )
+
+    async def _reread_with_retries(
+        self, request_id: str, terminal: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        for attempt in range(REREAD_ATTEMPTS):
+            try:
+                return await self._reread(request_id, int(terminal.get("created_at") or 0))
+            except Exception as exc:
+                log.warning(
+                    "re-read failed",
+                    extra={"request_id": request_id, "attempt": attempt + 1, "error": repr(exc)},
+                )
+                await asyncio.sleep(REREAD_BACKOFF_S * 2**attempt)
+        # Still write a result (with the text this instance saw) rather than none at all.
+        return []
 
     @staticmethod
     def _observe(result: Mapping[str, Any], seconds: float) -> None:

@@ -101,7 +101,9 @@ async def read_request_records(
 
 async def _wait_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     for _ in range(50):
-        await consumer.topics()  # refreshes metadata
+        # consumer.topics() fetches metadata without updating the client's cluster view,
+        # which partitions_for_topic reads; tracking the topic does.
+        await consumer._client.add_topic(topic)
         partitions = consumer.partitions_for_topic(topic)
         if partitions:
             return set(partitions)

@@ -8,6 +8,7 @@ failed attempt (every attempt is billed). The same code talks to the real API an
 from __future__ import annotations
 
 import email.utils
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from anthropic import AsyncAnthropic
 
 from pipeline.errors import UpstreamError
 from pipeline.settings import WorkerSettings
+
+logger = logging.getLogger("sumstream.upstream")
 
 REQUEST_ID_HEADER = "x-sumstream-request-id"
 # The simulator ignores the key, but the SDK refuses to send a request without one.
@@ -211,7 +214,11 @@ class UpstreamStream:
         """Close the HTTP stream (idempotent)."""
         stream, self._stream = self._stream, None
         if stream is not None:
-            await stream.close()
+            try:
+                await stream.close()
+            except (anthropic.AnthropicError, httpx2.HTTPError):
+                # Closing a broken connection may fail; it is closed either way.
+                logger.debug("closing the upstream stream failed", exc_info=True)
 
     def __aiter__(self) -> Self:
         return self
@@ -233,7 +240,8 @@ class UpstreamStream:
                         error_type="incomplete_stream",
                     )
                 ) from None
-            except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+            except (anthropic.AnthropicError, httpx2.HTTPError, ValueError) as exc:
+                # ValueError: an SSE frame whose data is not JSON.
                 raise self._error(exc) from exc
             if event.type == "content_block_delta":
                 if event.delta.type == "text_delta" and event.delta.text:

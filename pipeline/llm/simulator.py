@@ -24,7 +24,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -296,6 +296,7 @@ class Stats:
         _append_bounded(record.outcomes, outcome)
 
     def as_json(self, open_streams: int, request_ids: list[str] | None) -> dict[str, Any]:
+        """Totals, and the records of ``request_ids`` (all of them when None)."""
         ids = list(self.records) if request_ids is None else request_ids
         return {
             "attempts": self.attempts,
@@ -303,8 +304,29 @@ class Stats:
             "by_outcome": dict(sorted(self.by_outcome.items())),
             "open_streams": open_streams,
             "peak_concurrent": self.peak_concurrent,
-            "requests": {i: asdict(self.records[i]) for i in ids if i in self.records},
+            "requests": {i: _record_json(self.records[i]) for i in ids if i in self.records},
         }
+
+
+def _record_json(record: RequestRecord) -> dict[str, Any]:
+    # Hand-written rather than dataclasses.asdict: a full dump has 10,000 records.
+    streams = [
+        {
+            "started_at": s.started_at,
+            "ended_at": s.ended_at,
+            "ended": s.ended,
+            "tokens": s.tokens,
+            "streaming": s.streaming,
+            "prefill_chars": s.prefill_chars,
+        }
+        for s in record.streams
+    ]
+    return {
+        "attempts": record.attempts,
+        "outcomes": list(record.outcomes),
+        "statuses": list(record.statuses),
+        "streams": streams,
+    }
 
 
 def _append_bounded(items: list[Any], item: Any) -> None:
@@ -548,8 +570,9 @@ class Simulator:
             await _send_json(send, 200, config)
 
     async def _get_stats(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # ?request_id=a&request_id=b: only those records; ?records=false: totals only.
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        ids = query.get("request_id")
+        ids = [] if query.get("records") == ["false"] else query.get("request_id")
         await _send_json(send, 200, self.stats.as_json(self.open_streams, ids))
 
     async def _post_reset(self, scope: Scope, receive: Receive, send: Send) -> None:

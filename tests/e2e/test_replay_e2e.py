@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from pipeline.admin import create_topics, delete_topics
 from pipeline.audit import export
@@ -40,6 +42,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         s.stop()
         delete_topics(settings)
+        # The worker's own topics (Faust changelog and assignor) go too.
+        internal = [f"{s.app_id}-inflight-changelog", f"{s.app_id}-__assignor-__leader"]
+        admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+        for future in admin.delete_topics(internal, operation_timeout=10).values():
+            with contextlib.suppress(Exception):
+                future.result()
 
 
 async def results_of(

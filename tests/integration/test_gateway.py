@@ -493,6 +493,15 @@ async def test_second_instance_serves_a_stream_it_does_not_own() -> None:
                     await worker.token(rid, 4, "DONE")
                     await worker.result(rid, "one two three", 4)
                     got += [event async for event in events]
+                # A resume at the instance that does not own the stream reads the log too.
+                async with c1.stream(
+                    "GET",
+                    f"/v1/summaries/{rid}/events",
+                    headers={**auth("alice"), "Last-Event-ID": "2"},
+                ) as response:
+                    resumed = [event async for event in sse_events(response)]
+                assert [e["event"] for e in resumed] == ["token", "done"]
+                assert resumed[0]["id"] == "3"
                 # The result is visible from both instances.
                 for client in (c0, c1):
                     result = await client.get(f"/v1/summaries/{rid}", headers=auth("alice"))

@@ -28,6 +28,7 @@ from ulid import ULID
 from pipeline.admin import create_topics, delete_topics
 from pipeline.codec import codec
 from pipeline.llm.extractive import summarize
+from pipeline.partitioning import partition_for
 from pipeline.postprocess import LATENCY_SPANS
 from pipeline.settings import KafkaSettings
 from pipeline.topics import TopicNames
@@ -420,27 +421,57 @@ def test_a_cancel_that_arrives_before_the_job_ends_it_without_a_model_call(
     assert result["usage"]["attempts"] == 0 and result["summary"] == ""
 
 
-def test_a_killed_worker_is_resumed_by_the_next_one(tmp_path: Path, bootstrap: str) -> None:
+LONG_DOCUMENT = " ".join(
+    f"Station {i} on the northern line reported {10 + i} delays in {month}, "
+    f"mostly caused by signal faults and crowding at peak hours."
+    for i, month in enumerate(["March", "April", "May", "June", "July"] * 4)
+)
+
+
+def ids_for_every_partition(partitions: int) -> list[str]:
+    """Request ids that hash to each partition once, so every worker holds some jobs."""
+    found: dict[int, str] = {}
+    while len(found) < partitions:
+        request_id = str(ULID())
+        found.setdefault(partition_for(request_id, partitions), request_id)
+    return [found[p] for p in range(partitions)]
+
+
+def test_a_killed_worker_and_the_rebalance_lose_nothing_and_repeat_no_token(
+    tmp_path: Path, bootstrap: str
+) -> None:
     with stack_at(tmp_path, bootstrap) as stack:
-        stack.sim_config(token_delay_ms=40)
-        first = stack.start_worker("worker-a")
-        request_id = stack.submit(max_output_tokens=60)
-        key = request_id.encode()
+        stack.sim_config(token_delay_ms=150)
+        a = stack.spawn("worker-a", "worker", "--metrics-port", "0")
+        b = stack.spawn("worker-b", "worker", "--metrics-port", "0")
+        for worker in (a, b):
+            worker.wait_for('"msg": "inflight partitions assigned"', timeout_s=90)
+        time.sleep(1.0)  # let the group settle if the second join caused a rebalance
+        ids = ids_for_every_partition(KafkaSettings().work_partitions)
+        for request_id in ids:
+            stack.submit(document=LONG_DOCUMENT, request_id=request_id, max_output_tokens=80)
+        keys = {i.encode() for i in ids}
+        # Every stream is under way (STARTED + 2 deltas each), then worker a dies: after its
+        # session times out, b is assigned a's partitions (its jobs resume from `tokens`) and,
+        # Kafka's rebalancing being eager, b's own jobs are revoked and resumed as well.
         stack.read(
             stack.topics.tokens,
-            lambda rs: sum(r[0] == key for r in rs) >= 8,  # STARTED + 7 deltas
+            lambda rs: all(sum(r[0] == k for r in rs) >= 3 for k in keys),
         )
-        first.kill9()
-        second = stack.start_worker("worker-b")
-        result = stack.result(request_id, timeout_s=60)
-        events = stack.tokens(request_id)
-        assert "resuming request" in second.log.read_text()
+        a.kill9()
+        results = {i: stack.result(i, timeout_s=90) for i in ids}
+        events = {i: stack.tokens(i) for i in ids}
+        resumed = b.log.read_text().count('"msg": "resuming request"')
 
-    expected = summarize(DOCUMENT, 60).strip()
-    assert result["status"] == "COMPLETED", result
-    assert result["summary"] == expected
-    seqs = [e["seq"] for e in events]
-    assert seqs == list(range(1, len(seqs) + 1)), "no seq duplicated or skipped"
-    assert [e["kind"] for e in events].count("STARTED") == 1
-    assert "".join(e["text"] for e in events if e["kind"] == "DELTA").strip() == expected
-    assert result["usage"]["attempts"] >= 2
+    expected = summarize(LONG_DOCUMENT, 80).strip()
+    assert resumed >= len(ids), "every in-flight job went through a resume"
+    for request_id in ids:
+        result, stream = results[request_id], events[request_id]
+        assert result["status"] == "COMPLETED", result
+        assert result["summary"] == expected
+        seqs = [e["seq"] for e in stream]
+        assert seqs == list(range(1, len(seqs) + 1)), "no seq duplicated or skipped"
+        assert [e["kind"] for e in stream].count("STARTED") == 1
+        assert [e["kind"] for e in stream].count("DONE") == 1
+        assert "".join(e["text"] for e in stream if e["kind"] == "DELTA").strip() == expected
+        assert result["usage"]["attempts"] >= 2  # the first attempt and the resumed one

@@ -6,9 +6,9 @@ import logging
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from pipeline.breaker import BreakerState, CircuitBreaker
-from pipeline.metrics import BREAKER_STATE
 
 
 class FakeClock:
@@ -19,8 +19,8 @@ class FakeClock:
         return self.now
 
 
-def gauge(name: str) -> float:
-    return BREAKER_STATE.labels(upstream=name)._value.get()
+def gauge(name: str) -> float | None:
+    return REGISTRY.get_sample_value("sumstream_circuit_breaker_state", {"upstream": name})
 
 
 def test_opens_after_consecutive_failures_then_half_opens_and_closes(

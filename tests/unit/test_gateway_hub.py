@@ -211,3 +211,27 @@ async def test_finished_streams_are_evicted_after_their_retention() -> None:
     hub.register("third")  # registering sweeps
     assert hub.get(RID) is None
     assert hub.get("other") is not None
+
+
+async def test_the_registry_is_bounded_but_keeps_streams_being_read() -> None:
+    hub = StreamHub(max_streams=3)
+    hub.register("a")
+    reader = hub.subscribe("a")
+    for rid in ("b", "c", "d", "e"):
+        hub.register(rid)
+    assert len(hub.streams) == 3
+    assert reader is not None and hub.get("a") is not None  # it has a client: kept
+    assert hub.get("b") is None and hub.get("c") is None
+
+
+async def test_queued_counts_requests_without_a_first_token() -> None:
+    hub = StreamHub()
+    for rid in ("a", "b", "c"):
+        hub.register(rid)
+    assert hub.queued() == 3
+    hub.dispatch_token({"request_id": "a", "seq": 1, "kind": "STARTED", "text": ""})
+    assert hub.queued() == 3  # started is not a token yet
+    hub.dispatch_token({"request_id": "a", "seq": 2, "kind": "DELTA", "text": "x"})
+    hub.dispatch_result({"request_id": "b", "status": "FAILED", "last_seq": 0})
+    hub.forget("c")
+    assert hub.queued() == 0

@@ -12,6 +12,7 @@ from typing import Any
 
 import anthropic
 import pytest
+from prometheus_client import REGISTRY
 
 from pipeline.breaker import BreakerState
 from pipeline.codec import codec
@@ -19,7 +20,6 @@ from pipeline.inference import InferenceEngine, ResumeState
 from pipeline.llm.client import UpstreamClient
 from pipeline.llm.extractive import full_summary, summarize, tokens
 from pipeline.llm.simulator import LocalSimulator, serving
-from pipeline.metrics import BREAKER_STATE, INFLIGHT
 from pipeline.settings import SimulatorSettings, WorkerSettings
 
 MODEL = "claude-haiku-4-5"
@@ -147,6 +147,10 @@ def stats(sim: LocalSimulator, request_id: str | None = None) -> dict[str, Any]:
     return record
 
 
+def breaker_gauge() -> float | None:
+    return REGISTRY.get_sample_value("sumstream_circuit_breaker_state", {"upstream": "llm-sim"})
+
+
 FAST = {
     "retry_base_s": 0.01,
     "retry_cap_s": 0.05,
@@ -195,7 +199,7 @@ async def test_a_stream_is_started_deltas_then_done(sim: LocalSimulator) -> None
     assert {e["model"] for e in events} == {MODEL}
     assert {e["created_at"] for e in events} == {job["created_at"]}
     assert stats(sim, job["request_id"])["attempts"] == 1
-    assert INFLIGHT._value.get() == 0
+    assert REGISTRY.get_sample_value("sumstream_inference_inflight") == 0
 
 
 async def test_max_tokens_cuts_the_summary(sim: LocalSimulator) -> None:
@@ -272,14 +276,14 @@ async def test_retry_budget_bounds_attempts_under_an_outage(sim: LocalSimulator)
 async def test_breaker_opens_holds_jobs_probes_once_and_closes(sim: LocalSimulator) -> None:
     sim.app.configure({"fail_all": True, "error_status": 500})
     async with running_engine(
-        sim, breaker_failure_threshold=3, breaker_reset_s=0.5, max_attempts=1
+        sim, breaker_failure_threshold=3, breaker_reset_s=1.0, max_attempts=1
     ) as (engine, rec):
         failing = [make_job(document(30 + i)) for i in range(3)]
         for job in failing:
             await engine.submit(job)
             assert (await rec.terminal(job["request_id"]))["kind"] == "ERROR"
         assert engine.breaker.state is BreakerState.OPEN
-        assert BREAKER_STATE.labels(upstream="llm-sim")._value.get() == 2
+        assert breaker_gauge() == 2
         attempts = stats(sim)["attempts"]
 
         waiting = [make_job(document(40 + i), user=f"w{i}") for i in range(3)]
@@ -303,7 +307,7 @@ async def test_breaker_opens_holds_jobs_probes_once_and_closes(sim: LocalSimulat
         ends = [await rec.terminal(job["request_id"]) for job in survivors]
         assert [e["kind"] for e in ends] == ["DONE", "DONE"]
         assert engine.breaker.state is BreakerState.CLOSED
-        assert BREAKER_STATE.labels(upstream="llm-sim")._value.get() == 0
+        assert breaker_gauge() == 0
     for job in survivors:
         assert rec.text(job["request_id"]) == full_summary(document(40 + int(job["user_id"][1])))
         assert stats(sim, job["request_id"])["attempts"] == 1
@@ -565,3 +569,31 @@ async def test_models_without_prefill_continue_by_prompt(sim: LocalSimulator) ->
     assert [m["role"] for m in continued] == ["user", "assistant", "user"]
     assert continued[1]["content"] == "".join(tokens(full_summary(document(160)))[:4])
     assert done["usage"]["attempts"] == 3
+
+
+async def test_a_failed_publish_leaves_the_request_to_the_next_owner(
+    sim: LocalSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken, healthy = make_job(document(170)), make_job(document(171), user="bob")
+
+    class FlakyRecorder(Recorder):
+        async def emit(self, event: dict[str, Any]) -> None:
+            if event["request_id"] == broken["request_id"] and event["kind"] == "DELTA":
+                raise RuntimeError("producer is gone")
+            await super().emit(event)
+
+    settings = WorkerSettings(llm_sim_url=sim.url, **FAST)
+    client = UpstreamClient(settings)
+    rec = FlakyRecorder()
+    try:
+        async with InferenceEngine(settings, client, rec.emit, rec.on_finished) as engine:
+            await engine.submit(broken)
+            await engine.submit(healthy)
+            assert (await rec.terminal(healthy["request_id"]))["kind"] == "DONE"
+            await poll(lambda: not engine.is_active(broken["request_id"]))
+    finally:
+        await client.close()
+    # No terminal event and no on_finished: the in-flight entry stays for a resume.
+    assert [e["kind"] for e in rec.events[broken["request_id"]]] == ["STARTED"]
+    assert broken["request_id"] not in rec.finished
+    assert "inference job failed" in caplog.text

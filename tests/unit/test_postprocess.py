@@ -334,3 +334,26 @@ async def test_poison_tokens_are_dead_lettered_and_the_stage_goes_on(
     assert (letter["origin_topic"], letter["origin_offset"]) == ("t.tokens", 7)
     assert letter["value"] == value
     assert len(results.sent) == 1
+
+
+async def test_a_failing_re_read_still_writes_a_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pipeline.postprocess.REREAD_BACKOFF_S", 0.0)
+    calls = 0
+
+    async def broken(request_id: str, created_at: int) -> list[dict[str, Any]]:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("broker down")
+
+    results = Sink()
+    stage = PostprocessStage(
+        WorkerSettings(),
+        PRICES,
+        send_result=results,
+        dlq=DeadLetterQueue(Sink()),
+        reread=broken,
+    )
+    await feed(stage, STREAM[2:])
+    assert calls == 3
+    [result] = results_of(results)
+    assert result["summary"] == "bridge opened."  # what this instance saw

@@ -527,6 +527,9 @@ async def test_stats_count_attempts_per_request_id(
     assert stream["streaming"] is False
     assert stream["tokens"] == 4
     assert stream["started_at"] <= stream["ended_at"]
+    totals = (await http.get("/_sim/stats", params={"records": "false"})).json()
+    assert totals["requests"] == {}
+    assert totals["attempts"] == 4
     await http.post("/_sim/reset")
     stats = (await http.get("/_sim/stats")).json()
     assert stats["attempts"] == 0

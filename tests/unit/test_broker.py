@@ -1,0 +1,93 @@
+"""The local broker's pure parts: configuration, ids, and what it says when tools are missing."""
+
+from __future__ import annotations
+
+import base64
+import socket
+from pathlib import Path
+
+import pytest
+
+from pipeline import broker
+from pipeline.errors import BrokerToolingError
+from pipeline.settings import BrokerSettings
+
+
+def settings_in(tmp_path: Path, **fields: object) -> BrokerSettings:
+    return BrokerSettings(
+        data_dir=tmp_path, broker_port=29092, controller_port=29093, **fields  # type: ignore[arg-type]
+    )
+
+
+def test_server_properties_are_a_single_kraft_node(tmp_path: Path) -> None:
+    settings = settings_in(tmp_path)
+    paths = broker.BrokerPaths.of(settings)
+    props = dict(
+        line.split("=", 1) for line in broker.server_properties(settings, paths).splitlines()
+    )
+    assert props["process.roles"] == "broker,controller"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:29093"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:29092,CONTROLLER://127.0.0.1:29093"
+    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:29092"
+    assert props["log.dirs"] == str(tmp_path / "kafka" / "data")
+    assert props["group.initial.rebalance.delay.ms"] == "0"
+    assert props["offsets.topic.replication.factor"] == "1"
+    assert "auto.create.topics.enable" not in props  # Faust creates its internal topics
+
+
+def test_paths_follow_the_data_dir_and_may_share_jars(tmp_path: Path) -> None:
+    own = broker.BrokerPaths.of(settings_in(tmp_path))
+    assert own.jars == tmp_path / "kafka" / "jars"
+    assert own.log_file == tmp_path / "kafka" / "logs" / "broker.log"
+    shared = broker.BrokerPaths.of(settings_in(tmp_path, jars_dir=tmp_path / "cache"))
+    assert shared.jars == tmp_path / "cache"
+
+
+def test_cluster_ids_look_like_kafka_uuids() -> None:
+    for _ in range(200):
+        cluster_id = broker._kafka_uuid()
+        assert len(cluster_id) == 22 and not cluster_id.startswith("-")
+        assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
+
+
+def test_missing_java_names_the_docker_alternative(tmp_path: Path) -> None:
+    with pytest.raises(BrokerToolingError, match="docker compose -f docker-compose.kafka.yml"):
+        broker.find_java(settings_in(tmp_path, java_home=tmp_path / "no-jdk"))
+
+
+def test_old_java_is_refused(tmp_path: Path) -> None:
+    java = tmp_path / "jdk8" / "bin" / "java"
+    java.parent.mkdir(parents=True)
+    java.write_text('#!/bin/sh\necho \'java version "1.8.0_402"\' >&2\n')
+    java.chmod(0o755)
+    with pytest.raises(BrokerToolingError, match="Java 8"):
+        broker.find_java(settings_in(tmp_path, java_home=tmp_path / "jdk8"))
+
+
+def test_missing_maven_names_the_docker_alternative(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no mvn anywhere
+    with pytest.raises(BrokerToolingError, match="Maven.*docker compose"):
+        broker.ensure_jars(settings_in(tmp_path))
+
+
+def test_nothing_listening_is_unreachable_and_stopped(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound but not listening: connections are refused
+        assert not broker.is_reachable(f"127.0.0.1:{port}", timeout_s=1.0)
+    settings = BrokerSettings(data_dir=tmp_path, broker_port=port)
+    status = broker.status(settings)
+    assert (status.reachable, status.pid, status.state) == (False, None, "stopped")
+    assert broker.stop(settings) is False
+
+
+def test_a_stale_pid_file_is_ignored(tmp_path: Path) -> None:
+    settings = settings_in(tmp_path)
+    paths = broker.BrokerPaths.of(settings)
+    paths.root.mkdir(parents=True)
+    paths.pid_file.write_text("1\n")  # pid 1 is alive, but it is not our broker
+    assert broker.status(settings).pid is None
+    assert not paths.pid_file.exists()
+    assert broker.stop(settings) is False
