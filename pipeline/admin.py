@@ -14,11 +14,12 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, TopicCollection
+from confluent_kafka import KafkaError, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 # confluent-kafka's admin package re-exports these without __all__, which mypy --strict rejects.
 from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
+from confluent_kafka.admin._listoffsets import OffsetSpec
 from confluent_kafka.admin._resource import ResourceType
 from confluent_kafka.cimpl import NewTopic
 
@@ -27,6 +28,12 @@ from pipeline.settings import KafkaSettings
 from pipeline.topics import TopicSpec, declared_topics
 
 TIMEOUT_S = 30.0
+# Answers from a partition whose leadership is still being set up.
+_NOT_YET = {
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+}
 _UNAVAILABLE = {
     KafkaError._TRANSPORT,
     KafkaError._TIMED_OUT,
@@ -88,15 +95,36 @@ def create_topics(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> list
 def _wait_visible(
     client: AdminClient, names: Iterable[str], timeout_s: float
 ) -> dict[str, int | None]:
+    names = list(names)
     deadline = time.monotonic() + timeout_s
     while True:
         counts = partition_counts(client, names, timeout_s, with_leaders=True)
         missing = sorted(name for name, count in counts.items() if count is None)
-        if not missing:
+        if not missing and _leaders_serve(client, counts, timeout_s):
             return counts
         if time.monotonic() > deadline:
-            raise BrokerUnavailableError(f"topics {missing} not visible after {timeout_s:.0f} s")
+            raise BrokerUnavailableError(f"topics {missing or names} not ready after {timeout_s} s")
         time.sleep(0.05)
+
+
+def _leaders_serve(client: AdminClient, counts: dict[str, int | None], timeout_s: float) -> bool:
+    """True when every partition's leader answers ListOffsets: the metadata can name a
+    leader a moment before that broker has taken the partition over."""
+    request = {
+        TopicPartition(name, p): OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        for name, count in counts.items()
+        for p in range(count or 0)
+    }
+    if not request:
+        return True
+    for future in client.list_offsets(request, request_timeout=timeout_s).values():
+        try:
+            future.result(timeout=timeout_s + 5)
+        except KafkaException as exc:
+            if exc.args[0].code() not in _NOT_YET:
+                raise kafka_error("reading offsets", exc) from exc
+            return False
+    return True
 
 
 async def ensure_topics(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> list[str]:

@@ -26,9 +26,10 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT, StreamT, TopicT
 from prometheus_client import start_http_server
 
+from pipeline.admin import create_topics
 from pipeline.codec import codec
 from pipeline.dlq import DeadLetterQueue, Origin
-from pipeline.errors import CodecError, ValidationError
+from pipeline.errors import CodecError, SumstreamError, ValidationError
 from pipeline.inference import InferenceEngine, ResumeState
 from pipeline.llm.client import UpstreamClient
 from pipeline.metrics import RECORDS_PROCESSED
@@ -831,9 +832,11 @@ def run(args: argparse.Namespace) -> int:
     stages = [s.strip() for s in settings.stages.split(",") if s.strip()]
     logging.config.dictConfig(logging_config(settings))
 
-    from pipeline.admin import create_topics
-
-    created = create_topics(settings)
+    try:
+        created = create_topics(settings)
+    except SumstreamError as exc:
+        log.error("cannot prepare the topics", extra={"error": str(exc), "code": exc.code})
+        return 1
     if created:
         log.info("topics created", extra={"topics": created})
     loop = asyncio.new_event_loop()

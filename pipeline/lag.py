@@ -13,7 +13,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import (
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 # Re-exported by confluent_kafka.admin without __all__ (mypy --strict rejects that import).
@@ -30,6 +35,7 @@ STAGE_TOPICS: dict[str, str] = {
     "postprocess": "tokens",
 }
 TIMEOUT_S = 5.0
+LEADER_MOVING = {KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION}
 
 
 @dataclass(frozen=True)
@@ -138,14 +144,21 @@ class LagReader:
     def _offsets(self, keys: set[tuple[str, int]], spec: OffsetSpec) -> dict[tuple[str, int], int]:
         if not keys:
             return {}
-        request = {TopicPartition(topic, p): spec for topic, p in keys}
-        futures = self._client.list_offsets(request, request_timeout=self.timeout_s)
         out: dict[tuple[str, int], int] = {}
-        for tp, future in futures.items():
-            try:
-                out[(tp.topic, tp.partition)] = future.result(timeout=self.timeout_s + 1).offset
-            except KafkaException as exc:
-                raise kafka_error(f"reading offsets of {tp.topic}[{tp.partition}]", exc) from exc
+        for attempt in range(3):
+            request = {TopicPartition(t, p): spec for t, p in keys if (t, p) not in out}
+            futures = self._client.list_offsets(request, request_timeout=self.timeout_s)
+            for tp, future in futures.items():
+                try:
+                    out[(tp.topic, tp.partition)] = future.result(self.timeout_s + 1).offset
+                except KafkaException as exc:
+                    # Leadership moving (new topic, broker restart) settles within moments.
+                    if attempt == 2 or exc.args[0].code() not in LEADER_MOVING:
+                        what = f"reading offsets of {tp.topic}[{tp.partition}]"
+                        raise kafka_error(what, exc) from exc
+            if len(out) == len(keys):
+                break
+            time.sleep(0.1)
         return out
 
 
