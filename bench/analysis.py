@@ -39,13 +39,7 @@ def summarize(streams: list[Stream]) -> dict[str, Any]:
     outcomes = Counter(str(s["outcome"]) for s in streams)
     gaps = [g for s in streams for g in stream_gaps(s)]
     tokens = sum(int(s["tokens"]) for s in streams)
-    starts = [float(s["wall_post_ms"]) for s in streams if s.get("wall_post_ms")]
-    ends = [
-        float(s["wall_post_ms"]) + float(s["token_ms"][-1])
-        for s in streams
-        if s.get("token_ms") and s.get("wall_post_ms")
-    ]
-    span_s = (max(ends) - min(starts)) / 1000.0 if ends and starts else 0.0
+    span_s = sum(_span_s(run) for run in _by_run(streams))
     ok = [s for s in streams if s["complete"] and s["in_order"] and s["own"]]
     out: dict[str, Any] = {
         "n": len(streams),
@@ -72,6 +66,25 @@ def summarize(streams: list[Stream]) -> dict[str, Any]:
     if latency:
         out["latency_ms"] = latency
     return out
+
+
+def _by_run(streams: list[Stream]) -> list[list[Stream]]:
+    runs: dict[Any, list[Stream]] = defaultdict(list)
+    for s in streams:
+        runs[s.get("run", 0)].append(s)
+    return list(runs.values())
+
+
+def _span_s(streams: list[Stream]) -> float:
+    """First POST to last token of one uninterrupted run of a phase (ABBA halves of one
+    system are separate runs: the other system's time between them is not theirs)."""
+    starts = [float(s["wall_post_ms"]) for s in streams if s.get("wall_post_ms")]
+    ends = [
+        float(s["wall_post_ms"]) + float(s["token_ms"][-1])
+        for s in streams
+        if s.get("token_ms") and s.get("wall_post_ms")
+    ]
+    return (max(ends) - min(starts)) / 1000.0 if ends and starts else 0.0
 
 
 def _latency_breakdown(streams: list[Stream]) -> dict[str, dict[str, float]]:
@@ -140,14 +153,9 @@ def analyze(results: dict[str, Any]) -> dict[str, Any]:
     # 1: overhead by concurrency.
     overhead = {str(c): phase(f"overhead/c{c}") for c in plan["levels"]}
     out["overhead"] = overhead
-    target = overhead.get(str(TARGET_LEVEL), {}).get("overhead")
-    if target:
-        out["overhead_verdict"] = {
-            "level": TARGET_LEVEL,
-            "ttft_p50_ok": _le(target["ttft_p50"]["diff"], TTFT_OVERHEAD_P50_MS),
-            "ttft_p99_ok": _le(target["ttft_p99"]["diff"], TTFT_OVERHEAD_P99_MS),
-            "gap_p99_ok": _le(target["gap_p99"]["diff"], TOKEN_OVERHEAD_P99_MS),
-        }
+    at_target = overhead.get(str(TARGET_LEVEL), {})
+    if "sumstream" in at_target:
+        out["overhead_verdict"] = _overhead_verdict(at_target, float(plan["ttft_ms"]), delay)
     # 2 and 5: bursts against the single-user p99.
     single = {sys_: overhead.get("1", {}).get(sys_, {}).get("ttft", {}) for sys_ in systems}
     bursts: dict[str, Any] = {}
@@ -202,6 +210,35 @@ def analyze(results: dict[str, Any]) -> dict[str, Any]:
             rl[sys_]["success_ratio"] = _r(stats.ratio(done, rl[sys_]["n"]))
             rl[sys_]["sim"] = {k: v for k, v in (sim or {}).items() if k != "requests"}
     out["rate_limited"] = rl
+    return out
+
+
+def _overhead_verdict(entry: dict[str, Any], ttft_ms: float, delay: float) -> dict[str, Any]:
+    """The targets of DESIGN.md section 4 at ``TARGET_LEVEL`` streams, two ways.
+
+    ``over_baseline`` is issue 7's overhead (sumstream minus the notebook design at the same
+    percentile). ``over_model`` is DESIGN's (everything but the model's own time: the
+    simulator's TTFT, or its pacing per token). A target is met only when both are within it,
+    so a baseline that is itself saturated cannot make sumstream look good.
+    """
+    s = entry["sumstream"]
+    o = entry.get("overhead") or {}
+    rows = (
+        ("ttft_p50", s["ttft"]["p50"] - ttft_ms, TTFT_OVERHEAD_P50_MS),
+        ("ttft_p99", s["ttft"]["p99"] - ttft_ms, TTFT_OVERHEAD_P99_MS),
+        ("gap_p99", s["gap"]["p99"] - delay, TOKEN_OVERHEAD_P99_MS),
+    )
+    out: dict[str, Any] = {"level": TARGET_LEVEL}
+    for key, over_model, limit in rows:
+        over_baseline = (o.get(key) or {}).get("diff")
+        checks = [_le(v, limit) for v in (over_model, over_baseline) if v is not None]
+        ok = None if not checks or None in checks else all(checks)
+        out[key] = {
+            "limit": limit,
+            "over_model": _r(over_model),
+            "over_baseline": over_baseline,
+            "ok": ok,
+        }
     return out
 
 

@@ -1,7 +1,8 @@
 """Where the time goes: CPU seconds per process per phase, and py-spy profiles by area.
 
 py-spy samples a running process from outside (no code change in the gateway or the worker);
-only busy threads are sampled, so the share of samples in an area is its share of CPU.
+only the thread holding the GIL is sampled, so the share of samples in an area is its share
+of the process's Python CPU time.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ AREAS: tuple[tuple[str, str], ...] = (
     ("sse_starlette", "SSE (sse-starlette)"),
     ("starlette", "ASGI framework (starlette/fastapi)"),
     ("fastapi", "ASGI framework (starlette/fastapi)"),
-    ("uvicorn", "HTTP server (uvicorn/h11/httptools)"),
-    ("h11", "HTTP server (uvicorn/h11/httptools)"),
-    ("httptools", "HTTP server (uvicorn/h11/httptools)"),
+    ("uvicorn", "HTTP/1.1 (uvicorn, h11, httptools)"),
+    ("h11", "HTTP/1.1 (uvicorn, h11, httptools)"),
+    ("httptools", "HTTP/1.1 (uvicorn, h11, httptools)"),
     ("anthropic", "upstream client (anthropic SDK, httpx)"),
     ("httpx", "upstream client (anthropic SDK, httpx)"),
     ("httpcore", "upstream client (anthropic SDK, httpx)"),
@@ -124,6 +125,10 @@ async def record(pid: int, duration_s: float, out: Path, rate_hz: int = 100) -> 
         str(rate_hz),
         "--format",
         "raw",
+        # Only threads holding the GIL: CPU spent in Python, not threads waiting in epoll
+        # or on a condition (py-spy cannot always tell those are idle).
+        "--gil",
+        "--function",
         "--output",
         str(out),
         stdout=asyncio.subprocess.PIPE,
@@ -180,9 +185,17 @@ def summarize_stacks(text: str, top: int = 12) -> dict[str, Any]:
 
     # Frames on every stack (the module, the event loop's run_forever) say nothing.
     informative = Counter({f: c for f, c in total_fn.items() if c < samples * 0.95})
+    own = Counter({f: c for f, c in informative.items() if _is_own(f)})
     return {
         "samples": samples,
         "areas": dict(share(areas, len(areas))),
         "self": share(self_fn, top),
         "total": share(informative, top),
+        "own_total": share(own, top),
     }
+
+
+def _is_own(frame: str) -> bool:
+    """A frame in sumstream's own code (pipeline/ or gateway/), not a library's."""
+    path = frame.rsplit("(", 1)[-1]
+    return path.startswith(("pipeline/", "gateway/")) and "site-packages" not in path

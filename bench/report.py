@@ -54,7 +54,16 @@ def render(results: dict[str, Any], image_dir: str = ".") -> str:
         lines.append(f"> Skipped to stay within the time budget: {', '.join(meta['skipped'])}.")
     if meta.get("errors") or meta.get("skipped"):
         lines.append("")
-    lines += _targets(a, systems)
+    others = _others_cores(results)
+    if others is not None and others > 0.25:
+        lines += [
+            f"> **The machine was shared**: other processes used a median {others:.2f} of its "
+            f"{m.get('cores')} cores during the measured phases. Absolute latencies are "
+            "inflated by that; the differences and ratios between the two systems, measured "
+            "in alternating phases of the same run, are the robust figures.",
+            "",
+        ]
+    lines += _targets(a, systems, plan)
     busy = [p["cpu"]["machine_busy"] for p in results["phases"]]
     lines += [
         "## Machine and setup",
@@ -95,31 +104,27 @@ def render(results: dict[str, Any], image_dir: str = ".") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _targets(a: dict[str, Any], systems: list[str]) -> list[str]:
+def _targets(a: dict[str, Any], systems: list[str], plan: dict[str, Any]) -> list[str]:
     rows: list[list[str]] = []
-    ov = (a.get("overhead") or {}).get(str(analysis.TARGET_LEVEL), {}).get("overhead")
     v = a.get("overhead_verdict") or {}
-    if ov:
-        rows += [
+    titles = {
+        "ttft_p50": "TTFT overhead p50",
+        "ttft_p99": "TTFT overhead p99",
+        "gap_p99": "added per token, p99",
+    }
+    for key, title in titles.items():
+        if key not in v:
+            continue
+        t = v[key]
+        rows.append(
             [
-                "TTFT overhead p50 at 50 streams",
-                f"≤ {analysis.TTFT_OVERHEAD_P50_MS:.0f} ms",
-                f"{_f(ov['ttft_p50']['diff'], signed=True)} ms",
-                _verdict(v.get("ttft_p50_ok")),
-            ],
-            [
-                "TTFT overhead p99 at 50 streams",
-                f"≤ {analysis.TTFT_OVERHEAD_P99_MS:.0f} ms",
-                f"{_f(ov['ttft_p99']['diff'], signed=True)} ms",
-                _verdict(v.get("ttft_p99_ok")),
-            ],
-            [
-                "inter-token overhead p99 at 50 streams",
-                f"≤ {analysis.TOKEN_OVERHEAD_P99_MS:.0f} ms",
-                f"{_f(ov['gap_p99']['diff'], signed=True)} ms",
-                _verdict(v.get("gap_p99_ok")),
-            ],
-        ]
+                f"{title} at {v['level']} streams",
+                f"≤ {t['limit']:.0f} ms",
+                f"{_f(t['over_baseline'], signed=True)} ms over the baseline, "
+                f"{_f(t['over_model'], signed=True)} ms over the model's own time",
+                _verdict(t["ok"]),
+            ]
+        )
     best = (a.get("throughput") or {}).get("best", {}).get("sumstream")
     if "sumstream" in systems:
         rows.append(
@@ -141,7 +146,16 @@ def _targets(a: dict[str, Any], systems: list[str]) -> list[str]:
         )
     if not rows:
         return []
-    return ["## Targets", "", *_table(["target", "goal", "measured", "verdict"], rows)]
+    return [
+        "## Targets",
+        "",
+        *_table(["target", "goal", "measured", "verdict"], rows),
+        "An overhead target is met only when sumstream is within it both over the baseline "
+        "(issue 7's definition) and over the model's own time (DESIGN.md's: the simulator's "
+        f"{_f(plan['ttft_ms'], 0)} ms TTFT, or its pacing per token), so a saturated baseline "
+        "cannot flatter sumstream.",
+        "",
+    ]
 
 
 def _overhead(a: dict[str, Any], systems: list[str], img: str) -> list[str]:
@@ -347,29 +361,14 @@ def _where(results: dict[str, Any], a: dict[str, Any], systems: list[str]) -> li
             "",
             *_table(["load", *(title for _, title in STAGES)], rows),
         ]
-    # CPU per process, by scenario and level.
-    cpu: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for p in results["phases"]:
-        for proc, v in p["cpu"]["processes"].items():
-            cpu[(p["name"], p["system"])][proc].append(v["cpu_s"] / max(p["n"], 1) * 1000)
-    procs = sorted({proc for d in cpu.values() for proc in d})
-    if cpu:
-        lines += ["CPU milliseconds per request, by process (all processes on 2 shared cores):", ""]
-        rows = []
-        for (name, sys_), d in cpu.items():
-            if not name.startswith("overhead/") and name != "rate_limited":
-                continue
-            rows.append(
-                [name, sys_] + [_f(stats.percentile(d[p], 50)) if d.get(p) else NA for p in procs]
-            )
-        lines += _table(["phase", "system", *procs], rows)
+    lines += _cpu(results)
     prof = results.get("profile") or {}
     for proc, summary in prof.items():
         if "error" in summary:
             lines += [f"py-spy on the {proc} failed: {summary['error']}", ""]
             continue
         lines += [
-            f"py-spy, {proc} ({summary['samples']} samples of busy threads at "
+            f"py-spy, {proc} ({summary['samples']} samples holding the GIL at "
             f"{results['plan']['profile_level']} streams): share of CPU by area of the leaf frame",
             "",
         ]
@@ -377,6 +376,68 @@ def _where(results: dict[str, Any], a: dict[str, Any], systems: list[str]) -> li
         lines += _table(["area", "share"], rows)
         rows = [[f"`{k}`", f"{v * 100:.1f} %"] for k, v in summary["self"][:10]]
         lines += _table([f"{proc}: hottest functions (self)", "share"], rows)
+        rows = [[f"`{k}`", f"{v * 100:.1f} %"] for k, v in summary.get("own_total", [])[:10]]
+        if rows:
+            lines += _table([f"{proc}: sumstream functions (inclusive)", "share"], rows)
+    return lines
+
+
+def _others_cores(results: dict[str, Any]) -> float | None:
+    """Median cores used by processes outside the benchmark during its phases."""
+    cores = float(results["meta"]["machine"].get("cores") or 1)
+    values = []
+    for p in results["phases"]:
+        ours = sum(float(v["core_share"]) for v in p["cpu"]["processes"].values())
+        values.append(max(float(p["cpu"]["machine_busy"]) * cores - ours, 0.0))
+    return stats.percentile(values, 50) if values else None
+
+
+ACTIVE = {"baseline": ("baseline",), "sumstream": ("gateway", "worker", "broker")}
+SHARED = ("llm-sim", "client")
+
+
+def _cpu(results: dict[str, Any]) -> list[str]:
+    """CPU per request by process, per phase, and what sumstream costs while idle."""
+    cores = float(results["meta"]["machine"].get("cores") or 1)
+    agg: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    idle: dict[str, list[float]] = defaultdict(list)
+    for p in results["phases"]:
+        a = agg[(p["name"], p["system"])]
+        wall = float(p["cpu"]["wall_s"])
+        a["n"] += p["n"]
+        a["wall"] += wall
+        a["busy"] += float(p["cpu"]["machine_busy"]) * wall * cores
+        for proc, v in p["cpu"]["processes"].items():
+            a[proc] += float(v["cpu_s"])
+            a["ours"] += float(v["cpu_s"])
+            if p["system"] == "baseline" and proc in ACTIVE["sumstream"]:
+                idle[proc].append(float(v["core_share"]))
+    if not agg:
+        return []
+    procs = [*ACTIVE["baseline"], *ACTIVE["sumstream"], *SHARED]
+    rows = []
+    for (name, sys_), a in agg.items():
+        if name.startswith("throughput/") or name.startswith("burst/u10"):
+            continue
+        cells = [
+            _f(1000 * a[proc] / max(a["n"], 1), 0) if proc in ACTIVE[sys_] or proc in SHARED else ""
+            for proc in procs
+        ]
+        others = max(a["busy"] - a["ours"], 0.0) / max(a["wall"], 1e-9)
+        rows.append([name, sys_, str(int(a["n"])), *cells, _f(others, 2)])
+    lines = [
+        "CPU milliseconds per request by process (the broker is shared with anything else "
+        "using it), and the cores other processes on the machine used meanwhile:",
+        "",
+        *_table(["phase", "system", "requests", *procs, "other processes (cores)"], rows),
+    ]
+    if idle:
+        lines += [
+            "While idle (during the baseline's phases) sumstream's processes used "
+            + ", ".join(f"{p} {100 * stats.percentile(v, 50):.0f} %" for p, v in idle.items())
+            + " of a core (median over phases).",
+            "",
+        ]
     return lines
 
 
@@ -445,24 +506,56 @@ def plot(results: dict[str, Any], out_dir: Path, stamp: str) -> list[Path]:
     paths.append(_save(fig, out_dir / f"{stamp}-throughput.png"))
 
     ov = a.get("overhead") or {}
-    pts = [(int(c), e["overhead"]) for c, e in ov.items() if "overhead" in e]
+    pts = [(int(c), e) for c, e in ov.items() if "overhead" in e]
+    ttft, delay = float(plan["ttft_ms"]), float(plan["token_delay_ms"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     if pts:
         cs = [c for c, _ in pts]
-        for key, style in (("ttft_p50", "o-"), ("ttft_p99", "s-")):
-            ax1.plot(cs, [o[key]["diff"] for _, o in pts], style, label=key.replace("_", " "))
-        ax2.plot(cs, [o["gap_p99"]["diff"] for _, o in pts], "s-", label="inter-token p99")
-        ax2.plot(cs, [o["gap_p50"]["diff"] for _, o in pts], "o-", label="inter-token p50")
+        for q, color in (("p50", "tab:blue"), ("p99", "tab:orange")):
+            ax1.plot(
+                cs,
+                [e["overhead"][f"ttft_{q}"]["diff"] for _, e in pts],
+                "o-",
+                color=color,
+                label=f"{q} over the baseline",
+            )
+            ax1.plot(
+                cs,
+                [e["sumstream"]["ttft"][q] - ttft for _, e in pts],
+                "s--",
+                color=color,
+                label=f"{q} over the model's TTFT",
+            )
+        ax2.plot(
+            cs,
+            [e["overhead"]["gap_p99"]["diff"] for _, e in pts],
+            "o-",
+            color="tab:orange",
+            label="p99 over the baseline",
+        )
+        ax2.plot(
+            cs,
+            [e["sumstream"]["gap"]["p99"] - delay for _, e in pts],
+            "s--",
+            color="tab:orange",
+            label="p99 over the pacing",
+        )
     ax1.axhline(analysis.TTFT_OVERHEAD_P50_MS, color="tab:blue", ls=":", lw=1, label="p50 target")
     ax1.axhline(analysis.TTFT_OVERHEAD_P99_MS, color="tab:orange", ls=":", lw=1, label="p99 target")
-    ax2.axhline(analysis.TOKEN_OVERHEAD_P99_MS, color="tab:blue", ls=":", lw=1, label="p99 target")
-    for ax, title in ((ax1, "TTFT overhead"), (ax2, "inter-token overhead")):
+    ax2.axhline(
+        analysis.TOKEN_OVERHEAD_P99_MS, color="tab:orange", ls=":", lw=1, label="p99 target"
+    )
+    for ax, title in (
+        (ax1, "sumstream's TTFT overhead"),
+        (ax2, "sumstream's inter-token overhead"),
+    ):
         ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=10)
         ax.set_xlabel("concurrent streams")
-        ax.set_ylabel("sumstream - baseline (ms)")
+        ax.set_ylabel("ms")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(_save(fig, out_dir / f"{stamp}-overhead.png"))
     return paths

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -95,6 +96,7 @@ class Bench:
     next_index: int = 0
     docs: dict[int, tuple[str, str]] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    skipped: list[str] = field(default_factory=list)
 
     def prepare(self, n: int) -> int:
         """Reserve ``n`` fresh documents (computed now, not while streams are timed)."""
@@ -135,8 +137,22 @@ class Bench:
         self.phases.append(
             {"name": name, "system": system, "started": t0, "cpu": cpu, "n": len(records), **meta}
         )
-        self.streams.extend(r.to_json() for r in records)
+        run_no = len(self.phases) - 1
+        self.streams.extend(r.to_json() | {"run": run_no} for r in records)
         return records
+
+    def keeps_pace(self, system: str) -> bool:
+        """Whether ``system``'s p99 inter-token gap stayed within the throughput target of
+        the simulator's pacing at every closed-loop level measured so far."""
+        by = analysis.group(self.streams)
+        for name in {p["name"] for p in self.phases if p["system"] == system}:
+            if not name.startswith(("overhead/", "throughput/")):
+                continue
+            summary = analysis.summarize(by[(name, system)])
+            over = summary["gap"]["p99"] - self.plan.token_delay_ms
+            if not over <= analysis.THROUGHPUT_GAP_OVERHEAD_MS:
+                return False
+        return True
 
     def order(self, i: int) -> list[str]:
         """Systems in alternating order, so drift in the machine's load hits both alike."""
@@ -205,12 +221,21 @@ async def bursts(b: Bench) -> None:
 
 
 async def throughput(b: Bench) -> None:
-    """3: higher closed-loop levels for a fixed time each (scenario 1's levels count too)."""
+    """3: higher closed-loop levels for a fixed time each (scenario 1's levels count too).
+
+    A level runs only while some system still kept its p99 inter-token gap within the
+    target at every level so far: past that, more load only measures a longer queue.
+    """
     p = b.plan
     if not p.throughput_levels:
         return
     b.log("scenario 3: throughput beyond scenario 1's levels")
     for i, c in enumerate(p.throughput_levels):
+        within = [s for s in p.systems if b.keeps_pace(s)]
+        if not within:
+            b.log(f"  throughput/c{c}: skipped, no system kept pace at the levels below")
+            b.skipped.append(f"throughput/c{c} (no system kept pace below it)")
+            return
         for system in b.order(i):
             count = c * 4
             first = b.prepare(count)
@@ -360,6 +385,11 @@ async def start_systems(plan: Plan, st: stack.Stack, run_id: str) -> Bench:
         )
         await st.wait_http(gateway, f"http://127.0.0.1:{port}/readyz", 90)
         pids["worker"], pids["gateway"] = worker.pid, gateway.pid
+        broker_pid = stack.listening_pid(
+            int(settings.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+        )
+        if broker_pid is not None:
+            pids["broker"] = broker_pid
         targets["sumstream"] = client.Target(
             "sumstream",
             f"http://127.0.0.1:{port}/v1/summaries",
@@ -420,6 +450,12 @@ async def run_bench(plan: Plan, out_dir: Path, log: Callable[[str], None] = prin
         "logs": str(run_dir),
     }
     log(f"bench {run_id}: logs in {run_dir}")
+    # SIGTERM (a CI timeout, a kill) cancels the run, so the finally below still stops every
+    # process it started: they live in their own sessions and would outlive us otherwise.
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is not None:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
     settings = KafkaSettings()
     try:
         b = await start_systems(plan, st, run_id)
@@ -433,12 +469,12 @@ async def run_bench(plan: Plan, out_dir: Path, log: Callable[[str], None] = prin
         errors: list[str] = []
         steps: list[tuple[str, bool, Callable[[], Awaitable[Any]]]] = [
             ("overhead", False, lambda: overhead(b)),
+            ("profile", False, lambda: profile_sumstream(b, run_dir)),
             ("bursts", False, lambda: bursts(b)),
             ("throughput", True, lambda: throughput(b)),
-            ("profile", True, lambda: profile_sumstream(b, run_dir)),
             ("rate_limited", False, lambda: rate_limited(b)),
         ]
-        skipped: list[str] = []
+        skipped = b.skipped
         for name, optional, step in steps:
             elapsed = time.perf_counter() - t_start
             if optional and elapsed > plan.budget_s * plan.optional_until:
@@ -458,6 +494,7 @@ async def run_bench(plan: Plan, out_dir: Path, log: Callable[[str], None] = prin
         meta["errors"] = errors
         meta["skipped"] = skipped
     finally:
+        loop.remove_signal_handler(signal.SIGTERM)
         st.close()
         if "sumstream" in plan.systems:
             try:
@@ -516,7 +553,11 @@ def main(argv: list[str] | None = None) -> int:
     if not systems:
         parser.error(f"--systems must name {' and/or '.join(SYSTEMS)}")
     plan = replace(plan, systems=systems)
-    md_path = _run(run_bench(plan, args.out_dir))
+    try:
+        md_path = _run(run_bench(plan, args.out_dir))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print("bench: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
     results = json.loads(md_path.with_suffix(".json").read_text())
     if not args.no_latest:
         latest = REPO_ROOT / "bench" / "REPORT.md"

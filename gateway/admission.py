@@ -1,147 +1,197 @@
-"""Admission control: per-user requests/min and tokens/min token buckets, per tier.
+"""Admission of a new request: queue wait (503), shared per-user limits and budget (429).
 
-PER-PROCESS for now: each gateway instance keeps its own buckets, so N instances admit up
-to N times a user's limits. DESIGN.md section 6 wants the limits shared through Kafka; a
-later change replaces the bucket store and keeps this interface.
+In order: this process's in-flight bound; the estimated queue wait of the request's tier
+(``QueueWaitEstimator``, fed from consumer lag, so every instance sees the same figures),
+which sheds above the tier's ``max_queue_wait_s`` and may degrade above a lower threshold;
+then a RESERVE of one request and (input estimate + max output) tokens in the quota ledger,
+whose log decides the same way at every instance (gateway/quota.py). Shedding comes first,
+so a request refused for load leaves nothing in the ledger.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Protocol
 
+from gateway.backpressure import QueueWaitEstimator
 from gateway.errors import Overloaded, RateLimited
+from gateway.metrics import ADMISSION, ESTIMATED_WAIT
+from gateway.quota import QuotaUnavailable, Verdict
+from pipeline.llm.extractive import count_tokens
+from pipeline.preprocess import DEFAULT_INSTRUCTIONS, SYSTEM_PROMPT, user_message
 from pipeline.tiers import Tier
 
+log = logging.getLogger("sumstream.gateway.admission")
+
 Clock = Callable[[], float]
+# An accepted request whose result this process never sees stops counting after this long:
+# longer than any deadline (the tier's max queue wait plus the workers' default deadline).
+INFLIGHT_EXPIRY_S = 900.0
 
 
-class TokenBucket:
-    """A bucket of ``capacity`` tokens refilled at ``capacity`` per ``period_s``."""
-
-    def __init__(self, capacity: float, period_s: float, now: float) -> None:
-        self.capacity = capacity
-        self.rate = capacity / period_s
-        self.level = capacity
-        self.updated = now
-
-    def _refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-
-    def wait_for(self, amount: float, now: float) -> float:
-        """Seconds until ``amount`` is available (0 when it is now; inf when it never is)."""
-        self._refill(now)
-        if amount <= self.level:
-            return 0.0
-        if amount > self.capacity or self.rate <= 0:
-            return math.inf
-        return (amount - self.level) / self.rate
-
-    def take(self, amount: float, now: float) -> None:
-        self._refill(now)
-        self.level -= amount
-
-    def give_back(self, amount: float, now: float) -> None:
-        self._refill(now)
-        self.level = min(self.capacity, self.level + amount)
+def prompt_overhead_tokens(instructions: str | None, max_output_tokens: int) -> int:
+    """Input tokens billed besides the document: the system prompt and the instructions
+    preprocess wraps it in (pipeline/preprocess.py), so the reservation covers them too."""
+    text = instructions or DEFAULT_INSTRUCTIONS.format(max_tokens=max_output_tokens)
+    return count_tokens(SYSTEM_PROMPT) + count_tokens(user_message("", text))
 
 
-@dataclass
-class _UserBuckets:
-    requests: TokenBucket
-    tokens: TokenBucket
+class Ledger(Protocol):
+    """What admission needs of the quota ledger (gateway/quota.py ``QuotaLedger``)."""
+
+    async def reserve(self, user_id: str, tier: str, request_id: str, tokens: int) -> Verdict: ...
+
+    async def release(self, user_id: str, tier: str, request_id: str) -> None: ...
 
 
-@dataclass
-class AdmissionTicket:
-    """What admission reserved for one request; settle it once the real usage is known."""
+@dataclass(frozen=True)
+class Degradation:
+    """What a degraded request gets instead: a cheaper model and/or a shorter output."""
 
-    user: str
+    model: str | None = None
+    output_ratio: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.model is not None or self.output_ratio is not None
+
+    def apply(self, model: str | None, max_output: int) -> tuple[str | None, int, str]:
+        """The degraded (model, max output tokens) and the label recorded in the request."""
+        parts: list[str] = []
+        if self.model is not None and model != self.model:
+            model = self.model
+            parts.append(f"model:{model}")
+        if self.output_ratio is not None:
+            shorter = max(1, int(max_output * self.output_ratio))
+            if shorter < max_output:
+                max_output = shorter
+                parts.append(f"max_output_tokens:{max_output}")
+        return model, max_output, ",".join(parts)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request admission let through: what was reserved and what it may use."""
+
+    request_id: str
+    user_id: str
     tier: str
     reserved_tokens: int
-    _controller: AdmissionController = field(repr=False)
-    _settled: bool = field(default=False, repr=False)
-
-    def settle(self, used_tokens: int | None = None) -> None:
-        """Return the unused part of the reservation (all of it when ``used_tokens`` is None)."""
-        if self._settled:
-            return
-        self._settled = True
-        unused = self.reserved_tokens if used_tokens is None else self.reserved_tokens - used_tokens
-        self._controller._release(self, max(0, unused))
+    max_output_tokens: int
+    model: str | None
+    degraded: str | None
+    queue_position: int
+    estimated_wait_s: float
 
 
-class AdmissionController:
-    """Rate limits by tier and a bound on in-flight requests for this process."""
+class Admission:
+    """One gateway's admission: the lag estimate, the shared ledger, the local bound."""
 
     def __init__(
         self,
         tiers: Mapping[str, Tier],
+        estimator: QueueWaitEstimator,
+        ledger: Ledger,
         *,
         max_inflight: int = 2_000,
-        max_users: int = 100_000,
+        degradation: Degradation | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
-        self._tiers = tiers
-        self._max_inflight = max_inflight
-        self._max_users = max_users
+        self.tiers = tiers
+        self.estimator = estimator
+        self.ledger = ledger
+        self.max_inflight = max_inflight
+        self.degradation = degradation or Degradation()
         self._clock = clock
-        self._buckets: OrderedDict[tuple[str, str], _UserBuckets] = OrderedDict()
-        self.inflight = 0
+        # request_id -> when it was accepted; oldest first.
+        self._inflight: OrderedDict[str, float] = OrderedDict()
 
-    def tier(self, name: str) -> Tier | None:
-        return self._tiers.get(name)
+    @property
+    def inflight(self) -> int:
+        self._expire(self._clock())
+        return len(self._inflight)
 
-    def _user(self, user: str, tier: Tier, tier_name: str, now: float) -> _UserBuckets:
-        key = (user, tier_name)
-        buckets = self._buckets.get(key)
-        if buckets is None:
-            buckets = _UserBuckets(
-                TokenBucket(tier.rpm, 60.0, now), TokenBucket(tier.tpm, 60.0, now)
-            )
-            self._buckets[key] = buckets
-            # Forgetting an idle user only refills their buckets early: the bound is safe.
-            while len(self._buckets) > self._max_users:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)
-        return buckets
+    async def admit(
+        self,
+        user_id: str,
+        tier_name: str,
+        request_id: str,
+        *,
+        input_tokens: int,
+        max_output_tokens: int,
+        model: str | None,
+    ) -> Admitted:
+        """Let ``request_id`` in or raise Overloaded (503) / RateLimited, BudgetExceeded (429).
 
-    async def admit(self, user: str, tier: str, est_tokens: int) -> AdmissionTicket:
-        """Reserve one request and ``est_tokens`` tokens, or raise RateLimited / Overloaded."""
-        limits = self._tiers.get(tier)
-        if limits is None:
-            raise RateLimited(f"unknown tier {tier!r}", retriable=False)
-        if self.inflight >= self._max_inflight:
-            raise Overloaded("too many requests in flight at this gateway", retry_after_s=1.0)
+        QuotaUnavailable (503) when the ledger cannot answer in time.
+        """
+        tier = self.tiers[tier_name]
         now = self._clock()
-        buckets = self._user(user, limits, tier, now)
-        if est_tokens > limits.tpm:
+        if self.inflight >= self.max_inflight:
+            ADMISSION.labels("inflight_bound").inc()
+            raise Overloaded("too many requests in flight at this gateway", retry_after_s=1.0)
+        decision = self.estimator.decide(tier, now)
+        ESTIMATED_WAIT.set(decision.estimated_wait_s)
+        error = decision.error()
+        if error is not None:
+            ADMISSION.labels("shed").inc()
+            raise error
+        degraded: str | None = None
+        if decision.action == "degrade" and self.degradation.enabled:
+            model, max_output_tokens, label = self.degradation.apply(model, max_output_tokens)
+            degraded = label or None
+        tokens = input_tokens + max_output_tokens
+        if tokens > tier.tpm:
+            ADMISSION.labels("token_limit").inc()
             raise RateLimited(
-                f"request needs ~{est_tokens} tokens, above the {tier} tier's {limits.tpm}/min",
+                f"request needs ~{tokens} tokens, above the {tier_name} tier's {tier.tpm}/min",
                 retriable=False,
+                extra={"limit": "token_limit"},
             )
-        wait = max(buckets.requests.wait_for(1, now), buckets.tokens.wait_for(est_tokens, now))
-        if wait > 0:
-            raise RateLimited(
-                f"{tier} tier limits: {limits.rpm} requests/min, {limits.tpm} tokens/min",
-                retry_after_s=wait,
+        verdict = await self.ledger.reserve(user_id, tier_name, request_id, tokens)
+        refusal = verdict.error()
+        if refusal is not None:
+            ADMISSION.labels(verdict.reason or "refused").inc()
+            raise refusal
+        ADMISSION.labels("degraded" if degraded else "admitted").inc()
+        return Admitted(
+            request_id=request_id,
+            user_id=user_id,
+            tier=tier_name,
+            reserved_tokens=tokens,
+            max_output_tokens=max_output_tokens,
+            model=model,
+            degraded=degraded,
+            queue_position=decision.queue_position,
+            estimated_wait_s=round(decision.estimated_wait_s, 3),
+        )
+
+    def accepted(self, admitted: Admitted) -> None:
+        """The request is in the log: count it until its result comes."""
+        self.estimator.note_admitted()
+        self._inflight[admitted.request_id] = self._clock()
+
+    async def release(self, admitted: Admitted) -> None:
+        """The request never reached the log: give its reservation back."""
+        try:
+            await self.ledger.release(admitted.user_id, admitted.tier, admitted.request_id)
+        except QuotaUnavailable as exc:
+            # The reservation then counts until its window passes: the safe side.
+            log.warning(
+                "release failed", extra={"request_id": admitted.request_id, "error": str(exc)}
             )
-        buckets.requests.take(1, now)
-        buckets.tokens.take(est_tokens, now)
-        self.inflight += 1
-        return AdmissionTicket(user, tier, est_tokens, self)
 
-    def _release(self, ticket: AdmissionTicket, unused_tokens: int) -> None:
-        self.inflight = max(0, self.inflight - 1)
-        buckets = self._buckets.get((ticket.user, ticket.tier))
-        if buckets is not None and unused_tokens:
-            buckets.tokens.give_back(unused_tokens, self._clock())
+    def finished(self, request_id: str) -> None:
+        """The request's result was seen here."""
+        self._inflight.pop(request_id, None)
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"inflight": self.inflight, "users": len(self._buckets)}
+    def _expire(self, now: float) -> None:
+        while self._inflight:
+            _, at = next(iter(self._inflight.items()))
+            if now - at <= INFLIGHT_EXPIRY_S:
+                return
+            self._inflight.popitem(last=False)

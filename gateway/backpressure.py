@@ -23,6 +23,7 @@ from confluent_kafka.admin._listoffsets import OffsetSpec
 from prometheus_client import Gauge
 
 from gateway.errors import GatewayError, Overloaded
+from gateway.metrics import ESTIMATED_WAIT, QUEUE_DEPTH, THROUGHPUT
 from pipeline.admin import admin_client, kafka_error, partition_counts
 from pipeline.errors import TopicMissingError
 from pipeline.lag import LagReader
@@ -290,7 +291,10 @@ class LagMonitor:
         for stage, value in lag.items():
             self._gauge.labels(stage=stage).set(value)
         self.meter.observe(completed, now)
-        self.estimator.update(lag, self.meter.rate(), now)
+        wait = self.estimator.update(lag, self.meter.rate(), now)
+        QUEUE_DEPTH.set(self.estimator.queued)
+        THROUGHPUT.set(self.meter.rate())
+        ESTIMATED_WAIT.set(wait)
         return True
 
     def _read(self) -> tuple[Mapping[str, int], int]:

@@ -23,3 +23,21 @@ STREAM_ENDS = Counter(
     "sumstream_gateway_stream_ends_total", "SSE streams by how they ended", ["reason"]
 )
 CANCELS = Counter("sumstream_gateway_cancels_total", "Cancel events produced", ["reason"])
+ADMISSION = Counter(
+    "sumstream_gateway_admission_total",
+    "Admission verdicts: admitted, degraded, shed, rate_limit, token_limit, budget, inflight_bound",
+    ["verdict"],
+)
+ESTIMATED_WAIT = Gauge(
+    "sumstream_gateway_estimated_wait_seconds",
+    "Estimated queue wait of a new request, from consumer lag and throughput",
+)
+QUEUE_DEPTH = Gauge(
+    "sumstream_gateway_queue_depth", "Requests waiting in the log (preprocess + inference lag)"
+)
+THROUGHPUT = Gauge(
+    "sumstream_gateway_throughput_per_second", "Results written per second (rolling window)"
+)
+SETTLED = Counter(
+    "sumstream_gateway_settled_total", "Results settled in the quota ledger", ["outcome"]
+)

@@ -35,9 +35,33 @@ class AcceptedOut(BaseModel):
 
     id: str
     status: str = "accepted"
-    queue_position: int
-    estimated_wait_s: float
+    queue_position: int = Field(description="place in the pipeline's queue (1 = next), from lag")
+    estimated_wait_s: float = Field(description="estimated wait before processing starts")
+    degraded: str | None = Field(
+        default=None, description="degradation applied under load, e.g. model:<cheaper model>"
+    )
     links: Links
+
+
+class UsageOut(BaseModel):
+    """``GET /v1/usage``: the caller's figures for the current calendar month (UTC)."""
+
+    user: str
+    tier: str
+    period_start: str = Field(description="start of the month, ISO 8601 UTC")
+    period_end: str = Field(description="start of the next month, ISO 8601 UTC")
+    requests: int = Field(description="requests admitted this month")
+    input_tokens: int
+    output_tokens: int
+    tokens: int = Field(description="input + output tokens billed this month")
+    cost_micro_usd: int
+    cost_usd: float
+    budget_micro_usd: int = Field(description="the tier's monthly budget")
+    remaining_micro_usd: int
+    limits: dict[str, int] = Field(description="rpm and tpm of the tier")
+    window: dict[str, int] = Field(
+        description="requests and tokens counted in the current one-minute window"
+    )
 
 
 class RunningOut(BaseModel):

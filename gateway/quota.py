@@ -65,6 +65,9 @@ class QuotaUnavailable(BrokerUnavailable):
     title = "Quota ledger unavailable"
     code = "quota_unavailable"
 
+    def __init__(self, message: str = "", *, retry_after_s: float | None = 1.0) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
 
 @dataclass(frozen=True)
 class QuotaEvent:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -14,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from gateway.auth import Principal
 from gateway.errors import InvalidRequest, NotFound, NotReady, problem_response
 from gateway.metrics import OVERHEAD_SECONDS, REQUESTS
-from gateway.models import AcceptedOut, RunningOut, SummaryIn, links, result_json
+from gateway.models import AcceptedOut, RunningOut, SummaryIn, UsageOut, links, result_json
 from gateway.runtime import Gateway, now_ms
 from gateway.sse import summary_events
 
@@ -105,8 +106,16 @@ def _stream_response(
         401: PROBLEM,
         413: PROBLEM,
         422: PROBLEM,
-        429: PROBLEM,
-        503: PROBLEM,
+        429: {
+            **PROBLEM,
+            "description": "rate_limited (requests or tokens per minute) or budget_exceeded "
+            "(the tier's monthly budget is spent), with Retry-After",
+        },
+        503: {
+            **PROBLEM,
+            "description": "overloaded (the estimated queue wait is above the tier's limit), "
+            "quota_unavailable, broker_unavailable or not_ready, with Retry-After",
+        },
     },
 )
 async def create_summary(
@@ -127,6 +136,7 @@ async def create_summary(
         id=accepted.request_id,
         queue_position=accepted.queue_position,
         estimated_wait_s=accepted.estimated_wait_s,
+        degraded=accepted.degraded,
         links=links(accepted.request_id),
     )
     headers = {
@@ -196,6 +206,40 @@ async def cancel_summary(
     await _owned_by(gateway, request_id, principal)
     await gateway.cancel(request_id, principal.user_id, "client")
     return JSONResponse({"id": request_id, "status": "cancelling"}, status_code=202)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+@router.get(
+    "/v1/usage",
+    response_model=UsageOut,
+    responses={401: PROBLEM, 503: PROBLEM},
+)
+async def get_usage(gateway: GatewayDep, principal: PrincipalDep) -> UsageOut:
+    """The caller's requests, tokens and cost this month, against the tier's budget and limits.
+
+    Read from the quota ledger, which every gateway follows: results are settled there
+    within about a second of their completion, at any instance.
+    """
+    u = gateway.usage(principal)
+    return UsageOut(
+        user=u.user_id,
+        tier=u.tier,
+        period_start=_iso(u.period_start_ms),
+        period_end=_iso(u.period_end_ms),
+        requests=u.requests,
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        tokens=u.tokens,
+        cost_micro_usd=u.cost_micro_usd,
+        cost_usd=u.cost_micro_usd / 1_000_000,
+        budget_micro_usd=u.budget_micro_usd,
+        remaining_micro_usd=u.remaining_micro_usd,
+        limits={"rpm": u.rpm, "tpm": u.tpm},
+        window={"requests": u.window_requests, "tokens": u.window_tokens},
+    )
 
 
 @router.get("/healthz", tags=["operations"])

@@ -1,7 +1,8 @@
 """The gateway's moving parts in one place: producer, hub, request index, admission.
 
 Routes call this object; it owns every Kafka client and background task of the process
-and closes them in ``stop()``.
+(producer, stream hub, request index, quota ledger, result settler, lag monitor) and closes
+them in ``stop()``.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncGenerator, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -18,17 +21,21 @@ from typing import Any, cast
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from gateway.admission import AdmissionController, AdmissionTicket
+from gateway.admission import Admission, Degradation, prompt_overhead_tokens
 from gateway.auth import KeyStore, Principal
+from gateway.backpressure import LagMonitor, QueueWaitEstimator
 from gateway.errors import BrokerUnavailable, NotReady, PayloadTooLarge, Unauthorized
 from gateway.hub import TERMINAL_KINDS, StreamHub, Subscriber
 from gateway.idempotency import RequestIndex, RequestOwner
 from gateway.ids import mint_request_id, owned_partitions
 from gateway.metrics import CANCELS
 from gateway.models import SummaryIn
+from gateway.quota import QuotaLedger, UsageSummary
 from gateway.settings import GatewaySettings
+from gateway.settle import ResultSettler
 from pipeline.codec import codec
 from pipeline.errors import TopicMissingError
+from pipeline.lag import STAGE_TOPICS
 from pipeline.llm.extractive import count_tokens
 from pipeline.tail import id_time_ms, read_request_records
 from pipeline.tiers import Tier
@@ -63,6 +70,7 @@ class Accepted:
     replay: bool
     queue_position: int
     estimated_wait_s: float
+    degraded: str | None = None
 
 
 @dataclass
@@ -91,7 +99,36 @@ class Gateway:
         self.keys = keys
         self.tiers = tiers
         self.topics = TopicNames.from_settings(settings)
-        self.admission = AdmissionController(tiers, max_inflight=settings.max_inflight)
+        degradation = Degradation(settings.degrade_model, settings.degrade_output_ratio)
+        self.estimator = QueueWaitEstimator(
+            min_rate_per_s=settings.min_throughput_per_s,
+            stale_after_s=settings.lag_stale_after_s,
+            degrade_policy="degrade" if degradation.enabled else None,
+            degrade_ratio=settings.degrade_at,
+        )
+        self.ledger = QuotaLedger(
+            settings,
+            tiers,
+            gateway_id=f"{socket.gethostname()}/{settings.instance_index}/{os.getpid()}",
+            timeout_s=settings.quota_timeout_s,
+            start_timeout_s=settings.quota_start_timeout_s,
+        )
+        self.admission = Admission(
+            tiers,
+            self.estimator,
+            self.ledger,
+            max_inflight=settings.max_inflight,
+            degradation=degradation,
+        )
+        self.settler = ResultSettler(
+            settings.bootstrap_servers,
+            self.topics.results,
+            settings.settle_group,
+            self.ledger,
+            backfill_s=settings.settle_backfill_s,
+            on_settled=self.admission.finished,
+        )
+        self.monitor: LagMonitor | None = None
         self.hub = StreamHub(
             buffer_events=settings.stream_buffer_events,
             client_queue_events=settings.client_queue_events,
@@ -106,12 +143,9 @@ class Gateway:
         self.partitions = 0
         self.owned: frozenset[int] = frozenset()
         self.started = False
-        self._tickets: OrderedDict[str, AdmissionTicket] = OrderedDict()
         self._open_streams: Counter[str] = Counter()
         self._cancel_timers: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Recent time from acceptance to first token, for the `accepted` wait estimate.
-        self._ttft_s = 1.0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -146,6 +180,14 @@ class Gateway:
                 s.bootstrap_servers, self.topics.tokens, self.topics.results, self.owned
             )
             await self.index.start(s.bootstrap_servers, self.topics.requests, requests_partitions)
+            # The month so far is replayed from `quota` before the first admission.
+            await self.ledger.start()
+            await self.settler.start()
+            groups = dict.fromkeys(STAGE_TOPICS, s.app_id)
+            self.monitor = LagMonitor.from_settings(
+                s, self.estimator, groups, interval_s=s.lag_interval_s
+            )
+            await self.monitor.start()
         except BaseException:
             await self.stop()
             raise
@@ -185,6 +227,11 @@ class Gateway:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.monitor is not None:
+            await self.monitor.stop()
+            self.monitor = None
+        await self.settler.stop()
+        await self.ledger.stop()
         await self.hub.stop()
         await self.index.stop()
         if self.producer is not None:
@@ -199,8 +246,14 @@ class Gateway:
         return task
 
     async def readiness(self) -> dict[str, Any]:
-        """Broker reachable, every declared topic present, request index rebuilt."""
-        checks: dict[str, Any] = {"started": self.started, "index_ready": self.index.ready.is_set()}
+        """Broker reachable, every declared topic present, request index and ledger rebuilt."""
+        checks: dict[str, Any] = {
+            "started": self.started,
+            "index_ready": self.index.ready.is_set(),
+            "quota_ready": self.ledger.ready,
+            # Informational: without lag figures admission fails open, it does not stop.
+            "lag_sampled": self.monitor is not None and self.monitor.last_error is None,
+        }
         if self.producer is None:
             return {"ready": False, **checks, "broker": False}
         try:
@@ -213,7 +266,7 @@ class Gateway:
             for spec in declared_topics(self.settings)
             if spec.name(self.settings.topic_prefix) not in present
         ]
-        ready = self.started and checks["index_ready"] and not missing
+        ready = self.started and checks["index_ready"] and checks["quota_ready"] and not missing
         return {"ready": ready, **checks, "broker": True, "missing_topics": missing}
 
     # -- accepting a request --------------------------------------------------------------------
@@ -260,34 +313,44 @@ class Gateway:
         output_tokens = min(
             body.max_output_tokens or tier.max_output_tokens, tier.max_output_tokens
         )
-        ticket = await self.admission.admit(
-            principal.user_id, principal.tier, input_tokens + output_tokens
-        )
+        input_tokens += prompt_overhead_tokens(body.instructions, output_tokens)
         if not self.started or self.producer is None:
-            ticket.settle()
             raise NotReady("the gateway is starting or stopping")
         request_id = mint_request_id(self.owned, self.partitions)
+        admitted = await self.admission.admit(
+            principal.user_id,
+            principal.tier,
+            request_id,
+            input_tokens=input_tokens,
+            max_output_tokens=output_tokens,
+            model=body.model,
+        )
         if idempotency_key:
             holder = self.index.reserve(principal.user_id, idempotency_key, request_id)
             if holder != request_id:
-                ticket.settle()
+                self.spawn(self.admission.release(admitted), name=f"release-{request_id}")
                 return self._accepted(holder, replay=True)
         self.hub.register(request_id)
         created = now_ms()
-        self.index.remember(request_id, principal.user_id, principal.tier, created)
+        self.index.remember(
+            request_id, principal.user_id, principal.tier, created, degraded=admitted.degraded
+        )
         record = {
             "request_id": request_id,
             "user_id": principal.user_id,
             "tier": principal.tier,
             "document": body.document,
             "instructions": body.instructions,
-            "max_output_tokens": body.max_output_tokens,
-            "model": body.model,
+            # A degraded request names its shorter output; else the client's choice stands.
+            "max_output_tokens": (
+                admitted.max_output_tokens if admitted.degraded else body.max_output_tokens
+            ),
+            "model": admitted.model,
             "deadline_ms": None,
             "idempotency_key": idempotency_key,
             "source": "gateway",
             "replay_of": None,
-            "degraded": None,
+            "degraded": admitted.degraded,
             "created_at": created,
             "trace": {"received": received_ms, "enqueued": now_ms()},
         }
@@ -301,12 +364,13 @@ class Gateway:
             self.hub.forget(request_id)
             if idempotency_key:
                 self.index.release(principal.user_id, idempotency_key, request_id)
-            ticket.settle()
+            # The broker is likely gone: give the reservation back in the background.
+            self.spawn(self.admission.release(admitted), name=f"release-{request_id}")
             log.warning("produce failed", extra={"request_id": request_id, "error": repr(exc)})
             raise BrokerUnavailable(
                 "could not write the request to the log", retry_after_s=1
             ) from exc
-        self._keep_ticket(request_id, ticket)
+        self.admission.accepted(admitted)
         log.info(
             "accepted",
             extra={
@@ -314,31 +378,50 @@ class Gateway:
                 "user_id": principal.user_id,
                 "tier": principal.tier,
                 "input_tokens": input_tokens,
+                "reserved_tokens": admitted.reserved_tokens,
+                "degraded": admitted.degraded,
+                "queue_position": admitted.queue_position,
+                "estimated_wait_s": admitted.estimated_wait_s,
             },
         )
-        return self._accepted(request_id, replay=False)
+        return Accepted(
+            request_id,
+            False,
+            admitted.queue_position,
+            admitted.estimated_wait_s,
+            admitted.degraded,
+        )
 
     def _accepted(self, request_id: str, *, replay: bool) -> Accepted:
-        # Both figures are this instance's view: requests it accepted that await their first
-        # token, and the recent time from acceptance to first token. Lag-based estimates
-        # across the whole pipeline replace them when admission reads consumer lag.
-        return Accepted(request_id, replay, self.hub.queued(), round(self._ttft_s, 3))
-
-    def _keep_ticket(self, request_id: str, ticket: AdmissionTicket) -> None:
-        self._tickets[request_id] = ticket
-        while len(self._tickets) > self.settings.max_tracked_streams:
-            _, oldest = self._tickets.popitem(last=False)
-            oldest.settle()
+        # Found again by its Idempotency-Key: the queue as it is now, from lag.
+        return Accepted(
+            request_id,
+            replay,
+            self.estimator.queue_position(),
+            round(self.estimator.estimate_s(), 3),
+        )
 
     def _on_result(self, result: dict[str, Any]) -> None:
-        ticket = self._tickets.pop(result["request_id"], None)
-        if ticket is not None:
-            usage = result.get("usage") or {}
-            ticket.settle(int(usage.get("input_tokens", 0)) + int(usage.get("output_tokens", 0)))
-        trace = result.get("trace") or {}
-        if "first_token" in trace and "received" in trace:
-            ttft = max(0.0, (trace["first_token"] - trace["received"]) / 1000)
-            self._ttft_s = 0.8 * self._ttft_s + 0.2 * ttft
+        self.admission.finished(result["request_id"])
+        self.annotate(result)
+
+    def annotate(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Fill in ``degraded`` from the request when the result does not carry it.
+
+        Postprocess builds results from TokenEvents, which have no such field (yet); the
+        request record has it, and the request index follows every request.
+        """
+        if result.get("degraded") is None:
+            owner = self.index.owner(result["request_id"])
+            if owner is not None and owner.degraded:
+                result["degraded"] = owner.degraded
+        return result
+
+    def usage(self, principal: Principal) -> UsageSummary:
+        """The caller's tokens, cost and limits for this month, from the quota ledger."""
+        if not self.ledger.ready:
+            raise NotReady("the quota ledger is not ready")
+        return self.ledger.usage(principal.user_id, principal.tier)
 
     # -- owners, results, cancels ---------------------------------------------------------------
 
@@ -385,7 +468,7 @@ class Gateway:
         )
         async with contextlib.aclosing(reader):
             async for record in reader:
-                return record
+                return self.annotate(record)
         return None
 
     async def cancel(self, request_id: str, user_id: str, reason: str) -> None:

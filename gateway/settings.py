@@ -26,7 +26,28 @@ class GatewaySettings(KafkaSettings):
     max_document_bytes: int = Field(default=1_000_000, ge=1)
     # JSON escaping can grow a document; the body limit leaves room for it.
     max_body_overhead_bytes: int = Field(default=64 * 1024, ge=0)
+    # Requests accepted here and not finished yet; beyond it, 503 (a last bound for this
+    # process when the lag figures are stale and admission fails open).
     max_inflight: int = Field(default=2_000, ge=1)
+
+    # Admission (gateway/admission.py). The Faust app id is the stages' consumer group,
+    # whose lag is the queue; the same variable (SUMSTREAM_APP_ID) the workers read.
+    app_id: str = "sumstream"
+    lag_interval_s: float = Field(default=1.0, gt=0)
+    # Without a lag sample this recent, the estimate is unknown and admission fails open.
+    lag_stale_after_s: float = Field(default=10.0, gt=0)
+    # Completions per second assumed while none were measured (after idle).
+    min_throughput_per_s: float = Field(default=1.0, gt=0)
+    # Degradation above degrade_at x the tier's max_queue_wait_s, when either is set:
+    # switch to a cheaper model and/or cut max output tokens by a ratio.
+    degrade_model: str | None = Field(default=None, min_length=1)
+    degrade_output_ratio: float | None = Field(default=None, gt=0, lt=1)
+    degrade_at: float = Field(default=0.5, gt=0, le=1)
+    # The quota ledger (gateway/quota.py) and the consumer group that settles results.
+    quota_timeout_s: float = Field(default=5.0, gt=0)
+    quota_start_timeout_s: float = Field(default=120.0, gt=0)
+    # A new settle group starts this far back in `results` (within the month).
+    settle_backfill_s: float = Field(default=3_600.0, ge=0)
 
     # How long start-up waits for the topics to appear in the broker's metadata.
     startup_wait_s: float = Field(default=10.0, ge=0)
@@ -54,6 +75,11 @@ class GatewaySettings(KafkaSettings):
         if self.instance_index >= self.instance_count:
             raise ValueError("instance_index must be < instance_count")
         return self
+
+    @property
+    def settle_group(self) -> str:
+        """The consumer group in which the gateways settle results (one settler a partition)."""
+        return f"{self.topic_prefix}gateway-settle"
 
     @property
     def max_body_bytes(self) -> int:

@@ -15,7 +15,7 @@ import logging
 import logging.config
 import struct
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -28,7 +28,7 @@ from prometheus_client import start_http_server
 
 from pipeline.admin import create_topics
 from pipeline.codec import codec
-from pipeline.dlq import DeadLetterQueue, Origin
+from pipeline.dlq import DeadLetterQueue, Origin, SendRaw
 from pipeline.errors import CodecError, SumstreamError, ValidationError
 from pipeline.inference import InferenceEngine, ResumeState
 from pipeline.llm.client import UpstreamClient
@@ -50,6 +50,10 @@ RESUME_CONCURRENCY = 8
 # A resume that fails (broker unreachable) is retried with this backoff while we own the job.
 RESUME_RETRY_S = 1.0
 RESUME_RETRY_MAX_S = 30.0
+# A record whose handler keeps failing is retried this often (backoff doubling from
+# PROCESS_BACKOFF_S, ~6 s in all), then dead-lettered.
+PROCESS_ATTEMPTS = 5
+PROCESS_BACKOFF_S = 0.2
 
 
 # --- Faust transport: idempotent producer, short fetch wait -------------------------------
@@ -270,7 +274,14 @@ class InflightWork:
         self._generation = 0
         # Jobs whose submit is waiting for room in the scheduler, by request id.
         self._waiting: dict[str, asyncio.Future[None]] = {}
+        # Entries the resume after the last assignment has yet to handle.
+        self._resuming: set[str] = set()
         self._resume_task: asyncio.Task[None] | None = None
+        self._retention_ms = int(settings.inflight_done_retention_s * 1000)
+        # Per `preprocessed` partition: the end offset when we were assigned it. Records before
+        # it may have been run by the previous owner; the ones after cannot have been.
+        self._replay_until: dict[int, int] = {}
+        self._boundaries = asyncio.Event()
 
     # -- lifecycle
 
@@ -319,7 +330,12 @@ class InflightWork:
         )
         if self._resume_task is not None:
             self._resume_task.cancel()
-        self._resume_task = asyncio.ensure_future(self._resume(snapshot, self._generation))
+        # Marked before the agents resume, so a replayed job is left to the resume.
+        self._resuming = {k.decode() for k, e in snapshot if e.state != "D"}
+        self._boundaries.clear()
+        self._resume_task = asyncio.ensure_future(
+            self._resume(snapshot, self._generation, partitions)
+        )
 
     async def on_revoked(self) -> None:
         """Stop every job without emitting: the partitions' next owner resumes them.
@@ -343,6 +359,9 @@ class InflightWork:
             with suppress(asyncio.CancelledError):
                 await self._resume_task
             self._resume_task = None
+        self._resuming.clear()
+        self._replay_until = {}
+        self._boundaries.set()  # release an agent waiting for them; unknown ones fall back
         for fut in list(self._waiting.values()):
             fut.cancel()
         if self._engine is not None:
@@ -403,24 +422,66 @@ class InflightWork:
         request_id: str = job["request_id"]
         key = request_id.encode()
         entry = self._entry(key)
-        if entry is not None:
-            if entry.state == "C" and not entry.job:
-                # Cancelled before the job reached us: end the stream without a model call.
-                await self._emit(cancelled_event(job, seq=1, reason="client", state=None))
-                self._put(key, Entry("D", _now_ms()))
-                RECORDS_PROCESSED.labels(stage="inference", outcome="cancelled").inc()
+        if entry is None:
+            # Durable first: once the engine emits, a crash must leave this entry for the next
+            # owner to resume (a replay without it would start the stream again at seq 1).
+            fresh = Entry("R", _now_ms(), bytes(message.value or b""))
+            replay = await self._maybe_replayed(event)
+            await self._put_acked(key, fresh)
+            if replay:
+                # Maybe a finished request whose done marker is gone (purged, or a new group
+                # replaying the log): let its stream in `tokens` decide: skip, go on or start.
+                await self._resume_one(key, fresh, self._generation)
             else:
-                # A replay of a job that is running, being resumed, or finished.
-                RECORDS_PROCESSED.labels(stage="inference", outcome="duplicate").inc()
-            return
-        # Durable first: once the engine emits, a crash must leave this entry for the next
-        # owner to resume (a replay without it would start the stream again at seq 1).
-        await self._put_acked(key, Entry("R", _now_ms(), bytes(message.value or b"")))
-        await self._submit(job, None)
-        RECORDS_PROCESSED.labels(stage="inference", outcome="ok").inc()
+                await self._submit(job, None)
+            RECORDS_PROCESSED.labels(stage="inference", outcome="ok").inc()
+        elif entry.state == "C" and not entry.job:
+            # Cancelled before the job reached us: end the stream without a model call.
+            await self._emit(cancelled_event(job, seq=1, reason="client", state=None))
+            self._put(key, Entry("D", _now_ms()))
+            RECORDS_PROCESSED.labels(stage="inference", outcome="cancelled").inc()
+        elif entry.state != "D" and not self._handled(request_id):
+            # In the table but running nowhere (an earlier attempt at this record failed).
+            await self._resume_one(key, entry, self._generation)
+        else:
+            # A replay of a job that is running, being resumed, or finished.
+            RECORDS_PROCESSED.labels(stage="inference", outcome="duplicate").inc()
+
+    async def _maybe_replayed(self, event: EventT[Any]) -> bool:
+        """Could another consumer already have run this job? Only records of the backlog found
+        at assignment can be replays; anything newer arrived while we owned the partition."""
+        await self._boundaries.wait()
+        message = event.message
+        bound = self._replay_until.get(message.partition)
+        if bound is not None:
+            return bool(message.offset < bound)
+        written = _timestamp_ms(event)  # boundary unknown: fall back to the record's age
+        return written is not None and _now_ms() - written > self._retention_ms
+
+    async def _load_boundaries(self, partitions: set[int]) -> None:
+        try:
+            ends = await self.app.consumer.highwaters(
+                *(TP(self.topics.preprocessed, p) for p in partitions)
+            )
+            self._replay_until = {tp.partition: int(end) for tp, end in ends.items()}
+        except Exception as exc:
+            log.warning("cannot read the end offsets of preprocessed", extra={"error": repr(exc)})
+            self._replay_until = {}
+        finally:
+            self._boundaries.set()
+
+    def _handled(self, request_id: str) -> bool:
+        """Is the job running, waiting for the scheduler, or about to be resumed here?"""
+        return (
+            self.engine.is_active(request_id)
+            or request_id in self._waiting
+            or request_id in self._resuming
+        )
 
     async def _submit(self, job: dict[str, Any], resume: ResumeState | None) -> None:
         request_id: str = job["request_id"]
+        if request_id in self._waiting:
+            return  # already on its way into the engine
         # The submit blocks while the scheduler is full (so the agent stops pulling from
         # Kafka); it runs as its own future so a rebalance can abandon it without cancelling
         # the agent itself.
@@ -472,13 +533,17 @@ class InflightWork:
 
     # -- resume after a rebalance or a crash
 
-    async def _resume(self, snapshot: list[tuple[bytes, Entry]], generation: int) -> None:
+    async def _resume(
+        self, snapshot: list[tuple[bytes, Entry]], generation: int, partitions: set[int]
+    ) -> None:
+        await self._load_boundaries(partitions)
         gate = asyncio.Semaphore(RESUME_CONCURRENCY)
 
         async def one(key: bytes, entry: Entry) -> None:
             async with gate:
                 if generation == self._generation:
                     await self._resume_one(key, entry, generation)
+                    self._resuming.discard(key.decode())
 
         pending = [(k, e) for k, e in snapshot if e.state != "D"]
         delay = RESUME_RETRY_S
@@ -501,6 +566,7 @@ class InflightWork:
             self.purge_done()
 
     async def _resume_one(self, key: bytes, entry: Entry, generation: int) -> None:
+        """Continue, end or skip one table entry according to what `tokens` holds for it."""
         request_id = key.decode()
         if self.engine.is_active(request_id) or request_id in self._waiting:
             return
@@ -532,6 +598,7 @@ class InflightWork:
         if current is None or current.state == "D":
             return
         if any(e.get("kind") in TERMINAL_KINDS for e in events):
+            log.info("request already ended; not run again", extra={"request_id": request_id})
             self._put(key, Entry("D", _now_ms()))
             return
         state = resume_state(events)
@@ -600,7 +667,7 @@ def _raw_topic(app: StageApp, name: str) -> TopicT:
     return app.topic(name, key_serializer="raw", value_serializer="raw")
 
 
-def _sender(topic: TopicT) -> Any:
+def _sender(topic: TopicT) -> SendRaw:
     async def send(key: bytes | None, value: bytes) -> None:
         await topic.send(key=key, value=value)
 
@@ -673,16 +740,12 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
             dlq=dlq,
         )
 
+        on_request = _on_record(preprocess.handle)
+
         @app.agent(_raw_topic(app, topics.requests), name="preprocess")
         async def preprocess_agent(stream: StreamT[Any]) -> None:
             async for event in _events(stream):
-                message = event.message
-                await _guard(
-                    "preprocess",
-                    preprocess.handle(
-                        message.key, message.value, _origin(event), _timestamp_ms(event)
-                    ),
-                )
+                await _process("preprocess", on_request, event, dlq)
 
     if "inference" in wanted:
         inflight = InflightWork(
@@ -698,7 +761,7 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
         @app.agent(_raw_topic(app, topics.preprocessed), name="inference")
         async def inference_agent(stream: StreamT[Any]) -> None:
             async for event in _events(stream):
-                await _guard("inference", inflight.on_job(event))
+                await _process("inference", inflight.on_job, event, dlq)
 
         # `control` has as many partitions as `preprocessed` and the same key, and every worker
         # that runs inference subscribes to both: Faust's assignor groups topics with the same
@@ -708,7 +771,7 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
         @app.agent(_raw_topic(app, topics.control), name="control")
         async def control_agent(stream: StreamT[Any]) -> None:
             async for event in _events(stream):
-                await _guard("control", inflight.on_control(event))
+                await _process("control", inflight.on_control, event, dlq)
 
         @app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -727,29 +790,60 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
             reread=tail_reread(settings.bootstrap_servers, topics.tokens),
         )
 
+        on_token = _on_record(postprocess.handle)
+
         @app.agent(tokens, name="postprocess")
         async def postprocess_agent(stream: StreamT[Any]) -> None:
             async for event in _events(stream):
-                message = event.message
-                await _guard(
-                    "postprocess",
-                    postprocess.handle(
-                        message.key, message.value, _origin(event), _timestamp_ms(event)
-                    ),
-                )
+                await _process("postprocess", on_token, event, dlq)
 
     return app
 
 
-async def _guard(stage: str, work: Any) -> None:
-    """Run one record's work; a bug must not kill the agent and stall its partitions."""
+OnEvent = Callable[[EventT[Any]], Awaitable[None]]
+OnRecord = Callable[[bytes | None, bytes | None, Origin, int | None], Awaitable[None]]
+
+
+def _on_record(handle: OnRecord) -> OnEvent:
+    """Adapt a stage's ``handle(key, value, origin, timestamp_ms)`` to a Faust event."""
+
+    async def on_event(event: EventT[Any]) -> None:
+        message = event.message
+        await handle(message.key, message.value, _origin(event), _timestamp_ms(event))
+
+    return on_event
+
+
+async def _process(stage: str, handle: OnEvent, event: EventT[Any], dlq: DeadLetterQueue) -> None:
+    """Run one record's work, retrying failures; then dead-letter it rather than stall.
+
+    Stage handlers dead-letter bad records themselves; what reaches here is unexpected (a
+    broker hiccup, a bug). Handlers are idempotent, so a retry is safe.
+    """
+    error: Exception | None = None
+    for attempt in range(PROCESS_ATTEMPTS):
+        try:
+            await handle(event)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc
+            log.warning(
+                "record failed, retrying",
+                exc_info=True,
+                extra={"stage": stage, "attempt": attempt + 1, "offset": event.message.offset},
+            )
+            await asyncio.sleep(min(PROCESS_BACKOFF_S * 2**attempt, 5.0))
+    assert error is not None
+    RECORDS_PROCESSED.labels(stage=stage, outcome="error").inc()
+    message = event.message
     try:
-        await work
-    except asyncio.CancelledError:
-        raise
+        await dlq.publish(
+            key=message.key, value=message.value, exc=error, stage=stage, origin=_origin(event)
+        )
     except Exception:
-        RECORDS_PROCESSED.labels(stage=stage, outcome="error").inc()
-        log.exception("record failed", extra={"stage": stage})
+        log.exception("record dropped: even the dead-letter topic failed", extra={"stage": stage})
 
 
 # --- Logging --------------------------------------------------------------------------------

@@ -108,6 +108,17 @@ class CircuitBreaker:
             except TimeoutError:
                 pass
 
+    async def wait_not_open(self) -> None:
+        """Wait while the breaker is open; it turns half-open by itself after ``reset_s``."""
+        while self.state is BreakerState.OPEN:
+            event = self._changed
+            timeout = max(0.0, self._opened_at + self.reset_s - self._clock())
+            try:
+                async with asyncio.timeout(timeout):
+                    await event.wait()
+            except TimeoutError:
+                pass
+
     def _transition(self, state: BreakerState) -> None:
         previous = self._state
         self._state = state

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-from pipeline.breaker import CircuitBreaker
+from pipeline.breaker import BreakerState, CircuitBreaker
 from pipeline.llm.client import Finished, UpstreamAttemptError, UpstreamClient
 from pipeline.metrics import (
     INFLIGHT,
@@ -206,10 +206,18 @@ class InferenceEngine:
     # -- the agent's API -------------------------------------------------------------------
 
     async def submit(self, job: dict[str, Any], resume: ResumeState | None = None) -> None:
-        """Queue a job (an InferenceJob dict). Blocks while the scheduler is full."""
+        """Queue a job (an InferenceJob dict). Blocks while the scheduler is full or the
+        breaker is open, so the agent stops pulling and the jobs wait in Kafka as lag."""
         if self._stopping:
             raise RuntimeError("the inference engine is stopping")
         request_id = str(job["request_id"])
+        if self.breaker.state is BreakerState.OPEN:
+            # Jobs taken now could only wait in memory, invisible to the gateway's lag-based
+            # admission; left in Kafka they show up as lag and it sheds new load instead.
+            logger.info("circuit open: not taking jobs", extra={"request_id": request_id})
+            await self.breaker.wait_not_open()
+            if self._stopping:
+                raise RuntimeError("the inference engine is stopping")
         if request_id in self._runs:
             logger.info("job already active, ignored", extra={"request_id": request_id})
             return
@@ -675,6 +683,9 @@ class InferenceEngine:
             "usage": None,
             "error": error,
             "created_at": int(job.get("created_at") or 0),
+            "source": str(job.get("source") or "external"),
+            "replay_of": job.get("replay_of"),
+            "degraded": job.get("degraded"),
             "trace": trace or {},
         }
 

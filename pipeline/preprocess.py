@@ -241,6 +241,8 @@ def prepare(
         "weight": tier.weight,
         "deadline_ms": int(deadline_ms),
         "degraded": request.get("degraded"),
+        "source": request.get("source") or "external",
+        "replay_of": request.get("replay_of"),
         "created_at": created_at,
         "trace": trace,
     }
@@ -279,6 +281,9 @@ def rejection_event(
             "partial": False,
         },
         "created_at": created_at,
+        "source": request.get("source") or "external",
+        "replay_of": request.get("replay_of"),
+        "degraded": request.get("degraded"),
         "trace": trace,
     }
 

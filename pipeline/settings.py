@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -16,7 +16,11 @@ class KafkaSettings(BaseSettings):
     """What every process needs to reach the broker and name the topics."""
 
     model_config = SettingsConfigDict(
-        env_prefix="SUMSTREAM_", frozen=True, extra="ignore", env_file=".env"
+        env_prefix="SUMSTREAM_",
+        frozen=True,
+        extra="ignore",
+        env_file=".env",
+        populate_by_name=True,
     )
 
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -49,7 +53,11 @@ class WorkerSettings(KafkaSettings):
     stages: str = "preprocess,inference,postprocess"
     web_port: int = 6066
     metrics_port: int = 9464
-    anthropic_api_key: SecretStr | None = None
+    # The SDK's own variable works too, so an existing ANTHROPIC_API_KEY switches to the real API.
+    anthropic_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SUMSTREAM_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"),
+    )
     anthropic_base_url: str | None = None
     llm_sim_url: str = "http://127.0.0.1:8088"
     default_model: str = "claude-haiku-4-5"
@@ -63,7 +71,8 @@ class WorkerSettings(KafkaSettings):
     breaker_reset_s: float = Field(default=5.0, gt=0)
     tiers_file: Path = REPO_ROOT / "config" / "tiers.toml"
     prices_file: Path = REPO_ROOT / "config" / "prices.toml"
-    # Inference engine (pipeline/inference.py): scheduler bound, retry timing and budget, HTTP timeouts.
+    # Inference engine (pipeline/inference.py): scheduler bound, retry timing and budget,
+    # HTTP timeouts.
     max_queued: int = Field(default=256, ge=1)
     retry_base_s: float = Field(default=0.25, gt=0)
     retry_cap_s: float = Field(default=8.0, gt=0)
@@ -74,7 +83,8 @@ class WorkerSettings(KafkaSettings):
     # Stages and the Faust app (pipeline/app.py, preprocess.py, postprocess.py).
     # Tokens one model call may hold (prompt + output); longer documents are split (map-reduce).
     model_budget_tokens: int = Field(default=150_000, ge=1_000)
-    # A killed worker's partitions move after this long without heartbeats (Faust's default is 60 s).
+    # A killed worker's partitions move after this long without heartbeats
+    # (Faust's default is 60 s).
     session_timeout_s: float = Field(default=10.0, gt=0)
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     commit_interval_s: float = Field(default=1.0, gt=0)

@@ -16,11 +16,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 import httpx
 
 from pipeline import admin, broker
+from pipeline.errors import SumstreamError
 from pipeline.settings import BrokerSettings, WorkerSettings, child_env
 
 EXE = [sys.executable, "-m", "pipeline.cli"]
@@ -40,17 +42,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Stack:
     """The processes `up` started, stopped in reverse order."""
 
+    log_dir: Path
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     started_broker: bool = False
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        proc = subprocess.Popen([*EXE, *args], env=env, start_new_session=True)
+        # Each process logs JSON lines to its own file; the terminal keeps the instructions.
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with (self.log_dir / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [*EXE, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.procs.append((name, proc))
 
     def check_alive(self) -> None:
         for name, proc in self.procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.returncode}")
+                log = self.log_dir / f"{name}.log"
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; {log}:\n{tail}")
 
     def stop(self, settings: BrokerSettings) -> None:
         for _name, proc in reversed(self.procs):
@@ -85,7 +95,7 @@ def _raise_interrupt(_sig: int, _frame: FrameType | None) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = BrokerSettings()
     worker = WorkerSettings()
-    stack = Stack()
+    stack = Stack(settings.data_dir / "logs")
     signal.signal(signal.SIGTERM, _raise_interrupt)
     t0 = time.monotonic()
     try:
@@ -128,9 +138,10 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"\nsumstream is up in {time.monotonic() - t0:.1f} s\n"
             f"  gateway   {base}  (OpenAPI: {base}/docs)\n"
-            f"  API key   {dev_key}\n\n"
+            f"  API key   {dev_key}\n"
+            f"  logs      {stack.log_dir}/\n\n"
             "Summarize a file:\n"
-            "  python3 -c 'import json,sys; print(json.dumps({\"document\": sys.stdin.read()}))' \\\n"
+            "  python3 -c 'import json,sys;print(json.dumps({\"document\":sys.stdin.read()}))' \\\n"
             "      < README.md > /tmp/doc.json\n"
             f"  curl -N {base}/v1/summaries -H 'Authorization: Bearer {dev_key}' \\\n"
             "       -H 'Content-Type: application/json' --data-binary @/tmp/doc.json\n\n"
@@ -143,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nstopping...", file=sys.stderr)
         return 0
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, TimeoutError, SumstreamError) as exc:
         print(f"sumstream up failed: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -101,7 +101,9 @@ def _sample(schema: Any, named: dict[str, Any], path: str) -> Any:
         }[schema]
     kind = schema["type"]
     if kind == "record":
-        return {f["name"]: _sample(f["type"], named, f"{path}.{f['name']}") for f in schema["fields"]}
+        return {
+            f["name"]: _sample(f["type"], named, f"{path}.{f['name']}") for f in schema["fields"]
+        }
     if kind == "enum":
         return schema["symbols"][1 % len(schema["symbols"])]
     if kind == "map":
@@ -113,7 +115,7 @@ def _sample(schema: Any, named: dict[str, Any], path: str) -> Any:
 
 def sparse(name: str, directory: Path = SCHEMA_DIR) -> dict[str, Any]:
     """:func:`sample` with every nullable field null and every map and array empty."""
-    records, named = load_schemas(directory)
+    records = load_schemas(directory)[0]
     full = sample(name, directory)
     out: dict[str, Any] = {}
     for field in records[name]["fields"]:

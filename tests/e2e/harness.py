@@ -31,6 +31,11 @@ KEYS = {
     "key-ann": ("ann", "enterprise"),
     "key-ben": ("ben", "enterprise"),
     "key-fay": ("fay", "free"),
+    # Admission tests (test_backpressure.py): a flooder, light users, a tight-limit user.
+    "key-flood": ("flood", "pro"),
+    **{f"key-light-{i}": (f"light-{i}", "pro") for i in range(1, 6)},
+    "key-tina": ("tina", "tight"),
+    "key-zed": ("zed", "quick"),
 }
 
 
@@ -123,9 +128,7 @@ class Stack:
     def env(self, **extra: str) -> dict[str, str]:
         keys_file = self.tmp / "keys.json"
         if not keys_file.exists():
-            entries = [
-                {"sha256": hash_key(k), "user": u, "tier": t} for k, (u, t) in KEYS.items()
-            ]
+            entries = [{"sha256": hash_key(k), "user": u, "tier": t} for k, (u, t) in KEYS.items()]
             keys_file.write_text(json.dumps({"keys": entries}))
         env = dict(os.environ)
         env.update(
@@ -199,8 +202,15 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(tmp: Path, workers: int = 1, gateways: int = 1, **sim: Any) -> Iterator[Stack]:
-    stack = Stack(tmp)
+def running_stack(
+    tmp: Path,
+    workers: int = 1,
+    gateways: int = 1,
+    env: dict[str, str] | None = None,
+    **sim: Any,
+) -> Iterator[Stack]:
+    """Topics, simulator (``sim`` knobs), workers and gateways; ``env`` goes to every process."""
+    stack = Stack(tmp, extra_env=dict(env or {}))
     try:
         create_topics(KafkaSettings(bootstrap_servers=BOOTSTRAP, topic_prefix=stack.prefix))
         stack.start_simulator(**sim)

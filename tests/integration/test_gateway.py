@@ -69,7 +69,10 @@ async def topics(stream_partitions: int = 4) -> AsyncIterator[KafkaSettings]:
     try:
         names = [s.name(settings.topic_prefix) for s in specs]
         await admin.create_topics(
-            [NewTopic(s.name(settings.topic_prefix), s.partitions, 1) for s in specs]
+            [
+                NewTopic(s.name(settings.topic_prefix), s.partitions, 1, topic_configs=s.config)
+                for s in specs
+            ]
         )
     finally:
         await admin.close()
@@ -221,14 +224,16 @@ class Worker:
         last_seq: int,
         *,
         user: str = "alice",
+        tier: str = "pro",
         status: str = "COMPLETED",
         error: dict[str, Any] | None = None,
+        cost_micro_usd: int = 42,
     ) -> None:
         now = int(time.time() * 1000)
         record = {
             "request_id": request_id,
             "user_id": user,
-            "tier": "pro",
+            "tier": tier,
             "model": "sim",
             "status": status,
             "summary": summary,
@@ -236,7 +241,7 @@ class Worker:
                 "input_tokens": 10,
                 "output_tokens": last_seq,
                 "attempts": 1,
-                "cost_micro_usd": 42,
+                "cost_micro_usd": cost_micro_usd,
             },
             "error": error,
             "stop_reason": "end_turn",

@@ -166,7 +166,11 @@ class Stack:
         for proc in reversed(self.procs):
             proc.stop()
         delete_topics(self.settings)
-        internal = [f"{self.app_id}-inflight-changelog", f"{self.app_id}-__assignor-__leader"]
+        internal = [
+            f"{app_id}-{name}"
+            for app_id in (self.app_id, f"{self.app_id}-replay")
+            for name in ("inflight-changelog", "__assignor-__leader")
+        ]
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         for future in admin.delete_topics(internal, operation_timeout=10).values():
             with contextlib.suppress(Exception):
@@ -296,6 +300,23 @@ def test_a_request_from_another_system_completes(stack: Stack) -> None:
     assert events[0]["kind"] == "STARTED" and events[-1]["kind"] == "DONE"
     assert "".join(e["text"] for e in events if e["kind"] == "DELTA").strip() == expected
     assert result["last_seq"] == events[-1]["seq"]
+
+
+def test_a_replayed_job_of_a_finished_request_is_not_run_again(stack: Stack) -> None:
+    request_id = stack.submit(max_output_tokens=20)
+    assert stack.result(request_id)["status"] == "COMPLETED"
+    before = stack.tokens(request_id)
+    # A new consumer group reads `preprocessed` from the start with an empty in-flight table,
+    # as after an offset reset: every job there is a replay of one that already ran.
+    replayer = stack.spawn(
+        "worker-replay", "worker", "--stages", "inference", "--metrics-port", "-1",
+        SUMSTREAM_APP_ID=f"{stack.app_id}-replay",
+    )  # fmt: skip
+    try:
+        replayer.wait_for(f'"request already ended; not run again", "request_id": "{request_id}"')
+    finally:
+        replayer.stop()
+    assert stack.tokens(request_id) == before
 
 
 def test_oversized_input_on_a_rejecting_tier_ends_with_a_rejected_result(stack: Stack) -> None:

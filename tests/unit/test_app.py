@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pipeline.app import (
     Entry,
     JsonFormatter,
+    _process,
     cancelled_event,
     create_app,
     invalid_job_event,
@@ -18,6 +19,7 @@ from pipeline.app import (
     validate_job,
 )
 from pipeline.codec import codec
+from pipeline.dlq import DeadLetterQueue
 from pipeline.errors import ValidationError
 from pipeline.settings import WorkerSettings
 
@@ -136,3 +138,52 @@ def test_json_log_lines_carry_extras() -> None:
     assert line["msg"] == "hello you"
     assert line["request_id"] == "01J"
     assert line["level"] == "info" and line["logger"] == "sumstream.x"
+
+
+class FakeMessage:
+    key = b"k"
+    value = b"v"
+    topic = "t.preprocessed"
+    partition = 2
+    offset = 9
+    timestamp = 1.5
+
+
+class FakeEvent:
+    message = FakeMessage()
+
+
+async def test_a_failing_record_is_retried_then_dead_lettered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("pipeline.app.PROCESS_BACKOFF_S", 0.0)
+    letters: list[bytes] = []
+
+    async def send(key: bytes | None, value: bytes) -> None:
+        letters.append(value)
+
+    dlq = DeadLetterQueue(send)
+    calls = 0
+
+    async def flaky(event: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise ConnectionError("broker hiccup")
+
+    await _process("inference", flaky, FakeEvent(), dlq)  # type: ignore[arg-type]
+    assert calls == 3 and letters == []
+
+    async def broken(event: object) -> None:
+        raise KeyError("bug")
+
+    await _process("inference", broken, FakeEvent(), dlq)  # type: ignore[arg-type]
+    [raw] = letters
+    letter = codec().decode_as(raw, "DeadLetter")
+    assert letter["error_type"] == "KeyError" and letter["stage"] == "inference"
+    assert (letter["origin_topic"], letter["origin_partition"], letter["origin_offset"]) == (
+        "t.preprocessed",
+        2,
+        9,
+    )
+    assert (letter["key"], letter["value"]) == (b"k", b"v")

@@ -256,16 +256,21 @@ def stream_json(system: str, phase: str, ttft: float, n_tokens: int = 3) -> dict
         "complete": True,
         "in_order": True,
         "own": True,
-        "done": {"latency_ms": {"queue_wait": 4}} if system == "sumstream" else {},
+        "done": (
+            {"latency_ms": {"queue_wait": 4, "time_to_first_token": ttft - 5}}
+            if system == "sumstream"
+            else {}
+        ),
     }
 
 
-def test_analysis_overhead_is_sumstream_minus_baseline_at_each_percentile() -> None:
-    streams = [stream_json("baseline", "overhead/c50", 200.0 + i) for i in range(100)]
-    streams += [stream_json("sumstream", "overhead/c50", 212.0 + i) for i in range(100)]
-    results = {
+def results_of(baseline_ttft: list[float], sumstream_ttft: list[float]) -> dict[str, object]:
+    streams = [stream_json("baseline", "overhead/c50", t) for t in baseline_ttft]
+    streams += [stream_json("sumstream", "overhead/c50", t) for t in sumstream_ttft]
+    return {
         "plan": {
             "systems": ["baseline", "sumstream"],
+            "ttft_ms": 200.0,
             "token_delay_ms": 10.0,
             "levels": [50],
             "throughput_levels": [],
@@ -274,19 +279,44 @@ def test_analysis_overhead_is_sumstream_minus_baseline_at_each_percentile() -> N
         "phases": [],
         "streams": streams,
     }
-    a = analysis.analyze(results)
+
+
+def test_analysis_overhead_is_sumstream_minus_baseline_at_each_percentile() -> None:
+    base = [200.0 + (i % 5) for i in range(100)]
+    a = analysis.analyze(results_of(base, [t + 8.0 for t in base]))
     o = a["overhead"]["50"]["overhead"]
-    assert o["ttft_p50"]["diff"] == pytest.approx(12.0)
-    assert o["ttft_p99"]["diff"] == pytest.approx(12.0)
+    assert o["ttft_p50"]["diff"] == pytest.approx(8.0)
+    assert o["ttft_p99"]["diff"] == pytest.approx(8.0)
     assert o["gap_p99"]["diff"] == pytest.approx(0.0)
-    assert a["overhead_verdict"] == {
-        "level": 50,
-        "ttft_p50_ok": True,
-        "ttft_p99_ok": True,
-        "gap_p99_ok": True,
-    }
+    v = a["overhead_verdict"]
+    assert v["ttft_p50"] == {"limit": 15.0, "over_model": 10.0, "over_baseline": 8.0, "ok": True}
+    assert v["ttft_p99"]["over_model"] == pytest.approx(12.0) and v["ttft_p99"]["ok"]
+    assert v["gap_p99"]["over_model"] == pytest.approx(0.0) and v["gap_p99"]["ok"]
     assert a["overhead"]["50"]["sumstream"]["latency_ms"]["queue_wait"]["p50"] == 4.0
+    # The client saw the first token 5 ms after the trace's first_token stamp.
+    assert a["overhead"]["50"]["sumstream"]["latency_ms"]["delivery"]["p50"] == 5.0
     row = a["throughput"]["levels"][0]
     assert row["sumstream"]["gap_p99_over_pacing"] == pytest.approx(0.0)
-    # 100 streams x 3 tokens within 121 ms of the first POST.
-    assert a["overhead"]["50"]["baseline"]["tokens_per_s"] == pytest.approx(300 / 0.319, rel=0.01)
+    # 100 streams of 3 tokens, the last 224 ms after the (shared) POST time.
+    assert a["overhead"]["50"]["baseline"]["tokens_per_s"] == pytest.approx(300 / 0.224, rel=0.01)
+
+
+def test_a_saturated_baseline_cannot_make_sumstream_meet_a_target() -> None:
+    a = analysis.analyze(results_of([2000.0] * 50, [300.0] * 50))
+    v = a["overhead_verdict"]["ttft_p50"]
+    assert v["over_baseline"] == pytest.approx(-1700.0)
+    assert v["over_model"] == pytest.approx(100.0)
+    assert v["ok"] is False
+
+
+def test_tokens_per_second_counts_each_run_of_a_phase_but_not_the_time_between() -> None:
+    first = [stream_json("baseline", "p", 100.0) | {"run": 0} for _ in range(10)]
+    # The second half ran 60 s later (the other system's phases were in between).
+    later = [
+        stream_json("baseline", "p", 100.0) | {"run": 3, "wall_post_ms": 1_060_000.0}
+        for _ in range(10)
+    ]
+    summary = analysis.summarize(first + later)
+    # Each run: 10 streams x 3 tokens within 0.12 s of its first POST.
+    assert summary["span_s"] == pytest.approx(0.24)
+    assert summary["tokens_per_s"] == pytest.approx(60 / 0.24, rel=0.01)

@@ -15,7 +15,10 @@ from pipeline.settings import BrokerSettings
 
 def settings_in(tmp_path: Path, **fields: object) -> BrokerSettings:
     return BrokerSettings(
-        data_dir=tmp_path, broker_port=29092, controller_port=29093, **fields  # type: ignore[arg-type]
+        data_dir=tmp_path,
+        broker_port=29092,
+        controller_port=29093,
+        **fields,  # type: ignore[arg-type]
     )
 
 
@@ -51,14 +54,14 @@ def test_cluster_ids_look_like_kafka_uuids() -> None:
 
 
 def test_missing_java_names_the_docker_alternative(tmp_path: Path) -> None:
-    with pytest.raises(BrokerToolingError, match="docker compose -f docker-compose.kafka.yml"):
+    with pytest.raises(BrokerToolingError, match=r"docker compose -f docker-compose\.kafka\.yml"):
         broker.find_java(settings_in(tmp_path, java_home=tmp_path / "no-jdk"))
 
 
 def test_old_java_is_refused(tmp_path: Path) -> None:
     java = tmp_path / "jdk8" / "bin" / "java"
     java.parent.mkdir(parents=True)
-    java.write_text('#!/bin/sh\necho \'java version "1.8.0_402"\' >&2\n')
+    java.write_text("#!/bin/sh\necho 'java version \"1.8.0_402\"' >&2\n")
     java.chmod(0o755)
     with pytest.raises(BrokerToolingError, match="Java 8"):
         broker.find_java(settings_in(tmp_path, java_home=tmp_path / "jdk8"))
@@ -68,7 +71,7 @@ def test_missing_maven_names_the_docker_alternative(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no mvn anywhere
-    with pytest.raises(BrokerToolingError, match="Maven.*docker compose"):
+    with pytest.raises(BrokerToolingError, match=r"Maven.*docker compose"):
         broker.ensure_jars(settings_in(tmp_path))
 
 

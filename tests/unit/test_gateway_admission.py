@@ -1,89 +1,252 @@
+"""Admission (gateway/admission.py) without Kafka: the ledger is the real verdict function."""
+
 from __future__ import annotations
 
-import math
+import itertools
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.admission import AdmissionController, TokenBucket
-from gateway.errors import Overloaded, RateLimited
+from gateway.admission import (
+    INFLIGHT_EXPIRY_S,
+    Admission,
+    Admitted,
+    Degradation,
+    prompt_overhead_tokens,
+)
+from gateway.backpressure import QueueWaitEstimator
+from gateway.errors import BudgetExceeded, Overloaded, RateLimited
+from gateway.quota import QuotaEvent, QuotaState, QuotaUnavailable, Verdict
 from pipeline.tiers import Tier
 
 FREE = Tier("free", 3, 1_000, 8_000, 300, 1, 1.0, 30.0, "reject")
+TIERS = {"free": FREE}
+T0_MS = 1_741_600_000_000
 
 
 class Clock:
     def __init__(self) -> None:
-        self.now = 0.0
+        self.now = 100.0
 
     def __call__(self) -> float:
         return self.now
 
 
-@given(
-    st.floats(1, 1e6),
-    st.lists(st.tuples(st.floats(0, 120), st.floats(0, 1e6)), max_size=30),
-)
-def test_a_bucket_never_exceeds_its_capacity_and_waits_are_exact(
-    capacity: float, steps: list[tuple[float, float]]
-) -> None:
-    bucket = TokenBucket(capacity, 60.0, 0.0)
-    now = 0.0
-    for dt, amount in steps:
-        now += dt
-        wait = bucket.wait_for(amount, now)
-        assert bucket.level <= capacity
-        if amount > capacity:
-            assert math.isinf(wait)
-        elif wait == 0:
-            bucket.take(amount, now)
-            assert bucket.level >= -1e-6
-        else:
-            # After exactly the announced wait, the amount is there.
-            assert bucket.wait_for(amount, now + wait + 1e-6) == 0
+class StateLedger:
+    """QuotaState fed directly, as one partition of the `quota` log would feed it."""
+
+    def __init__(self) -> None:
+        self.state = QuotaState(TIERS)
+        self.ids = itertools.count()
+        self.at = T0_MS
+        self.reserved: list[tuple[str, int]] = []
+        self.released: list[str] = []
+        self.fail_release = False
+
+    def _event(self, kind: str, user: str, tier: str, request_id: str, **kw: int) -> QuotaEvent:
+        self.at += 1
+        return QuotaEvent(
+            event_id=f"e{next(self.ids)}",
+            user_id=user,
+            kind=kind,  # type: ignore[arg-type]
+            request_id=request_id,
+            at=self.at,
+            tier=tier,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    async def reserve(self, user_id: str, tier: str, request_id: str, tokens: int) -> Verdict:
+        self.reserved.append((request_id, tokens))
+        verdict = self.state.apply(self._event("RESERVE", user_id, tier, request_id, tokens=tokens))
+        assert verdict is not None
+        return verdict
+
+    async def release(self, user_id: str, tier: str, request_id: str) -> None:
+        if self.fail_release:
+            raise QuotaUnavailable("broker gone")
+        self.released.append(request_id)
+        self.state.apply(self._event("RELEASE", user_id, tier, request_id, requests=0))
+
+    def settle(self, user_id: str, request_id: str, tokens: int, cost: int) -> None:
+        event = self._event(
+            "SETTLE", user_id, "free", request_id, tokens=tokens, cost_micro_usd=cost
+        )
+        self.state.apply(event)
 
 
-async def test_requests_per_minute_are_limited_with_a_retry_after() -> None:
-    clock = Clock()
-    admission = AdmissionController({"free": FREE}, clock=clock)
-    tickets = [await admission.admit("u", "free", 10) for _ in range(3)]
+def admission(
+    *,
+    queued: int = 0,
+    degradation: Degradation | None = None,
+    max_inflight: int = 100,
+    sampled: bool = True,
+    clock: Clock | None = None,
+) -> tuple[Admission, StateLedger, QueueWaitEstimator]:
+    clock = clock or Clock()
+    estimator = QueueWaitEstimator(
+        min_rate_per_s=1.0,
+        degrade_policy="degrade" if degradation else None,
+        degrade_ratio=0.5,
+    )
+    if sampled:
+        # `queued` requests ahead at one completion a second: a wait of `queued` seconds.
+        estimator.update({"preprocess": queued}, 1.0, clock.now)
+    ledger = StateLedger()
+    adm = Admission(
+        TIERS,
+        estimator,
+        ledger,
+        max_inflight=max_inflight,
+        degradation=degradation,
+        clock=clock,
+    )
+    return adm, ledger, estimator
+
+
+_rid = itertools.count()
+
+
+async def admit(
+    adm: Admission, user: str = "u", tokens: int = 100, model: str | None = None
+) -> Admitted:
+    return await adm.admit(
+        user,
+        "free",
+        f"r{next(_rid)}",
+        input_tokens=tokens - 50,
+        max_output_tokens=50,
+        model=model,
+    )
+
+
+async def test_admitted_requests_reserve_input_plus_output_and_carry_the_queue_figures() -> None:
+    adm, ledger, _ = admission(queued=4)
+    admitted = await admit(adm, tokens=300)
+    assert ledger.reserved == [(admitted.request_id, 300)]
+    assert admitted.reserved_tokens == 300
+    assert admitted.queue_position == 5  # four ahead
+    assert admitted.estimated_wait_s == pytest.approx(4.0)
+    assert admitted.degraded is None and admitted.max_output_tokens == 50
+
+
+async def test_requests_per_minute_are_refused_by_the_ledger_with_retry_after() -> None:
+    adm, _, _ = admission()
+    for _ in range(3):
+        await admit(adm)
     with pytest.raises(RateLimited) as caught:
-        await admission.admit("u", "free", 10)
-    assert caught.value.retriable
-    assert caught.value.retry_after_s == pytest.approx(20.0)  # one request refills in 60/3 s
-    # Another user is not affected.
-    await admission.admit("v", "free", 10)
-    clock.now = 20.0
-    await admission.admit("u", "free", 10)
-    for ticket in tickets:
-        ticket.settle(10)
+        await admit(adm)
+    assert caught.value.status == 429
+    assert caught.value.retry_after_s is not None and caught.value.retry_after_s > 0
+    await admit(adm, user="someone-else")  # limits are per user
 
 
-async def test_tokens_are_reserved_and_the_unused_part_is_given_back() -> None:
-    clock = Clock()
-    admission = AdmissionController({"free": FREE}, clock=clock)
-    ticket = await admission.admit("u", "free", 900)
-    with pytest.raises(RateLimited):
-        await admission.admit("u", "free", 200)  # 900 reserved of 1000/min
-    ticket.settle(100)  # it used only 100: 800 come back
-    ticket.settle(100)  # settling twice changes nothing
-    await admission.admit("u", "free", 200)
-
-
-async def test_a_request_above_the_tiers_minute_is_never_admitted() -> None:
-    admission = AdmissionController({"free": FREE})
+async def test_tokens_per_minute_count_reservations_until_settled() -> None:
+    adm, ledger, _ = admission()
+    first = await admit(adm, tokens=900)
     with pytest.raises(RateLimited) as caught:
-        await admission.admit("u", "free", 5_000)
+        await admit(adm, tokens=200)  # 900 reserved of 1000/min
+    assert caught.value.extra == {"limit": "token_limit"}
+    ledger.settle("u", first.request_id, tokens=100, cost=1)  # it really used 100
+    await admit(adm, tokens=200)
+
+
+async def test_a_request_above_the_tiers_minute_is_never_admitted_nor_reserved() -> None:
+    adm, ledger, _ = admission()
+    with pytest.raises(RateLimited) as caught:
+        await admit(adm, tokens=5_000)
     assert not caught.value.retriable
+    assert ledger.reserved == []
 
 
-async def test_in_flight_bound_gives_overloaded() -> None:
-    admission = AdmissionController({"free": FREE}, max_inflight=2)
-    first = await admission.admit("a", "free", 1)
-    await admission.admit("b", "free", 1)
+async def test_a_spent_budget_is_its_own_429() -> None:
+    adm, ledger, _ = admission()
+    first = await admit(adm)
+    ledger.settle("u", first.request_id, tokens=100, cost=FREE.monthly_budget_micro_usd)
+    with pytest.raises(BudgetExceeded) as caught:
+        await admit(adm)
+    assert (caught.value.status, caught.value.code) == (429, "budget_exceeded")
+    assert caught.value.retry_after_s is not None and caught.value.retry_after_s > 0
+
+
+async def test_a_long_queue_sheds_with_503_before_anything_is_reserved() -> None:
+    adm, ledger, _ = admission(queued=45)  # 45 s estimated; the tier allows 30 s
     with pytest.raises(Overloaded) as caught:
-        await admission.admit("c", "free", 1)
-    assert caught.value.retry_after_s
-    first.settle()
-    await admission.admit("c", "free", 1)
+        await admit(adm)
+    assert caught.value.status == 503
+    assert caught.value.retry_after_s == pytest.approx(15.0)  # the excess over the limit
+    assert ledger.reserved == []
+
+
+async def test_without_lag_figures_admission_fails_open() -> None:
+    adm, ledger, _ = admission(sampled=False)
+    await admit(adm)
+    assert len(ledger.reserved) == 1
+
+
+async def test_above_the_lower_threshold_the_request_is_degraded() -> None:
+    cheaper = Degradation(model="cheap-model", output_ratio=0.5)
+    adm, ledger, _ = admission(queued=20, degradation=cheaper)  # 20 s: above 0.5 x 30 s
+    admitted = await admit(adm, tokens=100, model="big-model")
+    assert admitted.model == "cheap-model"
+    assert admitted.max_output_tokens == 25
+    assert admitted.degraded == "model:cheap-model,max_output_tokens:25"
+    assert ledger.reserved[-1] == (admitted.request_id, 75)  # the shorter output is reserved
+    calm, _, _ = admission(queued=5, degradation=cheaper)
+    plain = await admit(calm, model="big-model")
+    assert (plain.model, plain.degraded) == ("big-model", None)
+
+
+async def test_no_degradation_configured_means_admit_up_to_the_limit() -> None:
+    adm, _, _ = admission(queued=20)
+    admitted = await admit(adm, model="big-model")
+    assert (admitted.model, admitted.degraded) == ("big-model", None)
+
+
+@given(
+    st.one_of(st.none(), st.sampled_from(["a", "b"])),
+    st.one_of(st.none(), st.floats(0.01, 0.99)),
+    st.one_of(st.none(), st.sampled_from(["a", "b"])),
+    st.integers(1, 10_000),
+)
+def test_degradation_never_grows_a_request(
+    to_model: str | None, ratio: float | None, model: str | None, max_output: int
+) -> None:
+    out_model, out_max, label = Degradation(to_model, ratio).apply(model, max_output)
+    assert 1 <= out_max <= max_output
+    assert out_model == (to_model or model)
+    # The label names exactly what changed.
+    assert ("model:" in label) == (to_model is not None and to_model != model)
+    assert ("max_output_tokens:" in label) == (out_max < max_output)
+
+
+async def test_in_flight_bound_frees_on_result_or_after_expiry() -> None:
+    clock = Clock()
+    adm, _, estimator = admission(max_inflight=2, clock=clock)
+    first = await admit(adm, user="a")
+    adm.accepted(first)
+    adm.accepted(await admit(adm, user="b"))
+    assert estimator.queue_position() == 3  # both count before the next lag sample
+    with pytest.raises(Overloaded):
+        await admit(adm, user="c")
+    adm.finished(first.request_id)
+    adm.accepted(await admit(adm, user="c"))
+    clock.now += INFLIGHT_EXPIRY_S + 1
+    assert adm.inflight == 0
+
+
+async def test_release_gives_the_reservation_back_and_survives_a_dead_ledger() -> None:
+    adm, ledger, _ = admission()
+    admitted = await admit(adm, tokens=900)
+    await adm.release(admitted)
+    assert ledger.released == [admitted.request_id]
+    held = await admit(adm, tokens=900)  # the 900 tokens are free again
+    ledger.fail_release = True
+    await adm.release(held)  # logged, not raised: the reservation expires with its window
+
+
+def test_the_reservation_covers_the_prompt_around_the_document() -> None:
+    # The system prompt and the default instructions are billed input tokens too.
+    assert prompt_overhead_tokens(None, 300) > 20
+    longer = prompt_overhead_tokens("Summarize in three bullet points for an executive.", 300)
+    assert longer > prompt_overhead_tokens("Short.", 300)

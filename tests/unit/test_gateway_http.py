@@ -198,6 +198,15 @@ async def test_openapi_documents_the_api(client: httpx.AsyncClient) -> None:
     body = spec["paths"]["/v1/summaries"]["post"]["requestBody"]
     assert "SummaryIn" in str(body)
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    usage = spec["paths"]["/v1/usage"]["get"]
+    assert "UsageOut" in str(usage["responses"]["200"])
+    assert {"401", "503"} <= set(usage["responses"])
+    assert {"429", "503"} <= set(spec["paths"]["/v1/summaries"]["post"]["responses"])
+
+
+async def test_usage_needs_a_key_and_a_running_ledger(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.get("/v1/usage"), 401, "unauthorized")
+    assert_problem(await client.get("/v1/usage", headers=ALICE), 503, "not_ready")
 
 
 async def test_healthz_and_metrics(client: httpx.AsyncClient) -> None:

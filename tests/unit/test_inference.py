@@ -287,15 +287,18 @@ async def test_breaker_opens_holds_jobs_probes_once_and_closes(sim: LocalSimulat
         attempts = stats(sim)["attempts"]
 
         waiting = [make_job(document(40 + i), user=f"w{i}") for i in range(3)]
-        for job in waiting:
-            await engine.submit(job)
+        submits = [asyncio.create_task(engine.submit(job)) for job in waiting]
         await asyncio.sleep(0.2)
-        # Open: nothing goes upstream, the jobs wait in the engine.
+        # Open: the engine takes no job (its agent stops pulling: they wait in Kafka as lag)
+        # and nothing goes upstream.
         assert stats(sim)["attempts"] == attempts
-        assert all(engine.is_active(job["request_id"]) for job in waiting)
+        assert not any(task.done() for task in submits)
+        assert not any(engine.is_active(job["request_id"]) for job in waiting)
         assert not any(job["request_id"] in rec.events for job in waiting)
 
-        # After reset_s exactly one probe goes; it fails and the breaker opens again.
+        # After reset_s the jobs are taken and exactly one probe goes; it fails and the
+        # breaker opens again.
+        await asyncio.gather(*submits)
         await poll(lambda: stats(sim)["attempts"] > attempts)
         await asyncio.sleep(0.1)
         assert stats(sim)["attempts"] == attempts + 1
