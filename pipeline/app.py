@@ -15,12 +15,14 @@ import logging
 import logging.config
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import faust
+import uvloop
 from faust.tables.table import Table
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT, StreamT, TopicT
@@ -31,8 +33,9 @@ from pipeline.codec import codec
 from pipeline.dlq import DeadLetterQueue, Origin, SendRaw
 from pipeline.errors import CodecError, SumstreamError, ValidationError
 from pipeline.inference import InferenceEngine, ResumeState
+from pipeline.lag import LagReader
 from pipeline.llm.client import UpstreamClient
-from pipeline.metrics import RECORDS_PROCESSED
+from pipeline.metrics import RECORDS_PROCESSED, LagSampler
 from pipeline.partitioning import partition_for
 from pipeline.postprocess import PostprocessStage, tail_reread
 from pipeline.preprocess import PreprocessStage
@@ -632,15 +635,25 @@ class StageRuntime:
         self.inflight: InflightWork | None = None
         self._metrics_server: Any = None
         self.metrics_port: int | None = None
+        self._lag: LagSampler | None = None
 
     async def start(self) -> None:
         self._start_metrics()
+        if self._metrics_server is not None:
+            # Lag of this worker's stages, whole group: a worker fed by other systems (no
+            # gateway running) still shows its queue.
+            groups = {stage: self.settings.app_id for stage in sorted(self.stages)}
+            self._lag = LagSampler(LagReader(self.settings, groups).read)
+            await self._lag.start()
         if self.inflight is not None:
             await self.inflight.start()
 
     async def stop(self) -> None:
         if self.inflight is not None:
             await self.inflight.stop()
+        if self._lag is not None:
+            lag, self._lag = self._lag, None
+            await lag.stop()
         if self._metrics_server is not None:
             server, self._metrics_server = self._metrics_server, None
             await asyncio.to_thread(server.shutdown)
@@ -820,6 +833,13 @@ async def _process(stage: str, handle: OnEvent, event: EventT[Any], dlq: DeadLet
     Stage handlers dead-letter bad records themselves; what reaches here is unexpected (a
     broker hiccup, a bug). Handlers are idempotent, so a retry is safe.
     """
+    with record_context(stage, event.message.key):
+        await _process_record(stage, handle, event, dlq)
+
+
+async def _process_record(
+    stage: str, handle: OnEvent, event: EventT[Any], dlq: DeadLetterQueue
+) -> None:
     error: Exception | None = None
     for attempt in range(PROCESS_ATTEMPTS):
         try:
@@ -855,12 +875,51 @@ _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__di
 }
 
 
+# The record a stage is handling: (stage, request id = the record's key). Set around each
+# record by ``_process``; tasks started meanwhile (the inference run of a job) copy it, so
+# their lines, the upstream client's included, carry the request id too.
+_RECORD: ContextVar[tuple[str, str] | None] = ContextVar("sumstream_record", default=None)
+# A key is a request id; a longer one is not (a poison record) and is cut.
+MAX_LOGGED_KEY = 64
+# Loggers that print request bodies (the prompt, i.e. the document) at DEBUG: never below INFO.
+BODY_LOGGERS = ("anthropic", "httpx", "httpx2", "httpcore")
+
+
+@contextmanager
+def record_context(stage: str, key: bytes | None) -> Iterator[None]:
+    """Tag every log line emitted while handling one record with its stage and request id."""
+    request_id = key[:MAX_LOGGED_KEY].decode("utf-8", "replace") if key else ""
+    token = _RECORD.set((stage, request_id))
+    try:
+        yield
+    finally:
+        _RECORD.reset(token)
+
+
+class RecordContextFilter(logging.Filter):
+    """Adds ``stage`` and ``request_id`` of the record being handled; explicit extras win."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        current = _RECORD.get()
+        if current is not None:
+            stage, request_id = current
+            if not hasattr(record, "stage"):
+                record.stage = stage
+            if request_id and not hasattr(record, "request_id"):
+                record.request_id = request_id
+        return True
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line; ``extra=`` fields (request_id, stage...) become keys."""
+    """One JSON object per line; ``extra=`` fields (request_id, stage...) become keys.
+
+    The same shape as the gateway's lines (gateway/logs.py): ts is ISO 8601 UTC in ms.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": round(record.created, 3),
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -874,20 +933,32 @@ class JsonFormatter(logging.Formatter):
 
 
 def logging_config(settings: WorkerSettings) -> dict[str, Any]:
-    """A dictConfig for Faust's worker: JSON lines on stderr (or plain text)."""
+    """A dictConfig for Faust's worker: JSON lines on stderr (or plain text).
+
+    No document text at any level: the HTTP client libraries stay at INFO or above.
+    """
     formatter = (
         {"()": f"{__name__}.JsonFormatter"}
         if settings.log_json
         else {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
     )
+    level = settings.log_level.upper()
+    numeric = logging.getLevelNamesMapping().get(level, logging.INFO)
+    body_level = logging.getLevelName(max(logging.INFO, numeric))
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
+        "filters": {"record": {"()": f"{__name__}.RecordContextFilter"}},
         "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "default"},
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "default",
+                "filters": ["record"],
+            },
         },
-        "root": {"handlers": ["stderr"], "level": settings.log_level.upper()},
+        "loggers": {name: {"level": body_level} for name in BODY_LOGGERS},
+        "root": {"handlers": ["stderr"], "level": level},
     }
 
 
@@ -933,7 +1004,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if created:
         log.info("topics created", extra={"topics": created})
-    loop = asyncio.new_event_loop()
+    # uvloop cuts the per-event cost of the asyncio machinery that every token passes through.
+    loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     app = create_app(settings, stages)
     worker = faust.Worker(

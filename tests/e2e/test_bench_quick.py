@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from bench import run
+from bench import run, scenarios
 
 pytestmark = pytest.mark.e2e
 
 
 async def test_a_tiny_baseline_run_measures_every_scenario_and_cleans_up(tmp_path: Path) -> None:
     plan = replace(
-        run.QUICK,
+        scenarios.QUICK,
         systems=("baseline",),
         ttft_ms=20.0,
         token_delay_ms=1.0,
@@ -31,7 +31,9 @@ async def test_a_tiny_baseline_run_measures_every_scenario_and_cleans_up(tmp_pat
         rl_max_concurrent=2,
         deadline_s=20.0,
     )
-    md_path = await run.run_bench(plan, tmp_path, log=lambda _line: None)
+    md_path = await run.run_bench(
+        plan, tmp_path / "results", log=lambda _line: None, logs_root=tmp_path / "logs"
+    )
 
     results = json.loads(md_path.with_suffix(".json").read_text())
     assert results["meta"]["errors"] == []
@@ -60,7 +62,7 @@ async def test_a_tiny_baseline_run_measures_every_scenario_and_cleans_up(tmp_pat
         assert heading in report
     stamp = results["meta"]["stamp"]
     for name in ("ttft", "throughput", "overhead"):
-        png = tmp_path / f"{stamp}-{name}.png"
+        png = tmp_path / "results" / f"{stamp}-{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     for name, pid in results["meta"]["pids"].items():

@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench import analysis, client, stats
-from bench.client import SSEEvent, SSEParser, StreamRecord
+from bench.client import StreamRecord
+from bench.sse import SSEEvent, SSEParser
 
 # -- SSE parser -------------------------------------------------------------------------------
 

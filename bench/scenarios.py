@@ -1,0 +1,311 @@
+"""The scenarios of issue 7, and the run state they share.
+
+Each scenario measures both systems, one at a time, in alternating order; every phase records
+its streams and the CPU each process used meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import analysis, client, corpus, profile, stack
+
+SYSTEMS = ("baseline", "sumstream")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run measures. FULL fits in about 10 minutes on 2 cores; QUICK in one or two."""
+
+    quick: bool = False
+    systems: tuple[str, ...] = SYSTEMS
+    ttft_ms: float = 200.0
+    token_delay_ms: float = 10.0
+    max_tokens: int = 100
+    # 1: closed-loop concurrency levels and requests per system at each.
+    levels: tuple[int, ...] = (1, 10, 50, 100)
+    requests: dict[int, int] = field(default_factory=lambda: {1: 16, 10: 60, 50: 150, 100: 200})
+    # 2 and 5: simultaneous users -> bursts per system of that size.
+    bursts: dict[int, int] = field(default_factory=lambda: {10: 4, 100: 2})
+    # 3: levels beyond those of scenario 1, each run for a fixed time.
+    throughput_levels: tuple[int, ...] = (200,)
+    throughput_duration_s: float = 6.0
+    # 4: clients against an upstream limited to rl_max_concurrent streams.
+    rl_clients: int = 64
+    rl_max_concurrent: int = 8
+    deadline_s: float = 60.0
+    profile_s: float = 8.0
+    profile_level: int = 50
+    max_streams: int = 256
+    users: int = 256
+    tier: str = "pro"
+    # Optional steps (throughput beyond scenario 1, profile) are skipped when the run has
+    # used this share of its budget, so scenario 4 and the teardown still fit.
+    budget_s: float = 600.0
+    optional_until: float = 0.6
+
+    @property
+    def burst_users(self) -> tuple[int, ...]:
+        return tuple(self.bursts)
+
+
+QUICK = Plan(
+    quick=True,
+    levels=(1, 10),
+    requests={1: 4, 10: 20},
+    bursts={10: 1},
+    throughput_levels=(),
+    rl_clients=16,
+    rl_max_concurrent=4,
+    deadline_s=30.0,
+    profile_s=0.0,
+)
+
+
+@dataclass
+class Bench:
+    """One run: the systems under test, the simulator, and everything recorded."""
+
+    plan: Plan
+    stack: stack.Stack
+    sim_url: str
+    targets: dict[str, client.Target]
+    pids: dict[str, int]
+    streams: list[dict[str, Any]] = field(default_factory=list)
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    next_index: int = 0
+    docs: dict[int, tuple[str, str]] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+    skipped: list[str] = field(default_factory=list)
+
+    def prepare(self, n: int) -> int:
+        """Reserve ``n`` fresh documents (computed now, not while streams are timed)."""
+        first = self.next_index
+        for i in range(first, first + n):
+            self.docs[i] = corpus.request(i, self.plan.max_tokens)
+        self.next_index += n
+        return first
+
+    def doc(self, i: int) -> tuple[str, str]:
+        return self.docs[i]
+
+    async def sim(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        async with httpx.AsyncClient(base_url=self.sim_url, timeout=10.0) as http:
+            resp = await http.request(method, path, json=body)
+            resp.raise_for_status()
+            return resp.json()
+
+    async def phase(
+        self,
+        name: str,
+        system: str,
+        run: Callable[[client.Target], Awaitable[list[client.StreamRecord]]],
+        **meta: Any,
+    ) -> list[client.StreamRecord]:
+        """Run one measured phase of one system, with its CPU use per process."""
+        self.stack.check_alive()
+        meter = profile.CpuMeter(self.pids)
+        meter.start()
+        t0 = time.time()
+        records = await run(self.targets[system])
+        cpu = meter.stop()
+        ok = sum(1 for r in records if r.complete and r.in_order and r.own)
+        self.log(
+            f"  {name:<22} {system:<9} {len(records):>4} streams, {ok:>4} correct, "
+            f"{cpu['wall_s']:>6.1f} s, machine busy {cpu['machine_busy']:.0%}"
+        )
+        self.phases.append(
+            {"name": name, "system": system, "started": t0, "cpu": cpu, "n": len(records), **meta}
+        )
+        run_no = len(self.phases) - 1
+        self.streams.extend(r.to_json() | {"run": run_no} for r in records)
+        return records
+
+    def keeps_pace(self, system: str) -> bool:
+        """Whether ``system``'s p99 inter-token gap stayed within the throughput target of
+        the simulator's pacing at every closed-loop level measured so far."""
+        by = analysis.group(self.streams)
+        for name in {p["name"] for p in self.phases if p["system"] == system}:
+            if not name.startswith(("overhead/", "throughput/")):
+                continue
+            summary = analysis.summarize(by[(name, system)])
+            over = summary["gap"]["p99"] - self.plan.token_delay_ms
+            if not over <= analysis.THROUGHPUT_GAP_OVERHEAD_MS:
+                return False
+        return True
+
+    def order(self, i: int) -> list[str]:
+        """Systems in alternating order, so drift in the machine's load hits both alike."""
+        systems = list(self.plan.systems)
+        return systems if i % 2 == 0 else systems[::-1]
+
+
+# -- scenarios --------------------------------------------------------------------------------
+
+
+async def overhead(b: Bench) -> None:
+    """1: closed loops at each concurrency, ABBA order (two halves per system)."""
+    b.log("scenario 1: overhead by concurrency")
+    p = b.plan
+    for level_i, c in enumerate(p.levels):
+        n = p.requests[c]
+        halves = [n // 2, n - n // 2] if len(p.systems) > 1 else [n]
+        order = b.order(level_i)
+        schedule = list(zip(order, [halves[0]] * len(order), strict=True))
+        if len(halves) > 1:
+            schedule += list(zip(order[::-1], [halves[1]] * len(order), strict=True))
+        for system, count in schedule:
+            first = b.prepare(count)
+            await b.phase(
+                f"overhead/c{c}",
+                system,
+                functools.partial(
+                    client.closed_loop,
+                    phase=f"overhead/c{c}",
+                    docs=b.doc,
+                    concurrency=c,
+                    requests=count,
+                    max_output_tokens=p.max_tokens,
+                    deadline_s=p.deadline_s,
+                    first_index=first,
+                ),
+                scenario="overhead",
+                concurrency=c,
+            )
+
+
+async def bursts(b: Bench) -> None:
+    """2 and 5: all users at once, repeated, alternating systems."""
+    b.log("scenario 2: bursts of simultaneous users")
+    p = b.plan
+    for users, repeats in p.bursts.items():
+        for rep in range(repeats):
+            for system in b.order(rep):
+                first = b.prepare(users)
+                await b.phase(
+                    f"burst/u{users}",
+                    system,
+                    functools.partial(
+                        client.burst,
+                        phase=f"burst/u{users}",
+                        docs=b.doc,
+                        users=users,
+                        max_output_tokens=p.max_tokens,
+                        first_index=first,
+                        deadline_s=p.deadline_s,
+                    ),
+                    scenario="burst",
+                    concurrency=users,
+                )
+                await asyncio.sleep(0.5)
+
+
+async def throughput(b: Bench) -> None:
+    """3: higher closed-loop levels for a fixed time each (scenario 1's levels count too).
+
+    A level runs only while some system still kept its p99 inter-token gap within the
+    target at every level so far: past that, more load only measures a longer queue.
+    """
+    p = b.plan
+    if not p.throughput_levels:
+        return
+    b.log("scenario 3: throughput beyond scenario 1's levels")
+    for i, c in enumerate(p.throughput_levels):
+        within = [s for s in p.systems if b.keeps_pace(s)]
+        if not within:
+            b.log(f"  throughput/c{c}: skipped, no system kept pace at the levels below")
+            b.skipped.append(f"throughput/c{c} (no system kept pace below it)")
+            return
+        for system in b.order(i):
+            count = c * 4
+            first = b.prepare(count)
+            await b.phase(
+                f"throughput/c{c}",
+                system,
+                functools.partial(
+                    client.closed_loop,
+                    phase=f"throughput/c{c}",
+                    docs=b.doc,
+                    concurrency=c,
+                    requests=count,
+                    max_output_tokens=p.max_tokens,
+                    duration_s=p.throughput_duration_s,
+                    deadline_s=p.deadline_s,
+                    first_index=first,
+                ),
+                scenario="throughput",
+                concurrency=c,
+            )
+
+
+async def rate_limited(b: Bench) -> None:
+    """4: the upstream takes at most ``rl_max_concurrent`` streams (429 beyond)."""
+    p = b.plan
+    b.log(f"scenario 4: upstream limited to {p.rl_max_concurrent} streams, {p.rl_clients} clients")
+    for system in b.order(0):
+        await b.sim("POST", "/_sim/reset")
+        await b.sim("POST", "/_sim/config", {"max_concurrent": p.rl_max_concurrent})
+        first = b.prepare(p.rl_clients)
+        await b.phase(
+            "rate_limited",
+            system,
+            functools.partial(
+                client.burst,
+                phase="rate_limited",
+                docs=b.doc,
+                users=p.rl_clients,
+                max_output_tokens=p.max_tokens,
+                first_index=first,
+                deadline_s=p.deadline_s,
+            ),
+            scenario="rate_limited",
+            concurrency=p.rl_clients,
+        )
+        # Retries still under way count too: give them a moment before reading the counts.
+        await asyncio.sleep(1.0)
+        b.phases[-1]["sim_stats"] = await b.sim("GET", "/_sim/stats?request_id=-")
+    await b.sim("POST", "/_sim/reset")
+
+
+async def profile_sumstream(b: Bench, out_dir: Path) -> dict[str, Any]:
+    """py-spy on the gateway and the worker during an unmeasured closed loop."""
+    p = b.plan
+    if p.profile_s <= 0 or "sumstream" not in p.systems:
+        return {}
+    b.log(f"profile: py-spy on the gateway and the worker at {p.profile_level} streams")
+    first = b.prepare(p.profile_level * 6)
+    load = asyncio.create_task(
+        client.closed_loop(
+            b.targets["sumstream"],
+            "profile",
+            b.doc,
+            concurrency=p.profile_level,
+            requests=p.profile_level * 6,
+            max_output_tokens=p.max_tokens,
+            duration_s=p.profile_s + 3,
+            deadline_s=p.deadline_s,
+            first_index=first,
+        )
+    )
+    await asyncio.sleep(1.5)  # past the ramp-up
+    names = [n for n in ("gateway", "worker") if n in b.pids]
+    files = {n: out_dir / f"pyspy-{n}.txt" for n in names}
+    errors = await asyncio.gather(
+        *(profile.record(b.pids[n], p.profile_s, files[n]) for n in names)
+    )
+    await load
+    out: dict[str, Any] = {}
+    for name, error in zip(names, errors, strict=True):
+        if error is not None:
+            out[name] = {"error": error}
+        else:
+            out[name] = profile.summarize_stacks(files[name].read_text(errors="replace"))
+    return out
