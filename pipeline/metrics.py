@@ -2,11 +2,21 @@
 
 Labels stay bounded: stage, tier, model, outcome, error type. Per-user figures live in the
 results topic and the usage API, never in labels.
+
+Token and cost counters are incremented by postprocess from the very SummaryResult it writes,
+so summed over the workers they equal the sums over `results`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+
 from prometheus_client import Counter, Gauge, Histogram
+
+log = logging.getLogger("sumstream.metrics")
 
 LATENCY_BUCKETS = (
     0.001,
@@ -35,7 +45,9 @@ DEAD_LETTERS = Counter(
 )
 STAGE_SECONDS = Histogram(
     "sumstream_stage_duration_seconds",
-    "Time a request spent in each stage (queue wait, preprocess, ttft, total...)",
+    "Per-stage latency: queue_wait, preprocess, inference_queue, ttft, generation, "
+    "time_to_first_token, total (from each result's trace); engine_queue, upstream_ttft, "
+    "postprocess (measured in the stage)",
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
@@ -69,6 +81,67 @@ BREAKER_STATE = Gauge(
 )
 INFLIGHT = Gauge("sumstream_inference_inflight", "Upstream streams in flight")
 QUEUED = Gauge("sumstream_inference_queued", "Jobs waiting in the fair scheduler")
+# Set by every worker (LagSampler) and by the gateway (gateway/backpressure.py): each reports
+# the whole consumer group's lag, so aggregate it across processes with max, not sum.
 CONSUMER_LAG = Gauge(
-    "sumstream_consumer_lag_records", "Records not yet consumed, per stage", ["stage"]
+    "sumstream_consumer_lag_records",
+    "Records in a stage's input topic its consumer group has not committed (whole group)",
+    ["stage"],
 )
+
+LAG_SAMPLE_INTERVAL_S = 5.0
+
+
+class LagSampler:
+    """Sets ``CONSUMER_LAG`` every ``interval_s`` from ``read`` (stage -> lag), in a thread.
+
+    ``read`` is blocking (pipeline/lag.py's ``LagReader.read``: admin API round trips). A failed
+    sample leaves the last values in place and is logged once until sampling recovers.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], Mapping[str, int]],
+        *,
+        interval_s: float = LAG_SAMPLE_INTERVAL_S,
+        gauge: Gauge = CONSUMER_LAG,
+    ) -> None:
+        self.interval_s = interval_s
+        self.last_error: Exception | None = None
+        self._read = read
+        self._gauge = gauge
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(), name="lag-sampler")
+
+    async def stop(self) -> None:
+        # No cancel: a read in its thread cannot be interrupted; it is bounded by its timeouts.
+        self._stopping.set()
+        if self._task is not None:
+            task, self._task = self._task, None
+            await task
+
+    async def sample(self) -> bool:
+        """Read the lag once and set the gauge; False (and ``last_error``) when the read failed."""
+        try:
+            lag = await asyncio.to_thread(self._read)
+        except Exception as exc:  # broker away, topic missing: metrics must not stop a worker
+            if self.last_error is None:
+                log.warning("lag sample failed", extra={"error": repr(exc)})
+            self.last_error = exc
+            return False
+        if self.last_error is not None:
+            log.info("lag sampling recovered")
+            self.last_error = None
+        for stage, value in lag.items():
+            self._gauge.labels(stage=stage).set(value)
+        return True
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            await self.sample()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval_s)

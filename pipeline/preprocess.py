@@ -358,7 +358,7 @@ class PreprocessStage:
         await self._send_job(rid, codec().encode("InferenceJob", outcome))
         # Stage latencies are observed once per request by postprocess, from the trace.
         RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
-        log.debug(
+        log.info(
             "request prepared",
             extra={
                 "request_id": request_id,
