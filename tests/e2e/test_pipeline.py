@@ -16,8 +16,8 @@ from confluent_kafka import Consumer, TopicPartition
 from pipeline.codec import codec
 from pipeline.llm.extractive import summarize
 from pipeline.partitioning import partition_for
-from pipeline.submit import build_request, produce_request
 from pipeline.settings import KafkaSettings
+from pipeline.submit import build_request, produce_request
 from tests.e2e.documents import document
 from tests.e2e.harness import BOOTSTRAP, REPO, Stack, auth, collect, running_stack
 
@@ -85,7 +85,7 @@ async def test_every_result_carries_usage_cost_and_latency_of_every_stage(stack:
         assert done["usage"]["output_tokens"] == len(result.of("token"))
         assert done["usage"]["attempts"] == 1
         assert done["cost"]["micro_usd"] > 0
-        assert STAGES <= set(done["latency_ms"]), done["latency_ms"]
+        assert set(done["latency_ms"]) >= STAGES, done["latency_ms"]
         # The same result is served by GET, and only to its owner.
         url = f"{stack.gateway}/v1/summaries/{result.request_id}"
         got = (await client.get(url, headers=auth())).json()
@@ -174,7 +174,7 @@ def test_request_produced_straight_onto_requests_yields_a_result(stack: Stack) -
     assert result["status"] == "COMPLETED"
     assert result["summary"] == expected(doc)
     assert result["user_id"] == "batch-system"
-    assert STAGES <= set(result["latency_ms"])  # type: ignore[arg-type]
+    assert set(result["latency_ms"]) >= STAGES  # type: ignore[arg-type]
 
 
 def test_sumstream_submit_prints_the_streamed_summary(stack: Stack, tmp_path: Path) -> None:

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from pipeline.app import (
+from pipeline.settings import WorkerSettings
+from pipeline.worker_logging import (
     BODY_LOGGERS,
     JsonFormatter,
     RecordContextFilter,
     logging_config,
     record_context,
 )
-from pipeline.settings import WorkerSettings
 
 
 def capture(body: Any) -> list[dict[str, Any]]:
