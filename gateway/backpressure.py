@@ -91,6 +91,11 @@ class QueueWaitEstimator:
     While the queue is not empty and nothing completes (upstream stalled, breaker open), the
     wait is at least how long that has lasted. ``min_rate_per_s`` stands in for throughput
     when none was measured yet (after idle), so a burst on a quiet system is not shed at once.
+
+    Completions per second measure capacity only while there is a queue: on a lightly loaded
+    pipeline they are the arrival rate. So the rate used is the highest one seen recently
+    (forgotten over about ``capacity_memory_s``), not the last one: a burst after a quiet
+    spell is not taken for a long queue. A stall is still caught by its duration.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class QueueWaitEstimator:
         min_retry_s: float = 1.0,
         max_retry_s: float = 120.0,
         stale_after_s: float = 10.0,
+        capacity_memory_s: float = 600.0,
     ) -> None:
         self.queue_stages = tuple(queue_stages)
         self.min_rate_per_s = min_rate_per_s
@@ -118,7 +124,9 @@ class QueueWaitEstimator:
         self.max_retry_s = max_retry_s
         self.stale_after_s = stale_after_s
         self.queued = 0
+        self.capacity_memory_s = capacity_memory_s
         self.rate_per_s = min_rate_per_s
+        self.capacity_per_s = 0.0
         self.smoothed_s = 0.0
         self._updated_at: float | None = None
         self._progress_at: float | None = None
@@ -127,7 +135,11 @@ class QueueWaitEstimator:
     def update(self, lag_by_stage: Mapping[str, int], throughput_per_s: float, now: float) -> float:
         """Feed one sample (lag per stage, completions per second); returns the smoothed wait."""
         self.queued = sum(max(0, lag_by_stage.get(stage, 0)) for stage in self.queue_stages)
-        self.rate_per_s = max(throughput_per_s, self.min_rate_per_s)
+        keep = 0.0
+        if self._updated_at is not None and self.capacity_memory_s > 0:
+            keep = math.exp(-max(0.0, now - self._updated_at) / self.capacity_memory_s)
+        self.capacity_per_s = max(self.capacity_per_s * keep, throughput_per_s)
+        self.rate_per_s = max(self.capacity_per_s, self.min_rate_per_s)
         raw = self.queued / self.rate_per_s
         if self.queued == 0 or throughput_per_s > 0 or self._progress_at is None:
             self._progress_at = now

@@ -36,8 +36,6 @@ class RequestOwner:
     user_id: str
     tier: str
     created_at: int
-    # The degradation admission applied (SummarizeRequest.degraded), shown in its result.
-    degraded: str | None = None
 
 
 class RequestIndex:
@@ -64,16 +62,8 @@ class RequestIndex:
     def owner(self, request_id: str) -> RequestOwner | None:
         return self.owners.get(request_id)
 
-    def remember(
-        self,
-        request_id: str,
-        user_id: str,
-        tier: str,
-        created_at: int,
-        *,
-        degraded: str | None = None,
-    ) -> None:
-        self.owners[request_id] = RequestOwner(user_id, tier, created_at, degraded)
+    def remember(self, request_id: str, user_id: str, tier: str, created_at: int) -> None:
+        self.owners[request_id] = RequestOwner(user_id, tier, created_at)
         self.owners.move_to_end(request_id)
         while len(self.owners) > self.max_entries:
             self.owners.popitem(last=False)
@@ -113,13 +103,7 @@ class RequestIndex:
     def observe(self, request: dict[str, Any]) -> None:
         """Take one SummarizeRequest record from the log into the maps."""
         created_at = int(request.get("created_at") or 0)
-        self.remember(
-            request["request_id"],
-            request["user_id"],
-            request["tier"],
-            created_at,
-            degraded=request.get("degraded"),
-        )
+        self.remember(request["request_id"], request["user_id"], request["tier"], created_at)
         key = request.get("idempotency_key")
         if key and self._clock_ms() - created_at <= self.window_ms:
             self._put_key(request["user_id"], key, request["request_id"], created_at)

@@ -23,9 +23,10 @@ Rules of the log (``QuotaState``):
 * RELEASE drops a reservation that never ran. A RESERVE never settled nor released counts at
   its reserved figure until the window passes: the safe side.
 
-Who settles: the gateway that accepted a request settles it when it sees the request's result
-on its own partitions of `results` (it owns them: the id was minted into them), with the
-result's total tokens and cost. A gateway that fails to produce the request releases it.
+Who settles: the gateways, in one consumer group on `results` (gateway/settle.py), so each
+result is settled once its partition's settler reads it, even when the gateway that accepted
+the request is gone; with the result's total tokens and cost. A gateway that fails to
+produce a request releases its reservation.
 """
 
 from __future__ import annotations

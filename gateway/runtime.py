@@ -332,9 +332,7 @@ class Gateway:
                 return self._accepted(holder, replay=True)
         self.hub.register(request_id)
         created = now_ms()
-        self.index.remember(
-            request_id, principal.user_id, principal.tier, created, degraded=admitted.degraded
-        )
+        self.index.remember(request_id, principal.user_id, principal.tier, created)
         record = {
             "request_id": request_id,
             "user_id": principal.user_id,
@@ -403,19 +401,6 @@ class Gateway:
 
     def _on_result(self, result: dict[str, Any]) -> None:
         self.admission.finished(result["request_id"])
-        self.annotate(result)
-
-    def annotate(self, result: dict[str, Any]) -> dict[str, Any]:
-        """Fill in ``degraded`` from the request when the result does not carry it.
-
-        Postprocess builds results from TokenEvents, which have no such field (yet); the
-        request record has it, and the request index follows every request.
-        """
-        if result.get("degraded") is None:
-            owner = self.index.owner(result["request_id"])
-            if owner is not None and owner.degraded:
-                result["degraded"] = owner.degraded
-        return result
 
     def usage(self, principal: Principal) -> UsageSummary:
         """The caller's tokens, cost and limits for this month, from the quota ledger."""
@@ -468,7 +453,7 @@ class Gateway:
         )
         async with contextlib.aclosing(reader):
             async for record in reader:
-                return self.annotate(record)
+                return record
         return None
 
     async def cancel(self, request_id: str, user_id: str, reason: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from typing import Any
 
 import uvicorn
@@ -49,5 +50,23 @@ def run(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[listening_socket(settings)])
     return 0
+
+
+def listening_socket(settings: GatewaySettings) -> socket.socket:
+    """The listening socket; accepted connections inherit its send buffer size, which
+    bounds what a client that stops reading holds in the kernel (a stream then backs up
+    into its bounded per-client queue, and is cut off with a resume cursor)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if settings.socket_send_buffer_bytes is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
+        sock.bind((settings.host, settings.port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock

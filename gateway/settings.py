@@ -53,6 +53,10 @@ class GatewaySettings(KafkaSettings):
     startup_wait_s: float = Field(default=10.0, ge=0)
     producer_linger_ms: int = Field(default=1, ge=0)
     ping_interval_s: float = Field(default=15.0, gt=0)
+    # SO_SNDBUF of client connections (the kernel doubles it). Loopback and fast links
+    # autotune up to 4 MB a connection: a client that stops reading would hold that much
+    # kernel memory before the per-client queue below is even used. None: the OS default.
+    socket_send_buffer_bytes: int | None = Field(default=131_072, ge=4_096)
     send_timeout_s: float = Field(default=30.0, gt=0)
     cancel_grace_s: float = Field(default=10.0, ge=0)
     # Events kept per live request for quick reconnects, and per-client queue bound.

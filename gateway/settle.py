@@ -9,6 +9,7 @@ result is settled at least once, and a second SETTLE of a request replaces the f
 
 A result of a request no gateway reserved (produced straight onto `requests` by another
 system) is billed to its user all the same: the ledger counts it at the SETTLE's time.
+Replays (``replay_of`` set) are not billed to the user.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ class Settler(Protocol):
 
 
 async def settle_result(ledger: Settler, result: Mapping[str, Any]) -> bool:
-    """SETTLE one SummaryResult; False when it names no user (nothing to bill)."""
+    """SETTLE one SummaryResult; False when there is nobody to bill: no user, or a replay
+    (`sumstream replay rerun` is an operator's shadow test, not the user's spending)."""
     user_id = str(result.get("user_id") or "")
-    if not user_id:
+    if not user_id or result.get("replay_of") or result.get("source") == "replay":
         return False
     usage = result.get("usage") or {}
     input_tokens = int(usage.get("input_tokens") or 0)
@@ -178,7 +180,7 @@ class ResultSettler:
         if failed:
             raise failed[0]
         for result, settled in zip(results, outcomes, strict=True):
-            SETTLED.labels("settled" if settled else "no_user").inc()
+            SETTLED.labels("settled" if settled else "not_billed").inc()
             if self._on_settled is not None:
                 self._on_settled(str(result["request_id"]))
         try:

@@ -5,23 +5,56 @@ from __future__ import annotations
 import random
 
 SUBJECTS = [
-    "The harbour authority", "A regional bakery", "The river council", "Our mountain observatory",
-    "The city library", "A small robotics lab", "The northern rail line", "A coastal vineyard",
-    "The public archive", "An orchestra in residence", "The water utility", "A cycling club",
+    "The harbour authority",
+    "A regional bakery",
+    "The river council",
+    "Our mountain observatory",
+    "The city library",
+    "A small robotics lab",
+    "The northern rail line",
+    "A coastal vineyard",
+    "The public archive",
+    "An orchestra in residence",
+    "The water utility",
+    "A cycling club",
 ]
 VERBS = [
-    "reported", "measured", "announced", "expanded", "reviewed", "repaired", "doubled", "tested",
-    "postponed", "published", "financed", "redesigned",
+    "reported",
+    "measured",
+    "announced",
+    "expanded",
+    "reviewed",
+    "repaired",
+    "doubled",
+    "tested",
+    "postponed",
+    "published",
+    "financed",
+    "redesigned",
 ]
 OBJECTS = [
-    "its winter schedule", "the flood barriers", "a new telescope mirror", "the sourdough recipe",
-    "twelve thousand records", "the signalling system", "a volunteer programme", "the grape harvest",
-    "the annual budget", "an open rehearsal", "the pumping stations", "the mountain routes",
+    "its winter schedule",
+    "the flood barriers",
+    "a new telescope mirror",
+    "the sourdough recipe",
+    "twelve thousand records",
+    "the signalling system",
+    "a volunteer programme",
+    "the grape harvest",
+    "the annual budget",
+    "an open rehearsal",
+    "the pumping stations",
+    "the mountain routes",
 ]
 DETAILS = [
-    "after a long consultation", "despite heavy rain", "with help from students",
-    "ahead of the summer season", "following an audit", "at a lower cost than planned",
-    "for the third year running", "to the surprise of residents",
+    "after a long consultation",
+    "despite heavy rain",
+    "with help from students",
+    "ahead of the summer season",
+    "following an audit",
+    "at a lower cost than planned",
+    "for the third year running",
+    "to the surprise of residents",
 ]
 
 

@@ -54,9 +54,12 @@ class Proc:
     env: dict[str, str]
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
+    # Where this run's lines begin in the log (a restarted process appends to it).
+    log_start: int = 0
 
     def start(self) -> None:
         log = self.log_path.open("ab")
+        self.log_start = log.tell()
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", *self.args],
             env=self.env,
@@ -90,6 +93,30 @@ class Proc:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+    def log_lines(self) -> list[str]:
+        """This run's log lines (since the last start)."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self.log_start)
+                return f.read().decode(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def metrics_port(self, timeout_s: float = 90.0) -> int:
+        """The port a worker serves /metrics on, from its `metrics` log line (it may have been
+        started with --metrics-port 0: any free port)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in reversed(self.log_lines()):
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and record.get("msg") == "metrics":
+                        return int(record["port"])
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} logged no metrics port in {timeout_s} s:\n{self.tail()}")
 
 
 def wait_http(url: str, proc: Proc, timeout_s: float = 90.0) -> None:
@@ -188,6 +215,21 @@ class Stack:
     def logs(self) -> str:
         return "\n\n".join(f"== {p.name} ==\n{p.tail(60)}" for p in self.procs)
 
+    def metrics_urls(self) -> dict[str, str]:
+        """The /metrics URL of every running gateway, worker and simulator, by process name."""
+        urls: dict[str, str] = {}
+        for proc in self.procs:
+            if not proc.alive():
+                continue
+            if proc in self.workers:
+                urls[proc.name] = f"http://127.0.0.1:{proc.metrics_port()}/metrics"
+            elif proc.name == "llm-sim":
+                urls[proc.name] = f"{self.sim_url}/metrics"
+            elif proc.name.startswith("gateway-"):
+                port = proc.args[proc.args.index("--port") + 1]
+                urls[proc.name] = f"http://127.0.0.1:{port}/metrics"
+        return urls
+
     # --- simulator control -------------------------------------------------------------
 
     def sim_config(self, **knobs: Any) -> dict[str, Any]:
@@ -207,12 +249,19 @@ def running_stack(
     workers: int = 1,
     gateways: int = 1,
     env: dict[str, str] | None = None,
+    bootstrap: str = BOOTSTRAP,
     **sim: Any,
 ) -> Iterator[Stack]:
-    """Topics, simulator (``sim`` knobs), workers and gateways; ``env`` goes to every process."""
-    stack = Stack(tmp, extra_env=dict(env or {}))
+    """Topics, simulator (``sim`` knobs), workers and gateways; ``env`` goes to every process.
+
+    ``bootstrap`` names another broker (a test that restarts its own) for every process.
+    """
+    extra = dict(env or {})
+    if bootstrap != BOOTSTRAP:
+        extra["SUMSTREAM_BOOTSTRAP_SERVERS"] = bootstrap
+    stack = Stack(tmp, extra_env=extra)
     try:
-        create_topics(KafkaSettings(bootstrap_servers=BOOTSTRAP, topic_prefix=stack.prefix))
+        create_topics(KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=stack.prefix))
         stack.start_simulator(**sim)
         for _ in range(workers):
             stack.start_worker()

@@ -155,7 +155,9 @@ def test_estimate_stays_between_zero_and_the_ceiling(seq: list[tuple[int, float,
         before = est.smoothed_s
         after = est.update(lag(inference=queued), rate, now)
         assert 0.0 <= after <= 300.0
-        raw_floor = min(queued / max(rate, est.min_rate_per_s), 300.0)
+        # The rate used: the highest seen recently, never below the floor.
+        assert est.rate_per_s >= max(rate, est.min_rate_per_s)
+        raw_floor = min(queued / est.rate_per_s, 300.0)
         # The smoothed value moves from where it was towards the sample: it never undershoots
         # both (the sample may be higher than lag / rate while the pipeline is stalled).
         assert after >= min(before, raw_floor) - 1e-9
@@ -242,3 +244,23 @@ async def test_monitor_start_stop_samples_in_the_background() -> None:
     async with LagMonitor(est, read, lambda: 0, interval_s=0.05, gauge=_gauge()):
         await asyncio.wait_for(sampled.wait(), 10)
     assert est.queued == 3
+
+
+def test_a_burst_after_a_quiet_spell_is_measured_against_the_capacity_seen_before() -> None:
+    est = QueueWaitEstimator(min_rate_per_s=1.0, rise_s=0.0, fall_s=0.0, capacity_memory_s=600)
+    est.update(lag(inference=40), 8.0, now=0.0)  # busy: 8 completions a second
+    est.update(lag(), 0.2, now=60.0)  # quiet: the rate is only the arrivals now
+    burst = est.update(lag(inference=40), 0.2, now=61.0)
+    assert burst == pytest.approx(40 / (8.0 * math.exp(-61 / 600)))
+    # Without the memory, the same burst looks like a 40 s queue.
+    forgetful = QueueWaitEstimator(min_rate_per_s=1.0, rise_s=0.0, fall_s=0.0, capacity_memory_s=0)
+    forgetful.update(lag(inference=40), 8.0, now=0.0)
+    assert forgetful.update(lag(inference=40), 0.2, now=61.0) == pytest.approx(40.0)
+
+
+def test_a_stall_is_caught_whatever_the_capacity_remembered() -> None:
+    est = QueueWaitEstimator(rise_s=0.0, fall_s=0.0)
+    est.update(lag(inference=4), 50.0, now=0.0)
+    est.update(lag(inference=4), 0.0, now=1.0)
+    # Nothing completed since the sample at 0 s: a 31 s stall, not 4 / 50 per second.
+    assert est.update(lag(inference=4), 0.0, now=31.0) == pytest.approx(31.0)

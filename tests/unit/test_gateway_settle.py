@@ -51,7 +51,8 @@ async def test_a_cancelled_request_settles_what_it_used_and_a_rejected_one_nothi
     assert ledger.calls == [("u", "pro", "c", 5, 0, 5, 0), ("u", "pro", "x", 0, 0, 0, 0)]
 
 
-async def test_a_result_without_a_user_bills_nobody() -> None:
+async def test_a_result_without_a_user_or_of_a_replay_bills_nobody() -> None:
     ledger = Recorder()
     assert not await settle_result(ledger, result(user_id=""))
+    assert not await settle_result(ledger, result(replay_of="r0", source="replay"))
     assert ledger.calls == []
