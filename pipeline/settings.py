@@ -73,7 +73,10 @@ class WorkerSettings(KafkaSettings):
     prices_file: Path = REPO_ROOT / "config" / "prices.toml"
     # Inference engine (pipeline/inference.py): scheduler bound, retry timing and budget,
     # HTTP timeouts.
-    max_queued: int = Field(default=256, ge=1)
+    # Jobs a worker holds beyond its running streams. Kept small: jobs held here have left the
+    # log, so the gateway's lag-based admission cannot see them; the fair scheduler only needs
+    # a window of waiting jobs to choose from.
+    max_queued: int = Field(default=32, ge=1)
     retry_base_s: float = Field(default=0.25, gt=0)
     retry_cap_s: float = Field(default=8.0, gt=0)
     retry_budget_window_s: float = Field(default=10.0, gt=0)
