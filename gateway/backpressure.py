@@ -8,8 +8,6 @@ smoothed) and tells admission, per tier, to admit, degrade or shed with a Retry-
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -27,7 +25,7 @@ from gateway.metrics import ESTIMATED_WAIT, QUEUE_DEPTH, THROUGHPUT
 from pipeline.admin import admin_client, kafka_error, partition_counts
 from pipeline.errors import TopicMissingError
 from pipeline.lag import LagReader
-from pipeline.metrics import CONSUMER_LAG
+from pipeline.metrics import CONSUMER_LAG, PeriodicSampler
 from pipeline.settings import KafkaSettings
 from pipeline.tiers import Tier
 
@@ -221,8 +219,11 @@ class CompletionCounter:
         return total
 
 
-class LagMonitor:
-    """Samples lag and completions every ``interval_s`` in a thread and feeds the estimator."""
+class LagMonitor(PeriodicSampler[tuple[Mapping[str, int], int]]):
+    """Samples lag and completions every ``interval_s`` in a thread and feeds the estimator.
+
+    A failed sample keeps the estimator's last state; it turns stale and admission fails open.
+    """
 
     def __init__(
         self,
@@ -235,16 +236,13 @@ class LagMonitor:
         gauge: Gauge = CONSUMER_LAG,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(self._read, interval_s=interval_s, name="lag-monitor", logger=log)
         self.estimator = estimator
-        self.interval_s = interval_s
         self.meter = ThroughputMeter(throughput_window_s)
-        self.last_error: Exception | None = None
         self._read_lag = read_lag
         self._read_completed = read_completed
         self._gauge = gauge
         self._clock = clock
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(
@@ -269,36 +267,8 @@ class LagMonitor:
             gauge=gauge,
         )
 
-    async def start(self) -> None:
-        self._stopping.clear()
-        self._task = asyncio.create_task(self._run(), name="lag-monitor")
-
-    async def stop(self) -> None:
-        # No cancel: a sample in its thread finishes (bounded by the admin timeouts) first.
-        self._stopping.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-
-    async def __aenter__(self) -> LagMonitor:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def sample(self) -> bool:
-        """Take one sample and feed the estimator; False (and ``last_error``) when it failed."""
-        try:
-            lag, completed = await asyncio.to_thread(self._read)
-        except Exception as exc:  # the broker or a topic missing; admission fails open
-            if self.last_error is None:
-                log.warning("lag sample failed", extra={"error": repr(exc)})
-            self.last_error = exc
-            return False
-        if self.last_error is not None:
-            log.info("lag sampling recovered")
-            self.last_error = None
+    def apply(self, reading: tuple[Mapping[str, int], int]) -> None:
+        lag, completed = reading
         now = self._clock()
         for stage, value in lag.items():
             self._gauge.labels(stage=stage).set(value)
@@ -307,13 +277,6 @@ class LagMonitor:
         QUEUE_DEPTH.set(self.estimator.queued)
         THROUGHPUT.set(self.meter.rate())
         ESTIMATED_WAIT.set(wait)
-        return True
 
     def _read(self) -> tuple[Mapping[str, int], int]:
         return self._read_lag(), self._read_completed()
-
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            await self.sample()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.interval_s)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from typing import Generic, Self, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -91,8 +92,73 @@ CONSUMER_LAG = Gauge(
 
 LAG_SAMPLE_INTERVAL_S = 5.0
 
+T = TypeVar("T")
 
-class LagSampler:
+
+class PeriodicSampler(Generic[T]):
+    """Calls the blocking ``read`` in a thread every ``interval_s`` and hands each value to
+    ``apply`` (the subclass's).
+
+    A failed read leaves the last values in place and is logged once, on ``logger``, until
+    sampling recovers: metrics and estimates must not stop the process that takes them.
+    """
+
+    def __init__(
+        self, read: Callable[[], T], *, interval_s: float, name: str, logger: logging.Logger = log
+    ) -> None:
+        self.interval_s = interval_s
+        self.last_error: Exception | None = None
+        self._read_sample = read
+        self._name = name
+        self._log = logger
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def apply(self, reading: T) -> None:
+        """Use one successful sample."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(), name=self._name)
+
+    async def stop(self) -> None:
+        # No cancel: a read in its thread cannot be interrupted; it is bounded by its timeouts.
+        self._stopping.set()
+        if self._task is not None:
+            task, self._task = self._task, None
+            await task
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def sample(self) -> bool:
+        """Read once and apply it; False (and ``last_error``) when the read failed."""
+        try:
+            reading = await asyncio.to_thread(self._read_sample)
+        except Exception as exc:  # broker away, topic missing
+            if self.last_error is None:
+                self._log.warning("lag sample failed", extra={"error": repr(exc)})
+            self.last_error = exc
+            return False
+        if self.last_error is not None:
+            self._log.info("lag sampling recovered")
+            self.last_error = None
+        self.apply(reading)
+        return True
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            await self.sample()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval_s)
+
+
+class LagSampler(PeriodicSampler[Mapping[str, int]]):
     """Sets ``CONSUMER_LAG`` every ``interval_s`` from ``read`` (stage -> lag), in a thread.
 
     ``read`` is blocking (pipeline/lag.py's ``LagReader.read``: admin API round trips). A failed
@@ -106,42 +172,9 @@ class LagSampler:
         interval_s: float = LAG_SAMPLE_INTERVAL_S,
         gauge: Gauge = CONSUMER_LAG,
     ) -> None:
-        self.interval_s = interval_s
-        self.last_error: Exception | None = None
-        self._read = read
+        super().__init__(read, interval_s=interval_s, name="lag-sampler")
         self._gauge = gauge
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._stopping.clear()
-        self._task = asyncio.create_task(self._run(), name="lag-sampler")
-
-    async def stop(self) -> None:
-        # No cancel: a read in its thread cannot be interrupted; it is bounded by its timeouts.
-        self._stopping.set()
-        if self._task is not None:
-            task, self._task = self._task, None
-            await task
-
-    async def sample(self) -> bool:
-        """Read the lag once and set the gauge; False (and ``last_error``) when the read failed."""
-        try:
-            lag = await asyncio.to_thread(self._read)
-        except Exception as exc:  # broker away, topic missing: metrics must not stop a worker
-            if self.last_error is None:
-                log.warning("lag sample failed", extra={"error": repr(exc)})
-            self.last_error = exc
-            return False
-        if self.last_error is not None:
-            log.info("lag sampling recovered")
-            self.last_error = None
-        for stage, value in lag.items():
-            self._gauge.labels(stage=stage).set(value)
-        return True
-
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            await self.sample()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.interval_s)
+    def apply(self, reading: Mapping[str, int]) -> None:
+        for stage, lag in reading.items():
+            self._gauge.labels(stage=stage).set(lag)

@@ -13,10 +13,12 @@ from typing import Any
 
 from pipeline.settings import WorkerSettings
 
+# Attributes every LogRecord has; anything else was passed as ``extra=`` and is logged.
 _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
     "asctime",
     "taskName",
+    "color_message",  # uvicorn's ANSI copy of msg (the gateway's lines)
 }
 
 
@@ -58,7 +60,8 @@ class RecordContextFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; ``extra=`` fields (request_id, stage...) become keys.
 
-    The same shape as the gateway's lines (gateway/logs.py): ts is ISO 8601 UTC in ms.
+    Shared with the gateway (gateway/logs.py), so every process writes the same shape: ts is
+    ISO 8601 UTC in ms.
     """
 
     def format(self, record: logging.LogRecord) -> str:
