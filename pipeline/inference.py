@@ -370,7 +370,8 @@ class InferenceEngine:
                     "deadline_exceeded",
                     "the request's deadline passed; the text so far is kept",
                     retriable=False,
-                    partial=True,
+                    # A job whose deadline passed in the queue has no text: FAILED, not PARTIAL.
+                    partial=bool(run.text),
                 ),
             )
 

@@ -141,3 +141,27 @@ async def test_waiter_is_cancellable() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_wait_not_open_holds_while_open_and_lets_everyone_through_half_open() -> None:
+    # The inference stage stops taking jobs with this: all of them may queue once it half-opens
+    # (only one becomes the probe), none while it is open.
+    breaker = CircuitBreaker("t-intake", failure_threshold=1, reset_s=0.2)
+    await asyncio.wait_for(breaker.wait_not_open(), 1.0)  # closed: at once
+    breaker.record_failure()
+    waiters = [asyncio.create_task(breaker.wait_not_open()) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert not any(w.done() for w in waiters)
+    await asyncio.wait_for(asyncio.gather(*waiters), 2.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allow()  # the probe slot is still free for whoever calls first
+
+
+async def test_wait_not_open_returns_when_the_breaker_closes_early() -> None:
+    breaker = CircuitBreaker("t-intake-close", failure_threshold=1, reset_s=60.0)
+    breaker.record_failure()
+    waiter = asyncio.create_task(breaker.wait_not_open())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    breaker.record_success()  # e.g. a call started before it opened succeeded
+    await asyncio.wait_for(waiter, 1.0)

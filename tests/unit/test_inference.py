@@ -397,6 +397,7 @@ async def test_deadline_of_a_queued_job(sim: LocalSimulator) -> None:
         await engine.submit(short)
         error = await rec.terminal(short["request_id"])
         assert error["kind"] == "ERROR" and error["error"]["code"] == "deadline_exceeded"
+        assert error["error"]["partial"] is False  # nothing was streamed
         assert [e["kind"] for e in rec.events[short["request_id"]]] == ["ERROR"]
         assert stats(sim, short["request_id"])["attempts"] == 0
         assert (await rec.terminal(long["request_id"]))["kind"] == "DONE"
