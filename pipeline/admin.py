@@ -29,11 +29,14 @@ from pipeline.topics import TopicSpec, declared_topics
 
 TIMEOUT_S = 30.0
 # Answers from a partition whose leadership is still being set up.
-_NOT_YET = {
+# Leadership still settling (a new topic, a broker that just started or restarted).
+LEADER_MOVING = {
     KafkaError.LEADER_NOT_AVAILABLE,
     KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError.UNKNOWN_LEADER_EPOCH,
+    KafkaError.FENCED_LEADER_EPOCH,
 }
+_NOT_YET = {*LEADER_MOVING, KafkaError.UNKNOWN_TOPIC_OR_PART}
 _UNAVAILABLE = {
     KafkaError._TRANSPORT,
     KafkaError._TIMED_OUT,

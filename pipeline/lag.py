@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from confluent_kafka import (
-    ConsumerGroupTopicPartitions,
-    KafkaError,
+    Consumer,
     KafkaException,
     TopicPartition,
 )
@@ -24,7 +23,7 @@ from confluent_kafka.admin import AdminClient
 # Re-exported by confluent_kafka.admin without __all__ (mypy --strict rejects that import).
 from confluent_kafka.admin._listoffsets import OffsetSpec
 
-from pipeline.admin import admin_client, kafka_error, partition_counts
+from pipeline.admin import LEADER_MOVING, admin_client, kafka_error, partition_counts
 from pipeline.errors import SumstreamError, TopicMissingError
 from pipeline.settings import KafkaSettings, WorkerSettings
 
@@ -35,7 +34,6 @@ STAGE_TOPICS: dict[str, str] = {
     "postprocess": "tokens",
 }
 TIMEOUT_S = 5.0
-LEADER_MOVING = {KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION}
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,8 @@ class LagReader:
         self.topics = {stage: settings.topic_prefix + STAGE_TOPICS[stage] for stage in groups}
         self.timeout_s = timeout_s
         self._client: AdminClient = admin_client(settings)
+        self._bootstrap = settings.bootstrap_servers
+        self._readers: dict[str, Consumer] = {}
 
     def read(self) -> dict[str, int]:
         """Total lag per stage."""
@@ -126,20 +126,38 @@ class LagReader:
         for stage, parts in tps.items():
             by_group.setdefault(self.groups[stage], []).extend(parts)
         out: dict[tuple[str, str, int], int | None] = {}
-        # librdkafka takes one group per request.
         for group, parts in by_group.items():
-            request = [ConsumerGroupTopicPartitions(group, parts)]
-            futures = self._client.list_consumer_group_offsets(
-                request, request_timeout=self.timeout_s
-            )
             try:
-                result = futures[group].result(timeout=self.timeout_s + 1)
+                result = self._group_reader(group).committed(parts, timeout=self.timeout_s)
             except KafkaException as exc:
                 raise kafka_error(f"reading offsets of group {group}", exc) from exc
-            for tp in result.topic_partitions or []:
+            for tp in result:
                 offset = tp.offset if tp.error is None and tp.offset >= 0 else None
                 out[(group, tp.topic, tp.partition)] = offset
         return out
+
+    def _group_reader(self, group: str) -> Consumer:
+        # AdminClient.list_consumer_group_offsets crashes librdkafka 2.16 (NULL dereference
+        # in rd_kafka_cgrp_op) when the coordinator answers NOT_COORDINATOR, e.g. while a
+        # group forms; a consumer's committed() takes another code path. It never subscribes,
+        # so it never joins the group it reads.
+        reader = self._readers.get(group)
+        if reader is None:
+            reader = Consumer(
+                {
+                    "bootstrap.servers": self._bootstrap,
+                    "group.id": group,
+                    "enable.auto.commit": False,
+                }
+            )
+            self._readers[group] = reader
+        return reader
+
+    def close(self) -> None:
+        """Close the per-group offset readers."""
+        readers, self._readers = self._readers, {}
+        for reader in readers.values():
+            reader.close()
 
     def _offsets(self, keys: set[tuple[str, int]], spec: OffsetSpec) -> dict[tuple[str, int], int]:
         if not keys:
@@ -171,7 +189,11 @@ def read_lag(
 
     Keep a :class:`LagReader` instead when reading repeatedly: it reuses its connection.
     """
-    return LagReader(settings, groups_by_stage, timeout_s).read()
+    reader = LagReader(settings, groups_by_stage, timeout_s)
+    try:
+        return reader.read()
+    finally:
+        reader.close()
 
 
 def format_table(parts: list[PartitionLag], *, per_partition: bool = False) -> str:
