@@ -95,12 +95,17 @@ class Codec:
         if expect is not None and writer.name != expect:
             raise UnknownSchemaError(f"expected {expect}, got {writer.name}")
         reader = self.current[writer.name]
+        body = io.BytesIO(data[HEADER_LEN:])
         try:
-            record = schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer.parsed, reader.parsed)
+            record = schemaless_reader(body, writer.parsed, reader.parsed)
         except Exception as exc:  # fastavro raises many types on corrupt input
             raise CodecError(f"{writer.name}: corrupt body: {exc}") from exc
         if not isinstance(record, dict):
             raise CodecError(f"{writer.name}: body is not a record")
+        # A record is exactly its body: trailing bytes mean the value is not what it claims.
+        extra = len(data) - HEADER_LEN - body.tell()
+        if extra:
+            raise CodecError(f"{writer.name}: {extra} trailing bytes")
         return writer.name, record
 
     def decode_as(self, data: bytes | None, name: str) -> dict[str, Any]:

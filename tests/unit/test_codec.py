@@ -87,6 +87,13 @@ def test_wrong_marker_on_a_valid_body_raises() -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_trailing_bytes_after_a_valid_body_raise(name: str) -> None:
+    encoded = codec().encode(name, SAMPLES[name])
+    with pytest.raises(CodecError, match="trailing bytes"):
+        codec().decode(encoded + b"\x00")
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_every_truncation_raises_codec_error(name: str) -> None:
     encoded = codec().encode(name, SAMPLES[name])
     for cut in range(HEADER_LEN, len(encoded)):
