@@ -33,7 +33,7 @@ import pytest
 from gateway.admission import prompt_overhead_tokens
 from pipeline.llm.extractive import count_tokens, summarize
 from tests.e2e.documents import OBJECTS, SUBJECTS, VERBS, document
-from tests.e2e.harness import Stack, auth, collect, running_stack
+from tests.e2e.harness import Stack, TierRow, auth, collect, running_stack, write_tiers
 
 pytestmark = pytest.mark.e2e
 
@@ -44,9 +44,9 @@ TPM_OUTPUT = 40
 TPM_NEED = count_tokens(TPM_DOC) + prompt_overhead_tokens(None, TPM_OUTPUT) + TPM_OUTPUT
 
 
-def write_tiers(path: Path) -> Path:
+def tiers_file(path: Path) -> Path:
     """The default tiers, the pro tier at 60 requests/min, and two test tiers."""
-    tiers = {
+    tiers: dict[str, TierRow] = {
         "free": (10, 20_000, 8_000, 300, 1, 1.0, 30.0),
         "pro": (60, 400_000, 100_000, 1_024, 4, 100.0, 60.0),
         "enterprise": (1_200, 4_000_000, 400_000, 4_096, 16, 10_000.0, 120.0),
@@ -55,22 +55,7 @@ def write_tiers(path: Path) -> Path:
         # Sheds once the estimated queue wait passes 4 s.
         "quick": (600, 400_000, 100_000, 1_024, 4, 100.0, 4.0),
     }
-    lines = []
-    for name, (rpm, tpm, max_in, max_out, weight, budget, wait) in tiers.items():
-        lines += [
-            f"[{name}]",
-            f"rpm = {rpm}",
-            f"tpm = {tpm}",
-            f"max_input_tokens = {max_in}",
-            f"max_output_tokens = {max_out}",
-            f"weight = {weight}",
-            f"monthly_budget_usd = {budget}",
-            f"max_queue_wait_s = {wait}",
-            'on_input_too_large = "truncate"',
-            "",
-        ]
-    path.write_text("\n".join(lines))
-    return path
+    return write_tiers(path, tiers)
 
 
 def rss_mb(proc_pid: int) -> float:
@@ -146,7 +131,7 @@ def test_a_stalled_upstream_sheds_new_requests_and_accepted_ones_complete_after(
     # is lag in `preprocessed`, where the gateway sees it. Above a quarter of the tier's
     # max wait (1 s), requests are degraded to half their output.
     env = {
-        "SUMSTREAM_TIERS_FILE": str(write_tiers(tmp_path / "tiers.toml")),
+        "SUMSTREAM_TIERS_FILE": str(tiers_file(tmp_path / "tiers.toml")),
         "SUMSTREAM_MAX_STREAMS": "4",
         "SUMSTREAM_MAX_QUEUED": "4",
         "SUMSTREAM_MAX_STREAMS_PER_USER": "4",
@@ -252,7 +237,7 @@ async def _stall_and_recover(stack: Stack) -> None:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("admission")
     env = {
-        "SUMSTREAM_TIERS_FILE": str(write_tiers(tmp / "tiers.toml")),
+        "SUMSTREAM_TIERS_FILE": str(tiers_file(tmp / "tiers.toml")),
         # Worker: as many streams as the simulator allows, at most 2 for one user.
         "SUMSTREAM_MAX_STREAMS": "4",
         "SUMSTREAM_MAX_STREAMS_PER_USER": "2",

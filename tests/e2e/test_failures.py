@@ -50,9 +50,11 @@ from tests.e2e.harness import (
     Proc,
     Stack,
     StreamResult,
+    TierRow,
     auth,
     collect,
     sse_events,
+    write_tiers,
 )
 
 pytestmark = pytest.mark.e2e
@@ -71,32 +73,15 @@ OUTAGE_S = 30.0
 SDK = "x-sumstream-request-id"
 
 
-def write_tiers(path: Path) -> Path:
+def tiers_file(path: Path) -> Path:
     """The default tiers and `quick`, whose short max queue wait makes a short deadline."""
-    tiers = {
+    tiers: dict[str, TierRow] = {
         "free": (10, 20_000, 8_000, 300, 1, 1.0, 30.0),
         "pro": (120, 400_000, 100_000, 1_024, 4, 100.0, 60.0),
         "enterprise": (1_200, 4_000_000, 400_000, 4_096, 16, 10_000.0, 120.0),
         "quick": (600, 400_000, 100_000, 1_024, 4, 100.0, QUICK_WAIT_S),
     }
-    lines = []
-    for name, (rpm, tpm, max_in, max_out, weight, budget, wait) in tiers.items():
-        lines += [
-            f"[{name}]",
-            f"rpm = {rpm}",
-            f"tpm = {tpm}",
-            f"max_input_tokens = {max_in}",
-            f"max_output_tokens = {max_out}",
-            f"weight = {weight}",
-            f"monthly_budget_usd = {budget}",
-            f"max_queue_wait_s = {wait}",
-            'on_input_too_large = "reject"'
-            if name == "free"
-            else 'on_input_too_large = "truncate"',
-            "",
-        ]
-    path.write_text("\n".join(lines))
-    return path
+    return write_tiers(path, tiers, reject=frozenset({"free"}))
 
 
 class Env:
@@ -126,7 +111,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     stack = Stack(
         tmp,
         extra_env={
-            "SUMSTREAM_TIERS_FILE": str(write_tiers(tmp / "tiers.toml")),
+            "SUMSTREAM_TIERS_FILE": str(tiers_file(tmp / "tiers.toml")),
             "SUMSTREAM_DEFAULT_DEADLINE_S": str(DEFAULT_DEADLINE_S),
             "SUMSTREAM_CANCEL_GRACE_S": "1",
             "SUMSTREAM_BREAKER_RESET_S": str(BREAKER_RESET_S),
