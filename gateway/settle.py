@@ -87,8 +87,10 @@ class _StartPositions(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         now_ms = int(time.time() * 1000)
         since = max(month_start_ms(now_ms), now_ms - int(self.backfill_s * 1000))
-        found = await self.consumer.offsets_for_times(dict.fromkeys(fresh, since))
+        # Ends first: a result written between the two calls is then either found by time or
+        # lies after the end we fall back to, never skipped.
         ends = await self.consumer.end_offsets(fresh)
+        found = await self.consumer.offsets_for_times(dict.fromkeys(fresh, since))
         for tp in fresh:
             hit = found.get(tp)
             self.consumer.seek(tp, hit.offset if hit is not None else ends[tp])
