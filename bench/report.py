@@ -329,7 +329,7 @@ def _rate_limited(a: dict[str, Any], systems: list[str]) -> list[str]:
     return ["## 4. Rate-limited upstream", "", *_table(header, rows)]
 
 
-# latency_ms keys of sumstream's result (pipeline/postprocess.py) in the order a request meets them.
+# latency_ms keys of the result (pipeline/worker/postprocess.py) in the order a request meets them.
 STAGES = (
     ("admission", "gateway: admit + produce"),
     ("queue_wait", "`requests` wait"),

@@ -35,7 +35,7 @@ from bench.scenarios import (
     rate_limited,
     throughput,
 )
-from pipeline.settings import REPO_ROOT, KafkaSettings
+from pipeline.core.settings import REPO_ROOT, KafkaSettings
 
 RESULTS = REPO_ROOT / "bench" / "results"
 

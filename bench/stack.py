@@ -23,9 +23,9 @@ from typing import IO, Any
 
 import httpx
 
-from pipeline.settings import REPO_ROOT, BrokerSettings, KafkaSettings, child_env
+from pipeline.core.settings import REPO_ROOT, BrokerSettings, KafkaSettings, child_env
 
-EXE = [sys.executable, "-m", "pipeline.cli"]
+EXE = [sys.executable, "-m", "pipeline.ops.cli"]
 
 
 def free_port() -> int:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 
-# One formatter for every sumstream process: the workers' (pipeline/worker_logging.py).
-from pipeline.worker_logging import JsonFormatter
+# One formatter for every sumstream process: the workers' (pipeline/core/jsonlog.py).
+from pipeline.core.jsonlog import JsonFormatter
 
 
 def configure(level: str = "INFO") -> None:

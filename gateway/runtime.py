@@ -21,25 +21,25 @@ from typing import Any, cast
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from gateway.admission import Admission, Degradation, prompt_overhead_tokens
-from gateway.auth import KeyStore, Principal
-from gateway.backpressure import LagMonitor, QueueWaitEstimator
-from gateway.errors import BrokerUnavailable, NotReady, PayloadTooLarge, Unauthorized
-from gateway.hub import TERMINAL_KINDS, StreamHub, Subscriber
-from gateway.idempotency import RequestIndex, RequestOwner
-from gateway.ids import mint_request_id, owned_partitions
+from gateway.admission.backpressure import LagMonitor, QueueWaitEstimator
+from gateway.admission.controller import Admission, Degradation, prompt_overhead_tokens
+from gateway.admission.idempotency import RequestIndex, RequestOwner
+from gateway.admission.quota import QuotaLedger, UsageSummary
+from gateway.admission.settle import ResultSettler
+from gateway.http.auth import KeyStore, Principal
+from gateway.http.errors import BrokerUnavailable, NotReady, PayloadTooLarge, Unauthorized
+from gateway.http.models import SummaryIn
 from gateway.metrics import CANCELS
-from gateway.models import SummaryIn
-from gateway.quota import QuotaLedger, UsageSummary
 from gateway.settings import GatewaySettings
-from gateway.settle import ResultSettler
-from pipeline.codec import codec
-from pipeline.errors import TopicMissingError
-from pipeline.lag import STAGE_TOPICS
+from gateway.streams.hub import TERMINAL_KINDS, StreamHub, Subscriber
+from gateway.streams.ids import mint_request_id, owned_partitions
+from pipeline.core.codec import codec
+from pipeline.core.errors import TopicMissingError
+from pipeline.core.tiers import Tier
+from pipeline.core.topics import TopicNames, declared_topics
+from pipeline.kafka.lag import STAGE_TOPICS
+from pipeline.kafka.tail import id_time_ms, read_request_records
 from pipeline.llm.extractive import count_tokens
-from pipeline.tail import id_time_ms, read_request_records
-from pipeline.tiers import Tier
-from pipeline.topics import TopicNames, declared_topics
 
 log = logging.getLogger("sumstream.gateway")
 
@@ -48,7 +48,7 @@ COUNT_IN_THREAD_BYTES = 256 * 1024
 
 
 async def _log_reader(*args: Any, **kwargs: Any) -> AsyncGenerator[dict[str, Any], None]:
-    """pipeline.tail's reader; a broker that cannot be read is a retriable 503."""
+    """pipeline.kafka.tail's reader; a broker that cannot be read is a retriable 503."""
     records = cast(AsyncGenerator[dict[str, Any], None], read_request_records(*args, **kwargs))
     async with contextlib.aclosing(records):
         try:

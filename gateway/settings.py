@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 
-from pipeline.settings import REPO_ROOT, KafkaSettings
+from pipeline.core.settings import REPO_ROOT, KafkaSettings
 
 
 class GatewaySettings(KafkaSettings):
@@ -30,7 +30,7 @@ class GatewaySettings(KafkaSettings):
     # process when the lag figures are stale and admission fails open).
     max_inflight: int = Field(default=2_000, ge=1)
 
-    # Admission (gateway/admission.py). The Faust app id is the stages' consumer group,
+    # Admission (gateway/admission/controller.py). The Faust app id is the stages' consumer group,
     # whose lag is the queue; the same variable (SUMSTREAM_APP_ID) the workers read.
     app_id: str = "sumstream"
     lag_interval_s: float = Field(default=1.0, gt=0)
@@ -43,7 +43,7 @@ class GatewaySettings(KafkaSettings):
     degrade_model: str | None = Field(default=None, min_length=1)
     degrade_output_ratio: float | None = Field(default=None, gt=0, lt=1)
     degrade_at: float = Field(default=0.5, gt=0, le=1)
-    # The quota ledger (gateway/quota.py) and the consumer group that settles results.
+    # The quota ledger (gateway/admission/quota.py) and the consumer group that settles results.
     quota_timeout_s: float = Field(default=5.0, gt=0)
     quota_start_timeout_s: float = Field(default=120.0, gt=0)
     # A new settle group starts this far back in `results` (within the month).

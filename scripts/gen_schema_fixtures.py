@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.codec import Codec  # noqa: E402
+from pipeline.core.codec import Codec  # noqa: E402
 from tests.avro_data import record_names, sample, to_json  # noqa: E402
 
 SCHEMAS = ROOT / "schemas"

@@ -15,7 +15,7 @@ from typing import Any
 from fastavro import parse_schema
 from hypothesis import strategies as st
 
-from pipeline.codec import RECORDS, SCHEMA_DIR, SHARED
+from pipeline.core.codec import RECORDS, SCHEMA_DIR, SHARED
 
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1

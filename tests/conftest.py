@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.admin import create_topics, delete_topics
-from pipeline.broker import is_reachable
-from pipeline.settings import KafkaSettings
-from pipeline.topics import TopicNames
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.topics import TopicNames
+from pipeline.kafka.admin import create_topics, delete_topics
+from pipeline.ops.broker import is_reachable
 
 
 def unique(prefix: str) -> str:

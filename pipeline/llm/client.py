@@ -19,8 +19,8 @@ import anthropic
 import httpx2
 from anthropic import AsyncAnthropic
 
-from pipeline.errors import UpstreamError
-from pipeline.settings import WorkerSettings
+from pipeline.core.errors import UpstreamError
+from pipeline.core.settings import WorkerSettings
 
 logger = logging.getLogger("sumstream.upstream")
 

@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from pipeline import broker
-from pipeline.admin import create_topics
-from pipeline.errors import SumstreamError
-from pipeline.settings import REPO_ROOT, BrokerSettings, KafkaSettings
+from pipeline.core.errors import SumstreamError
+from pipeline.core.settings import REPO_ROOT, BrokerSettings, KafkaSettings
+from pipeline.kafka.admin import create_topics
+from pipeline.ops import broker
 from tests.e2e.harness import Proc, Stack, StreamResult, auth, free_port, sse_events
 
 # -- a proxy between the workers and the simulator ---------------------------------------------
@@ -317,7 +317,7 @@ def fresh_broker(data_dir: Path) -> Iterator[BrokerSettings]:
     """A new single-node broker on free ports (the shared one is never touched), stopped after.
 
     It is warmed up first: right after it starts, a broker can answer ListOffsets for a partition
-    it has just become leader of with UNKNOWN_LEADER_EPOCH, which pipeline/admin.py does not
+    it has just become leader of with UNKNOWN_LEADER_EPOCH, which pipeline/kafka/admin.py does not
     treat as "not yet" (reported); once it has settled, creating topics goes through at once.
     """
     port = free_port()

@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 
-from gateway.auth import hash_key
-from pipeline.admin import create_topics
-from pipeline.settings import KafkaSettings
+from gateway.http.auth import hash_key
+from pipeline.core.settings import KafkaSettings
+from pipeline.kafka.admin import create_topics
 
 REPO = Path(__file__).resolve().parents[2]
 BOOTSTRAP = os.environ.get("SUMSTREAM_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
@@ -61,7 +61,7 @@ class Proc:
         log = self.log_path.open("ab")
         self.log_start = log.tell()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *self.args],
+            [sys.executable, "-m", "pipeline.ops.cli", *self.args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.admission import prompt_overhead_tokens
+from gateway.admission.controller import prompt_overhead_tokens
 from pipeline.llm.extractive import count_tokens, summarize
 from tests.e2e.documents import OBJECTS, SUBJECTS, VERBS, document
 from tests.e2e.harness import Stack, TierRow, auth, collect, running_stack, write_tiers

@@ -28,12 +28,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from ulid import ULID
 
-from pipeline.admin import create_topics
-from pipeline.codec import codec
-from pipeline.lag import LagReader
+from pipeline.core.codec import codec
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.topics import TopicNames
+from pipeline.kafka.admin import create_topics
+from pipeline.kafka.lag import LagReader
 from pipeline.llm.extractive import summarize
-from pipeline.settings import KafkaSettings
-from pipeline.topics import TopicNames
 from tests.e2e.documents import document
 from tests.e2e.faults import (
     FlakyProxy,

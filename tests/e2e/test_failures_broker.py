@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline import broker
-from pipeline.admin import create_topics
+from pipeline.core.settings import BrokerSettings, KafkaSettings
+from pipeline.kafka.admin import create_topics
 from pipeline.llm.extractive import summarize
-from pipeline.settings import BrokerSettings, KafkaSettings
+from pipeline.ops import broker
 from tests.e2e.documents import document
 from tests.e2e.faults import Clients, fresh_broker, log_records
 from tests.e2e.harness import Stack

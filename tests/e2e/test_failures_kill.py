@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from pipeline.core.partitioning import partition_for
+from pipeline.core.settings import KafkaSettings
 from pipeline.llm.extractive import summarize
-from pipeline.partitioning import partition_for
-from pipeline.settings import KafkaSettings
 from tests.e2e.documents import document
 from tests.e2e.faults import Clients, log_records
 from tests.e2e.harness import Proc, Stack, running_stack

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from pipeline.codec import codec
+from pipeline.core.codec import codec
 from tests.deploy_files import Scrape, all_needs, missing
 from tests.e2e.documents import document
 from tests.e2e.harness import BOOTSTRAP, Proc, Stack, StreamResult, auth, collect, running_stack

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from pipeline.codec import codec
+from pipeline.core.codec import codec
+from pipeline.core.partitioning import partition_for
+from pipeline.core.settings import KafkaSettings
 from pipeline.llm.extractive import summarize
-from pipeline.partitioning import partition_for
-from pipeline.settings import KafkaSettings
-from pipeline.submit import build_request, produce_request
+from pipeline.ops.submit import build_request, produce_request
 from tests.e2e.documents import document
 from tests.e2e.harness import BOOTSTRAP, REPO, Stack, auth, collect, running_stack
 
@@ -182,7 +182,7 @@ def test_sumstream_submit_prints_the_streamed_summary(stack: Stack, tmp_path: Pa
     path = tmp_path / "doc.txt"
     path.write_text(doc)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "submit", str(path)],
+        [sys.executable, "-m", "pipeline.ops.cli", "submit", str(path)],
         env=stack.env(),
         cwd=REPO,
         capture_output=True,

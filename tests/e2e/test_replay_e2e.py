@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from pipeline.admin import create_topics, delete_topics
-from pipeline.audit import export
-from pipeline.codec import codec
-from pipeline.history import request_history, scan
-from pipeline.replay import history_lines, rerun
-from pipeline.settings import KafkaSettings
-from pipeline.submit import build_request, produce_request
-from pipeline.top import snapshot
-from pipeline.topics import TopicNames
+from pipeline.core.codec import codec
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.topics import TopicNames
+from pipeline.kafka.admin import create_topics, delete_topics
+from pipeline.ops.audit import export
+from pipeline.ops.history import request_history, scan
+from pipeline.ops.replay import history_lines, rerun
+from pipeline.ops.submit import build_request, produce_request
+from pipeline.ops.top import snapshot
 from tests.e2e.documents import document
 from tests.e2e.harness import BOOTSTRAP, Stack
 

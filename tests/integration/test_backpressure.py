@@ -9,9 +9,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, Gauge
 
-from gateway.backpressure import CompletionCounter, LagMonitor, QueueWaitEstimator
-from pipeline.settings import KafkaSettings
-from pipeline.topics import TopicNames
+from gateway.admission.backpressure import CompletionCounter, LagMonitor, QueueWaitEstimator
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.topics import TopicNames
 
 pytestmark = pytest.mark.integration
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import broker
-from pipeline.admin import create_topics, describe_topics
-from pipeline.cli import main
-from pipeline.settings import REPO_ROOT, BrokerSettings, KafkaSettings
+from pipeline.core.settings import REPO_ROOT, BrokerSettings, KafkaSettings
+from pipeline.kafka.admin import create_topics, describe_topics
+from pipeline.ops import broker
+from pipeline.ops.cli import main
 
 pytestmark = pytest.mark.integration
 

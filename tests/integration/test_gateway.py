@@ -20,15 +20,15 @@ import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from gateway.app import create_app
-from gateway.auth import KeyStore, Principal, hash_key
+from gateway.http.app import create_app
+from gateway.http.auth import KeyStore, Principal, hash_key
 from gateway.runtime import Gateway
 from gateway.settings import GatewaySettings
-from pipeline.codec import codec
-from pipeline.partitioning import partition_for
-from pipeline.settings import KafkaSettings
-from pipeline.tiers import Tier, load_tiers
-from pipeline.topics import TopicNames, declared_topics
+from pipeline.core.codec import codec
+from pipeline.core.partitioning import partition_for
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.tiers import Tier, load_tiers
+from pipeline.core.topics import TopicNames, declared_topics
 
 BOOTSTRAP = "127.0.0.1:9092"
 KEYS = {"alice": "key-alice", "bob": "key-bob", "fred": "key-fred"}

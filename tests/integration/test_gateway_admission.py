@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.admission import prompt_overhead_tokens
+from gateway.admission.controller import prompt_overhead_tokens
 from gateway.settings import GatewaySettings
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
-from pipeline.settings import KafkaSettings
-from pipeline.tiers import Tier
 from tests.integration.test_gateway import (
     DOC,
     RunningGateway,

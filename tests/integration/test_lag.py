@@ -5,10 +5,10 @@ from collections.abc import Callable
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from pipeline.errors import TopicMissingError
-from pipeline.lag import LagReader, format_table, read_lag
-from pipeline.settings import KafkaSettings
-from pipeline.topics import TopicNames
+from pipeline.core.errors import TopicMissingError
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.topics import TopicNames
+from pipeline.kafka.lag import LagReader, format_table, read_lag
 
 pytestmark = pytest.mark.integration
 

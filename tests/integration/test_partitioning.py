@@ -11,9 +11,9 @@ from aiokafka import AIOKafkaProducer
 from confluent_kafka import Producer
 from ulid import ULID
 
-from pipeline.partitioning import partition_for
-from pipeline.settings import KafkaSettings
-from pipeline.topics import TopicNames
+from pipeline.core.partitioning import partition_for
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.topics import TopicNames
 
 pytestmark = pytest.mark.integration
 

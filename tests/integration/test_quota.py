@@ -9,11 +9,16 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from gateway.errors import BudgetExceeded
-from gateway.quota import QuotaLedger, QuotaUnavailable, month_start_ms, next_month_start_ms
-from pipeline.settings import KafkaSettings
-from pipeline.tiers import Tier
-from pipeline.topics import declared_topics
+from gateway.admission.quota import (
+    QuotaLedger,
+    QuotaUnavailable,
+    month_start_ms,
+    next_month_start_ms,
+)
+from gateway.http.errors import BudgetExceeded
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.tiers import Tier
+from pipeline.core.topics import declared_topics
 
 pytestmark = pytest.mark.integration
 

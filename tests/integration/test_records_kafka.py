@@ -15,10 +15,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from confluent_kafka import Consumer, KafkaError, Producer
 from ulid import ULID
 
-from pipeline.codec import codec
-from pipeline.partitioning import partition_for
-from pipeline.settings import KafkaSettings
-from pipeline.topics import TopicNames, declared_topics
+from pipeline.core.codec import codec
+from pipeline.core.partitioning import partition_for
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.topics import TopicNames, declared_topics
 from tests.avro_data import record_names, sample, sparse
 
 pytestmark = pytest.mark.integration

@@ -16,15 +16,15 @@ import pytest
 from confluent_kafka import Producer
 from ulid import ULID
 
-from pipeline import cli
-from pipeline.audit import audit_rows, export
-from pipeline.codec import codec
-from pipeline.history import LoggedRecord, parse_time, request_history, scan
-from pipeline.replay import history_lines, rerun
-from pipeline.settings import KafkaSettings, child_env
-from pipeline.tail import id_time_ms
-from pipeline.top import render, snapshot, watch
-from pipeline.topics import TopicNames
+from pipeline.core.codec import codec
+from pipeline.core.settings import KafkaSettings, child_env
+from pipeline.core.topics import TopicNames
+from pipeline.kafka.tail import id_time_ms
+from pipeline.ops import cli
+from pipeline.ops.audit import audit_rows, export
+from pipeline.ops.history import LoggedRecord, parse_time, request_history, scan
+from pipeline.ops.replay import history_lines, rerun
+from pipeline.ops.top import render, snapshot, watch
 
 pytestmark = pytest.mark.integration
 
@@ -212,7 +212,7 @@ def test_replay_request_command(settings: KafkaSettings) -> None:
         topic_prefix=settings.topic_prefix, bootstrap_servers=settings.bootstrap_servers
     )
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "replay", "request", rid, "--json"],
+        [sys.executable, "-m", "pipeline.ops.cli", "replay", "request", rid, "--json"],
         env=env,
         capture_output=True,
         text=True,
@@ -227,7 +227,7 @@ def test_replay_request_command(settings: KafkaSettings) -> None:
         ("results", "SummaryResult", 9),
     ]
     missing = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "replay", "request", str(ULID())],
+        [sys.executable, "-m", "pipeline.ops.cli", "replay", "request", str(ULID())],
         env=env,
         capture_output=True,
         text=True,

@@ -25,13 +25,13 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from ulid import ULID
 
-from pipeline.admin import create_topics, delete_topics
-from pipeline.codec import codec
+from pipeline.core.codec import codec
+from pipeline.core.partitioning import partition_for
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.topics import TopicNames
+from pipeline.kafka.admin import create_topics, delete_topics
 from pipeline.llm.extractive import summarize
-from pipeline.partitioning import partition_for
-from pipeline.postprocess import LATENCY_SPANS
-from pipeline.settings import KafkaSettings
-from pipeline.topics import TopicNames
+from pipeline.worker.postprocess import LATENCY_SPANS
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +130,7 @@ class Stack:
         environment.pop("SUMSTREAM_ANTHROPIC_API_KEY", None)
         with log.open("ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", *args],
+                [sys.executable, "-m", "pipeline.ops.cli", *args],
                 env=environment,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -7,7 +7,10 @@ import pytest
 from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
 from confluent_kafka.admin._resource import ResourceType
 
-from pipeline.admin import (
+from pipeline.core.errors import TopicConfigError
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.topics import DAY_MS, TopicNames, declared_topics
+from pipeline.kafka.admin import (
     admin_client,
     create_topics,
     delete_topics,
@@ -15,9 +18,6 @@ from pipeline.admin import (
     ensure_topics,
     format_table,
 )
-from pipeline.errors import TopicConfigError
-from pipeline.settings import KafkaSettings
-from pipeline.topics import DAY_MS, TopicNames, declared_topics
 
 pytestmark = pytest.mark.integration
 

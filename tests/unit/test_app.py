@@ -8,15 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.app import create_app
-from pipeline.codec import codec
-from pipeline.dlq import DeadLetterQueue
-from pipeline.errors import ValidationError
-from pipeline.inflight import Entry
-from pipeline.jobs import cancelled_event, invalid_job_event, resume_state, validate_job
-from pipeline.records import process as _process
-from pipeline.settings import WorkerSettings
-from pipeline.worker_logging import JsonFormatter
+from pipeline.core.codec import codec
+from pipeline.core.errors import ValidationError
+from pipeline.core.jsonlog import JsonFormatter
+from pipeline.core.settings import WorkerSettings
+from pipeline.worker.agents import process as _process
+from pipeline.worker.app import create_app
+from pipeline.worker.dlq import DeadLetterQueue
+from pipeline.worker.inflight import Entry
+from pipeline.worker.jobs import cancelled_event, invalid_job_event, resume_state, validate_job
 
 JOB = {
     "request_id": "01J0000000000000000000000D",
@@ -151,7 +151,7 @@ class FakeEvent:
 async def test_a_failing_record_is_retried_then_dead_lettered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("pipeline.records.PROCESS_BACKOFF_S", 0.0)
+    monkeypatch.setattr("pipeline.worker.agents.PROCESS_BACKOFF_S", 0.0)
     letters: list[bytes] = []
 
     async def send(key: bytes | None, value: bytes) -> None:

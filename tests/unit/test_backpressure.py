@@ -1,4 +1,4 @@
-"""Queue-wait estimate and admission decisions (gateway/backpressure.py), without Kafka."""
+"""Queue-wait estimate and admission decisions (gateway/admission/backpressure.py), no Kafka."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Gauge
 
-from gateway.backpressure import LagMonitor, QueueWaitEstimator, ThroughputMeter
-from gateway.errors import Overloaded
-from pipeline.tiers import Tier
+from gateway.admission.backpressure import LagMonitor, QueueWaitEstimator, ThroughputMeter
+from gateway.http.errors import Overloaded
+from pipeline.core.tiers import Tier
 
 
 def tier(max_wait_s: float = 30.0) -> Tier:

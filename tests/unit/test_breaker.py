@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from pipeline.breaker import BreakerState, CircuitBreaker
+from pipeline.worker.inference.breaker import BreakerState, CircuitBreaker
 
 
 class FakeClock:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import broker
-from pipeline.errors import BrokerToolingError
-from pipeline.settings import BrokerSettings
+from pipeline.core.errors import BrokerToolingError
+from pipeline.core.settings import BrokerSettings
+from pipeline.ops import broker
 
 
 def settings_in(tmp_path: Path, **fields: object) -> BrokerSettings:

@@ -10,8 +10,8 @@ from fastavro.schema import to_parsing_canonical_form
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import HEADER_LEN, MARKER, RECORDS, SCHEMA_DIR, Codec, codec
-from pipeline.errors import CodecError, UnknownSchemaError
+from pipeline.core.codec import HEADER_LEN, MARKER, RECORDS, SCHEMA_DIR, Codec, codec
+from pipeline.core.errors import CodecError, UnknownSchemaError
 from tests.avro_data import from_json, load_schemas, record_names, sample, strategy
 
 NAMES = record_names()

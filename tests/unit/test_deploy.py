@@ -15,9 +15,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 import gateway.metrics
-import pipeline.metrics
+import pipeline.core.metrics
 from gateway.settings import GatewaySettings
-from pipeline.settings import SimulatorSettings, WorkerSettings
+from pipeline.core.settings import SimulatorSettings, WorkerSettings
 from tests.deploy_files import (
     ALERTS,
     COMPOSE,
@@ -47,7 +47,7 @@ SAMPLE_SUFFIXES = {
 
 def declared_sample_names() -> set[str]:
     """Every sample name the worker and gateway metric modules can export."""
-    assert pipeline.metrics.CONSUMER_LAG is not None and gateway.metrics.REQUESTS is not None
+    assert pipeline.core.metrics.CONSUMER_LAG is not None and gateway.metrics.REQUESTS is not None
     names: set[str] = set()
     for family in REGISTRY.collect():
         names |= {family.name + s for s in SAMPLE_SUFFIXES.get(family.type, ("",))}

@@ -1,4 +1,4 @@
-"""Admission (gateway/admission.py) without Kafka: the ledger is the real verdict function."""
+"""Admission (gateway/admission/controller.py) without Kafka: the ledger is the real verdict."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.admission import (
+from gateway.admission.backpressure import QueueWaitEstimator
+from gateway.admission.controller import (
     INFLIGHT_EXPIRY_S,
     Admission,
     Admitted,
     Degradation,
     prompt_overhead_tokens,
 )
-from gateway.backpressure import QueueWaitEstimator
-from gateway.errors import BudgetExceeded, Overloaded, RateLimited
-from gateway.quota import QuotaEvent, QuotaState, QuotaUnavailable, Verdict
-from pipeline.tiers import Tier
+from gateway.admission.quota import QuotaEvent, QuotaState, QuotaUnavailable, Verdict
+from gateway.http.errors import BudgetExceeded, Overloaded, RateLimited
+from pipeline.core.tiers import Tier
 
 FREE = Tier("free", 3, 1_000, 8_000, 300, 1, 1.0, 30.0, "reject")
 TIERS = {"free": FREE}

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import KeyStore, Principal, hash_key, load_keys_file
-from gateway.errors import Unauthorized
+from gateway.http.auth import KeyStore, Principal, hash_key, load_keys_file
+from gateway.http.errors import Unauthorized
 from gateway.settings import GatewaySettings
-from pipeline.settings import REPO_ROOT
+from pipeline.core.settings import REPO_ROOT
 
 
 def test_keys_files_in_toml_and_json(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from starlette.types import Receive, Scope, Send
 
-from gateway.app import create_app
-from gateway.auth import KeyStore, Principal, hash_key
+from gateway.http.app import create_app
+from gateway.http.auth import KeyStore, Principal, hash_key
 from gateway.settings import GatewaySettings
 
 app = create_app(

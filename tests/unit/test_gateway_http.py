@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from gateway.app import create_app
-from gateway.auth import KeyStore, Principal, hash_key
+from gateway.http.app import create_app
+from gateway.http.auth import KeyStore, Principal, hash_key
 from gateway.settings import GatewaySettings
-from pipeline.tiers import Tier, load_tiers
+from pipeline.core.tiers import Tier, load_tiers
 
 URL = "/v1/summaries"
 ALICE = {"Authorization": "Bearer key-alice"}

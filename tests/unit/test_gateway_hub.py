@@ -9,12 +9,12 @@ from typing import Any
 
 from sse_starlette import ServerSentEvent
 
-from gateway.auth import KeyStore
-from gateway.hub import StreamHub
+from gateway.http.auth import KeyStore
+from gateway.http.sse import summary_events
 from gateway.runtime import Gateway
 from gateway.settings import GatewaySettings
-from gateway.sse import summary_events
-from pipeline.tiers import load_tiers
+from gateway.streams.hub import StreamHub
+from pipeline.core.tiers import load_tiers
 
 RID = "01JABCDEFGHJKMNPQRSTVWXYZ0"
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.idempotency import RequestIndex
+from gateway.admission.idempotency import RequestIndex
 
 
 class ClockMs:

@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ulid import ULID
 
-from gateway.ids import mint_request_id, owned_partitions
-from pipeline.partitioning import partition_for
+from gateway.streams.ids import mint_request_id, owned_partitions
+from pipeline.core.partitioning import partition_for
 
 
 @given(st.integers(1, 12).flatmap(lambda n: st.tuples(st.just(n), st.integers(n, 48))))

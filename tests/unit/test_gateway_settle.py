@@ -1,10 +1,10 @@
-"""Settling a result into the ledger (gateway/settle.py), without Kafka."""
+"""Settling a result into the ledger (gateway/admission/settle.py), without Kafka."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from gateway.settle import settle_result
+from gateway.admission.settle import settle_result
 
 
 class Recorder:

@@ -14,13 +14,13 @@ import anthropic
 import pytest
 from prometheus_client import REGISTRY
 
-from pipeline.breaker import BreakerState
-from pipeline.codec import codec
-from pipeline.inference import InferenceEngine, ResumeState
+from pipeline.core.codec import codec
+from pipeline.core.settings import SimulatorSettings, WorkerSettings
 from pipeline.llm.client import UpstreamClient
 from pipeline.llm.extractive import full_summary, summarize, tokens
-from pipeline.llm.simulator import LocalSimulator, serving
-from pipeline.settings import SimulatorSettings, WorkerSettings
+from pipeline.llm.simulator.app import LocalSimulator, serving
+from pipeline.worker.inference.breaker import BreakerState
+from pipeline.worker.inference.engine import InferenceEngine, ResumeState
 
 MODEL = "claude-haiku-4-5"
 TERMINAL = {"DONE", "ERROR", "CANCELLED"}

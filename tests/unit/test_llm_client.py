@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from pydantic import SecretStr
 
+from pipeline.core.settings import SimulatorSettings, WorkerSettings
 from pipeline.llm.client import (
     Delta,
     Finished,
@@ -18,8 +19,7 @@ from pipeline.llm.client import (
     parse_retry_after,
 )
 from pipeline.llm.extractive import full_summary, tokens
-from pipeline.llm.simulator import LocalSimulator, serving
-from pipeline.settings import SimulatorSettings, WorkerSettings
+from pipeline.llm.simulator.app import LocalSimulator, serving
 
 DOCUMENT = (
     "Kafka keeps an ordered log per partition. Consumers track their offsets in the log. "

@@ -12,8 +12,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 from prometheus_client.metrics import MetricWrapperBase
 
 import gateway.metrics
-import pipeline.metrics
-from pipeline.metrics import LagSampler
+import pipeline.core.metrics
+from pipeline.core.metrics import LagSampler
 from tests.unit.test_postprocess import STREAM, feed, make_stage, results_of
 
 # Labels whose values grow with users, requests or content: never a label (DESIGN.md 7).
@@ -21,7 +21,7 @@ UNBOUNDED = {"user", "user_id", "request_id", "id", "key", "api_key", "document"
 
 
 def declared() -> list[MetricWrapperBase]:
-    modules = (pipeline.metrics, gateway.metrics)
+    modules = (pipeline.core.metrics, gateway.metrics)
     return [v for m in modules for v in vars(m).values() if isinstance(v, MetricWrapperBase)]
 
 
@@ -72,8 +72,8 @@ def test_section_7_of_the_design_is_covered() -> None:
         "sumstream_gateway_overhead_seconds",
     ):
         assert name in found, name
-    assert set(pipeline.metrics.COST_MICRO_USD._labelnames) == {"tier", "model"}
-    assert set(pipeline.metrics.OUTPUT_TOKENS._labelnames) == {"tier", "model"}
+    assert set(pipeline.core.metrics.COST_MICRO_USD._labelnames) == {"tier", "model"}
+    assert set(pipeline.core.metrics.OUTPUT_TOKENS._labelnames) == {"tier", "model"}
 
 
 # --- postprocess ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.partitioning import partition_for
+from pipeline.core.partitioning import partition_for
 
 # (key, Java Utils.murmur2, partition of 6, partition of 7), computed with the kafka-clients
 # 4.1.1 jar: Utils.toPositive(Utils.murmur2(key)) % n is the Java producer's choice for a key.

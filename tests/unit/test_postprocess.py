@@ -7,9 +7,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.codec import codec
-from pipeline.dlq import DeadLetterQueue, Origin
-from pipeline.postprocess import (
+from pipeline.core.codec import codec
+from pipeline.core.pricing import DEFAULT_PRICES_FILE, PriceTable
+from pipeline.core.settings import WorkerSettings
+from pipeline.worker.dlq import DeadLetterQueue, Origin
+from pipeline.worker.postprocess import (
     LATENCY_SPANS,
     PostprocessStage,
     assemble,
@@ -17,8 +19,6 @@ from pipeline.postprocess import (
     latency_breakdown,
     result_status,
 )
-from pipeline.pricing import DEFAULT_PRICES_FILE, PriceTable
-from pipeline.settings import WorkerSettings
 
 RID = "01J0000000000000000000000B"
 T0 = 1_750_000_000_000
@@ -337,7 +337,7 @@ async def test_poison_tokens_are_dead_lettered_and_the_stage_goes_on(
 
 
 async def test_a_failing_re_read_still_writes_a_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pipeline.postprocess.REREAD_BACKOFF_S", 0.0)
+    monkeypatch.setattr("pipeline.worker.postprocess.REREAD_BACKOFF_S", 0.0)
     calls = 0
 
     async def broken(request_id: str, created_at: int) -> list[dict[str, Any]]:

@@ -6,11 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import codec
-from pipeline.dlq import DeadLetterQueue, Origin
-from pipeline.errors import ValidationError
+from pipeline.core.codec import codec
+from pipeline.core.errors import ValidationError
+from pipeline.core.settings import WorkerSettings
+from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens, document_of, summarize
-from pipeline.preprocess import (
+from pipeline.worker.dlq import DeadLetterQueue, Origin
+from pipeline.worker.preprocess import (
     CHUNK_PLACEHOLDER,
     SYSTEM_PROMPT,
     PreprocessStage,
@@ -21,8 +23,6 @@ from pipeline.preprocess import (
     split_into_chunks,
     truncate_to_tokens,
 )
-from pipeline.settings import WorkerSettings
-from pipeline.tiers import Tier
 
 NOW = 1_750_000_000_000
 TIERS = {

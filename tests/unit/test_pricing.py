@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.pricing import (
+from pipeline.core.pricing import (
     DEFAULT_PRICES_FILE,
     ModelPrice,
     PriceTable,
     price_micro_usd,
     price_table,
 )
-from pipeline.tiers import ConfigError
+from pipeline.core.tiers import ConfigError
 
 PRICES = """
 [default]

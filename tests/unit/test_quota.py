@@ -1,4 +1,4 @@
-"""The quota ledger's verdict function (gateway/quota.py QuotaState), without Kafka."""
+"""The quota ledger's verdict function (gateway/admission/quota.py QuotaState), without Kafka."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import BudgetExceeded, RateLimited
-from gateway.quota import (
+from gateway.admission.quota import (
     QuotaEvent,
     QuotaState,
     Verdict,
@@ -18,8 +17,9 @@ from gateway.quota import (
     month_start_ms,
     next_month_start_ms,
 )
-from pipeline.codec import codec
-from pipeline.tiers import Tier
+from gateway.http.errors import BudgetExceeded, RateLimited
+from pipeline.core.codec import codec
+from pipeline.core.tiers import Tier
 
 W = 60_000
 T0 = int(datetime(2025, 3, 10, 12, 0, tzinfo=UTC).timestamp() * 1000)

@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from ulid import ULID
 
-from pipeline import audit, replay, top
-from pipeline.codec import codec
-from pipeline.history import LoggedRecord, Progress, format_time, merge_by_time, parse_time
-from pipeline.settings import KafkaSettings
+from pipeline.core.codec import codec
+from pipeline.core.settings import KafkaSettings
+from pipeline.ops import audit, replay, top
+from pipeline.ops.history import LoggedRecord, Progress, format_time, merge_by_time, parse_time
 
 NOW = 1_750_000_000_000  # 2025-06-15T15:06:40Z
 TOPICS = ["p.requests", "p.preprocessed", "p.tokens", "p.results", "p.control", "p.dlq"]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.retry import RetryBudget, backoff_delay
+from pipeline.worker.inference.retry import RetryBudget, backoff_delay
 
 
 class FakeClock:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.scheduler import FairScheduler
+from pipeline.worker.inference.scheduler import FairScheduler
 
 _ids = itertools.count()
 

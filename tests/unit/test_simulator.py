@@ -19,10 +19,10 @@ import httpx
 import pytest
 from anthropic.types import MessageParam
 
-from pipeline.llm import simulator
+from pipeline.core.settings import SimulatorSettings
 from pipeline.llm.extractive import count_tokens, full_summary, summarize, tokens
-from pipeline.llm.simulator import LocalSimulator, add_arguments, run, serving
-from pipeline.settings import SimulatorSettings
+from pipeline.llm.simulator import app as simulator
+from pipeline.llm.simulator.app import LocalSimulator, add_arguments, run, serving
 
 DOCUMENT = (
     "Apache Kafka is a distributed event streaming platform used for data pipelines. "
@@ -627,7 +627,7 @@ def free_port() -> int:
 def test_cli_runs_the_simulator() -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUMSTREAM_SIM_")}
-    command = [sys.executable, "-m", "pipeline.cli", "llm-sim", "--port", str(port)]
+    command = [sys.executable, "-m", "pipeline.ops.cli", "llm-sim", "--port", str(port)]
     flags = ["--ttft-ms", "3", "--token-delay-ms", "0", "--fault-kind", "drop", "--fail-all"]
     process = subprocess.Popen([*command, *flags], env=env, stderr=subprocess.PIPE)
     try:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.settings import WorkerSettings
-from pipeline.tiers import DEFAULT_TIERS_FILE, ConfigError, Tier, load_tiers
+from pipeline.core.settings import WorkerSettings
+from pipeline.core.tiers import DEFAULT_TIERS_FILE, ConfigError, Tier, load_tiers
 
 VALID = """
 [basic]

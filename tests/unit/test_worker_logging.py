@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from pipeline.settings import WorkerSettings
-from pipeline.worker_logging import (
+from pipeline.core.jsonlog import (
     BODY_LOGGERS,
     JsonFormatter,
     RecordContextFilter,
     logging_config,
     record_context,
 )
+from pipeline.core.settings import WorkerSettings
 
 
 def capture(body: Any) -> list[dict[str, Any]]:

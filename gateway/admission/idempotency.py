@@ -1,0 +1,178 @@
+"""Who sent each recent request, and under which Idempotency-Key.
+
+The choice: the map lives in memory and is rebuilt from the ``requests`` topic itself
+(field ``idempotency_key``), reading the last ``idempotency_window_s`` (24 h) at start-up
+and then following the topic. So a restarted instance still dedupes, and instances see each
+other's keys within a fetch round trip. Two POSTs with the same key racing at two instances
+within that round trip can both be accepted; a shared store (or keying the request id on the
+idempotency key) would close that gap, and is not worth its cost here.
+
+The same follow gives the owner (user id) of every recent request, so GET and DELETE from
+any instance can answer 404 to anybody else without reading the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from pipeline.core.codec import codec
+from pipeline.core.errors import CodecError
+
+log = logging.getLogger("sumstream.gateway.idempotency")
+
+
+@dataclass(frozen=True)
+class RequestOwner:
+    user_id: str
+    tier: str
+    created_at: int
+
+
+class RequestIndex:
+    """Bounded maps: request id -> owner, and (user, Idempotency-Key) -> request id."""
+
+    def __init__(
+        self,
+        *,
+        window_s: float = 24 * 3600.0,
+        max_entries: int = 100_000,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self.window_ms = int(window_s * 1000)
+        self.max_entries = max_entries
+        self._clock_ms = clock_ms
+        self.owners: OrderedDict[str, RequestOwner] = OrderedDict()
+        self.keys: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
+        self.ready = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- the maps -----------------------------------------------------------------------------
+
+    def owner(self, request_id: str) -> RequestOwner | None:
+        return self.owners.get(request_id)
+
+    def remember(self, request_id: str, user_id: str, tier: str, created_at: int) -> None:
+        self.owners[request_id] = RequestOwner(user_id, tier, created_at)
+        self.owners.move_to_end(request_id)
+        while len(self.owners) > self.max_entries:
+            self.owners.popitem(last=False)
+
+    def lookup(self, user_id: str, key: str) -> str | None:
+        """The request id already sent under (user, key) within the window, if any."""
+        found = self.keys.get((user_id, key))
+        if found is None:
+            return None
+        request_id, created_at = found
+        if self._clock_ms() - created_at > self.window_ms:
+            del self.keys[(user_id, key)]
+            return None
+        return request_id
+
+    def reserve(self, user_id: str, key: str, request_id: str) -> str:
+        """Claim (user, key) for ``request_id``; returns the id that holds it (maybe older)."""
+        existing = self.lookup(user_id, key)
+        if existing is not None:
+            return existing
+        self._put_key(user_id, key, request_id, self._clock_ms())
+        return request_id
+
+    def release(self, user_id: str, key: str, request_id: str) -> None:
+        """Undo a reservation whose request was never produced."""
+        if self.keys.get((user_id, key), ("", 0))[0] == request_id:
+            del self.keys[(user_id, key)]
+
+    def _put_key(self, user_id: str, key: str, request_id: str, created_at: int) -> None:
+        # The first record under a key wins, as at the instance that accepted it.
+        if (user_id, key) in self.keys:
+            return
+        self.keys[(user_id, key)] = (request_id, created_at)
+        while len(self.keys) > self.max_entries:
+            self.keys.popitem(last=False)
+
+    def observe(self, request: dict[str, Any]) -> None:
+        """Take one SummarizeRequest record from the log into the maps."""
+        created_at = int(request.get("created_at") or 0)
+        self.remember(request["request_id"], request["user_id"], request["tier"], created_at)
+        key = request.get("idempotency_key")
+        if key and self._clock_ms() - created_at <= self.window_ms:
+            self._put_key(request["user_id"], key, request["request_id"], created_at)
+
+    # -- rebuild and follow -------------------------------------------------------------------
+
+    async def start(self, bootstrap_servers: str, requests_topic: str, partitions: int) -> None:
+        """Assign every partition of ``requests`` from (now - window) and follow it.
+
+        ``ready`` is set once the records that existed at start-up have been read.
+        """
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
+            auto_offset_reset="latest",
+        )
+        await consumer.start()
+        try:
+            tps = [TopicPartition(requests_topic, p) for p in range(partitions)]
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            since = self._clock_ms() - self.window_ms
+            found = await consumer.offsets_for_times(dict.fromkeys(tps, since))
+            for tp in tps:
+                hit = found.get(tp)
+                consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._run(consumer, ends), name="gateway-request-index")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    async def _run(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
+        pending = {tp: end for tp, end in ends.items() if end > await consumer.position(tp)}
+        if not pending:
+            self.ready.set()
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=1_000, max_records=2_000)
+            except KafkaError as exc:
+                log.warning("request index fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for messages in batches.values():
+                for msg in messages:
+                    try:
+                        self.observe(codec().decode_as(msg.value, "SummarizeRequest"))
+                    except CodecError:
+                        continue  # preprocess dead-letters it
+            if pending:
+                for tp in list(pending):
+                    if await consumer.position(tp) >= pending[tp]:
+                        del pending[tp]
+                if not pending:
+                    log.info(
+                        "request index rebuilt: %d requests, %d keys",
+                        len(self.owners),
+                        len(self.keys),
+                    )
+                    self.ready.set()

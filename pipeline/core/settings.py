@@ -1,0 +1,151 @@
+"""Process settings: one frozen object per process, read from ``SUMSTREAM_*`` variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class KafkaSettings(BaseSettings):
+    """What every process needs to reach the broker and name the topics."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SUMSTREAM_",
+        frozen=True,
+        extra="ignore",
+        env_file=".env",
+        populate_by_name=True,
+    )
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = "sumstream."
+    # tokens and results MUST share this count (DESIGN.md section 2).
+    stream_partitions: int = Field(default=6, ge=1)
+    work_partitions: int = Field(default=6, ge=1)
+    data_dir: Path = REPO_ROOT / ".data"
+
+
+class BrokerSettings(KafkaSettings):
+    """The local development broker (`sumstream broker`)."""
+
+    broker_port: int = 9092
+    controller_port: int = 9093
+    broker_heap: str = "512m"
+    java_home: Path | None = None
+    kafka_pom: Path = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
+    # None means <data_dir>/kafka/jars; a second broker (tests) may share the first one's jars.
+    jars_dir: Path | None = None
+    broker_stop_timeout_s: float = Field(default=30.0, gt=0)
+    # C1 only: starts 2-3x faster on a busy 2-core machine. Set "" for C2's peak speed.
+    broker_jvm_opts: str = "-XX:TieredStopAtLevel=1"
+
+
+class WorkerSettings(KafkaSettings):
+    """A Faust worker running any subset of the stages."""
+
+    app_id: str = "sumstream"
+    stages: str = "preprocess,inference,postprocess"
+    web_port: int = 6066
+    metrics_port: int = 9464
+    # The SDK's own variable works too, so an existing ANTHROPIC_API_KEY switches to the real API.
+    anthropic_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SUMSTREAM_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"),
+    )
+    anthropic_base_url: str | None = None
+    llm_sim_url: str = "http://127.0.0.1:8088"
+    default_model: str = "claude-haiku-4-5"
+    max_streams: int = Field(default=64, ge=1)
+    max_streams_per_user: int = Field(default=8, ge=1)
+    max_attempts: int = Field(default=4, ge=1)
+    retry_budget_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    max_resumes: int = Field(default=3, ge=0)
+    default_deadline_s: float = Field(default=120.0, gt=0)
+    breaker_failure_threshold: int = Field(default=5, ge=1)
+    breaker_reset_s: float = Field(default=5.0, gt=0)
+    tiers_file: Path = REPO_ROOT / "config" / "tiers.toml"
+    prices_file: Path = REPO_ROOT / "config" / "prices.toml"
+    # Inference engine (pipeline/worker/inference/): scheduler bound, retry timing and budget,
+    # HTTP timeouts.
+    # Jobs a worker holds beyond its running streams. Kept small: jobs held here have left the
+    # log, so the gateway's lag-based admission cannot see them; the fair scheduler only needs
+    # a window of waiting jobs to choose from.
+    max_queued: int = Field(default=32, ge=1)
+    retry_base_s: float = Field(default=0.25, gt=0)
+    retry_cap_s: float = Field(default=8.0, gt=0)
+    retry_budget_window_s: float = Field(default=10.0, gt=0)
+    retry_budget_min: int = Field(default=3, ge=0)
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_read_timeout_s: float = Field(default=60.0, gt=0)
+    # Stages and the Faust app (pipeline/worker/app.py, preprocess.py, postprocess.py).
+    # Tokens one model call may hold (prompt + output); longer documents are split (map-reduce).
+    model_budget_tokens: int = Field(default=150_000, ge=1_000)
+    # A killed worker's partitions move after this long without heartbeats
+    # (Faust's default is 60 s).
+    session_timeout_s: float = Field(default=10.0, gt=0)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    # Finished requests stay marked in the in-flight table this long so replayed jobs are skipped.
+    inflight_done_retention_s: float = Field(default=600.0, gt=0)
+    # Requests whose partial text postprocess keeps in memory before it re-reads from `tokens`.
+    postprocess_max_open: int = Field(default=10_000, ge=1)
+    # Faust hard-codes 1500 ms; a record that arrives while a fetch for other partitions is
+    # parked at the broker waits for it. 50 ms bounds that wait; an idle worker then costs ~3 %
+    # of a core (10 ms: ~10 %).
+    fetch_max_wait_ms: int = Field(default=50, ge=0)
+    log_level: str = "info"
+    log_json: bool = True
+
+
+class SimulatorSettings(BaseSettings):
+    """The Anthropic-compatible LLM simulator (`sumstream llm-sim`).
+
+    Every field from ``ttft_ms`` on is a knob that ``POST /_sim/config`` can change at run time.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SUMSTREAM_SIM_", frozen=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8088, ge=0, le=65535)
+    log_level: str = "warning"
+    # Per-request records kept for GET /_sim/stats; the oldest request ids go first.
+    max_records: int = Field(default=10_000, ge=1)
+    ttft_ms: float = Field(default=200.0, ge=0)
+    token_delay_ms: float = Field(default=10.0, ge=0)
+    max_concurrent: int = Field(default=0, ge=0)  # 0 means unlimited; beyond it 429
+    error_rate: float = Field(default=0.0, ge=0.0, le=1.0)  # failures before the first token
+    error_status: int = 529  # 429, or 500..599 (529 overloaded_error, others api_error)
+    seed: int = 0  # seeds the error_rate draws
+    fail_next: int = Field(default=0, ge=0)  # the next N requests fail with error_status
+    fail_all: bool = False  # an outage: every request fails until turned off
+    fault_at_token: int = Field(default=0, ge=0)  # 0 means never
+    fault_kind: Literal["error", "drop"] = "error"
+    fault_times: int = Field(default=-1, ge=-1)  # streams that get the fault; -1 means all
+    retry_after_s: float = Field(default=1.0, ge=0)
+
+    @field_validator("error_status")
+    @classmethod
+    def _known_status(cls, status: int) -> int:
+        if status != 429 and not 500 <= status <= 599:
+            raise ValueError("error_status must be 429 or 500..599")
+        return status
+
+
+@lru_cache(maxsize=1)
+def kafka_settings() -> KafkaSettings:
+    return KafkaSettings()
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """The environment for a child process: ours, plus ``SUMSTREAM_*`` overrides."""
+    import os
+
+    env = dict(os.environ)
+    env.update({f"SUMSTREAM_{k.upper()}": v for k, v in overrides.items()})
+    return env

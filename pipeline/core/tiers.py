@@ -1,0 +1,86 @@
+"""Service tiers (free/pro/enterprise by default), read from a TOML file (config/tiers.toml)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.core.errors import SumstreamError
+from pipeline.core.settings import REPO_ROOT
+
+DEFAULT_TIERS_FILE = REPO_ROOT / "config" / "tiers.toml"
+INPUT_POLICIES = ("truncate", "reject")
+
+
+class ConfigError(SumstreamError):
+    """A configuration file (tiers, prices) is missing or malformed."""
+
+    code = "config_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """The limits and scheduling share of one tier (DESIGN.md section 6)."""
+
+    name: str
+    rpm: int
+    tpm: int
+    max_input_tokens: int
+    max_output_tokens: int
+    weight: int
+    monthly_budget_usd: float
+    max_queue_wait_s: float
+    on_input_too_large: Literal["truncate", "reject"]
+
+    @property
+    def monthly_budget_micro_usd(self) -> int:
+        return round(self.monthly_budget_usd * 1_000_000)
+
+
+_INT_FIELDS = ("rpm", "tpm", "max_input_tokens", "max_output_tokens", "weight")
+_FLOAT_FIELDS = ("monthly_budget_usd", "max_queue_wait_s")
+
+
+def _tier(name: str, raw: Any, source: Path) -> Tier:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    unknown = set(raw) - {*_INT_FIELDS, *_FLOAT_FIELDS, "on_input_too_large"}
+    if unknown:
+        raise ConfigError(f"{source}: [{name}] has unknown keys {sorted(unknown)}")
+    values: dict[str, Any] = {}
+    for key in _INT_FIELDS:
+        value = raw.get(key)
+        # bool is an int subclass; a `true` here is a typo, not a limit.
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{source}: [{name}] {key} must be a positive integer")
+        values[key] = value
+    for key in _FLOAT_FIELDS:
+        value = raw.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{source}: [{name}] {key} must be a non-negative number")
+        values[key] = float(value)
+    policy = raw.get("on_input_too_large", "reject")
+    if policy not in INPUT_POLICIES:
+        raise ConfigError(f"{source}: [{name}] on_input_too_large must be one of {INPUT_POLICIES}")
+    return Tier(name=name, on_input_too_large=policy, **values)
+
+
+def load_tiers(path: Path = DEFAULT_TIERS_FILE) -> dict[str, Tier]:
+    """Read every ``[tier]`` table of a TOML file into frozen ``Tier`` objects."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read tiers from {path}: {exc}") from exc
+    tiers = {name: _tier(name, raw, Path(path)) for name, raw in data.items()}
+    if not tiers:
+        raise ConfigError(f"{path}: no tiers defined")
+    return tiers
+
+
+@lru_cache(maxsize=8)
+def cached_tiers(path: Path = DEFAULT_TIERS_FILE) -> dict[str, Tier]:
+    """``load_tiers`` read once per path (the file is configuration, not live state)."""
+    return load_tiers(path)

@@ -1,0 +1,82 @@
+"""Every topic sumstream uses, declared once: name, key, schema, partitions, retention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.core.settings import KafkaSettings
+
+DAY_MS = 24 * 60 * 60 * 1000
+QUOTA_PARTITIONS = 3
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic: its short name, value schema and broker-side configuration."""
+
+    short: str
+    schema: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+    def name(self, prefix: str) -> str:
+        return f"{prefix}{self.short}"
+
+
+def declared_topics(settings: KafkaSettings) -> list[TopicSpec]:
+    """The topics of DESIGN.md section 2, sized from the settings."""
+    work = settings.work_partitions
+    stream = settings.stream_partitions
+    return [
+        TopicSpec("requests", "SummarizeRequest", work, {"retention.ms": str(7 * DAY_MS)}),
+        TopicSpec("preprocessed", "InferenceJob", work, {"retention.ms": str(DAY_MS)}),
+        TopicSpec("tokens", "TokenEvent", stream, {"retention.ms": str(DAY_MS)}),
+        TopicSpec(
+            "results",
+            "SummaryResult",
+            stream,
+            {"cleanup.policy": "compact,delete", "retention.ms": str(30 * DAY_MS)},
+        ),
+        TopicSpec("control", "ControlEvent", work, {"retention.ms": str(DAY_MS)}),
+        TopicSpec("dlq", "DeadLetter", 1, {"retention.ms": str(30 * DAY_MS)}),
+        # The per-user quota ledger (gateway/admission/quota.py). The broker stamps the time so
+        # every reader evaluates with one clock per partition; 35 d covers a month's budget replay.
+        # Its partition count must never change: a user's records must stay in one partition.
+        TopicSpec(
+            "quota",
+            "QuotaEvent",
+            QUOTA_PARTITIONS,
+            {"retention.ms": str(35 * DAY_MS), "message.timestamp.type": "LogAppendTime"},
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """Resolved topic names for one prefix."""
+
+    requests: str
+    preprocessed: str
+    tokens: str
+    results: str
+    control: str
+    dlq: str
+    quota: str
+
+    @classmethod
+    def from_settings(cls, settings: KafkaSettings) -> TopicNames:
+        p = settings.topic_prefix
+        return cls(
+            *(
+                f"{p}{s}"
+                for s in (
+                    "requests",
+                    "preprocessed",
+                    "tokens",
+                    "results",
+                    "control",
+                    "dlq",
+                    "quota",
+                )
+            )
+        )

@@ -1,0 +1,296 @@
+"""`sumstream broker`: a local Apache Kafka 4.x (KRaft, one node) run from Maven Central jars.
+
+For development, tests and CI. The jars are fetched once by Maven into ``<data_dir>/kafka/jars``;
+the broker logs to ``<data_dir>/kafka/logs/broker.log`` and records its pid beside it. Production
+uses a real cluster (``docker-compose.kafka.yml`` or a managed Kafka). What the broker runs from
+(paths, Java, jars, config files) is pipeline/ops/broker_install.py; this module runs the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from pipeline.core.errors import BrokerToolingError
+from pipeline.core.settings import BrokerSettings
+from pipeline.ops.broker_install import (
+    HOST,
+    LOG4J2,
+    BrokerPaths,
+    ensure_jars,
+    find_java,
+    java_command,
+    locked,
+    server_properties,
+)
+
+MAIN_CLASS = "kafka.Kafka"
+STORAGE_TOOL = "kafka.tools.StorageTool"
+
+# Brokers this process started, so stop() can reap them (no zombies, no ResourceWarning).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@dataclass(frozen=True)
+class BrokerStatus:
+    """What `sumstream broker status` reports."""
+
+    bootstrap: str
+    reachable: bool
+    pid: int | None  # the broker process sumstream started, while it runs
+    log_file: Path
+    data_dir: Path
+
+    @property
+    def state(self) -> str:
+        if self.reachable:
+            return "running" if self.pid is not None else "running (not started by sumstream)"
+        return "starting or unhealthy" if self.pid is not None else "stopped"
+
+    def describe(self) -> str:
+        pid = f" pid {self.pid}" if self.pid is not None else ""
+        return (
+            f"broker {self.bootstrap}: {self.state}{pid}\n"
+            f"  data {self.data_dir}\n  log  {self.log_file}"
+        )
+
+
+def local_bootstrap(settings: BrokerSettings) -> str:
+    return f"{HOST}:{settings.broker_port}"
+
+
+def is_reachable(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """True when a broker at ``bootstrap`` answers a metadata request (DescribeCluster)."""
+    # log_level 0: a refused connection is the expected answer here, not worth a log line.
+    client = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    try:
+        cluster = client.describe_cluster(request_timeout=timeout_s).result(timeout=timeout_s + 1)
+    except (KafkaException, TimeoutError):
+        return False
+    return bool(cluster.nodes)
+
+
+def _kafka_uuid() -> str:
+    """A cluster id as Kafka's Uuid.randomUuid writes it (url-safe base64, no padding)."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):  # Kafka rejects ids that look like a CLI flag
+            return text
+
+
+def _format_storage(java: Path, settings: BrokerSettings, paths: BrokerPaths) -> None:
+    if (paths.data / "meta.properties").exists():
+        return
+    cmd = [
+        *java_command(java, settings, paths),
+        STORAGE_TOOL,
+        "format",
+        "-t",
+        _kafka_uuid(),
+        "-c",
+        str(paths.config),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    if out.returncode != 0:
+        raise BrokerToolingError(f"formatting KRaft storage failed:\n{out.stdout}{out.stderr}")
+
+
+def _cmdline(pid: int) -> str | None:
+    """The process's command line; '' where there is no /proc (macOS); None once it exited."""
+    if not Path("/proc/self").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return ""
+        return ""
+    proc = Path(f"/proc/{pid}")
+    try:
+        if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return None  # a zombie has exited; only its parent's wait() is missing
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def _alive(pid: int, paths: BrokerPaths) -> bool:
+    child = _children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    cmdline = _cmdline(pid)
+    # Guards against a recycled pid: it must be a Kafka broker run with our config.
+    return cmdline is not None and (cmdline == "" or str(paths.config) in cmdline)
+
+
+def _read_pid(paths: BrokerPaths) -> int | None:
+    try:
+        pid = int(paths.pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    if _alive(pid, paths):
+        return pid
+    paths.pid_file.unlink(missing_ok=True)
+    return None
+
+
+def _log_tail(paths: BrokerPaths, lines: int = 30) -> str:
+    try:
+        return "\n".join(paths.log_file.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def start(settings: BrokerSettings, wait_s: float = 60.0) -> bool:
+    """Start the broker and wait until it answers; False when one was already reachable."""
+    paths = BrokerPaths.of(settings)
+    bootstrap = local_bootstrap(settings)
+    with locked(paths.root / ".start.lock"):
+        pid = _read_pid(paths)
+        if pid is None and is_reachable(bootstrap, timeout_s=1.0):
+            return False
+        if pid is not None:
+            _wait_ready(settings, paths, pid, wait_s)
+            return False
+        java = find_java(settings)
+        ensure_jars(settings)
+        for directory in (paths.data, paths.logs):
+            directory.mkdir(parents=True, exist_ok=True)
+        paths.config.write_text(server_properties(settings, paths))
+        paths.log4j.write_text(LOG4J2)
+        _format_storage(java, settings, paths)
+        with paths.log_file.open("ab") as log:
+            proc = subprocess.Popen(
+                [*java_command(java, settings, paths), MAIN_CLASS, str(paths.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=paths.root,
+                start_new_session=True,  # Ctrl-C in the starting terminal must not kill it
+            )
+        _children[proc.pid] = proc
+        paths.pid_file.write_text(f"{proc.pid}\n")
+        try:
+            _wait_ready(settings, paths, proc.pid, wait_s)
+        except BrokerToolingError:
+            stop(settings)
+            raise
+        return True
+
+
+def _wait_ready(settings: BrokerSettings, paths: BrokerPaths, pid: int, wait_s: float) -> None:
+    bootstrap = local_bootstrap(settings)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if not _alive(pid, paths):
+            raise BrokerToolingError(
+                f"the broker exited during start; last lines of {paths.log_file}:\n"
+                f"{_log_tail(paths)}"
+            )
+        if is_reachable(bootstrap, timeout_s=1.0):
+            return
+        time.sleep(0.2)
+    raise BrokerToolingError(
+        f"the broker did not answer at {bootstrap} within {wait_s:.0f} s; "
+        f"see {paths.log_file}:\n{_log_tail(paths)}"
+    )
+
+
+def stop(settings: BrokerSettings) -> bool:
+    """Stop the broker sumstream started (SIGTERM, then SIGKILL); False when none was running."""
+    paths = BrokerPaths.of(settings)
+    pid = _read_pid(paths)
+    if pid is None:
+        return False
+    _signal(pid, signal.SIGTERM)
+    if not _wait_exit(pid, paths, settings.broker_stop_timeout_s):
+        _signal(pid, signal.SIGKILL)
+        _wait_exit(pid, paths, 10.0)
+    _children.pop(pid, None)
+    paths.pid_file.unlink(missing_ok=True)
+    return True
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _wait_exit(pid: int, paths: BrokerPaths, timeout_s: float) -> bool:
+    child = _children.get(pid)
+    if child is not None:
+        try:
+            child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _alive(pid, paths):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def status(settings: BrokerSettings) -> BrokerStatus:
+    """Whether the local broker answers, and the process sumstream started for it if any."""
+    paths = BrokerPaths.of(settings)
+    bootstrap = local_bootstrap(settings)
+    return BrokerStatus(
+        bootstrap=bootstrap,
+        reachable=is_reachable(bootstrap, timeout_s=2.0),
+        pid=_read_pid(paths),
+        log_file=paths.log_file,
+        data_dir=paths.root,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["start", "stop", "status", "restart"])
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the broker to answer"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="status: print nothing, exit 0 when reachable"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = BrokerSettings()
+    bootstrap = local_bootstrap(settings)
+    try:
+        if args.action == "status":
+            st = status(settings)
+            if not args.quiet:
+                print(st.describe())
+            return 0 if st.reachable else 3
+        if args.action in ("stop", "restart"):
+            stopped = stop(settings)
+            print(f"broker {bootstrap}: {'stopped' if stopped else 'was not started by sumstream'}")
+            if args.action == "stop":
+                return 0
+        t0 = time.monotonic()
+        started = start(settings, wait_s=args.timeout)
+    except BrokerToolingError as exc:
+        print(f"sumstream broker {args.action}: {exc}", file=sys.stderr)
+        return 1
+    if started:
+        paths = BrokerPaths.of(settings)
+        print(
+            f"broker {bootstrap}: started in {time.monotonic() - t0:.1f} s (log {paths.log_file})"
+        )
+    else:
+        print(f"broker {bootstrap}: already running")
+    return 0

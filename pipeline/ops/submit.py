@@ -1,0 +1,133 @@
+"""`sumstream submit FILE`: produce a request straight onto `requests`, as another system would,
+then print the summary as it streams from `tokens` and the final result from `results`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+from ulid import ULID
+
+from pipeline.core.codec import codec
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.topics import TopicNames
+from pipeline.kafka.tail import read_request_records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="text file to summarize ('-' for stdin)")
+    parser.add_argument("--user", default="cli", help="user id billed for the request")
+    parser.add_argument("--tier", default="pro", help="tier of that user")
+    parser.add_argument("--instructions", default=None)
+    parser.add_argument("--max-output-tokens", type=int, default=None)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--no-follow", action="store_true", help="produce and print the id only")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for the result"
+    )
+
+
+def build_request(document: str, *, user: str, tier: str, **fields: Any) -> dict[str, Any]:
+    """A SummarizeRequest record as any producer should write it."""
+    now = int(time.time() * 1000)
+    return {
+        "request_id": str(ULID()),
+        "user_id": user,
+        "tier": tier,
+        "document": document,
+        "source": "cli",
+        "created_at": now,
+        "trace": {"received": now, "enqueued": now},
+        **fields,
+    }
+
+
+def produce_request(settings: KafkaSettings, request: dict[str, Any]) -> None:
+    """Produce with the settings DESIGN.md asks of every producer: idempotent, acks=all, murmur2."""
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "partitioner": "murmur2_random",
+        }
+    )
+    errors: list[str] = []
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    producer.produce(
+        TopicNames.from_settings(settings).requests,
+        key=request["request_id"].encode(),
+        value=codec().encode("SummarizeRequest", request),
+        on_delivery=on_delivery,
+    )
+    remaining = producer.flush(30)
+    if remaining or errors:
+        raise RuntimeError(f"request not delivered: {errors or 'flush timed out'}")
+
+
+async def follow(
+    settings: KafkaSettings, request_id: str, timeout_s: float
+) -> dict[str, Any] | None:
+    """Print each token as it arrives, then return the SummaryResult (None on timeout)."""
+    topics = TopicNames.from_settings(settings)
+    async for event in read_request_records(
+        settings.bootstrap_servers,
+        topics.tokens,
+        request_id,
+        schema="TokenEvent",
+        follow=True,
+        idle_timeout_s=timeout_s,
+    ):
+        if event["kind"] == "DELTA":
+            sys.stdout.write(event["text"])
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    async for result in read_request_records(
+        settings.bootstrap_servers,
+        topics.results,
+        request_id,
+        schema="SummaryResult",
+        follow=True,
+        idle_timeout_s=timeout_s,
+        stop_at_terminal=False,
+    ):
+        return result
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = KafkaSettings()
+    text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text(encoding="utf-8")
+    request = build_request(
+        text,
+        user=args.user,
+        tier=args.tier,
+        instructions=args.instructions,
+        max_output_tokens=args.max_output_tokens,
+        model=args.model,
+    )
+    produce_request(settings, request)
+    print(
+        f"request {request['request_id']} produced to {settings.topic_prefix}requests",
+        file=sys.stderr,
+    )
+    if args.no_follow:
+        print(request["request_id"])
+        return 0
+    result = asyncio.run(follow(settings, request["request_id"], args.timeout))
+    if result is None:
+        print("no result before the timeout", file=sys.stderr)
+        return 1
+    summary = {k: result[k] for k in ("status", "usage", "latency_ms", "error")}
+    print(json.dumps(summary, indent=2), file=sys.stderr)
+    return 0 if result["status"] == "COMPLETED" else 1

@@ -1,0 +1,288 @@
+"""The Faust app and the `sumstream worker` command: any subset of the three stages.
+
+Each stage is one agent on one topic (DESIGN.md section 4). Records are read and written as raw
+bytes and decoded by pipeline/core/codec.py inside the agents (pipeline/worker/agents.py), so an
+undecodable record becomes a dead letter instead of crashing Faust. The inference stage keeps
+its in-flight work durable in a changelog-backed table (pipeline/worker/inflight.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import logging.config
+from collections.abc import Iterable
+from typing import Any
+
+import faust
+import uvloop
+from faust.types import StreamT
+from prometheus_client import start_http_server
+
+from pipeline.core.errors import SumstreamError
+from pipeline.core.jsonlog import logging_config
+from pipeline.core.metrics import LagSampler
+from pipeline.core.pricing import PriceTable
+from pipeline.core.settings import WorkerSettings
+from pipeline.core.tiers import load_tiers
+from pipeline.core.topics import TopicNames
+from pipeline.kafka.admin import create_topics
+from pipeline.kafka.lag import LagReader
+from pipeline.llm.client import UpstreamClient
+from pipeline.worker.agents import events, on_record, process, raw_topic, sender
+from pipeline.worker.dlq import DeadLetterQueue
+from pipeline.worker.inflight import InflightWork
+from pipeline.worker.postprocess import PostprocessStage, tail_reread
+from pipeline.worker.preprocess import PreprocessStage
+from pipeline.worker.transport import Transport
+
+log = logging.getLogger("sumstream.worker")
+
+STAGES = ("preprocess", "inference", "postprocess")
+
+
+class StageApp(faust.App):
+    """faust.App with sumstream's transport and a lifecycle hook for the stages."""
+
+    runtime: StageRuntime | None = None
+    fetch_max_wait_ms: int = 1500
+
+    def _new_transport(self) -> Any:
+        return Transport(self.conf.broker_consumer, self)
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        if self.runtime is not None:
+            await self.runtime.start()
+
+    async def on_stop(self) -> None:
+        # Stop the engine first: nothing may be emitted after the producer's last flush.
+        if self.runtime is not None:
+            await self.runtime.stop()
+        await super().on_stop()
+
+
+class StageRuntime:
+    """Everything a worker runs besides Faust itself: stages, engine, metrics server."""
+
+    def __init__(self, app: StageApp, settings: WorkerSettings, stages: set[str]) -> None:
+        self.app = app
+        self.settings = settings
+        self.stages = stages
+        self.topics = TopicNames.from_settings(settings)
+        self.inflight: InflightWork | None = None
+        self._metrics_server: Any = None
+        self.metrics_port: int | None = None
+        self._lag: LagSampler | None = None
+
+    async def start(self) -> None:
+        self._start_metrics()
+        if self._metrics_server is not None:
+            # Lag of this worker's stages, whole group: a worker fed by other systems (no
+            # gateway running) still shows its queue.
+            groups = {stage: self.settings.app_id for stage in sorted(self.stages)}
+            self._lag = LagSampler(LagReader(self.settings, groups).read)
+            await self._lag.start()
+        if self.inflight is not None:
+            await self.inflight.start()
+
+    async def stop(self) -> None:
+        if self.inflight is not None:
+            await self.inflight.stop()
+        if self._lag is not None:
+            lag, self._lag = self._lag, None
+            await lag.stop()
+        if self._metrics_server is not None:
+            server, self._metrics_server = self._metrics_server, None
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
+
+    def _start_metrics(self) -> None:
+        if self.settings.metrics_port < 0 or self._metrics_server is not None:
+            return
+        try:
+            server, _thread = start_http_server(self.settings.metrics_port)
+        except OSError as exc:
+            # Several workers on one host: the second takes any free port instead of failing.
+            log.warning(
+                "metrics port busy, using a free one",
+                extra={"port": self.settings.metrics_port, "error": str(exc)},
+            )
+            server, _thread = start_http_server(0)
+        self._metrics_server = server
+        self.metrics_port = int(server.server_port)
+        log.info("metrics", extra={"port": self.metrics_port, "path": "/metrics"})
+
+
+def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> StageApp:
+    """The Faust app with an agent for each of ``stages`` (see DESIGN.md sections 4 and 5)."""
+    wanted = set(stages)
+    unknown = wanted - set(STAGES)
+    if unknown or not wanted:
+        raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {sorted(wanted)}")
+    # Faust creates only the last level of its data directory.
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
+    brokers = ";".join(f"kafka://{b.strip()}" for b in settings.bootstrap_servers.split(","))
+    app = StageApp(
+        settings.app_id,
+        broker=brokers,
+        key_serializer="raw",
+        value_serializer="raw",
+        autodiscover=False,
+        store="memory://",
+        datadir=str(settings.data_dir / "faust" / settings.app_id),
+        web_enabled=False,
+        producer_acks=-1,
+        producer_linger=0.0,
+        # Do not wait for agents to drain on a rebalance: the inference agent may be blocked
+        # on a full scheduler, and its work is in the in-flight table anyway.
+        stream_wait_empty=False,
+        stream_buffer_maxsize=1024,
+        broker_commit_every=1000,
+        broker_commit_interval=settings.commit_interval_s,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        # Standby replicas keep Faust's own assignor in every worker (even one without
+        # tables), so workers running different stages can share the consumer group.
+        table_standby_replicas=1,
+        topic_partitions=settings.work_partitions,
+        consumer_auto_offset_reset="earliest",
+        worker_redirect_stdouts=False,
+    )
+    app.fetch_max_wait_ms = settings.fetch_max_wait_ms
+    runtime = StageRuntime(app, settings, wanted)
+    app.runtime = runtime
+    topics = runtime.topics
+    tokens = raw_topic(app, topics.tokens)
+    dlq = DeadLetterQueue(sender(raw_topic(app, topics.dlq)))
+
+    if "preprocess" in wanted:
+        preprocess = PreprocessStage(
+            settings,
+            load_tiers(settings.tiers_file),
+            send_job=sender(raw_topic(app, topics.preprocessed)),
+            send_token=sender(tokens),
+            dlq=dlq,
+        )
+
+        on_request = on_record(preprocess.handle)
+
+        @app.agent(raw_topic(app, topics.requests), name="preprocess")
+        async def preprocess_agent(stream: StreamT[Any]) -> None:
+            async for event in events(stream):
+                await process("preprocess", on_request, event, dlq)
+
+    if "inference" in wanted:
+        inflight = InflightWork(
+            app,
+            settings,
+            topics,
+            tokens_topic=tokens,
+            dlq=dlq,
+            client=UpstreamClient(settings),
+        )
+        runtime.inflight = inflight
+
+        @app.agent(raw_topic(app, topics.preprocessed), name="inference")
+        async def inference_agent(stream: StreamT[Any]) -> None:
+            async for event in events(stream):
+                await process("inference", inflight.on_job, event, dlq)
+
+        # `control` has as many partitions as `preprocessed` and the same key, and every worker
+        # that runs inference subscribes to both: Faust's assignor groups topics with the same
+        # partition count and the same subscribers and assigns partition p of all of them to
+        # one worker (faust/assignor/partition_assignor.py, _get_copartitioned_groups), so a
+        # cancel reaches the worker that owns the request's job.
+        @app.agent(raw_topic(app, topics.control), name="control")
+        async def control_agent(stream: StreamT[Any]) -> None:
+            async for event in events(stream):
+                await process("control", inflight.on_control, event, dlq)
+
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+        async def on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+            await inflight.on_revoked()
+
+        @app.timer(60.0)  # type: ignore[untyped-decorator]
+        async def purge_done() -> None:
+            inflight.purge_done()
+
+    if "postprocess" in wanted:
+        postprocess = PostprocessStage(
+            settings,
+            PriceTable.load(settings.prices_file),
+            send_result=sender(raw_topic(app, topics.results)),
+            dlq=dlq,
+            reread=tail_reread(settings.bootstrap_servers, topics.tokens),
+        )
+
+        on_token = on_record(postprocess.handle)
+
+        @app.agent(tokens, name="postprocess")
+        async def postprocess_agent(stream: StreamT[Any]) -> None:
+            async for event in events(stream):
+                await process("postprocess", on_token, event, dlq)
+
+    return app
+
+
+# --- The command ----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stages",
+        default=None,
+        help="comma-separated subset of preprocess,inference,postprocess (default: all, or "
+        "SUMSTREAM_STAGES)",
+    )
+    parser.add_argument("--app-id", default=None, help="Faust app id = consumer group")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus /metrics port (0: any free port, -1: off)",
+    )
+    parser.add_argument("--log-level", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`sumstream worker`: create the topics, then run the Faust worker until stopped."""
+    overrides: dict[str, Any] = {}
+    if args.stages is not None:
+        overrides["stages"] = args.stages
+    if args.app_id is not None:
+        overrides["app_id"] = args.app_id
+    if args.metrics_port is not None:
+        overrides["metrics_port"] = args.metrics_port
+    if args.log_level is not None:
+        overrides["log_level"] = args.log_level
+    settings = WorkerSettings(**overrides)
+    stages = [s.strip() for s in settings.stages.split(",") if s.strip()]
+    logging.config.dictConfig(logging_config(settings))
+
+    try:
+        created = create_topics(settings)
+    except SumstreamError as exc:
+        log.error("cannot prepare the topics", extra={"error": str(exc), "code": exc.code})
+        return 1
+    if created:
+        log.info("topics created", extra={"topics": created})
+    # uvloop cuts the per-event cost of the asyncio machinery that every token passes through.
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    app = create_app(settings, stages)
+    worker = faust.Worker(
+        app,
+        loop=loop,
+        loglevel=settings.log_level.upper(),
+        logging_config=logging_config(settings),
+        quiet=True,
+        redirect_stdouts=False,
+    )
+    log.info("worker starting", extra={"app_id": settings.app_id, "stages": stages})
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    return 0

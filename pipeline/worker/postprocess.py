@@ -1,0 +1,319 @@
+"""Postprocess stage (tokens -> results): assemble, finalise, price, and time each request.
+
+The pure parts (``assemble``, ``result_status``, ``latency_breakdown``, ``build_result``) are what
+the stage is; ``PostprocessStage`` adds the bounded in-memory assembly and the topic wiring.
+Postprocess is the only writer of `results`.
+
+Every value of a result is derived from records in the log (the terminal event's own Kafka
+timestamp stands for the result time), so re-processing a replayed terminal event produces
+the same result again, never a different one (`results` is compacted by request id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ulid import ULID
+
+from pipeline.core.codec import codec
+from pipeline.core.errors import CodecError, ValidationError
+from pipeline.core.metrics import (
+    COST_MICRO_USD,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    RECORDS_PROCESSED,
+    REQUESTS_COMPLETED,
+    STAGE_SECONDS,
+)
+from pipeline.core.pricing import PriceTable
+from pipeline.core.settings import WorkerSettings
+from pipeline.kafka.tail import TERMINAL_KINDS, read_request_records
+from pipeline.worker.dlq import DeadLetterQueue, Origin
+from pipeline.worker.preprocess import REJECTION_CODES
+
+log = logging.getLogger("sumstream.postprocess")
+
+STAGE = "postprocess"
+REREAD_ATTEMPTS = 3
+REREAD_BACKOFF_S = 0.5
+
+# latency_ms key -> (start stamp, end stamp) in the request's trace. Documented in
+# ``latency_breakdown``; a key is present only when both stamps are.
+LATENCY_SPANS: dict[str, tuple[tuple[str, ...], str]] = {
+    "admission": (("received",), "enqueued"),
+    "queue_wait": (("enqueued", "received"), "preprocess_start"),
+    "preprocess": (("preprocess_start",), "preprocess_end"),
+    "inference_queue": (("preprocess_end",), "inference_start"),
+    "ttft": (("inference_start",), "first_token"),
+    "generation": (("first_token",), "last_token"),
+    "time_to_first_token": (("received",), "first_token"),
+    "total": (("received",), "result"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Assembly:
+    """A request's stream put back together: the text so far and whether any seq is missing."""
+
+    text: str
+    complete: bool
+    last_seq: int
+
+
+def assemble(events: Iterable[Mapping[str, Any]], upto_seq: int | None = None) -> Assembly:
+    """Join the DELTA texts in seq order (duplicates by seq counted once).
+
+    ``complete`` is true when every seq from 1 to ``upto_seq`` (default: the highest seen) is
+    present, i.e. nothing was consumed by another instance or lost to a restart.
+    """
+    by_seq: dict[int, Mapping[str, Any]] = {}
+    for event in events:
+        by_seq.setdefault(int(event["seq"]), event)
+    last = upto_seq if upto_seq is not None else max(by_seq, default=0)
+    text = "".join(
+        str(by_seq[s].get("text") or "")
+        for s in sorted(by_seq)
+        if s <= last and by_seq[s].get("kind") == "DELTA"
+    )
+    complete = all(s in by_seq for s in range(1, last + 1))
+    return Assembly(text=text, complete=complete, last_seq=last)
+
+
+def result_status(terminal: Mapping[str, Any], summary: str) -> str:
+    """SummaryStatus for a terminal event: DONE/CANCELLED as such, ERROR by its code and text."""
+    kind = terminal.get("kind")
+    if kind == "DONE":
+        return "COMPLETED"
+    if kind == "CANCELLED":
+        return "CANCELLED"
+    error = terminal.get("error") or {}
+    if error.get("code") in REJECTION_CODES:
+        return "REJECTED"
+    if error.get("partial") and summary:
+        return "PARTIAL"
+    return "FAILED"
+
+
+def latency_breakdown(trace: Mapping[str, int]) -> dict[str, int]:
+    """Per-stage durations in ms from a request's trace stamps (epoch ms).
+
+    - ``admission``: received -> enqueued (the gateway's time before the request was in Kafka)
+    - ``queue_wait``: enqueued (else received) -> preprocess_start (waiting in `requests`)
+    - ``preprocess``: preprocess_start -> preprocess_end
+    - ``inference_queue``: preprocess_end -> inference_start (in `preprocessed` and the scheduler)
+    - ``ttft``: inference_start -> first_token (the model's time to first token, retries included)
+    - ``generation``: first_token -> last_token
+    - ``time_to_first_token``: received -> first_token (what the client waits for)
+    - ``total``: received -> result (the terminal event's time in `tokens`)
+
+    Stamps come from different hosts, so a negative span (clock skew) is reported as 0.
+    """
+    out: dict[str, int] = {}
+    for key, (starts, end) in LATENCY_SPANS.items():
+        start = next((trace[s] for s in starts if s in trace), None)
+        if start is not None and end in trace:
+            out[key] = max(int(trace[end]) - int(start), 0)
+    return out
+
+
+def build_result(
+    terminal: Mapping[str, Any],
+    text: str,
+    prices: PriceTable,
+    *,
+    result_ms: int,
+) -> dict[str, Any]:
+    """The SummaryResult for a request whose stream ended with ``terminal``.
+
+    ``text`` is the concatenated DELTA text; ``result_ms`` is the time the stream ended.
+    """
+    summary = text.strip()
+    usage_in = terminal.get("usage") or {}
+    input_tokens = int(usage_in.get("input_tokens") or 0)
+    output_tokens = int(usage_in.get("output_tokens") or 0)
+    model = str(terminal.get("model") or "")
+    usage = {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "attempts": int(usage_in.get("attempts") or 0),
+        "cost_micro_usd": prices.micro_usd(model, input_tokens, output_tokens),
+    }
+    trace = {str(k): int(v) for k, v in (terminal.get("trace") or {}).items()}
+    trace["result"] = result_ms
+    error = terminal.get("error")
+    return {
+        "request_id": terminal["request_id"],
+        "user_id": terminal.get("user_id") or "",
+        "tier": terminal.get("tier") or "free",
+        "model": model,
+        "status": result_status(terminal, summary),
+        "summary": summary,
+        "usage": usage,
+        "error": dict(error) if error else None,
+        "stop_reason": terminal.get("stop_reason"),
+        "last_seq": int(terminal["seq"]),
+        "degraded": terminal.get("degraded"),
+        "source": terminal.get("source") or "external",
+        "replay_of": terminal.get("replay_of"),
+        "latency_ms": latency_breakdown(trace),
+        "created_at": int(terminal.get("created_at") or 0),
+        "completed_at": result_ms,
+        "trace": trace,
+    }
+
+
+def validate_event(event: Mapping[str, Any]) -> None:
+    """Raise ``ValidationError`` for a TokenEvent no request can be assembled from."""
+    if not (event.get("request_id") or "").strip():
+        raise ValidationError("request_id is empty")
+    if int(event.get("seq", 0)) < 1:
+        raise ValidationError(f"seq must be at least 1, got {event.get('seq')}")
+
+
+Send = Callable[[bytes, bytes], Awaitable[None]]
+# Re-reads every TokenEvent of one request from `tokens`: (request_id, created_at ms) -> events.
+Reread = Callable[[str, int], Awaitable[list[dict[str, Any]]]]
+
+
+def tail_reread(bootstrap_servers: str, topic: str) -> Reread:
+    """A ``Reread`` that reads the request's partition of ``topic`` with pipeline/kafka/tail.py."""
+
+    async def reread(request_id: str, created_at: int) -> list[dict[str, Any]]:
+        try:
+            ULID.from_str(request_id)
+            since: int | None = None  # tail positions by the time inside the id
+        except ValueError:
+            since = created_at or None
+        return [
+            record
+            async for record in read_request_records(
+                bootstrap_servers, topic, request_id, schema="TokenEvent", since_ms=since
+            )
+        ]
+
+    return reread
+
+
+class PostprocessStage:
+    """Consumes TokenEvents; on each terminal event produces the request's SummaryResult."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        prices: PriceTable,
+        *,
+        send_result: Send,
+        dlq: DeadLetterQueue,
+        reread: Reread,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.prices = prices
+        self._send_result = send_result
+        self._dlq = dlq
+        self._reread = reread
+        self._clock = clock
+        # request_id -> events seen so far (by seq). Bounded: the least recently active
+        # request is dropped first, and its terminal event then re-reads the stream from `tokens`.
+        self._open: OrderedDict[str, dict[int, dict[str, Any]]] = OrderedDict()
+        # Recently finished ids: a replayed or duplicate terminal is not finalised twice.
+        self._finished: OrderedDict[str, None] = OrderedDict()
+
+    @property
+    def open_requests(self) -> int:
+        return len(self._open)
+
+    async def handle(
+        self, key: bytes | None, value: bytes | None, origin: Origin, timestamp_ms: int | None
+    ) -> None:
+        """Process one record of `tokens`; never raises for a bad record (it is dead-lettered)."""
+        try:
+            event = codec().decode_as(value, "TokenEvent")
+            validate_event(event)
+        except (CodecError, ValidationError) as exc:
+            await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
+            RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
+            return
+        request_id: str = event["request_id"]
+        if request_id in self._finished:
+            RECORDS_PROCESSED.labels(stage=STAGE, outcome="duplicate").inc()
+            return
+        if event["kind"] in TERMINAL_KINDS:
+            result_ms = timestamp_ms if timestamp_ms is not None else int(self._clock() * 1000)
+            await self._finish(event, self._open.pop(request_id, {}), result_ms)
+            return
+        events = self._open.get(request_id)
+        if events is None:
+            events = self._open[request_id] = {}
+            while len(self._open) > self.settings.postprocess_max_open:
+                self._open.popitem(last=False)  # the least recently active stream
+        else:
+            self._open.move_to_end(request_id)
+        events.setdefault(int(event["seq"]), event)
+
+    async def _finish(
+        self, terminal: dict[str, Any], events: dict[int, dict[str, Any]], result_ms: int
+    ) -> None:
+        started = time.perf_counter()
+        request_id: str = terminal["request_id"]
+        events.setdefault(int(terminal["seq"]), terminal)
+        assembly = assemble(events.values(), upto_seq=int(terminal["seq"]))
+        if not assembly.complete:
+            # Part of the stream was consumed before a restart or by another instance.
+            reread = await self._reread_with_retries(request_id, terminal)
+            assembly = assemble([*reread, *events.values()], upto_seq=int(terminal["seq"]))
+            log_at = logging.INFO if assembly.complete else logging.ERROR
+            log.log(
+                log_at,
+                "stream re-read from tokens",
+                extra={"request_id": request_id, "complete": assembly.complete},
+            )
+        result = build_result(terminal, assembly.text, self.prices, result_ms=result_ms)
+        await self._send_result(request_id.encode(), codec().encode("SummaryResult", result))
+        self._finished[request_id] = None
+        while len(self._finished) > self.settings.postprocess_max_open:
+            self._finished.popitem(last=False)
+        self._observe(result, time.perf_counter() - started)
+        log.info(
+            "result",
+            extra={
+                "request_id": request_id,
+                "status": result["status"],
+                "output_tokens": result["usage"]["output_tokens"],
+                "cost_micro_usd": result["usage"]["cost_micro_usd"],
+            },
+        )
+
+    async def _reread_with_retries(
+        self, request_id: str, terminal: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        for attempt in range(REREAD_ATTEMPTS):
+            try:
+                return await self._reread(request_id, int(terminal.get("created_at") or 0))
+            except Exception as exc:
+                log.warning(
+                    "re-read failed",
+                    extra={"request_id": request_id, "attempt": attempt + 1, "error": repr(exc)},
+                )
+                await asyncio.sleep(REREAD_BACKOFF_S * 2**attempt)
+        # Still write a result (with the text this instance saw) rather than none at all.
+        return []
+
+    @staticmethod
+    def _observe(result: Mapping[str, Any], seconds: float) -> None:
+        tier, model, usage = result["tier"], result["model"], result["usage"]
+        RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
+        REQUESTS_COMPLETED.labels(tier=tier, status=result["status"]).inc()
+        INPUT_TOKENS.labels(tier=tier, model=model).inc(usage["input_tokens"])
+        OUTPUT_TOKENS.labels(tier=tier, model=model).inc(usage["output_tokens"])
+        COST_MICRO_USD.labels(tier=tier, model=model).inc(usage["cost_micro_usd"])
+        STAGE_SECONDS.labels(stage="postprocess").observe(seconds)
+        for key, ms in result["latency_ms"].items():
+            if key != "admission":
+                STAGE_SECONDS.labels(stage=key).observe(ms / 1000)

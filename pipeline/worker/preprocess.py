@@ -1,0 +1,370 @@
+"""Preprocess stage (requests -> preprocessed): validate, normalise, apply the tier, prompt.
+
+``prepare`` is the pure heart of the stage; ``PreprocessStage`` wires it to the topics. A request
+that is turned away here still ends for its client: the stage writes a terminal ERROR TokenEvent
+(seq 1) so postprocess writes a REJECTED result and the gateway closes the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.core.codec import codec
+from pipeline.core.errors import CodecError, ValidationError
+from pipeline.core.metrics import RECORDS_PROCESSED
+from pipeline.core.settings import WorkerSettings
+from pipeline.core.tiers import Tier
+from pipeline.llm.extractive import count_tokens
+from pipeline.worker.dlq import DeadLetterQueue, Origin
+
+log = logging.getLogger("sumstream.preprocess")
+
+STAGE = "preprocess"
+# Error codes that mean "turned away before any model call"; postprocess maps them to REJECTED.
+REJECTION_CODES = frozenset({"invalid_request", "unknown_tier", "input_too_large"})
+# The engine replaces this literal in a map-reduce job's prompt with the chunk summaries.
+CHUNK_PLACEHOLDER = "{chunk_summaries}"
+MAX_REQUEST_ID_CHARS = 200
+MAX_INSTRUCTIONS_CHARS = 4_000
+# A chunk smaller than this would make map-reduce pointless (a misconfigured model budget).
+MIN_CHUNK_TOKENS = 64
+
+SYSTEM_PROMPT = (
+    "You are a careful summarization engine. Summarize the document given inside "
+    "<document> tags using only facts stated in it. Answer with the summary text only, "
+    "without any preamble."
+)
+DEFAULT_INSTRUCTIONS = "Summarize the document above in at most {max_tokens} tokens."
+CHUNK_INSTRUCTIONS = (
+    "This is part {index} of {count} of a longer document. Summarize this part in at most "
+    "{max_tokens} tokens; the summaries of all parts will be combined."
+)
+REDUCE_PREAMBLE = "The document above consists of summaries of consecutive parts of one document."
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
+_HSPACE = re.compile(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
+_AROUND_NEWLINE = re.compile(r" *\n *")
+_BLANK_LINES = re.compile(r"\n{3,}")
+_DOCUMENT_TAG = re.compile(r"<(/?document)>", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a request cannot run. ``dead_letter``: the record itself is invalid, keep a copy."""
+
+    code: str
+    message: str
+    dead_letter: bool = False
+
+
+def normalize_text(text: str) -> str:
+    """NFC, LF line ends, no control or zero-width characters, single spaces, <= 1 blank line."""
+    text = unicodedata.normalize("NFC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n")
+    text = _CONTROL.sub("", text)
+    text = _HSPACE.sub(" ", text)
+    text = _AROUND_NEWLINE.sub("\n", text)
+    text = _BLANK_LINES.sub("\n\n", text)
+    return text.strip()
+
+
+def truncate_to_tokens(text: str, max_tokens: int) -> str:
+    """The longest prefix of ``text`` ending at a word boundary within ``max_tokens`` tokens."""
+    if count_tokens(text) <= max_tokens:
+        return text
+    lo, hi = 0, len(text)
+    # Binary search on characters: count_tokens is monotone in the prefix length for any sane
+    # tokenizer, and this needs only O(log n) counts.
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count_tokens(text[:mid]) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    cut = text[:lo]
+    boundary = max(cut.rfind(" "), cut.rfind("\n"))
+    if boundary > 0 and lo < len(text) and not text[lo].isspace():
+        cut = cut[:boundary]
+    return cut.rstrip()
+
+
+def _units(text: str, budget: int) -> list[tuple[str, str]]:
+    """Pieces of ``text`` within ``budget`` tokens, each with the joiner that preceded it."""
+    units: list[tuple[str, str]] = []
+    for p_index, paragraph in enumerate(text.split("\n\n")):
+        joiner = "\n\n" if p_index else ""
+        if count_tokens(paragraph) <= budget:
+            units.append((paragraph, joiner))
+            continue
+        for s_index, sentence in enumerate(_SENTENCE_END.split(paragraph)):
+            rest = sentence
+            sep = joiner if s_index == 0 else " "
+            while rest:
+                piece = truncate_to_tokens(rest, budget)
+                if not piece:  # a single "word" beyond the budget: cut it by characters
+                    piece = rest[: max(1, len(rest) // 2)]
+                    while count_tokens(piece) > budget and len(piece) > 1:
+                        piece = piece[: len(piece) // 2]
+                units.append((piece, sep))
+                rest = rest[len(piece) :].lstrip()
+                sep = " "
+    return units
+
+
+def split_into_chunks(text: str, budget: int) -> list[str]:
+    """Split ``text`` at paragraph, sentence, then word boundaries into ``budget``-token chunks."""
+    chunks: list[str] = []
+    current = ""
+    for piece, joiner in _units(text, budget):
+        candidate = f"{current}{joiner}{piece}" if current else piece
+        if current and count_tokens(candidate) > budget:
+            chunks.append(current)
+            current = piece
+        else:
+            current = candidate
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def user_message(document: str, instructions: str) -> str:
+    """The user turn: the document inside <document> tags, then the instructions."""
+    return f"<document>\n{document}\n</document>\n\n{instructions}"
+
+
+def _rejection(code: str, message: str, *, dead_letter: bool = False) -> Rejection:
+    return Rejection(code=code, message=message, dead_letter=dead_letter)
+
+
+def validate_request(request: Mapping[str, Any]) -> None:
+    """Raise ``ValidationError`` when a request cannot even be answered (no usable request id)."""
+    request_id = request.get("request_id") or ""
+    if not request_id.strip():
+        raise ValidationError("request_id is empty")
+    if len(request_id) > MAX_REQUEST_ID_CHARS or any(c.isspace() for c in request_id):
+        raise ValidationError("request_id must be at most 200 characters without whitespace")
+
+
+def prepare(
+    request: Mapping[str, Any],
+    tiers: Mapping[str, Tier],
+    settings: WorkerSettings,
+    *,
+    now_ms: int,
+    enqueued_ms: int | None = None,
+) -> dict[str, Any] | Rejection:
+    """Turn a SummarizeRequest into an InferenceJob, or say why it is rejected.
+
+    Raises ``ValidationError`` when the request has no usable id (nothing can be answered).
+    ``now_ms`` stamps preprocess_start; the caller stamps preprocess_end when it produces.
+    """
+    validate_request(request)
+    if not (request.get("user_id") or "").strip():
+        return _rejection("invalid_request", "user_id is empty", dead_letter=True)
+    tier = tiers.get(request.get("tier") or "")
+    if tier is None:
+        return _rejection("unknown_tier", f"unknown tier {request.get('tier')!r}", dead_letter=True)
+    requested_output = request.get("max_output_tokens")
+    if requested_output is not None and requested_output < 1:
+        return _rejection(
+            "invalid_request", "max_output_tokens must be at least 1", dead_letter=True
+        )
+    document = normalize_text(_DOCUMENT_TAG.sub(r"[\1]", request.get("document") or ""))
+    if not document:
+        return _rejection("invalid_request", "document is empty", dead_letter=True)
+
+    max_output = min(requested_output or tier.max_output_tokens, tier.max_output_tokens)
+    doc_tokens = count_tokens(document)
+    truncated = False
+    if doc_tokens > tier.max_input_tokens:
+        if tier.on_input_too_large == "reject":
+            return _rejection(
+                "input_too_large",
+                f"document has ~{doc_tokens} tokens; the {tier.name} tier allows "
+                f"{tier.max_input_tokens}",
+            )
+        document = truncate_to_tokens(document, tier.max_input_tokens)
+        truncated = True
+
+    instructions = normalize_text(request.get("instructions") or "")[:MAX_INSTRUCTIONS_CHARS]
+    if not instructions:
+        instructions = DEFAULT_INSTRUCTIONS.format(max_tokens=max_output)
+    model = request.get("model") or settings.default_model
+    overhead = count_tokens(SYSTEM_PROMPT) + count_tokens(user_message("", instructions))
+    chunk_budget = settings.model_budget_tokens - overhead - max_output
+    chunks: list[str] = []
+    if count_tokens(document) > chunk_budget:
+        # Leave room for the longer chunk instructions, so each map call also fits.
+        chunk_budget = max(chunk_budget - count_tokens(CHUNK_INSTRUCTIONS), MIN_CHUNK_TOKENS)
+        parts = split_into_chunks(document, chunk_budget)
+        chunks = [
+            user_message(
+                part,
+                CHUNK_INSTRUCTIONS.format(index=i, count=len(parts), max_tokens=max_output),
+            )
+            for i, part in enumerate(parts, start=1)
+        ]
+        prompt = user_message(CHUNK_PLACEHOLDER, f"{REDUCE_PREAMBLE} {instructions}")
+        estimate = sum(count_tokens(c) for c in chunks) + count_tokens(prompt)
+    else:
+        prompt = user_message(document, instructions)
+        estimate = count_tokens(prompt)
+    estimate += count_tokens(SYSTEM_PROMPT)
+
+    created_at = int(request.get("created_at") or 0) or enqueued_ms or now_ms
+    deadline_ms = request.get("deadline_ms") or int(
+        created_at + (tier.max_queue_wait_s + settings.default_deadline_s) * 1000
+    )
+    trace = dict(request.get("trace") or {})
+    trace.setdefault("received", created_at)
+    if enqueued_ms is not None:
+        trace.setdefault("enqueued", enqueued_ms)
+    trace["preprocess_start"] = now_ms
+    return {
+        "request_id": request["request_id"],
+        "user_id": request["user_id"],
+        "tier": tier.name,
+        "model": model,
+        "system": SYSTEM_PROMPT,
+        "prompt": prompt,
+        "chunks": chunks,
+        "max_output_tokens": max_output,
+        "input_tokens_estimate": estimate,
+        "truncated": truncated,
+        "weight": tier.weight,
+        "deadline_ms": int(deadline_ms),
+        "degraded": request.get("degraded"),
+        "source": request.get("source") or "external",
+        "replay_of": request.get("replay_of"),
+        "created_at": created_at,
+        "trace": trace,
+    }
+
+
+def rejection_event(
+    request: Mapping[str, Any],
+    rejection: Rejection,
+    *,
+    model: str,
+    now_ms: int,
+    enqueued_ms: int | None = None,
+) -> dict[str, Any]:
+    """The terminal ERROR TokenEvent (seq 1) that ends a rejected request's stream."""
+    created_at = int(request.get("created_at") or 0) or enqueued_ms or now_ms
+    trace = dict(request.get("trace") or {})
+    trace.setdefault("received", created_at)
+    if enqueued_ms is not None:
+        trace.setdefault("enqueued", enqueued_ms)
+    trace.setdefault("preprocess_start", now_ms)
+    return {
+        "request_id": request["request_id"],
+        "seq": 1,
+        "kind": "ERROR",
+        "text": "",
+        "attempt": 0,
+        "user_id": request.get("user_id") or "",
+        "tier": request.get("tier") or "",
+        "model": request.get("model") or model,
+        "stop_reason": None,
+        "usage": None,
+        "error": {
+            "code": rejection.code,
+            "message": rejection.message,
+            "retriable": False,
+            "partial": False,
+        },
+        "created_at": created_at,
+        "source": request.get("source") or "external",
+        "replay_of": request.get("replay_of"),
+        "degraded": request.get("degraded"),
+        "trace": trace,
+    }
+
+
+Send = Callable[[bytes, bytes], Awaitable[None]]
+
+
+class PreprocessStage:
+    """Consumes SummarizeRequest records; produces InferenceJobs or terminal rejections."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        tiers: Mapping[str, Tier],
+        *,
+        send_job: Send,
+        send_token: Send,
+        dlq: DeadLetterQueue,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.tiers = tiers
+        self._send_job = send_job
+        self._send_token = send_token
+        self._dlq = dlq
+        self._clock = clock
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def handle(
+        self, key: bytes | None, value: bytes | None, origin: Origin, timestamp_ms: int | None
+    ) -> None:
+        """Process one record of `requests`; never raises for a bad record (it is dead-lettered)."""
+        now = self._now_ms()
+        try:
+            request = codec().decode_as(value, "SummarizeRequest")
+            outcome = prepare(
+                request, self.tiers, self.settings, now_ms=now, enqueued_ms=timestamp_ms
+            )
+        except (CodecError, ValidationError) as exc:
+            await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
+            RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
+            return
+        request_id: str = request["request_id"]
+        rid = request_id.encode()
+        if isinstance(outcome, Rejection):
+            if outcome.dead_letter:
+                await self._dlq.publish(
+                    key=key,
+                    value=value,
+                    exc=ValidationError(f"{outcome.code}: {outcome.message}"),
+                    stage=STAGE,
+                    origin=origin,
+                )
+            event = rejection_event(
+                request,
+                outcome,
+                model=self.settings.default_model,
+                now_ms=now,
+                enqueued_ms=timestamp_ms,
+            )
+            event["trace"]["preprocess_end"] = self._now_ms()
+            await self._send_token(rid, codec().encode("TokenEvent", event))
+            RECORDS_PROCESSED.labels(stage=STAGE, outcome="rejected").inc()
+            log.info(
+                "request rejected",
+                extra={"request_id": request_id, "code": outcome.code, "reason": outcome.message},
+            )
+            return
+        outcome["trace"]["preprocess_end"] = self._now_ms()
+        await self._send_job(rid, codec().encode("InferenceJob", outcome))
+        # Stage latencies are observed once per request by postprocess, from the trace.
+        RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
+        log.info(
+            "request prepared",
+            extra={
+                "request_id": request_id,
+                "tier": outcome["tier"],
+                "input_tokens_estimate": outcome["input_tokens_estimate"],
+                "chunks": len(outcome["chunks"]),
+                "truncated": outcome["truncated"],
+            },
+        )
