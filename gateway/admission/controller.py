@@ -21,9 +21,9 @@ from gateway.admission.backpressure import QueueWaitEstimator
 from gateway.admission.quota import QuotaUnavailable, Verdict
 from gateway.http.errors import Overloaded, RateLimited
 from gateway.metrics import ADMISSION, ESTIMATED_WAIT
+from pipeline.core.prompt import DEFAULT_INSTRUCTIONS, SYSTEM_PROMPT, user_message
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
-from pipeline.worker.preprocess import DEFAULT_INSTRUCTIONS, SYSTEM_PROMPT, user_message
 
 log = logging.getLogger("sumstream.gateway.admission")
 

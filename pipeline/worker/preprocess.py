@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,15 @@ from typing import Any
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
 from pipeline.core.metrics import RECORDS_PROCESSED
+from pipeline.core.prompt import (
+    CHUNK_INSTRUCTIONS,
+    DEFAULT_INSTRUCTIONS,
+    REDUCE_PREAMBLE,
+    SYSTEM_PROMPT,
+    normalize_document,
+    normalize_text,
+    user_message,
+)
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
@@ -35,23 +43,6 @@ MAX_INSTRUCTIONS_CHARS = 4_000
 # A chunk smaller than this would make map-reduce pointless (a misconfigured model budget).
 MIN_CHUNK_TOKENS = 64
 
-SYSTEM_PROMPT = (
-    "You are a careful summarization engine. Summarize the document given inside "
-    "<document> tags using only facts stated in it. Answer with the summary text only, "
-    "without any preamble."
-)
-DEFAULT_INSTRUCTIONS = "Summarize the document above in at most {max_tokens} tokens."
-CHUNK_INSTRUCTIONS = (
-    "This is part {index} of {count} of a longer document. Summarize this part in at most "
-    "{max_tokens} tokens; the summaries of all parts will be combined."
-)
-REDUCE_PREAMBLE = "The document above consists of summaries of consecutive parts of one document."
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
-_HSPACE = re.compile(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
-_AROUND_NEWLINE = re.compile(r" *\n *")
-_BLANK_LINES = re.compile(r"\n{3,}")
-_DOCUMENT_TAG = re.compile(r"<(/?document)>", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -62,17 +53,6 @@ class Rejection:
     code: str
     message: str
     dead_letter: bool = False
-
-
-def normalize_text(text: str) -> str:
-    """NFC, LF line ends, no control or zero-width characters, single spaces, <= 1 blank line."""
-    text = unicodedata.normalize("NFC", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n")
-    text = _CONTROL.sub("", text)
-    text = _HSPACE.sub(" ", text)
-    text = _AROUND_NEWLINE.sub("\n", text)
-    text = _BLANK_LINES.sub("\n\n", text)
-    return text.strip()
 
 
 def truncate_to_tokens(text: str, max_tokens: int) -> str:
@@ -134,11 +114,6 @@ def split_into_chunks(text: str, budget: int) -> list[str]:
     return chunks
 
 
-def user_message(document: str, instructions: str) -> str:
-    """The user turn: the document inside <document> tags, then the instructions."""
-    return f"<document>\n{document}\n</document>\n\n{instructions}"
-
-
 def _rejection(code: str, message: str, *, dead_letter: bool = False) -> Rejection:
     return Rejection(code=code, message=message, dead_letter=dead_letter)
 
@@ -176,7 +151,7 @@ def prepare(
         return _rejection(
             "invalid_request", "max_output_tokens must be at least 1", dead_letter=True
         )
-    document = normalize_text(_DOCUMENT_TAG.sub(r"[\1]", request.get("document") or ""))
+    document = normalize_document(request.get("document") or "")
     if not document:
         return _rejection("invalid_request", "document is empty", dead_letter=True)
 

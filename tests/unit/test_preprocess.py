@@ -8,16 +8,15 @@ from hypothesis import strategies as st
 
 from pipeline.core.codec import codec
 from pipeline.core.errors import ValidationError
+from pipeline.core.prompt import SYSTEM_PROMPT, normalize_text
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens, document_of, summarize
 from pipeline.worker.dlq import DeadLetterQueue, Origin
 from pipeline.worker.preprocess import (
     CHUNK_PLACEHOLDER,
-    SYSTEM_PROMPT,
     PreprocessStage,
     Rejection,
-    normalize_text,
     prepare,
     rejection_event,
     split_into_chunks,

@@ -1,0 +1,183 @@
+"""Typed shapes of sumstream's Avro records, one per schema in ``schemas/``.
+
+The codec (``pipeline/core/codec.py``) reads and writes plain dicts; these TypedDicts say what
+those dicts hold, so code past the decoder is checked by mypy instead of trusting
+``dict[str, Any]``. A test (tests/unit/test_records.py) holds every TypedDict to its schema:
+same field names, compatible types. Enum symbols are ``Literal`` types, so a misspelt kind
+does not type-check.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypedDict
+
+TokenKind = Literal["STARTED", "DELTA", "DONE", "ERROR", "CANCELLED"]
+ResultStatus = Literal["COMPLETED", "PARTIAL", "FAILED", "CANCELLED", "REJECTED"]
+ControlAction = Literal["CANCEL"]
+QuotaKind = Literal["RESERVE", "SETTLE", "RELEASE", "UNKNOWN"]
+
+# Token events that end a request's stream: exactly one per request, always the last seq.
+TERMINAL_KINDS: frozenset[TokenKind] = frozenset({"DONE", "ERROR", "CANCELLED"})
+
+# Trace keys are stage names (received, enqueued, preprocess_start, ...), values epoch ms.
+Trace = dict[str, int]
+
+
+class Usage(TypedDict):
+    """Tokens, attempts and cost of one request so far (cumulative over attempts)."""
+
+    input_tokens: int
+    output_tokens: int
+    attempts: int
+    cost_micro_usd: int
+
+
+class ErrorInfo(TypedDict):
+    """A structured error carried by a terminal token event and its result."""
+
+    code: str
+    message: str
+    retriable: bool
+    partial: bool
+
+
+class SummarizeRequest(TypedDict):
+    """A document to summarize, as the gateway or another system puts it on ``requests``."""
+
+    request_id: str
+    user_id: str
+    tier: str
+    document: str
+    instructions: str | None
+    max_output_tokens: int | None
+    model: str | None
+    deadline_ms: int | None
+    idempotency_key: str | None
+    source: str
+    replay_of: str | None
+    degraded: str | None
+    created_at: int
+    trace: Trace
+
+
+class InferenceJob(TypedDict):
+    """A prepared prompt for the inference stage (``preprocessed``)."""
+
+    request_id: str
+    user_id: str
+    tier: str
+    model: str
+    system: str
+    prompt: str
+    chunks: list[str]
+    max_output_tokens: int
+    input_tokens_estimate: int
+    truncated: bool
+    weight: int
+    deadline_ms: int
+    degraded: str | None
+    source: str
+    replay_of: str | None
+    created_at: int
+    trace: Trace
+
+
+class TokenEvent(TypedDict):
+    """One step of a request's stream on ``tokens``: started, a delta, or its terminal event."""
+
+    request_id: str
+    seq: int
+    kind: TokenKind
+    text: str
+    attempt: int
+    user_id: str
+    tier: str
+    model: str
+    stop_reason: str | None
+    usage: Usage | None
+    error: ErrorInfo | None
+    created_at: int
+    source: str
+    replay_of: str | None
+    degraded: str | None
+    trace: Trace
+
+
+class SummaryResult(TypedDict):
+    """The final record of a request on ``results``: text, usage, cost, status, latency."""
+
+    request_id: str
+    user_id: str
+    tier: str
+    model: str
+    status: ResultStatus
+    summary: str
+    usage: Usage
+    error: ErrorInfo | None
+    stop_reason: str | None
+    last_seq: int
+    degraded: str | None
+    source: str
+    replay_of: str | None
+    latency_ms: dict[str, int]
+    created_at: int
+    completed_at: int
+    trace: Trace
+
+
+class ControlEvent(TypedDict):
+    """An instruction to the inference stage about one request (today: cancel)."""
+
+    request_id: str
+    action: ControlAction
+    reason: str
+    user_id: str
+    created_at: int
+    trace: Trace
+
+
+class DeadLetter(TypedDict):
+    """A record a stage could not handle, with where it came from and why."""
+
+    key: bytes | None
+    value: bytes | None
+    error_type: str
+    error: str
+    stage: str
+    origin_topic: str
+    origin_partition: int
+    origin_offset: int
+    created_at: int
+    trace: Trace
+
+
+class QuotaEvent(TypedDict):
+    """A reservation, settlement or release in a user's quota ledger (``quota``)."""
+
+    event_id: str
+    user_id: str
+    tier: str
+    kind: QuotaKind
+    request_id: str
+    tokens: int
+    input_tokens: int
+    output_tokens: int
+    requests: int
+    cost_micro_usd: int
+    at: int
+    gateway: str
+    trace: Trace
+
+
+# Schema name -> its TypedDict; tests/unit/test_records.py checks the two agree.
+RECORD_TYPES: dict[str, type] = {
+    "Usage": Usage,
+    "ErrorInfo": ErrorInfo,
+    "SummarizeRequest": SummarizeRequest,
+    "InferenceJob": InferenceJob,
+    "TokenEvent": TokenEvent,
+    "SummaryResult": SummaryResult,
+    "ControlEvent": ControlEvent,
+    "DeadLetter": DeadLetter,
+    "QuotaEvent": QuotaEvent,
+}
