@@ -26,8 +26,9 @@ from gateway.http.errors import (
 )
 from gateway.http.routes import router
 from gateway.metrics import REQUESTS
-from gateway.runtime import Gateway, now_ms
+from gateway.service import Gateway
 from gateway.settings import GatewaySettings
+from pipeline.core.clock import now_ms
 from pipeline.core.tiers import Tier, load_tiers
 
 log = logging.getLogger("sumstream.gateway")

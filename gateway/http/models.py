@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.core.records import ErrorInfo, SummaryResult, Usage
 
 
 class SummaryIn(BaseModel):
@@ -75,9 +77,43 @@ def links(request_id: str) -> Links:
     return Links(self=base, events=f"{base}/events")
 
 
-def result_json(result: dict[str, Any]) -> dict[str, Any]:
+class UsageBody(TypedDict):
+    input_tokens: int
+    output_tokens: int
+    attempts: int
+
+
+class CostBody(TypedDict):
+    micro_usd: int
+    usd: float
+
+
+class ResultBody(TypedDict):
+    """A SummaryResult as the API shows it: the ``done`` event's data and ``GET``'s body."""
+
+    id: str
+    status: str
+    summary: str
+    model: str
+    tier: str
+    usage: UsageBody
+    cost: CostBody
+    latency_ms: dict[str, int]
+    stop_reason: str | None
+    error: ErrorInfo | None
+    degraded: str | None
+    last_seq: int
+    created_at: int | None
+    completed_at: int | None
+
+
+NO_USAGE: Usage = {"input_tokens": 0, "output_tokens": 0, "attempts": 0, "cost_micro_usd": 0}
+
+
+def result_json(result: SummaryResult) -> ResultBody:
     """A SummaryResult record as the API shows it (``done`` event and ``GET``)."""
-    usage = result.get("usage") or {}
+    # Read with defaults: a stand-in result built from a terminal event lacks some fields.
+    usage = result.get("usage") or NO_USAGE
     cost = int(usage.get("cost_micro_usd", 0))
     return {
         "id": result["request_id"],

@@ -17,7 +17,8 @@ from gateway.http.errors import InvalidRequest, NotFound, NotReady, problem_resp
 from gateway.http.models import AcceptedOut, RunningOut, SummaryIn, UsageOut, links, result_json
 from gateway.http.sse import summary_events
 from gateway.metrics import OVERHEAD_SECONDS, REQUESTS
-from gateway.runtime import Gateway, now_ms
+from gateway.service import Gateway
+from pipeline.core.clock import now_ms
 
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
@@ -72,7 +73,7 @@ async def _owned_by(gateway: Gateway, request_id: str, principal: Principal) -> 
         raise NotFound(f"no summary {request_id[:MAX_ID_CHARS]}...")
     if not gateway.started:
         raise NotReady("the gateway is starting or stopping")
-    owner = await gateway.owner_of(request_id)
+    owner = await gateway.lookup.owner_of(request_id)
     if owner is None or owner.user_id != principal.user_id:
         raise NotFound(f"no summary {request_id}")
 
@@ -128,7 +129,7 @@ async def create_summary(
 ) -> Response:
     """Accept a document and stream its summary (or answer 202 with links for JSON clients)."""
     received = getattr(request.state, "received_ms", now_ms())
-    accepted = await gateway.submit(
+    accepted = await gateway.intake.submit(
         principal, body, idempotency_key=idempotency_key, received_ms=received
     )
     REQUESTS.labels("idempotent_replay" if accepted.replay else "accepted").inc()
@@ -187,7 +188,7 @@ async def get_summary(
 ) -> JSONResponse:
     """The SummaryResult, or 202 ``{status: running}`` while there is none."""
     await _owned_by(gateway, request_id, principal)
-    result = await gateway.result_of(request_id)
+    result = await gateway.lookup.result_of(request_id)
     if result is None:
         running = RunningOut(id=request_id, links=links(request_id))
         return JSONResponse(running.model_dump(), status_code=202)
@@ -204,7 +205,7 @@ async def cancel_summary(
 ) -> JSONResponse:
     """Ask the pipeline to cancel: a ControlEvent CANCEL on ``control``."""
     await _owned_by(gateway, request_id, principal)
-    await gateway.cancel(request_id, principal.user_id, "client")
+    await gateway.intake.cancel(request_id, principal.user_id, "client")
     return JSONResponse({"id": request_id, "status": "cancelling"}, status_code=202)
 
 
@@ -251,7 +252,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", tags=["operations"], responses={503: PROBLEM})
 async def readyz(gateway: GatewayDep) -> Response:
     """Broker reachable, topics present, idempotency index rebuilt."""
-    checks: dict[str, Any] = await gateway.readiness()
+    checks = await gateway.readiness()
     if not checks["ready"]:
         return problem_response(NotReady("not ready", extra={"checks": checks}), "/readyz")
     return JSONResponse({"status": "ready", "checks": checks})

@@ -11,23 +11,48 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import TypedDict, cast
 
 from sse_starlette import ServerSentEvent
 
-from gateway.http.models import AcceptedOut, result_json
+from gateway.http.models import AcceptedOut, ResultBody, result_json
 from gateway.metrics import SSE_CLIENTS, STREAM_ENDS, STREAMS
-from gateway.runtime import Gateway, StreamSource
-from gateway.streams.hub import TERMINAL_KINDS
+from gateway.service import Gateway
+from gateway.settings import GatewaySettings
+from gateway.streams.clients import StreamSource
+from gateway.streams.hub import Item
+from pipeline.core.records import TERMINAL_KINDS, ResultStatus, SummaryResult, TokenEvent
 
 log = logging.getLogger("sumstream.gateway.sse")
 
 # TokenEvent kind of a terminal event -> the status its result will have.
-TERMINAL_STATUS = {"DONE": "COMPLETED", "CANCELLED": "CANCELLED", "ERROR": "FAILED"}
+TERMINAL_STATUS: dict[str, ResultStatus] = {
+    "DONE": "COMPLETED",
+    "CANCELLED": "CANCELLED",
+    "ERROR": "FAILED",
+}
 
 
-def _event(name: str, data: dict[str, Any], event_id: str | None = None) -> ServerSentEvent:
+class ErrorData(TypedDict):
+    """The ``error`` event's data: what went wrong and where to resume."""
+
+    code: str
+    message: str
+    partial: bool
+    retriable: bool
+    last_seq: int
+
+
+class TokenData(TypedDict):
+    """The ``token`` event's data (its SSE id is the seq too)."""
+
+    text: str
+    seq: int
+
+
+def _event(name: str, data: Mapping[str, object], event_id: str | None = None) -> ServerSentEvent:
     return ServerSentEvent(
         json.dumps(data, ensure_ascii=False, separators=(",", ":")), event=name, id=event_id
     )
@@ -35,60 +60,147 @@ def _event(name: str, data: dict[str, Any], event_id: str | None = None) -> Serv
 
 def closing_error(code: str, message: str, last_seq: int) -> ServerSentEvent:
     """The gateway closes a stream that has not finished: resume from ``last_seq``."""
-    return _event(
-        "error",
-        {
-            "code": code,
-            "message": message,
-            "partial": True,
-            "retriable": True,
-            "last_seq": last_seq,
-        },
-    )
+    data: ErrorData = {
+        "code": code,
+        "message": message,
+        "partial": True,
+        "retriable": True,
+        "last_seq": last_seq,
+    }
+    return _event("error", data)
 
 
-def final_events(result: dict[str, Any]) -> list[ServerSentEvent]:
+def _result_error(body: ResultBody) -> ErrorData:
+    error = body["error"]
+    return {
+        "code": (error.get("code") if error else None) or body["status"].lower(),
+        "message": (error.get("message") if error else None) or f"request ended {body['status']}",
+        "partial": bool(error and error.get("partial")) or body["status"] == "PARTIAL",
+        "retriable": bool(error and error.get("retriable")),
+        "last_seq": body["last_seq"],
+    }
+
+
+def final_events(result: SummaryResult) -> list[ServerSentEvent]:
     """``error`` (unless COMPLETED) then ``done`` for a SummaryResult."""
     body = result_json(result)
     events = []
     if body["status"] != "COMPLETED":
-        error = body["error"] or {}
-        events.append(
-            _event(
-                "error",
-                {
-                    "code": error.get("code") or body["status"].lower(),
-                    "message": error.get("message") or f"request ended {body['status']}",
-                    "partial": bool(error.get("partial")) or body["status"] == "PARTIAL",
-                    "retriable": bool(error.get("retriable")),
-                    "last_seq": body["last_seq"],
-                },
-            )
-        )
+        events.append(_event("error", _result_error(body)))
     events.append(_event("done", body))
     return events
 
 
-def result_from_terminal(event: dict[str, Any]) -> dict[str, Any]:
+def result_from_terminal(event: TokenEvent) -> SummaryResult:
     """A stand-in result when the real one does not come: built from the terminal event."""
     error = event.get("error")
     status = TERMINAL_STATUS[event["kind"]]
     if status == "FAILED" and error and error.get("partial"):
         status = "PARTIAL"
-    return {
-        "request_id": event["request_id"],
-        "status": status,
-        "summary": "",
-        "model": event.get("model", ""),
-        "tier": event.get("tier", ""),
-        "usage": event.get("usage") or {},
-        "error": error,
-        "stop_reason": event.get("stop_reason"),
-        "last_seq": event["seq"],
-        "latency_ms": {},
-        "created_at": event.get("created_at"),
-        "completed_at": None,
-    }
+    # TODO(builder: pipeline/core/events.py): the stand-in is not a full record (no user_id,
+    # completed_at None); the one builder of results should make it.
+    return cast(
+        SummaryResult,
+        {
+            "request_id": event["request_id"],
+            "status": status,
+            "summary": "",
+            "model": event.get("model", ""),
+            "tier": event.get("tier", ""),
+            "usage": event.get("usage") or {},
+            "error": error,
+            "stop_reason": event.get("stop_reason"),
+            "last_seq": event["seq"],
+            "latency_ms": {},
+            "created_at": event.get("created_at"),
+            "completed_at": None,
+        },
+    )
+
+
+@dataclass
+class _Progress:
+    """How far one SSE stream has got, and what it knows of its request's end."""
+
+    last_sent: int
+    terminal: TokenEvent | None = None
+    result: SummaryResult | None = None
+    finished: bool = False
+    end: str = "disconnect"
+
+    def can_finish(self) -> bool:
+        """The result is known and every token before it was sent (or the stream ended)."""
+        result = self.result
+        return result is not None and (
+            self.terminal is not None or self.last_sent >= result["last_seq"]
+        )
+
+    def wait_s(self, settings: GatewaySettings) -> float | None:
+        """How long to wait for the next item before acting on the silence."""
+        if self.result is not None:
+            # The result came before the last tokens: give them a moment, then read the
+            # ones still missing from the log so the client sees no gap.
+            return settings.result_grace_s
+        if self.terminal is not None:
+            return settings.result_timeout_s
+        return None
+
+    def take(self, item: Item) -> ServerSentEvent | None:
+        """Note a result or terminal event; a new DELTA becomes a ``token`` event."""
+        # The hub carries plain dicts; a "result" item holds a SummaryResult, else a TokenEvent.
+        kind, record = item
+        if kind == "result":
+            self.result = cast(SummaryResult, record)
+            return None
+        event = cast(TokenEvent, record)
+        if event["kind"] in TERMINAL_KINDS:
+            self.terminal = event
+        elif event["kind"] == "DELTA" and event["seq"] > self.last_sent:
+            self.last_sent = int(event["seq"])
+            data: TokenData = {"text": event["text"], "seq": self.last_sent}
+            return _event("token", data, str(self.last_sent))
+        return None
+
+    def silence(self, gateway: Gateway, source: StreamSource) -> StreamSource:
+        """Nothing came in time: read the missing tokens from the log, or end without them."""
+        if self.result is not None and source.kind == "memory":
+            source.close(gateway.hub)
+            return gateway.streams.read_from_log(
+                source.subscriber.request_id, self.last_sent, result=self.result
+            )
+        if self.result is None and self.terminal is not None:
+            self.result = result_from_terminal(self.terminal)
+        # TODO(builder: pipeline/core/events.py): a synthetic DONE for the terminal that did
+        # not come; the one token event builder should make it.
+        self.terminal = self.terminal or cast(TokenEvent, {"kind": "DONE"})
+        return source
+
+    def source_closed(self, source: StreamSource) -> ServerSentEvent | None:
+        """The feed ended: finish from what is known, or close with a resumable ``error``."""
+        sub = source.subscriber
+        if sub.overflowed:
+            self.end = "slow_consumer"
+            return closing_error(
+                "slow_consumer",
+                "the client fell too far behind; reconnect with Last-Event-ID",
+                self.last_sent,
+            )
+        if self.result is not None:
+            # TODO(builder: pipeline/core/events.py): as in ``silence``.
+            self.terminal = self.terminal or cast(TokenEvent, {"kind": "DONE"})
+            return None
+        if self.terminal is not None:
+            self.result = result_from_terminal(self.terminal)
+            return None
+        self.end = sub.closed_reason or "closed"
+        return closing_error(
+            self.end, "the stream was closed early; reconnect with Last-Event-ID", self.last_sent
+        )
+
+    @property
+    def request_ended(self) -> bool:
+        """A request known to have ended needs no cancel, whether or not the client saw it."""
+        return self.finished or self.result is not None or self.terminal is not None
 
 
 async def summary_events(
@@ -100,82 +212,46 @@ async def summary_events(
     accepted: AcceptedOut | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """The SSE events of one request, from ``after_seq`` on, to its terminal event."""
-    settings = gateway.settings
-    finished = False
-    last_sent = after_seq
+    progress = _Progress(after_seq)
     source: StreamSource | None = None
-    terminal: dict[str, Any] | None = None
-    result: dict[str, Any] | None = None
-    end = "disconnect"
     SSE_CLIENTS.inc()
     try:
         if accepted is not None:
             yield _event("accepted", accepted.model_dump())
-        source = gateway.open_stream(request_id, after_seq)
+        source = gateway.streams.open(request_id, after_seq)
         STREAMS.labels(source.kind).inc()
         while True:
-            if result is not None and (terminal is not None or last_sent >= result["last_seq"]):
-                for event in final_events(result):
+            if progress.result is not None and progress.can_finish():
+                for event in final_events(progress.result):
                     yield event
-                finished, end = True, "done"
+                progress.finished, progress.end = True, "done"
                 return
-            if result is not None:
-                # The result came before the last tokens: give them a moment, then read the
-                # ones still missing from the log so the client sees no gap.
-                timeout: float | None = settings.result_grace_s
-            elif terminal is not None:
-                timeout = settings.result_timeout_s
-            else:
-                timeout = None
+            wait_s = progress.wait_s(gateway.settings)
             try:
-                item = await asyncio.wait_for(source.subscriber.get(), timeout)
+                item = await asyncio.wait_for(source.subscriber.get(), wait_s)
             except TimeoutError:
-                if result is not None and source.kind == "memory":
-                    source.close(gateway.hub)
-                    source = gateway.read_from_log(request_id, last_sent, result=result)
-                    continue
-                if result is None and terminal is not None:
-                    result = result_from_terminal(terminal)
-                terminal = terminal or {"kind": "DONE"}
+                source = progress.silence(gateway, source)
                 continue
             if item is None:
-                sub = source.subscriber
-                if sub.overflowed:
-                    end = "slow_consumer"
-                    yield closing_error(
-                        "slow_consumer",
-                        "the client fell too far behind; reconnect with Last-Event-ID",
-                        last_sent,
-                    )
-                    return
-                if result is not None:
-                    terminal = terminal or {"kind": "DONE"}
+                closing = progress.source_closed(source)
+                if closing is None:
                     continue
-                if terminal is not None:
-                    result = result_from_terminal(terminal)
-                    continue
-                end = sub.closed_reason or "closed"
-                yield closing_error(
-                    end, "the stream was closed early; reconnect with Last-Event-ID", last_sent
-                )
+                yield closing
                 return
-            kind, record = item
-            if kind == "result":
-                result = record
-            elif record["kind"] in TERMINAL_KINDS:
-                terminal = record
-            elif record["kind"] == "DELTA" and record["seq"] > last_sent:
-                last_sent = int(record["seq"])
-                yield _event("token", {"text": record["text"], "seq": last_sent}, str(last_sent))
+            token = progress.take(item)
+            if token is not None:
+                yield token
     finally:
         if source is not None:
             source.close(gateway.hub)
         SSE_CLIENTS.dec()
-        STREAM_ENDS.labels(end).inc()
+        STREAM_ENDS.labels(progress.end).inc()
         log.info(
             "stream closed",
-            extra={"request_id": request_id, "reason": end, "last_seq": last_sent},
+            extra={
+                "request_id": request_id,
+                "reason": progress.end,
+                "last_seq": progress.last_sent,
+            },
         )
-        # A request known to have ended needs no cancel, whether or not the client saw it.
-        ended = finished or result is not None or terminal is not None
-        gateway.stream_closed(request_id, user_id, finished=ended)
+        gateway.streams.closed(request_id, user_id, finished=progress.request_ended)

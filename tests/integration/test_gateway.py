@@ -22,7 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from gateway.http.app import create_app
 from gateway.http.auth import KeyStore, Principal, hash_key
-from gateway.runtime import Gateway
+from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from pipeline.core.codec import codec
 from pipeline.core.partitioning import partition_for

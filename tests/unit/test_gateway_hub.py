@@ -11,7 +11,7 @@ from sse_starlette import ServerSentEvent
 
 from gateway.http.auth import KeyStore
 from gateway.http.sse import summary_events
-from gateway.runtime import Gateway
+from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from gateway.streams.hub import StreamHub
 from pipeline.core.tiers import load_tiers

@@ -1,0 +1,275 @@
+"""Accepting a request and its cancel: the gateway's writes to ``requests`` and ``control``.
+
+``submit`` checks the document against the caller's tier, asks admission for a reservation,
+mints an id on one of this instance's partitions, registers its stream and produces the
+SummarizeRequest; ``cancel`` produces a ControlEvent CANCEL. A produce that fails answers
+503 ``broker_unavailable`` and gives back what it had taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from gateway.admission.backpressure import QueueWaitEstimator
+from gateway.admission.controller import Admission, Admitted, prompt_overhead_tokens
+from gateway.admission.idempotency import RequestIndex
+from gateway.http.auth import Principal
+from gateway.http.errors import BrokerUnavailable, NotReady, PayloadTooLarge, Unauthorized
+from gateway.http.models import SummaryIn
+from gateway.metrics import CANCELS
+from gateway.settings import GatewaySettings
+from gateway.streams.clients import Spawn
+from gateway.streams.hub import StreamHub
+from gateway.streams.ids import mint_request_id
+from pipeline.core.clock import now_ms
+from pipeline.core.codec import codec
+from pipeline.core.records import ControlEvent, SummarizeRequest
+from pipeline.core.tiers import Tier
+from pipeline.core.topics import TopicNames
+from pipeline.llm.extractive import count_tokens
+
+log = logging.getLogger("sumstream.gateway")
+
+# Counting tokens is linear in the document; past this size it leaves the event loop.
+COUNT_IN_THREAD_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A request this gateway accepted, or found again by its Idempotency-Key."""
+
+    request_id: str
+    replay: bool
+    queue_position: int
+    estimated_wait_s: float
+    degraded: str | None = None
+
+
+class Intake:
+    """Turns a client's POST into a SummarizeRequest on ``requests``, and a DELETE into a CANCEL.
+
+    It writes through the gateway's producer, handed over by ``open`` once the gateway knows
+    its partitions and taken back by ``close`` before the producer stops.
+    """
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        tiers: Mapping[str, Tier],
+        topics: TopicNames,
+        *,
+        index: RequestIndex,
+        admission: Admission,
+        estimator: QueueWaitEstimator,
+        hub: StreamHub,
+        spawn: Spawn,
+        running: Callable[[], bool],
+    ) -> None:
+        self.settings = settings
+        self.tiers = tiers
+        self.topics = topics
+        self.index = index
+        self.admission = admission
+        self.estimator = estimator
+        self.hub = hub
+        self._spawn = spawn
+        self._running = running
+        self._producer: AIOKafkaProducer | None = None
+        self._owned: frozenset[int] = frozenset()
+        self._partitions = 0
+
+    def open(self, producer: AIOKafkaProducer, owned: frozenset[int], partitions: int) -> None:
+        """Write through ``producer``, minting ids on ``owned`` of ``partitions``."""
+        self._producer, self._owned, self._partitions = producer, owned, partitions
+
+    def close(self) -> None:
+        """Refuse further writes (503 not_ready): the producer is about to stop."""
+        self._producer = None
+
+    def tier_of(self, principal: Principal) -> Tier:
+        """The caller's tier; a key naming a tier the tier file lacks is refused (401)."""
+        tier = self.tiers.get(principal.tier)
+        if tier is None:
+            # A key mapped to a tier the tier file does not define: a configuration error
+            # that must not look like a bad key to the client, nor leak the tier names.
+            log.error("key of user %s names unknown tier %s", principal.user_id, principal.tier)
+            raise Unauthorized("this API key is not usable: its tier is not configured")
+        return tier
+
+    async def submit(
+        self,
+        principal: Principal,
+        body: SummaryIn,
+        *,
+        idempotency_key: str | None,
+        received_ms: int,
+    ) -> Accepted:
+        """Check limits, mint an id, register its stream and produce the SummarizeRequest."""
+        if idempotency_key:
+            existing = self.index.lookup(principal.user_id, idempotency_key)
+            if existing is not None:
+                return self._found_again(existing)
+        tier = self.tier_of(principal)
+        input_tokens = await self._input_tokens(principal, tier, body.document)
+        output_tokens = min(
+            body.max_output_tokens or tier.max_output_tokens, tier.max_output_tokens
+        )
+        input_tokens += prompt_overhead_tokens(body.instructions, output_tokens)
+        producer = self._producer
+        if not self._running() or producer is None:
+            raise NotReady("the gateway is starting or stopping")
+        request_id = mint_request_id(self._owned, self._partitions)
+        admitted = await self.admission.admit(
+            principal.user_id,
+            principal.tier,
+            request_id,
+            input_tokens=input_tokens,
+            max_output_tokens=output_tokens,
+            model=body.model,
+        )
+        if idempotency_key:
+            holder = self.index.reserve(principal.user_id, idempotency_key, request_id)
+            if holder != request_id:
+                self._spawn(self.admission.release(admitted), f"release-{request_id}")
+                return self._found_again(holder)
+        self.hub.register(request_id)
+        created = now_ms()
+        self.index.remember(request_id, principal.user_id, principal.tier, created)
+        record = _request_record(
+            request_id, principal, body, admitted, idempotency_key, created, received_ms
+        )
+        await self._produce_request(producer, record, admitted)
+        self.admission.accepted(admitted)
+        log.info(
+            "accepted",
+            extra={
+                "request_id": request_id,
+                "user_id": principal.user_id,
+                "tier": principal.tier,
+                "input_tokens": input_tokens,
+                "reserved_tokens": admitted.reserved_tokens,
+                "degraded": admitted.degraded,
+                "queue_position": admitted.queue_position,
+                "estimated_wait_s": admitted.estimated_wait_s,
+            },
+        )
+        return Accepted(
+            request_id,
+            False,
+            admitted.queue_position,
+            admitted.estimated_wait_s,
+            admitted.degraded,
+        )
+
+    async def _input_tokens(self, principal: Principal, tier: Tier, document: str) -> int:
+        """The document's tokens as the tier bills them; 413 when the tier refuses its size."""
+        size = len(document.encode())
+        if size > self.settings.max_document_bytes:
+            raise PayloadTooLarge(
+                f"document is {size} bytes; the limit is {self.settings.max_document_bytes}"
+            )
+        if size > COUNT_IN_THREAD_BYTES:
+            input_tokens = await asyncio.to_thread(count_tokens, document)
+        else:
+            input_tokens = count_tokens(document)
+        if input_tokens > tier.max_input_tokens:
+            if tier.on_input_too_large == "reject":
+                raise PayloadTooLarge(
+                    f"document is ~{input_tokens} tokens; the {principal.tier} tier allows "
+                    f"{tier.max_input_tokens}"
+                )
+            input_tokens = tier.max_input_tokens  # preprocess truncates it
+        return input_tokens
+
+    async def _produce_request(
+        self, producer: AIOKafkaProducer, record: SummarizeRequest, admitted: Admitted
+    ) -> None:
+        request_id = record["request_id"]
+        try:
+            await producer.send_and_wait(
+                self.topics.requests,
+                key=request_id.encode(),
+                value=codec().encode("SummarizeRequest", record),
+            )
+        except KafkaError as exc:
+            self.hub.forget(request_id)
+            key = record["idempotency_key"]
+            if key:
+                self.index.release(record["user_id"], key, request_id)
+            # The broker is likely gone: give the reservation back in the background.
+            self._spawn(self.admission.release(admitted), f"release-{request_id}")
+            log.warning("produce failed", extra={"request_id": request_id, "error": repr(exc)})
+            raise BrokerUnavailable(
+                "could not write the request to the log", retry_after_s=1
+            ) from exc
+
+    def _found_again(self, request_id: str) -> Accepted:
+        # Found again by its Idempotency-Key: the queue as it is now, from lag.
+        return Accepted(
+            request_id,
+            True,
+            self.estimator.queue_position(),
+            round(self.estimator.estimate_s(), 3),
+        )
+
+    async def cancel(self, request_id: str, user_id: str, reason: str) -> None:
+        """Produce a ControlEvent CANCEL for ``request_id`` to ``control``."""
+        producer = self._producer
+        if producer is None:
+            raise NotReady("the gateway is starting or stopping")
+        event: ControlEvent = {
+            "request_id": request_id,
+            "action": "CANCEL",
+            "reason": reason,
+            "user_id": user_id,
+            "created_at": now_ms(),
+            "trace": {"cancel_requested": now_ms()},
+        }
+        try:
+            await producer.send_and_wait(
+                self.topics.control,
+                key=request_id.encode(),
+                value=codec().encode("ControlEvent", event),
+            )
+        except KafkaError as exc:
+            raise BrokerUnavailable(
+                "could not write the cancel to the log", retry_after_s=1
+            ) from exc
+        CANCELS.labels(reason).inc()
+        log.info("cancel sent", extra={"request_id": request_id, "reason": reason})
+
+
+def _request_record(
+    request_id: str,
+    principal: Principal,
+    body: SummaryIn,
+    admitted: Admitted,
+    idempotency_key: str | None,
+    created: int,
+    received_ms: int,
+) -> SummarizeRequest:
+    return {
+        "request_id": request_id,
+        "user_id": principal.user_id,
+        "tier": principal.tier,
+        "document": body.document,
+        "instructions": body.instructions,
+        # A degraded request names its shorter output; else the client's choice stands.
+        "max_output_tokens": (
+            admitted.max_output_tokens if admitted.degraded else body.max_output_tokens
+        ),
+        "model": admitted.model,
+        "deadline_ms": None,
+        "idempotency_key": idempotency_key,
+        "source": "gateway",
+        "replay_of": None,
+        "degraded": admitted.degraded,
+        "created_at": created,
+        "trace": {"received": received_ms, "enqueued": now_ms()},
+    }

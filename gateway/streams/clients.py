@@ -1,0 +1,154 @@
+"""Attaching SSE clients to a request's events, and cancelling the request they abandon.
+
+A stream reads from the hub's memory when it still holds every event the client needs, else
+from a short-lived reader of the log. When the last stream of an unfinished request closes,
+a CANCEL follows unless a client comes back within ``cancel_grace_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from gateway.http.errors import BrokerUnavailable, NotReady
+from gateway.settings import GatewaySettings
+from gateway.streams.hub import StreamHub, Subscriber
+from gateway.streams.lookup import RequestLookup
+from gateway.streams.reader import read_token_events
+from pipeline.core.records import TERMINAL_KINDS, SummaryResult
+from pipeline.core.topics import TopicNames
+
+log = logging.getLogger("sumstream.gateway")
+
+SourceKind = Literal["memory", "log"]
+# Starts a named background task that the gateway cancels and awaits on stop.
+Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
+Cancel = Callable[[str, str, str], Awaitable[None]]
+
+
+@dataclass
+class StreamSource:
+    """Where one SSE stream reads from: the hub's memory or a reader of the log."""
+
+    subscriber: Subscriber
+    kind: SourceKind
+    task: asyncio.Task[None] | None = None
+
+    def close(self, hub: StreamHub) -> None:
+        """Stop feeding the subscriber and end it."""
+        if self.task is not None:
+            self.task.cancel()
+        else:
+            hub.unsubscribe(self.subscriber)
+        self.subscriber.close("closed")
+
+
+class ClientStreams:
+    """The SSE streams open on this gateway, counted per request for the disconnect cancel."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        topics: TopicNames,
+        hub: StreamHub,
+        lookup: RequestLookup,
+        *,
+        spawn: Spawn,
+        cancel: Cancel,
+        running: Callable[[], bool],
+    ) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.hub = hub
+        self.lookup = lookup
+        self._spawn = spawn
+        self._cancel = cancel
+        self._running = running
+        self._open: Counter[str] = Counter()
+        self._cancel_timers: dict[str, asyncio.Task[None]] = {}
+
+    def open(self, request_id: str, after_seq: int) -> StreamSource:
+        """Events after ``after_seq``: from memory when it covers them, else from the log."""
+        self._open[request_id] += 1
+        timer = self._cancel_timers.pop(request_id, None)
+        if timer is not None:
+            timer.cancel()
+        sub = self.hub.subscribe(request_id, after_seq)
+        if sub is not None:
+            return StreamSource(sub, "memory")
+        return self.read_from_log(request_id, after_seq)
+
+    def read_from_log(
+        self, request_id: str, after_seq: int, *, result: SummaryResult | None = None
+    ) -> StreamSource:
+        """A short-lived reader of the request's partitions feeding a subscriber.
+
+        With ``result`` known, it reads the tokens written so far and stops; else it follows
+        them to the terminal event and then waits for the result.
+        """
+        sub = Subscriber(request_id, self.settings.client_queue_events)
+        task = self._spawn(self._feed_from_log(sub, after_seq, result), f"log-reader-{request_id}")
+        return StreamSource(sub, "log", task)
+
+    async def _feed_from_log(
+        self, sub: Subscriber, after_seq: int, result: SummaryResult | None
+    ) -> None:
+        request_id = sub.request_id
+        reason = "finished"
+        try:
+            terminal = False
+            events = read_token_events(
+                self.settings.bootstrap_servers,
+                self.topics.tokens,
+                request_id,
+                follow=result is None,
+                idle_timeout_s=self.settings.reader_idle_timeout_s,
+            )
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if event["seq"] > after_seq or event["kind"] in TERMINAL_KINDS:
+                        # The hub's subscribers carry plain dicts.
+                        await sub.put(("token", cast(dict[str, Any], event)))
+                    terminal = event["kind"] in TERMINAL_KINDS
+            if result is None:
+                result = await self.lookup.result_of(request_id, follow=terminal)
+            if result is not None:
+                await sub.put(("result", cast(dict[str, Any], result)))
+            else:
+                reason = "stream_idle"
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("log reader failed", extra={"request_id": request_id})
+            reason = "reader_failed"
+        finally:
+            sub.close(reason)
+
+    def closed(self, request_id: str, user_id: str, *, finished: bool) -> None:
+        """An SSE stream ended; unfinished ones are cancelled unless a client comes back."""
+        self._open[request_id] -= 1
+        if self._open[request_id] <= 0:
+            del self._open[request_id]
+        if finished or not self._running() or request_id in self._cancel_timers:
+            return
+        self._cancel_timers[request_id] = self._spawn(
+            self._cancel_unless_back(request_id, user_id), f"cancel-grace-{request_id}"
+        )
+
+    async def _cancel_unless_back(self, request_id: str, user_id: str) -> None:
+        try:
+            await asyncio.sleep(self.settings.cancel_grace_s)
+            stream = self.hub.get(request_id)
+            if self._open[request_id] > 0 or (stream is not None and stream.result):
+                return
+            await self._cancel(request_id, user_id, "disconnect")
+        except (BrokerUnavailable, NotReady) as exc:
+            log.warning("disconnect cancel failed: %s", exc, extra={"request_id": request_id})
+        finally:
+            if self._cancel_timers.get(request_id) is asyncio.current_task():
+                del self._cancel_timers[request_id]
