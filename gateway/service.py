@@ -61,6 +61,7 @@ class Gateway:
     def __init__(
         self, settings: GatewaySettings, keys: KeyStore, tiers: Mapping[str, Tier]
     ) -> None:
+        # Wiring only, one constructor call per part; longer than ~60 lines for that reason.
         self.settings = settings
         self.keys = keys
         self.tiers = tiers

@@ -146,19 +146,7 @@ class Intake:
         )
         await self._produce_request(producer, record, admitted)
         self.admission.accepted(admitted)
-        log.info(
-            "accepted",
-            extra={
-                "request_id": request_id,
-                "user_id": principal.user_id,
-                "tier": principal.tier,
-                "input_tokens": input_tokens,
-                "reserved_tokens": admitted.reserved_tokens,
-                "degraded": admitted.degraded,
-                "queue_position": admitted.queue_position,
-                "estimated_wait_s": admitted.estimated_wait_s,
-            },
-        )
+        _log_accepted(admitted, input_tokens)
         return Accepted(
             request_id,
             False,
@@ -273,3 +261,19 @@ def _request_record(
         "created_at": created,
         "trace": {"received": received_ms, "enqueued": now_ms()},
     }
+
+
+def _log_accepted(admitted: Admitted, input_tokens: int) -> None:
+    log.info(
+        "accepted",
+        extra={
+            "request_id": admitted.request_id,
+            "user_id": admitted.user_id,
+            "tier": admitted.tier,
+            "input_tokens": input_tokens,
+            "reserved_tokens": admitted.reserved_tokens,
+            "degraded": admitted.degraded,
+            "queue_position": admitted.queue_position,
+            "estimated_wait_s": admitted.estimated_wait_s,
+        },
+    )

@@ -1,0 +1,97 @@
+"""The disconnect cancel of gateway/streams/clients.py, with the hub fed by hand (no Kafka)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+from gateway.admission.idempotency import RequestIndex
+from gateway.settings import GatewaySettings
+from gateway.streams.clients import ClientStreams
+from gateway.streams.hub import StreamHub
+from gateway.streams.lookup import RequestLookup
+from pipeline.core.topics import TopicNames
+
+RID = "01JABCDEFGHJKMNPQRSTVWXYZ0"
+
+
+class Harness:
+    """ClientStreams on a real hub, recording its background tasks and the cancels it sends."""
+
+    def __init__(self, *, cancel_grace_s: float, running: bool = True) -> None:
+        settings = GatewaySettings(keys_file=None, cancel_grace_s=cancel_grace_s)
+        topics = TopicNames.from_settings(settings)
+        self.hub = StreamHub()
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.cancels: list[tuple[str, str, str]] = []
+        self.cancelled = asyncio.Event()
+        self.running = running
+        lookup = RequestLookup(settings, topics, RequestIndex(), self.hub)
+        self.streams = ClientStreams(
+            settings,
+            topics,
+            self.hub,
+            lookup,
+            spawn=self.spawn,
+            cancel=self.cancel,
+            running=lambda: self.running,
+        )
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.append(task)
+        return task
+
+    async def cancel(self, request_id: str, user_id: str, reason: str) -> None:
+        self.cancels.append((request_id, user_id, reason))
+        self.cancelled.set()
+
+
+async def test_an_abandoned_unfinished_stream_is_cancelled_after_the_grace() -> None:
+    h = Harness(cancel_grace_s=0)
+    h.hub.register(RID)
+    source = h.streams.open(RID, 0)
+    assert source.kind == "memory"
+    source.close(h.hub)
+    h.streams.closed(RID, "alice", finished=False)
+    await asyncio.wait_for(h.cancelled.wait(), 5)
+    assert h.cancels == [(RID, "alice", "disconnect")]
+
+
+async def test_a_client_back_within_the_grace_stops_the_cancel() -> None:
+    h = Harness(cancel_grace_s=3_600)
+    h.hub.register(RID)
+    h.streams.open(RID, 0).close(h.hub)
+    h.streams.closed(RID, "alice", finished=False)
+    [timer] = h.tasks
+    h.streams.open(RID, 0)  # the client reconnects
+    assert timer.cancelling() == 1
+    with pytest.raises(asyncio.CancelledError):
+        await timer
+    assert h.cancels == []
+
+
+async def test_a_result_that_arrived_during_the_grace_stops_the_cancel() -> None:
+    h = Harness(cancel_grace_s=0)
+    h.hub.register(RID)
+    h.streams.open(RID, 0).close(h.hub)
+    h.hub.dispatch_result({"request_id": RID, "status": "COMPLETED", "last_seq": 0})
+    h.streams.closed(RID, "alice", finished=False)
+    [timer] = h.tasks
+    await timer
+    assert h.cancels == []
+
+
+@pytest.mark.parametrize(("finished", "running"), [(True, True), (False, False)])
+async def test_a_finished_request_or_a_stopping_gateway_starts_no_cancel(
+    finished: bool, running: bool
+) -> None:
+    h = Harness(cancel_grace_s=0, running=running)
+    h.hub.register(RID)
+    h.streams.open(RID, 0).close(h.hub)
+    h.streams.closed(RID, "alice", finished=finished)
+    assert h.tasks == []
+    assert h.cancels == []
