@@ -41,3 +41,9 @@ THROUGHPUT = Gauge(
 SETTLED = Counter(
     "sumstream_gateway_settled_total", "Results settled in the quota ledger", ["outcome"]
 )
+CONNECTIONS_REFUSED = Counter(
+    "sumstream_gateway_connections_refused_total",
+    "Connections closed before their request reached the app: head_too_large, too_many_headers,"
+    " head_timeout, too_many_connections",
+    ["reason"],
+)

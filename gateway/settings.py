@@ -73,6 +73,13 @@ class GatewaySettings(KafkaSettings):
     idempotency_window_s: float = Field(default=24 * 3600.0, gt=0)
     max_index_entries: int = Field(default=100_000, ge=1)
     log_level: str = "INFO"
+    # Connection bounds, enforced before a request reaches the app (gateway/http/protocol.py):
+    # request-head bytes (request line + headers) and header fields, the time to send a head
+    # (which also closes connections that never send one), and open connections.
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    max_headers: int = Field(default=100, ge=8)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=2_048, ge=1)
 
     @model_validator(mode="after")
     def _index_in_range(self) -> GatewaySettings:

@@ -11,6 +11,7 @@ import uvicorn
 from gateway import logs
 from gateway.http.app import create_app
 from gateway.http.auth import hash_key
+from gateway.http.protocol import ConnectionLimits, bounded_protocol
 from gateway.settings import GatewaySettings
 
 
@@ -46,6 +47,14 @@ def run(args: argparse.Namespace) -> int:
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http=bounded_protocol(
+            ConnectionLimits(
+                max_header_bytes=settings.max_header_bytes,
+                max_headers=settings.max_headers,
+                header_timeout_s=settings.header_timeout_s,
+                max_connections=settings.max_connections,
+            )
+        ),
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -57,6 +57,51 @@ class RecordContextFilter(logging.Filter):
         return True
 
 
+class RepeatFilter(logging.Filter):
+    """Lets through at most ``burst`` warnings of one kind per ``window_s``, then counts them.
+
+    A kind is (logger, level, message template): a broker outage makes the Kafka clients log
+    the same line thousands of times with other arguments. The first line after a window in
+    which lines were held back carries ``suppressed`` (how many). INFO and below pass: those
+    are per-request lines, not storms.
+    """
+
+    def __init__(
+        self,
+        burst: int = 5,
+        window_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_kinds: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window_s = window_s
+        self._clock = clock
+        self._max_kinds = max_kinds
+        # kind -> [window start, lines let through in the window, lines held back]
+        self._kinds: dict[tuple[str, int, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        kind = (record.name, record.levelno, str(record.msg))
+        now = self._clock()
+        seen = self._kinds.get(kind)
+        if seen is None or now - seen[0] >= self.window_s:
+            if seen is None and len(self._kinds) >= self._max_kinds:
+                self._kinds.pop(next(iter(self._kinds)))  # the oldest kind goes first
+            held = int(seen[2]) if seen else 0
+            self._kinds[kind] = [now, 1, 0]
+            if held:
+                record.suppressed = held
+            return True
+        if seen[1] < self.burst:
+            seen[1] += 1
+            return True
+        seen[2] += 1
+        return False
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; ``extra=`` fields (request_id, stage...) become keys.
 
@@ -97,12 +142,15 @@ def logging_config(settings: WorkerSettings) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
-        "filters": {"record": {"()": f"{__name__}.RecordContextFilter"}},
+        "filters": {
+            "record": {"()": f"{__name__}.RecordContextFilter"},
+            "repeats": {"()": f"{__name__}.RepeatFilter"},
+        },
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "formatter": "default",
-                "filters": ["record"],
+                "filters": ["record", "repeats"],
             },
         },
         "loggers": {name: {"level": body_level} for name in BODY_LOGGERS},

@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
+from gateway import logs as gateway_logs
 from pipeline.core.jsonlog import (
     BODY_LOGGERS,
     JsonFormatter,
     RecordContextFilter,
+    RepeatFilter,
     logging_config,
     record_context,
 )
@@ -109,4 +111,50 @@ def test_http_client_loggers_never_log_bodies(level: str, body_level: str) -> No
     assert set(BODY_LOGGERS) >= {"anthropic", "httpx"}
     for name in BODY_LOGGERS:
         assert config["loggers"][name]["level"] == body_level
-    assert config["handlers"]["stderr"]["filters"] == ["record"]
+    assert config["handlers"]["stderr"]["filters"] == ["record", "repeats"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def warning(msg: str, *args: object, name: str = "aiokafka") -> logging.LogRecord:
+    return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, args, None)
+
+
+def test_repeated_warnings_pass_a_burst_then_the_next_window_reports_how_many_were_held() -> None:
+    clock = FakeClock()
+    repeats = RepeatFilter(burst=5, window_s=10.0, clock=clock)
+    passed = [repeats.filter(warning("Unable to connect to node %s", n)) for n in range(100)]
+    assert passed.count(True) == 5 and passed[:5] == [True] * 5
+    clock.now = 10.0
+    record = warning("Unable to connect to node %s", 7)
+    assert repeats.filter(record)
+    assert record.suppressed == 95  # type: ignore[attr-defined]
+
+
+def test_other_kinds_and_info_lines_are_not_held_back_by_a_storm() -> None:
+    repeats = RepeatFilter(burst=1, window_s=10.0, clock=FakeClock())
+    assert repeats.filter(warning("storm %s", 1))
+    assert not repeats.filter(warning("storm %s", 2))
+    assert repeats.filter(warning("other line"))
+    assert repeats.filter(warning("storm %s", 3, name="sumstream.worker"))
+    info = logging.LogRecord("aiokafka", logging.INFO, __file__, 1, "storm %s", (4,), None)
+    assert all(repeats.filter(info) for _ in range(50))
+
+
+def test_the_worker_and_gateway_handlers_carry_the_repeat_filter() -> None:
+    config = logging_config(WorkerSettings())
+    assert "repeats" in config["handlers"]["stderr"]["filters"]
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        gateway_logs.configure("INFO")
+        assert any(isinstance(f, RepeatFilter) for f in root.handlers[0].filters)
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
