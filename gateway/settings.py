@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 
+from pipeline.core.resources import DEFAULT_TIERS_FILE
 from pipeline.core.settings import REPO_ROOT, KafkaSettings
 
 
@@ -21,7 +22,7 @@ class GatewaySettings(KafkaSettings):
     keys_file: Path | None = REPO_ROOT / "config" / "keys.toml"
     # A development key mapped to user "dev", tier "pro"; never logged.
     dev_api_key: SecretStr | None = None
-    tiers_file: Path = REPO_ROOT / "config" / "tiers.toml"
+    tiers_file: Path = DEFAULT_TIERS_FILE
 
     max_document_bytes: int = Field(default=1_000_000, ge=1)
     # JSON escaping can grow a document; the body limit leaves room for it.
