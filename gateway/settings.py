@@ -15,7 +15,8 @@ class GatewaySettings(KafkaSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    # Instance i of N owns the token/result partitions p with p % N == i (DESIGN.md section 2).
+    # Instance i of N owns the token/result partitions p with p % N == i
+    # (docs/architecture.md, "Partitioning").
     instance_index: int = Field(default=0, ge=0)
     instance_count: int = Field(default=1, ge=1)
 

@@ -34,7 +34,7 @@ class KafkaSettings(BaseSettings):
 
     bootstrap_servers: str = "127.0.0.1:9092"
     topic_prefix: str = "sumstream."
-    # tokens and results MUST share this count (DESIGN.md section 2).
+    # tokens and results MUST share this count (docs/architecture.md, "Partitioning").
     stream_partitions: int = Field(default=6, ge=1)
     work_partitions: int = Field(default=6, ge=1)
     data_dir: Path = DEFAULT_DATA_DIR

@@ -22,7 +22,7 @@ class ConfigError(SumstreamError):
 
 @dataclass(frozen=True, slots=True)
 class Tier:
-    """The limits and scheduling share of one tier (DESIGN.md section 6)."""
+    """The limits and scheduling share of one tier (docs/architecture.md, "Tiers and prices")."""
 
     name: str
     rpm: int

@@ -1,7 +1,7 @@
 """`sumstream replay`: one request's history, re-running past requests, and the audit export.
 
 Replay only ever reads the topics and produces new records under new ids; the original
-records are never touched (DESIGN.md section 8).
+records are never touched (docs/architecture.md, "Replay and audit").
 """
 
 from __future__ import annotations

@@ -126,7 +126,8 @@ def test_rerun_produces_new_results_for_the_same_documents(replayed: Replayed) -
 
 
 def test_results_of_replays_name_their_original(replayed: Replayed) -> None:
-    # SummaryResult.source/replay_of must carry the request's (DESIGN.md section 8 audit).
+    # SummaryResult.source/replay_of must carry the request's
+    # (docs/architecture.md, "Replay and audit").
     for old, new in replayed.mapping.items():
         assert replayed.results[new]["replay_of"] == old
         assert replayed.results[new]["source"] == "replay"
