@@ -20,8 +20,9 @@ from pipeline.core.topics import TopicNames
 from pipeline.kafka.admin import create_topics, delete_topics
 from pipeline.ops.audit import export
 from pipeline.ops.history import request_history, scan
-from pipeline.ops.replay import history_lines, rerun
+from pipeline.ops.reinject import rerun
 from pipeline.ops.submit import build_request, produce_request
+from pipeline.ops.timeline import history_lines
 from pipeline.ops.top import snapshot
 from tests.e2e.documents import document
 from tests.e2e.harness import BOOTSTRAP, Stack
