@@ -6,6 +6,7 @@ wheel itself (package data), and the data directory defaults to a per-user one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -46,50 +47,46 @@ class Installed:
     home: Path
 
 
-def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload, no-any-return]
+def _run(
+    args: list[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, cwd=cwd, env=env, timeout=timeout, capture_output=True, text=True, check=False
+    )
+
+
+def _copy_sources(source: Path) -> None:
+    source.mkdir()
+    for name in SOURCES:
+        path = REPO / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:  # schemas/ is a link into the package and stays one, as in a checkout
+            shutil.copy2(path, source / name, follow_symlinks=False)
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     root = tmp_path_factory.mktemp("install")
-    source = root / "source"
-    for name in SOURCES:
-        path = REPO / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            source.mkdir(exist_ok=True)
-            shutil.copy2(path, source / name, follow_symlinks=False)
-    built = _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "-q",
-            "-w",
-            str(root / "dist"),
-            str(source),
-        ]
-    )
+    _copy_sources(root / "source")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    built = _run([*pip, "wheel", "--no-deps", "-q", "-w", str(root / "dist"), str(root / "source")])
     assert built.returncode == 0, built.stderr
     (wheel,) = (root / "dist").glob("sumstream-*.whl")
     venv = root / "venv"
     made = _run([sys.executable, "-m", "venv", str(venv)])
     assert made.returncode == 0, made.stderr
-    pip = [
-        str(venv / "bin" / "python"),
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--disable-pip-version-check",
-    ]
+    venv_pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
     started = time.monotonic()
-    done = _run([*pip, str(wheel)], env=_without_source_path(dict(os.environ)))
+    done = _run(
+        [*venv_pip, "install", "-q", str(wheel)], env=_without_source_path(dict(os.environ))
+    )
     assert done.returncode == 0, done.stderr
+    # Reported, not asserted: it depends on the pip cache and the network.
     print(f"wheel installed with its dependencies in {time.monotonic() - started:.0f} s")
     elsewhere = root / "elsewhere"
     elsewhere.mkdir()
@@ -149,6 +146,46 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
+@contextlib.contextmanager
+def _simulator_and_worker(installed: Installed, bootstrap: str, prefix: str) -> Iterator[Path]:
+    """`sumstream llm-sim` and `sumstream worker` from the venv; yields their log folder."""
+    sumstream = str(installed.bin / "sumstream")
+    port = free_port()
+    logs = installed.cwd / "logs"
+    logs.mkdir(exist_ok=True)
+    sim_args = ["llm-sim", "--port", str(port), "--ttft-ms", "1", "--token-delay-ms", "0"]
+    worker_env = _env(
+        installed,
+        bootstrap,
+        prefix,
+        SUMSTREAM_APP_ID=f"inst-{uuid.uuid4().hex[:8]}",
+        SUMSTREAM_LLM_SIM_URL=f"http://127.0.0.1:{port}",
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with (logs / "sim.log").open("wb") as sim_log, (logs / "worker.log").open("wb") as w_log:
+            sim = subprocess.Popen(
+                [sumstream, *sim_args],
+                cwd=installed.cwd,
+                env=_env(installed, bootstrap, prefix),
+                stdout=sim_log,
+                stderr=subprocess.STDOUT,
+            )
+            procs.append(sim)
+            _wait_healthy(f"http://127.0.0.1:{port}/healthz", sim)
+            worker = subprocess.Popen(
+                [sumstream, "worker", "--metrics-port", "0"],
+                cwd=installed.cwd,
+                env=worker_env,
+                stdout=w_log,
+                stderr=subprocess.STDOUT,
+            )
+            procs.append(worker)
+            yield logs
+    finally:
+        _stop(procs)
+
+
 def test_installed_wheel_creates_topics_and_summarizes_from_another_cwd(
     installed: Installed, bootstrap: str, prefix: str
 ) -> None:
@@ -160,55 +197,10 @@ def test_installed_wheel_creates_topics_and_summarizes_from_another_cwd(
     topics = TopicNames.from_settings(KafkaSettings(topic_prefix=prefix))
     assert {topics.requests, topics.tokens, topics.results} <= set(listed)
 
-    port = free_port()
-    logs = installed.cwd / "logs"
-    logs.mkdir(exist_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        with (logs / "sim.log").open("wb") as sim_log, (logs / "worker.log").open("wb") as w_log:
-            sim = subprocess.Popen(
-                [
-                    sumstream,
-                    "llm-sim",
-                    "--port",
-                    str(port),
-                    "--ttft-ms",
-                    "1",
-                    "--token-delay-ms",
-                    "0",
-                ],
-                cwd=installed.cwd,
-                env=env,
-                stdout=sim_log,
-                stderr=subprocess.STDOUT,
-            )
-            procs.append(sim)
-            _wait_healthy(f"http://127.0.0.1:{port}/healthz", sim)
-            worker_env = _env(
-                installed,
-                bootstrap,
-                prefix,
-                SUMSTREAM_APP_ID=f"inst-{uuid.uuid4().hex[:8]}",
-                SUMSTREAM_LLM_SIM_URL=f"http://127.0.0.1:{port}",
-            )
-            procs.append(
-                subprocess.Popen(
-                    [sumstream, "worker", "--metrics-port", "0"],
-                    cwd=installed.cwd,
-                    env=worker_env,
-                    stdout=w_log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-            (installed.cwd / "doc.txt").write_text(DOCUMENT)
-            submitted = _run(
-                [sumstream, "submit", "doc.txt", "--timeout", "120"],
-                cwd=installed.cwd,
-                env=env,
-                timeout=240,
-            )
-    finally:
-        _stop(procs)
+    (installed.cwd / "doc.txt").write_text(DOCUMENT)
+    with _simulator_and_worker(installed, bootstrap, prefix) as logs:
+        submit = [sumstream, "submit", "doc.txt", "--timeout", "120"]
+        submitted = _run(submit, cwd=installed.cwd, env=env, timeout=240)
     worker_log = (logs / "worker.log").read_text(errors="replace")
     assert submitted.returncode == 0, submitted.stderr + worker_log[-3000:]
     assert submitted.stdout.strip() == summarize(DOCUMENT, 1024).strip()
