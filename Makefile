@@ -1,5 +1,5 @@
 # sumstream: the everyday commands. `make up` runs the service, `make test` the tests.
-.PHONY: up test check lint types broker broker-stop bench bootstrap
+.PHONY: up test check lint types layers broker broker-stop bench bootstrap
 
 VENV := .venv/bin
 
@@ -19,7 +19,11 @@ lint: bootstrap
 types: bootstrap
 	$(VENV)/mypy pipeline gateway
 
-check: lint types test
+# The import contracts of pyproject.toml [tool.importlinter]: which layer may import which.
+layers: bootstrap
+	$(VENV)/lint-imports
+
+check: lint types layers test
 
 broker: bootstrap
 	$(VENV)/sumstream broker start

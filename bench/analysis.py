@@ -15,7 +15,7 @@ from bench import stats
 
 Stream = dict[str, Any]
 
-# Targets from DESIGN.md section 4 and issue 7.
+# Targets from docs/architecture.md, "Latency budget", and issue 7.
 TTFT_OVERHEAD_P50_MS = 15.0
 TTFT_OVERHEAD_P99_MS = 50.0
 TOKEN_OVERHEAD_P99_MS = 5.0
@@ -214,10 +214,10 @@ def analyze(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _overhead_verdict(entry: dict[str, Any], ttft_ms: float, delay: float) -> dict[str, Any]:
-    """The targets of DESIGN.md section 4 at ``TARGET_LEVEL`` streams, two ways.
+    """The latency-budget targets (docs/architecture.md) at ``TARGET_LEVEL`` streams, two ways.
 
     ``over_baseline`` is issue 7's overhead (sumstream minus the notebook design at the same
-    percentile). ``over_model`` is DESIGN's (everything but the model's own time: the
+    percentile). ``over_model`` is the architecture's (everything but the model's own time: the
     simulator's TTFT, or its pacing per token). A target is met only when both are within it,
     so a baseline that is itself saturated cannot make sumstream look good.
     """

@@ -151,7 +151,8 @@ def _targets(a: dict[str, Any], systems: list[str], plan: dict[str, Any]) -> lis
         "",
         *_table(["target", "goal", "measured", "verdict"], rows),
         "An overhead target is met only when sumstream is within it both over the baseline "
-        "(issue 7's definition) and over the model's own time (DESIGN.md's: the simulator's "
+        "(issue 7's definition) and over the model's own time (docs/architecture.md's: the "
+        "simulator's "
         f"{_f(plan['ttft_ms'], 0)} ms TTFT, or its pacing per token), so a saturated baseline "
         "cannot flatter sumstream.",
         "",

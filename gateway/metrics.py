@@ -1,4 +1,4 @@
-"""The gateway's Prometheus metrics (DESIGN.md section 7), named ``sumstream_gateway_*``.
+"""The gateway's Prometheus metrics, named ``sumstream_gateway_*`` (docs/architecture.md).
 
 Labels stay bounded: outcome is an error code or "accepted"/"idempotent_replay".
 """

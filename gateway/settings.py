@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 
+from pipeline.core.resources import DEFAULT_TIERS_FILE
 from pipeline.core.settings import REPO_ROOT, KafkaSettings
 
 
@@ -14,14 +15,15 @@ class GatewaySettings(KafkaSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    # Instance i of N owns the token/result partitions p with p % N == i (DESIGN.md section 2).
+    # Instance i of N owns the token/result partitions p with p % N == i
+    # (docs/architecture.md, "Partitioning").
     instance_index: int = Field(default=0, ge=0)
     instance_count: int = Field(default=1, ge=1)
 
     keys_file: Path | None = REPO_ROOT / "config" / "keys.toml"
     # A development key mapped to user "dev", tier "pro"; never logged.
     dev_api_key: SecretStr | None = None
-    tiers_file: Path = REPO_ROOT / "config" / "tiers.toml"
+    tiers_file: Path = DEFAULT_TIERS_FILE
 
     max_document_bytes: int = Field(default=1_000_000, ge=1)
     # JSON escaping can grow a document; the body limit leaves room for it.

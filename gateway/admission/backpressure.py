@@ -1,9 +1,10 @@
 """Backpressure at the gateway: estimate a new request's queue wait from consumer lag.
 
-The queue is the log (DESIGN.md section 6): requests waiting for preprocess and inference are
-the lag of those stages. ``LagMonitor`` samples that lag and the pipeline's completion count
-every second; ``QueueWaitEstimator`` turns them into an estimated wait (lag / throughput,
-smoothed) and tells admission, per tier, to admit, degrade or shed with a Retry-After.
+The queue is the log (docs/architecture.md, "Lag-driven admission"): requests waiting for
+preprocess and inference are the lag of those stages. ``LagMonitor`` samples that lag and the
+pipeline's completion count every second; ``QueueWaitEstimator`` turns them into an estimated
+wait (lag / throughput, smoothed) and tells admission, per tier, to admit, degrade or shed with
+a Retry-After.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from pipeline.core.errors import CodecError, UnknownSchemaError
+from pipeline.core.resources import SCHEMA_DIR as SCHEMA_DIR
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 MARKER = b"\xc3\x01"
 HEADER_LEN = 10
 # Records referenced by others come first so their names resolve.

@@ -1,4 +1,4 @@
-"""Every Prometheus metric a worker exports, declared once (DESIGN.md section 7).
+"""Every Prometheus metric a worker exports, declared once (docs/architecture.md, "Observability").
 
 Labels stay bounded: stage, tier, model, outcome, error type. Per-user figures live in the
 results topic and the usage API, never in labels.

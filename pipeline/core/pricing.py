@@ -15,10 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.settings import REPO_ROOT
+from pipeline.core.resources import DEFAULT_PRICES_FILE as DEFAULT_PRICES_FILE
 from pipeline.core.tiers import ConfigError
-
-DEFAULT_PRICES_FILE = REPO_ROOT / "config" / "prices.toml"
 
 log = logging.getLogger("sumstream.pricing")
 

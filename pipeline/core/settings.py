@@ -9,7 +9,16 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.core.resources import DEFAULT_PRICES_FILE, DEFAULT_TIERS_FILE
+
+# The source checkout; only meaningful when IN_CHECKOUT (an installed wheel has no such root).
 REPO_ROOT = Path(__file__).resolve().parents[2]
+IN_CHECKOUT = (REPO_ROOT / "pyproject.toml").is_file()
+# Broker files, Faust state and logs: <checkout>/.data as always, or a per-user directory for an
+# installed wheel so that every cwd shares one broker and one state (docs/operations.md).
+DEFAULT_DATA_DIR = (
+    REPO_ROOT / ".data" if IN_CHECKOUT else Path.home() / ".local" / "share" / "sumstream"
+)
 
 
 class KafkaSettings(BaseSettings):
@@ -25,10 +34,10 @@ class KafkaSettings(BaseSettings):
 
     bootstrap_servers: str = "127.0.0.1:9092"
     topic_prefix: str = "sumstream."
-    # tokens and results MUST share this count (DESIGN.md section 2).
+    # tokens and results MUST share this count (docs/architecture.md, "Partitioning").
     stream_partitions: int = Field(default=6, ge=1)
     work_partitions: int = Field(default=6, ge=1)
-    data_dir: Path = REPO_ROOT / ".data"
+    data_dir: Path = DEFAULT_DATA_DIR
 
 
 class BrokerSettings(KafkaSettings):
@@ -38,6 +47,7 @@ class BrokerSettings(KafkaSettings):
     controller_port: int = 9093
     broker_heap: str = "512m"
     java_home: Path | None = None
+    # Not package data: `sumstream broker` outside a checkout needs SUMSTREAM_KAFKA_POM.
     kafka_pom: Path = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
     # None means <data_dir>/kafka/jars; a second broker (tests) may share the first one's jars.
     jars_dir: Path | None = None
@@ -69,8 +79,8 @@ class WorkerSettings(KafkaSettings):
     default_deadline_s: float = Field(default=120.0, gt=0)
     breaker_failure_threshold: int = Field(default=5, ge=1)
     breaker_reset_s: float = Field(default=5.0, gt=0)
-    tiers_file: Path = REPO_ROOT / "config" / "tiers.toml"
-    prices_file: Path = REPO_ROOT / "config" / "prices.toml"
+    tiers_file: Path = DEFAULT_TIERS_FILE
+    prices_file: Path = DEFAULT_PRICES_FILE
     # Inference engine (pipeline/worker/inference/): scheduler bound, retry timing and budget,
     # HTTP timeouts.
     # Jobs a worker holds beyond its running streams. Kept small: jobs held here have left the

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.core.errors import SumstreamError
-from pipeline.core.settings import REPO_ROOT
+from pipeline.core.resources import DEFAULT_TIERS_FILE as DEFAULT_TIERS_FILE
 
-DEFAULT_TIERS_FILE = REPO_ROOT / "config" / "tiers.toml"
 INPUT_POLICIES = ("truncate", "reject")
 
 
@@ -23,7 +22,7 @@ class ConfigError(SumstreamError):
 
 @dataclass(frozen=True, slots=True)
 class Tier:
-    """The limits and scheduling share of one tier (DESIGN.md section 6)."""
+    """The limits and scheduling share of one tier (docs/architecture.md, "Tiers and prices")."""
 
     name: str
     rpm: int

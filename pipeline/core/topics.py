@@ -24,7 +24,7 @@ class TopicSpec:
 
 
 def declared_topics(settings: KafkaSettings) -> list[TopicSpec]:
-    """The topics of DESIGN.md section 2, sized from the settings."""
+    """The topics (docs/architecture.md, "Topics"), sized from the settings."""
     work = settings.work_partitions
     stream = settings.stream_partitions
     return [

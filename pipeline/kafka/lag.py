@@ -1,7 +1,7 @@
 """Consumer lag per stage: records in a stage's input topic that its group has not committed.
 
-The queue is the log, so its length is lag (DESIGN.md section 6). The gateway reads it every
-second for admission; `sumstream lag` shows it to operators.
+The queue is the log, so its length is lag (docs/architecture.md, "Lag-driven admission"). The
+gateway reads it every second for admission; `sumstream lag` shows it to operators.
 """
 
 from __future__ import annotations

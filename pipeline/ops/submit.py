@@ -49,7 +49,7 @@ def build_request(document: str, *, user: str, tier: str, **fields: Any) -> dict
 
 
 def produce_request(settings: KafkaSettings, request: dict[str, Any]) -> None:
-    """Produce with the settings DESIGN.md asks of every producer: idempotent, acks=all, murmur2."""
+    """Produce as every producer must: idempotent, acks=all, murmur2 (docs/architecture.md)."""
     producer = Producer(
         {
             "bootstrap.servers": settings.bootstrap_servers,

@@ -1,7 +1,7 @@
 """Dead letters: a record a stage cannot process is kept byte for byte in `dlq` with its origin.
 
-The stage then goes on with the next record (DESIGN.md section 3): nothing is dropped silently
-and one poison record never stops a partition.
+The stage then goes on with the next record (docs/architecture.md, "The stages"): nothing is
+dropped silently and one poison record never stops a partition.
 """
 
 from __future__ import annotations

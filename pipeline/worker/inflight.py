@@ -1,5 +1,5 @@
 """The inference stage's durable in-flight work: the changelog-backed `inflight` table, and
-resuming what was in flight after a rebalance or a crash (DESIGN.md section 5)."""
+resuming what was in flight after a rebalance or a crash (docs/architecture.md, "The stages")."""
 
 from __future__ import annotations
 

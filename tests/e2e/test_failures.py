@@ -1,6 +1,6 @@
-"""Failure contracts (DESIGN.md section 5, issue 4) on real processes: simulator, worker and
-gateway subprocesses on the real broker, faults injected through the simulator's knobs, a TCP
-proxy between the worker and the simulator, and raw records on the topics.
+"""Failure contracts (docs/architecture.md, "Failure model") on real processes: simulator,
+worker and gateway subprocesses on the real broker, faults injected through the simulator's
+knobs, a TCP proxy between the worker and the simulator, and raw records on the topics.
 
 One stack serves the whole module. Its worker runs the default retry budget (10 % of recent
 requests + 3 retries per 10 s window); tests that spend retries wait for a fresh window first

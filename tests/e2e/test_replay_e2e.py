@@ -20,8 +20,9 @@ from pipeline.core.topics import TopicNames
 from pipeline.kafka.admin import create_topics, delete_topics
 from pipeline.ops.audit import export
 from pipeline.ops.history import request_history, scan
-from pipeline.ops.replay import history_lines, rerun
+from pipeline.ops.reinject import rerun
 from pipeline.ops.submit import build_request, produce_request
+from pipeline.ops.timeline import history_lines
 from pipeline.ops.top import snapshot
 from tests.e2e.documents import document
 from tests.e2e.harness import BOOTSTRAP, Stack
@@ -126,7 +127,8 @@ def test_rerun_produces_new_results_for_the_same_documents(replayed: Replayed) -
 
 
 def test_results_of_replays_name_their_original(replayed: Replayed) -> None:
-    # SummaryResult.source/replay_of must carry the request's (DESIGN.md section 8 audit).
+    # SummaryResult.source/replay_of must carry the request's
+    # (docs/architecture.md, "Replay and audit").
     for old, new in replayed.mapping.items():
         assert replayed.results[new]["replay_of"] == old
         assert replayed.results[new]["source"] == "replay"

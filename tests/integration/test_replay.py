@@ -23,7 +23,8 @@ from pipeline.kafka.tail import id_time_ms
 from pipeline.ops import cli
 from pipeline.ops.audit import audit_rows, export
 from pipeline.ops.history import LoggedRecord, parse_time, request_history, scan
-from pipeline.ops.replay import history_lines, rerun
+from pipeline.ops.reinject import rerun
+from pipeline.ops.timeline import history_lines
 from pipeline.ops.top import render, snapshot, watch
 
 pytestmark = pytest.mark.integration

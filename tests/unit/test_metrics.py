@@ -16,7 +16,8 @@ import pipeline.core.metrics
 from pipeline.core.metrics import LagSampler
 from tests.unit.test_postprocess import STREAM, feed, make_stage, results_of
 
-# Labels whose values grow with users, requests or content: never a label (DESIGN.md 7).
+# Labels whose values grow with users, requests or content: never a label
+# (docs/architecture.md, "Observability").
 UNBOUNDED = {"user", "user_id", "request_id", "id", "key", "api_key", "document", "prompt"}
 
 

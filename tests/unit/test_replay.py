@@ -14,7 +14,7 @@ from ulid import ULID
 
 from pipeline.core.codec import codec
 from pipeline.core.settings import KafkaSettings
-from pipeline.ops import audit, replay, top
+from pipeline.ops import audit, reinject, replay, timeline, top
 from pipeline.ops.history import LoggedRecord, Progress, format_time, merge_by_time, parse_time
 
 NOW = 1_750_000_000_000  # 2025-06-15T15:06:40Z
@@ -147,7 +147,7 @@ def _request(**kw: Any) -> dict[str, Any]:
 
 def test_replay_request_is_a_new_request_for_the_same_document() -> None:
     original = _request(deadline_ms=NOW + 30_000)
-    again = replay.replay_request(original)
+    again = reinject.replay_request(original)
     assert again["request_id"] != original["request_id"]
     ULID.from_str(again["request_id"])
     assert again["replay_of"] == original["request_id"]
@@ -163,7 +163,7 @@ def test_replay_request_is_a_new_request_for_the_same_document() -> None:
 
 
 def test_replay_request_on_another_model() -> None:
-    again = replay.replay_request(_request(), model="claude-sonnet-4-5")
+    again = reinject.replay_request(_request(), model="claude-sonnet-4-5")
     assert again["model"] == "claude-sonnet-4-5"
     assert again["degraded"] is None  # the original's degradation no longer describes it
     assert again["deadline_ms"] is None
@@ -224,7 +224,7 @@ def test_history_lines_show_essentials_and_undecodable_records() -> None:
         _logged("p.results", 1, 3, NOW + 40, codec().encode("SummaryResult", _result())),
         _logged("p.requests", 0, 1, NOW + 41, b"\x00junk"),
     ]
-    lines = list(replay.history_lines(records, settings))
+    lines = list(timeline.history_lines(records, settings))
     assert lines[0].startswith("2025-06-15T15:06:40.000Z      +0ms requests     p0@0")
     assert "user=alice tier=pro source=gateway model=claude-haiku-4-5 doc=11 chars" in lines[0]
     assert "+12ms tokens       p1@9" in lines[1]
@@ -232,16 +232,16 @@ def test_history_lines_show_essentials_and_undecodable_records() -> None:
     assert "PARTIAL model=claude-haiku-4-5 in=10 out=3 attempts=2 cost=42µ$" in lines[2]
     assert "error=deadline_exceeded total=1234ms" in lines[2]
     assert "undecodable" in lines[3] and "not an Avro" in lines[3]
-    rows = [json.loads(line) for line in replay.history_lines(records, settings, as_json=True)]
+    rows = [json.loads(line) for line in timeline.history_lines(records, settings, as_json=True)]
     assert [row["offset_ms"] for row in rows] == [0, 12, 40, 41]
     assert rows[1]["record"]["text"] == "x" * 100
     assert rows[3]["record"] is None and "not an Avro" in rows[3]["error"]
-    assert list(replay.history_lines([], settings)) == []
+    assert list(timeline.history_lines([], settings)) == []
 
 
 def test_essentials_of_control_and_dead_letters() -> None:
     control = {"request_id": "r", "action": "CANCEL", "reason": "disconnect", "created_at": 0}
-    assert replay.essentials("ControlEvent", control) == "CANCEL reason=disconnect"
+    assert timeline.essentials("ControlEvent", control) == "CANCEL reason=disconnect"
     letter = {
         "key": b"r",
         "value": b"?",
@@ -253,7 +253,7 @@ def test_essentials_of_control_and_dead_letters() -> None:
         "origin_offset": 17,
         "created_at": 0,
     }
-    line = replay.essentials("DeadLetter", letter)
+    line = timeline.essentials("DeadLetter", letter)
     assert line == (
         'stage=preprocess error=invalid_record: "empty document" origin=p.requests[2]@17'
     )

@@ -21,8 +21,9 @@ from anthropic.types import MessageParam
 
 from pipeline.core.settings import SimulatorSettings
 from pipeline.llm.extractive import count_tokens, full_summary, summarize, tokens
-from pipeline.llm.simulator import app as simulator
-from pipeline.llm.simulator.app import LocalSimulator, add_arguments, run, serving
+from pipeline.llm.simulator import asgi
+from pipeline.llm.simulator.app import LocalSimulator, serving
+from pipeline.llm.simulator.cli import add_arguments, run
 
 DOCUMENT = (
     "Apache Kafka is a distributed event streaming platform used for data pipelines. "
@@ -296,7 +297,7 @@ async def test_big_documents_are_summarized_too(client: anthropic.AsyncAnthropic
 async def test_oversized_body_is_413(
     http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(simulator, "MAX_BODY_BYTES", 1000)
+    monkeypatch.setattr(asgi, "MAX_BODY_BYTES", 1000)
     body = {"model": MODEL, "max_tokens": 5, "messages": user("x " * 1000)}
     response = await http.post("/v1/messages", json=body, headers={"x-api-key": "k"})
     assert response.status_code == 413

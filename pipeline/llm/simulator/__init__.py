@@ -1,0 +1,1 @@
+"""The Anthropic-compatible LLM simulator: protocol, asgi, stats, app (server) and cli."""

@@ -1,5 +1,5 @@
 """The inference engine: fair scheduling, bounded upstream streams, budgeted retries, a circuit
-breaker, seamless resume, deadlines and cancellation (DESIGN.md sections 4-6).
+breaker, seamless resume, deadlines and cancellation (docs/architecture.md, "The inference engine").
 
 The Faust agent submits jobs and publishes what the engine emits; the engine keeps nothing that
 the ``tokens`` topic does not also hold, so another worker can resume any request from there.
