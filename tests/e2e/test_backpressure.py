@@ -33,7 +33,7 @@ import pytest
 from gateway.admission.controller import prompt_overhead_tokens
 from pipeline.llm.extractive import count_tokens, summarize
 from tests.e2e.documents import OBJECTS, SUBJECTS, VERBS, document
-from tests.e2e.harness import Stack, TierRow, auth, collect, running_stack, write_tiers
+from tests.harness import Stack, TierRow, auth, collect, running_stack, write_tiers
 
 pytestmark = pytest.mark.e2e
 

@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from pipeline.core.codec import codec
 from tests.deploy_files import Scrape, all_needs, missing
 from tests.e2e.documents import document
-from tests.e2e.harness import BOOTSTRAP, Proc, Stack, StreamResult, auth, collect, running_stack
+from tests.harness import BOOTSTRAP, Proc, Stack, StreamResult, auth, collect, running_stack
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,7 @@ from pipeline.core.settings import KafkaSettings
 from pipeline.llm.extractive import summarize
 from pipeline.ops.submit import build_request, produce_request
 from tests.e2e.documents import document
-from tests.e2e.harness import BOOTSTRAP, REPO, Stack, auth, collect, running_stack
+from tests.harness import BOOTSTRAP, REPO, Stack, auth, collect, running_stack
 
 pytestmark = pytest.mark.e2e
 

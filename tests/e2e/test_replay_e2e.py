@@ -24,7 +24,7 @@ from pipeline.ops.replay import history_lines, rerun
 from pipeline.ops.submit import build_request, produce_request
 from pipeline.ops.top import snapshot
 from tests.e2e.documents import document
-from tests.e2e.harness import BOOTSTRAP, Stack
+from tests.harness import BOOTSTRAP, Stack
 
 pytestmark = pytest.mark.e2e
 
