@@ -22,9 +22,9 @@ from pipeline.ops.audit import export
 from pipeline.ops.history import request_history, scan
 from pipeline.ops.replay import history_lines, rerun
 from pipeline.ops.submit import build_request, produce_request
-from pipeline.ops.top import snapshot
+from pipeline.ops.top import Frame, snapshot
 from tests.e2e.documents import document
-from tests.harness import BOOTSTRAP, Stack
+from tests.harness import BOOTSTRAP, Stack, eventually_async
 
 pytestmark = pytest.mark.e2e
 
@@ -55,8 +55,8 @@ async def results_of(
 ) -> dict[str, dict[str, Any]]:
     """The results stamped since ``since_ms``, once there are ``count`` of them."""
     topic = TopicNames.from_settings(settings).results
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    async def all_there() -> dict[str, dict[str, Any]] | None:
         found = {
             rec["request_id"]: rec
             for rec in [
@@ -64,9 +64,11 @@ async def results_of(
                 async for r in scan(settings.bootstrap_servers, [topic], since_ms=since_ms)
             ]
         }
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.5)
+        return found if len(found) >= count else None
+
+    return await eventually_async(
+        all_there, timeout=timeout_s, interval=0.5, message=f"{count} results"
+    )
 
 
 @dataclass
@@ -143,12 +145,11 @@ async def test_export_and_top_agree_with_the_results(replayed: Replayed, stack: 
     assert {row["request_id"] for row in rows} == set(replayed.results)
 
     # `top` sees the same figures; lag drains to zero once the worker has committed.
-    deadline = time.monotonic() + 30
-    while True:
+    async def drained() -> Frame | None:
         frame = await snapshot(settings, window_s=300, group=stack.app_id)
-        if (frame.lag and sum(frame.lag.values()) == 0) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.5)
+        return frame if frame.lag and sum(frame.lag.values()) == 0 else None
+
+    frame = await eventually_async(drained, timeout=30, interval=0.5, message="lag drained")
     assert frame.results == 6 and frame.in_flight == 0
     assert sum(t.cost_micro_usd for t in frame.tiers.values()) == total
     assert frame.lag == {"preprocess": 0, "inference": 0, "postprocess": 0}

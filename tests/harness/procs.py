@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from confluent_kafka.admin import AdminClient
 
 from gateway.http.auth import hash_key
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
-from pipeline.kafka.admin import create_topics
+from pipeline.kafka.admin import create_topics, delete_topics
 from tests.harness.ports import free_port
 from tests.harness.waiting import eventually
 
@@ -269,6 +270,20 @@ class Stack:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+
+    def remove_topics(self) -> None:
+        """Delete this stack's topics and its workers' own (Faust's changelog and assignor
+        topics, of its app id and of a ``-replay`` one beside it)."""
+        delete_topics(self.settings)
+        internal = [
+            f"{app_id}-{name}"
+            for app_id in (self.app_id, f"{self.app_id}-replay")
+            for name in ("inflight-changelog", "__assignor-__leader")
+        ]
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        for future in admin.delete_topics(internal, operation_timeout=10).values():
+            with contextlib.suppress(Exception):  # a topic that was never created
+                future.result()
 
     def logs(self) -> str:
         return "\n\n".join(f"== {p.name} ==\n{p.tail(60)}" for p in self.procs)
