@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,15 +11,9 @@ from pipeline.core.settings import REPO_ROOT, BrokerSettings, KafkaSettings
 from pipeline.kafka.admin import create_topics, describe_topics
 from pipeline.ops import broker
 from pipeline.ops.cli import main
+from tests.harness import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
