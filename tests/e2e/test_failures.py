@@ -131,6 +131,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 @pytest.fixture
 async def budget(env: Env) -> AsyncIterator[None]:
     """A fresh retry-budget window: the floor retries of earlier tests have expired."""
+    # The budget is a sliding window of time with no metric of its own: its state is the
+    # time since the last retry, so here waiting out the window is the condition itself.
     wait = env.last_retry_at + BUDGET_WINDOW_S + 0.5 - time.monotonic()
     if wait > 0:
         await asyncio.sleep(wait)

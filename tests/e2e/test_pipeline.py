@@ -121,7 +121,9 @@ async def test_last_event_id_resume_has_no_duplicate_and_no_gap(stack: Stack) ->
     assert rest.done["summary"] == expected(doc)
 
 
-async def test_stream_requested_at_the_gateway_that_does_not_own_it(stack: Stack) -> None:
+async def test_a_gateway_that_does_not_own_a_stream_still_serves_it_whole_and_in_order(
+    stack: Stack,
+) -> None:
     doc = document(303)
     async with httpx.AsyncClient(timeout=60) as client:
         accepted = await client.post(
@@ -150,7 +152,7 @@ def _consume_result(topic: str, request_id: str, timeout_s: float = 60) -> dict[
     return codec().decode_as(next(r.value for r in records if r.key == key), "SummaryResult")
 
 
-def test_request_produced_straight_onto_requests_yields_a_result(stack: Stack) -> None:
+def test_a_request_produced_straight_onto_requests_completes_with_its_summary(stack: Stack) -> None:
     settings = KafkaSettings(topic_prefix=stack.prefix, bootstrap_servers=BOOTSTRAP)
     doc = document(404)
     request = build_request(doc, user="batch-system", tier="pro", max_output_tokens=MAX_TOKENS)

@@ -105,7 +105,9 @@ def replayed(stack: Stack) -> Replayed:
     return asyncio.run(go())
 
 
-async def test_history_of_a_completed_request(replayed: Replayed) -> None:
+async def test_history_lists_a_completed_requests_records_topic_by_topic_in_order(
+    replayed: Replayed,
+) -> None:
     settings = replayed.settings
     records = await request_history(settings, replayed.originals[0]["request_id"])
     topics = [r.topic.removeprefix(settings.topic_prefix) for r in records]

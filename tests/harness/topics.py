@@ -61,10 +61,11 @@ def read_topic(
     def read_more() -> bool:
         # consume() blocks up to 0.2 s for records: it is the wait between checks.
         for msg in consumer.consume(num_messages=500, timeout=0.2):
-            if not msg.error():
+            partition, offset = msg.partition(), msg.offset()
+            if not msg.error() and partition is not None and offset is not None:
                 value = msg.value() or b""
                 ts = msg.timestamp()[1]
-                records.append(Record(msg.key(), value, msg.partition(), msg.offset(), ts))
+                records.append(Record(msg.key(), value, partition, offset, ts))
         return until(records)
 
     try:

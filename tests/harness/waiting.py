@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -51,13 +51,33 @@ def eventually(
         time.sleep(interval)
 
 
+@overload
 async def eventually_async(
-    condition: Callable[[], T | None] | Callable[[], Awaitable[T | None]],
+    condition: Callable[[], Awaitable[T | None]],
+    *,
+    timeout: float = ...,
+    message: str = ...,
+    interval: float = ...,
+) -> T: ...
+
+
+@overload
+async def eventually_async(
+    condition: Callable[[], T | None],
+    *,
+    timeout: float = ...,
+    message: str = ...,
+    interval: float = ...,
+) -> T: ...
+
+
+async def eventually_async(
+    condition: Callable[[], Any],
     *,
     timeout: float = 60.0,
     message: str = "condition",
     interval: float = INTERVAL_S,
-) -> T:
+) -> Any:
     """:func:`eventually` for a test running an event loop; ``condition`` may be a coroutine
     function. It yields to the loop between checks, so the tasks it waits on make progress."""
     deadline = time.monotonic() + timeout
@@ -68,7 +88,7 @@ async def eventually_async(
             if inspect.isawaitable(value):
                 value = await value
             if _holds(value):
-                return value  # type: ignore[return-value]
+                return value
         except AssertionError as exc:
             last = exc
         if time.monotonic() >= deadline:

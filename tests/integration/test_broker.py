@@ -38,7 +38,7 @@ def second_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[B
         broker.stop(settings)  # never leave a broker behind, whatever failed
 
 
-def test_start_status_restart_stop(
+def test_a_broker_starts_once_keeps_its_topics_across_a_restart_and_stops(
     second_broker: BrokerSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = second_broker
