@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import time
@@ -12,12 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient
 
 from pipeline.core.codec import codec
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
-from pipeline.kafka.admin import create_topics, delete_topics
+from pipeline.kafka.admin import create_topics
 from pipeline.ops.audit import export
 from pipeline.ops.history import request_history, scan
 from pipeline.ops.replay import history_lines, rerun
@@ -33,21 +31,14 @@ pytestmark = pytest.mark.e2e
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A simulator and one worker on topics created up front (no gateway creates them here)."""
     s = Stack(tmp_path_factory.mktemp("replay"))
-    settings = KafkaSettings(topic_prefix=s.prefix, bootstrap_servers=BOOTSTRAP)
-    create_topics(settings)
+    create_topics(s.settings)
     try:
         s.start_simulator()
         s.start_worker()
         yield s
     finally:
         s.stop()
-        delete_topics(settings)
-        # The worker's own topics (Faust changelog and assignor) go too.
-        internal = [f"{s.app_id}-inflight-changelog", f"{s.app_id}-__assignor-__leader"]
-        admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
-        for future in admin.delete_topics(internal, operation_timeout=10).values():
-            with contextlib.suppress(Exception):
-                future.result()
+        s.remove_topics()
 
 
 async def results_of(
