@@ -73,7 +73,7 @@ def read_topic(
         consumer.assign([TopicPartition(topic, p, 0) for p in meta.topics[topic].partitions])
         if not until(records):
             eventually(
-                read_more, timeout=timeout, interval=0, message=f"{topic}: {len(records)} read"
+                read_more, timeout=timeout, interval=0, message=f"{topic}: the records looked for"
             )
         return records
     finally:
