@@ -1,27 +1,33 @@
 """Tools for the failure-contract tests (test_failures*.py): a TCP proxy that cuts connections,
-the workers' Prometheus figures and log lines, and raw access to the topics."""
+the workers' Prometheus figures, simulator knobs, many SSE clients at once, a broker of one's own.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline.core.errors import SumstreamError
 from pipeline.core.settings import REPO_ROOT, BrokerSettings, KafkaSettings
 from pipeline.kafka.admin import create_topics
 from pipeline.ops import broker
-from tests.e2e.harness import Proc, Stack, StreamResult, auth, free_port, sse_events
+from tests.harness import (
+    Proc,
+    Stack,
+    StreamResult,
+    auth,
+    eventually,
+    eventually_async,
+    free_port,
+    sse_events,
+)
 
 # -- a proxy between the workers and the simulator ---------------------------------------------
 
@@ -113,37 +119,12 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.transport.abort()
 
 
-# -- workers: metrics and log -----------------------------------------------------------------
-
-
-def log_records(proc: Proc) -> list[dict[str, Any]]:
-    """The JSON log lines of a sumstream process (non-JSON lines skipped)."""
-    out = []
-    try:
-        text = proc.log_path.read_text(errors="replace")
-    except FileNotFoundError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                out.append(json.loads(line))
-    return out
-
-
-def metrics_port(worker: Proc, timeout_s: float = 60) -> int:
-    """The worker's /metrics port, from its ``metrics`` log line (it is started with port 0)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for record in log_records(worker):
-            if record.get("msg") == "metrics" and "port" in record:
-                return int(record["port"])
-        time.sleep(0.2)
-    raise TimeoutError(f"{worker.name} logged no metrics port:\n{worker.tail()}")
+# -- workers: metrics -------------------------------------------------------------------------
 
 
 def metric(worker: Proc, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels`` (0 when there is none)."""
-    text = httpx.get(f"http://127.0.0.1:{metrics_port(worker)}/metrics", timeout=5).text
+    text = httpx.get(f"http://127.0.0.1:{worker.metrics_port()}/metrics", timeout=5).text
     total = 0.0
     pattern = re.compile(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})? (\S+)$")
     for line in text.splitlines():
@@ -154,79 +135,6 @@ def metric(worker: Proc, name: str, **labels: str) -> float:
         if all(have.get(k) == v for k, v in labels.items()):
             total += float(found.group(4))
     return total
-
-
-async def wait_for_async(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not true after {timeout_s} s: {what}")
-        await asyncio.sleep(0.2)
-
-
-# -- topics -------------------------------------------------------------------------------------
-
-
-def end_offsets(bootstrap: str, topic: str) -> int:
-    """Records ever written to ``topic`` (the sum of its partitions' end offsets)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused"})
-    try:
-        meta = consumer.list_topics(topic, timeout=10)
-        total = 0
-        for p in meta.topics[topic].partitions:
-            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            total += high
-        return total
-    finally:
-        consumer.close()
-
-
-def produce_raw(bootstrap: str, topic: str, key: bytes | None, value: bytes) -> tuple[int, int]:
-    """Produce one record as it is (no codec); returns its partition and offset."""
-    producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
-    delivered: list[Any] = []
-    producer.produce(
-        topic, key=key, value=value, on_delivery=lambda err, msg: delivered.append((err, msg))
-    )
-    producer.flush(30)
-    [(err, msg)] = delivered
-    assert err is None, err
-    return int(msg.partition()), int(msg.offset())
-
-
-@dataclass(frozen=True)
-class Record:
-    key: bytes | None
-    value: bytes
-    partition: int
-    offset: int
-    timestamp_ms: int
-
-
-def read_topic(
-    bootstrap: str, topic: str, until: Callable[[list[Record]], bool], timeout_s: float = 60
-) -> list[Record]:
-    """Read ``topic`` from the start until ``until(records so far)`` holds."""
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False}
-    )
-    records: list[Record] = []
-    try:
-        meta = consumer.list_topics(topic, timeout=10)
-        consumer.assign([TopicPartition(topic, p, 0) for p in meta.topics[topic].partitions])
-        deadline = time.monotonic() + timeout_s
-        while not until(records):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}: condition not met; {len(records)} records read")
-            msg = consumer.poll(0.2)
-            if msg is None or msg.error():
-                continue
-            records.append(
-                Record(msg.key(), msg.value(), msg.partition(), msg.offset(), msg.timestamp()[1])
-            )
-        return records
-    finally:
-        consumer.close()
 
 
 @contextlib.contextmanager
@@ -281,13 +189,16 @@ class Clients:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def under_way(self, tokens: int, timeout_s: float = 90) -> None:
-        async with asyncio.timeout(timeout_s):
-            while min(self.tokens) < tokens:
-                for task in self._tasks:
-                    if task.done():
-                        result = await task  # raises what made the client fail
-                        raise AssertionError(f"a stream ended early: {result.events[-3:]}")
-                await asyncio.sleep(0.1)
+        async def every_stream_has_tokens() -> bool:
+            for task in self._tasks:
+                if task.done():
+                    result = await task  # raises what made the client fail
+                    raise RuntimeError(f"a stream ended early: {result.events[-3:]}")
+            return min(self.tokens) >= tokens
+
+        await eventually_async(
+            every_stream_has_tokens, timeout=timeout_s, message=f"{tokens} tokens a stream"
+        )
 
     async def results(self) -> list[StreamResult]:
         return list(await asyncio.gather(*self._tasks))
@@ -333,14 +244,15 @@ def fresh_broker(data_dir: Path) -> Iterator[BrokerSettings]:
     try:
         broker.start(settings, wait_s=180)
         probe = KafkaSettings(bootstrap_servers=settings.bootstrap_servers, topic_prefix="warm.")
-        for attempt in range(20):
+
+        def topics_created() -> bool:
             try:
                 create_topics(probe)
-                break
-            except SumstreamError:
-                if attempt == 19:
-                    raise
-                time.sleep(1.0)
+            except SumstreamError as exc:
+                raise AssertionError(f"not yet: {exc}") from exc
+            return True
+
+        eventually(topics_created, timeout=60, interval=1.0, message="the new broker settled")
         yield settings
     finally:
         broker.stop(settings)  # never leave a broker behind, whatever failed

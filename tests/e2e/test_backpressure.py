@@ -8,20 +8,18 @@ The issue's scenarios are scaled to fit a 2-core machine shared with other test 
 - lag shedding: a 15 s upstream stall against a tier whose max queue wait is 4 s;
 - slow clients: 300 slow SSE readers on 4 long streams (75 each) instead of 300 streams.
 
-Figures are printed (run with ``-s``) and asserted only for correctness and boundedness.
+Assertions are on order and counts, never on wall-clock figures (latency is the benchmark's
+business); counts are printed (run with ``-s``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import os
 import random
 import socket
-import statistics
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,16 @@ import pytest
 from gateway.admission.controller import prompt_overhead_tokens
 from pipeline.llm.extractive import count_tokens, summarize
 from tests.e2e.documents import OBJECTS, SUBJECTS, VERBS, document
-from tests.e2e.harness import Stack, TierRow, auth, collect, running_stack, write_tiers
+from tests.harness import (
+    Stack,
+    StreamResult,
+    TierRow,
+    auth,
+    collect,
+    eventually_async,
+    running_stack,
+    write_tiers,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -96,15 +103,21 @@ async def post_json(
     return await client.post(f"{url}/v1/summaries", json={"document": doc, **body}, headers=headers)
 
 
-async def result_of(client: httpx.AsyncClient, url: str, key: str, rid: str) -> dict[str, Any]:
+async def result_of(
+    client: httpx.AsyncClient, url: str, key: str, rid: str, timeout: float = 120.0
+) -> dict[str, Any]:
     """Poll GET /v1/summaries/{id} until the result is there."""
-    while True:
+
+    async def result() -> dict[str, Any] | None:
         got = await client.get(f"{url}/v1/summaries/{rid}", headers=auth(key))
-        if got.status_code == 200:
-            body: dict[str, Any] = got.json()
-            return body
-        assert got.status_code == 202, got.text
-        await asyncio.sleep(0.25)
+        if got.status_code == 202:
+            return None
+        if got.status_code != 200:
+            raise RuntimeError(f"{got.status_code}: {got.text}")
+        body: dict[str, Any] = got.json()
+        return body
+
+    return await eventually_async(result, timeout=timeout, interval=0.25, message=f"{rid} result")
 
 
 async def estimated_wait_s(client: httpx.AsyncClient, url: str) -> float:
@@ -116,9 +129,11 @@ async def estimated_wait_s(client: httpx.AsyncClient, url: str) -> float:
 
 async def calm(client: httpx.AsyncClient, url: str, below_s: float = 0.5) -> None:
     """Wait until the gateway's estimated queue wait is below ``below_s``."""
-    async with asyncio.timeout(60):
-        while await estimated_wait_s(client, url) >= below_s:
-            await asyncio.sleep(0.5)
+
+    async def idle() -> bool:
+        return await estimated_wait_s(client, url) < below_s
+
+    await eventually_async(idle, timeout=60, interval=0.5, message=f"{url} estimated wait")
 
 
 # -- lag shedding (its own stack: the queue must be visible as lag) ---------------------------
@@ -160,7 +175,6 @@ async def _stall_and_recover(stack: Stack) -> None:
         await calm(client, url)
 
         stack.sim_config(ttft_ms=15_000)  # every new upstream call waits 15 s for a token
-        stalled_at = time.monotonic()
         accepted: list[tuple[str, str, str | None]] = []  # (key, id, degraded)
         shed: httpx.Response | None = None
         for i in range(100):
@@ -172,9 +186,10 @@ async def _stall_and_recover(stack: Stack) -> None:
                 break
             assert response.status_code == 202, response.text
             accepted.append(("key-zed", response.json()["id"], response.json()["degraded"]))
+            # The arrival rate, not a wait for a condition: the queue grows step by step, so
+            # plain, degraded and shed answers each show up before the loop ends.
             await asyncio.sleep(0.4)
         assert shed is not None, "never shed"
-        shed_after_s = time.monotonic() - stalled_at
         body = shed.json()
         assert body["code"] == "overloaded"
         assert body["estimated_wait_s"] >= 4.0  # above the limit, rounded to 0.1 s
@@ -188,11 +203,9 @@ async def _stall_and_recover(stack: Stack) -> None:
         positions_during = patient.json()["queue_position"]
 
         stack.sim_config(ttft_ms=50)  # recovery: the stuck calls still take their 15 s
-        recovered_at = time.monotonic()
-        results = await asyncio.wait_for(
-            asyncio.gather(*(result_of(client, url, key, rid) for key, rid, _ in accepted)), 90
+        results = await asyncio.gather(
+            *(result_of(client, url, key, rid, timeout=90) for key, rid, _ in accepted)
         )
-        drained_s = time.monotonic() - recovered_at
         assert [r["status"] for r in results] == ["COMPLETED"] * len(accepted)
         # Plain first, degraded as the wait grew (it may flap at the threshold); each result
         # says what was applied and is that much shorter.
@@ -206,27 +219,19 @@ async def _stall_and_recover(stack: Stack) -> None:
             assert 0 < result["usage"]["output_tokens"] <= limit
 
         # Once the queue has drained, the quick tier is admitted again.
-        readmitted: httpx.Response | None = None
-        for _ in range(120):
-            readmitted = await post_json(
-                client, url, "key-zed", document(999), max_output_tokens=SHORT
-            )
-            if readmitted.status_code == 202:
-                break
-            assert readmitted.status_code == 503, readmitted.text
-            await asyncio.sleep(0.5)
-        assert readmitted is not None and readmitted.status_code == 202
-        readmitted_after_s = time.monotonic() - recovered_at
+        async def readmitted() -> bool:
+            answer = await post_json(client, url, "key-zed", document(999), max_output_tokens=SHORT)
+            assert answer.status_code in (202, 503), answer.text
+            return answer.status_code == 202
+
+        await eventually_async(readmitted, timeout=60, interval=0.5, message="readmission")
     figures(
         "lag_shedding",
         accepted_before_shed=len(accepted) - 1,
         degraded_before_shed=sum(1 for label in labels if label),
-        shed_after_stall_s=round(shed_after_s, 1),
         shed_estimated_wait_s=body["estimated_wait_s"],
         retry_after_s=retry_after,
         queue_position_during_stall=positions_during,
-        all_accepted_completed_in_s_after_recovery=round(drained_s, 1),
-        readmitted_after_recovery_s=round(readmitted_after_s, 1),
     )
 
 
@@ -273,113 +278,119 @@ async def warm_up(stack: Stack) -> None:
             await calm(client, url)
 
 
+LIGHT_REQUESTS_EACH = 10
+FLOOD_REQUESTS = 250
+
+
 @dataclass
 class LightRun:
-    waits_ms: list[int] = field(default_factory=list)
-    latencies: list[dict[str, int]] = field(default_factory=list)
+    """What the light users' clients received: one stream per request."""
 
-    def stage_medians(self) -> dict[str, float]:
-        keys = {k for latency in self.latencies for k in latency}
-        return {k: statistics.median(latency.get(k, 0) for latency in self.latencies) for k in keys}
-
-    statuses: list[int] = field(default_factory=list)
+    streams: list[StreamResult] = field(default_factory=list)
+    documents: list[str] = field(default_factory=list)
 
 
-async def light_users(stack: Stack, duration_s: float, seed: int) -> LightRun:
+async def light_users(stack: Stack, seed: int) -> LightRun:
     """Five users, each one request every 2 s, streaming each summary to its end."""
     run = LightRun()
 
     async def user(i: int, key: str, client: httpx.AsyncClient) -> None:
+        # Sleeps here shape the load (staggered users, one request every 2 s); no test
+        # condition waits on them.
         await asyncio.sleep(i * 0.4)
         tasks = []
-        started = time.monotonic()
-        n = 0
-        while time.monotonic() - started < duration_s:
+        for n in range(LIGHT_REQUESTS_EACH):
             doc = document(seed + i * 1_000 + n)
-            url = stack.gateways[n % 2]
-            tasks.append(
-                asyncio.create_task(
-                    collect(
-                        client,
-                        "POST",
-                        f"{url}/v1/summaries",
-                        json={"document": doc, "max_output_tokens": SHORT},
-                        headers=auth(key),
-                    )
-                )
+            run.documents.append(doc)
+            request = collect(
+                client,
+                "POST",
+                f"{stack.gateways[n % 2]}/v1/summaries",
+                json={"document": doc, "max_output_tokens": SHORT},
+                headers=auth(key),
             )
-            n += 1
+            tasks.append(asyncio.create_task(request))
             await asyncio.sleep(2.0)
-        for result in await asyncio.gather(*tasks):
-            run.statuses.append(result.status_code)
-            assert result.status_code == 200, result.events
-            done = result.done
-            assert done["status"] == "COMPLETED", done
-            run.waits_ms.append(queue_wait_ms(done))
-            run.latencies.append(done["latency_ms"])
+        run.streams += await asyncio.gather(*tasks)
 
     async with httpx.AsyncClient(timeout=120) as client:
         await asyncio.gather(*(user(i, key, client) for i, key in enumerate(LIGHT_USERS)))
     return run
 
 
-async def flooder(stack: Stack, duration_s: float) -> dict[str, Any]:
-    """Ten requests a second, alternating between the two gateways, for ``duration_s``."""
-    answers: list[httpx.Response] = []
+@dataclass
+class Flood:
+    """The flooder's answers so far, shared with the test while it runs."""
+
+    answers: list[httpx.Response] = field(default_factory=list)
+
+    def codes(self) -> list[int]:
+        return [r.status_code for r in self.answers]
+
+
+async def flooder(stack: Stack, flood: Flood) -> None:
+    """Ten requests a second, alternating between the two gateways."""
     async with httpx.AsyncClient(timeout=60) as client:
-        tasks = []
-        started = time.monotonic()
-        n = 0
-        while time.monotonic() - started < duration_s:
+
+        async def one(n: int) -> None:
+            doc = document(50_000 + n)
             url = stack.gateways[n % 2]
-            tasks.append(
-                asyncio.create_task(
-                    post_json(
-                        client, url, "key-flood", document(50_000 + n), max_output_tokens=SHORT
-                    )
-                )
+            flood.answers.append(
+                await post_json(client, url, "key-flood", doc, max_output_tokens=SHORT)
             )
-            n += 1
-            await asyncio.sleep(0.1)
-        answers = await asyncio.gather(*tasks)
-    codes = [r.status_code for r in answers]
-    refused = [r for r in answers if r.status_code == 429]
-    for r in refused:
-        assert r.json()["code"] == "rate_limited"
-        assert int(r.headers["Retry-After"]) >= 1
-    return {"sent": len(codes), "accepted": codes.count(202), "refused_429": len(refused)}
+
+        tasks = []
+        for n in range(FLOOD_REQUESTS):
+            tasks.append(asyncio.create_task(one(n)))
+            await asyncio.sleep(0.1)  # the flood's rate
+        await asyncio.gather(*tasks)
 
 
-def test_a_flood_does_not_starve_light_users_and_is_held_to_its_tier(stack: Stack) -> None:
-    async def scenario() -> tuple[LightRun, LightRun, dict[str, Any]]:
-        alone = await light_users(stack, 20.0, seed=10_000)
-        flood_task = asyncio.create_task(flooder(stack, 20.0))
-        await asyncio.sleep(1.0)  # the flood is on before the light users come back
-        crowded = await light_users(stack, 20.0, seed=20_000)
-        return alone, crowded, await flood_task
+def assert_complete_and_in_order(run: LightRun) -> None:
+    """Every light request was admitted and streamed its whole summary, seqs without a gap."""
+    assert [s.status_code for s in run.streams] == [200] * len(LIGHT_USERS) * LIGHT_REQUESTS_EACH
+    expected = {summarize(doc, SHORT).strip() for doc in run.documents}
+    for stream in run.streams:
+        assert stream.done["status"] == "COMPLETED", stream.done
+        seqs = stream.seqs
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+        assert stream.done["summary"] in expected
+        assert stream.text.strip() == stream.done["summary"]
+
+
+def test_light_users_complete_every_request_under_a_flood_held_to_its_tier(stack: Stack) -> None:
+    async def scenario() -> tuple[LightRun, LightRun, Flood]:
+        alone = await light_users(stack, seed=10_000)
+        flood = Flood()
+        flood_task = asyncio.create_task(flooder(stack, flood))
+        # The light users come back once the flooder has used up its tier: from then on its
+        # accepted requests are queued ahead of theirs.
+        await eventually_async(
+            lambda: 429 in flood.codes() or flood_task.done(),
+            timeout=60,
+            message="the flooder refused",
+        )
+        crowded = await light_users(stack, seed=20_000)
+        await flood_task
+        return alone, crowded, flood
 
     alone, crowded, flood = asyncio.run(scenario())
-    # Every light request was served (none refused), with and without the flood.
-    assert alone.statuses == [200] * len(alone.statuses) and len(alone.statuses) == 50
-    assert crowded.statuses == [200] * len(crowded.statuses) and len(crowded.statuses) == 50
+    assert_complete_and_in_order(alone)
+    assert_complete_and_in_order(crowded)
     # The flooder got its tier's 60 requests a minute across both gateways, and 429s beyond.
-    assert flood["accepted"] == 60
-    assert flood["refused_429"] == flood["sent"] - 60 > 0
-    median_alone = statistics.median(alone.waits_ms)
-    median_crowded = statistics.median(crowded.waits_ms)
+    codes = flood.codes()
+    assert codes.count(202) == 60
+    assert codes.count(429) == FLOOD_REQUESTS - 60
+    for r in flood.answers:
+        if r.status_code == 429:
+            assert r.json()["code"] == "rate_limited"
+            assert int(r.headers["Retry-After"]) >= 1
     figures(
         "flood",
-        light_median_wait_ms_alone=median_alone,
-        light_median_wait_ms_with_flood=median_crowded,
-        light_p90_wait_ms_alone=statistics.quantiles(alone.waits_ms, n=10)[-1],
-        light_p90_wait_ms_with_flood=statistics.quantiles(crowded.waits_ms, n=10)[-1],
-        light_max_wait_ms_with_flood=max(crowded.waits_ms),
-        **flood,
-    )
-    # Within 2x of the run without the flooder. The floor of 50 ms absorbs scheduling noise
-    # of a 2-core machine shared with other runs when the median alone is a few ms.
-    assert median_crowded <= max(2 * median_alone, median_alone + 50), (
-        f"stage medians alone {alone.stage_medians()}, with the flood {crowded.stage_medians()}"
+        light_requests=len(alone.streams) + len(crowded.streams),
+        flood_sent=len(codes),
+        flood_accepted=codes.count(202),
+        flood_refused_429=codes.count(429),
     )
 
 
@@ -414,18 +425,17 @@ def test_concurrent_requests_at_two_gateways_stay_within_tokens_per_minute(stack
             await asyncio.gather(
                 *(result_of(client, stack.gateways[0], "key-tina", rid) for rid in ids)
             )
-            for _ in range(100):
+
+            async def settled() -> dict[str, Any]:
                 got = (
                     await client.get(f"{stack.gateways[1]}/v1/usage", headers=auth("key-tina"))
                 ).json()
-                if (
-                    got["requests"] == 3
-                    and got["tokens"] > 0
-                    and got["window"]["tokens"] <= got["limits"]["tpm"]
-                ):
-                    return dict(got)
-                await asyncio.sleep(0.2)
-            raise AssertionError(f"usage never settled: {got}")
+                assert got["requests"] == 3, got
+                assert got["tokens"] > 0, got
+                assert got["window"]["tokens"] <= got["limits"]["tpm"], got
+                return dict(got)
+
+            return await eventually_async(settled, timeout=20, message="usage settled")
 
     usage = asyncio.run(settled_usage())
     assert usage["tokens"] <= usage["limits"]["tpm"]
@@ -473,41 +483,25 @@ async def slow_reader(url: str, path: str, key: str, stop: asyncio.Event) -> int
     return received
 
 
-@dataclass
-class FastRun:
-    ttft_ms: list[float] = field(default_factory=list)
-    gaps_ms: list[float] = field(default_factory=list)
-
-
-async def fast_client(url: str, key: str, until: asyncio.Event, run: FastRun) -> None:
-    """Stream short summaries one after the other until ``until`` is set; record the time
-    to first token and every gap between tokens as this client sees them."""
+async def fast_client(url: str, key: str, until: asyncio.Event, run: list[StreamResult]) -> None:
+    """Stream short summaries one after the other until ``until`` is set (at least one), and
+    check each is the whole summary."""
     async with httpx.AsyncClient(timeout=60) as client:
         seed = 80_000
-        while not until.is_set() or not run.ttft_ms:
+        while not until.is_set() or not run:
             seed += 1
             doc = document(seed, sentences=60)
-            started = time.perf_counter()
-            stamps: list[float] = []
-            text = []
-            async with client.stream(
+            result = await collect(
+                client,
                 "POST",
                 f"{url}/v1/summaries",
                 json={"document": doc, "max_output_tokens": 150},
                 headers=auth(key),
-            ) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise AssertionError(f"{response.status_code}: {response.text}")
-                async for line in response.aiter_lines():
-                    if line.startswith("data: ") and '"seq"' in line and '"text"' in line:
-                        stamps.append(time.perf_counter())
-                        text.append(json.loads(line[6:])["text"])
-                    elif line.startswith("event: done"):
-                        break
-            assert "".join(text).strip() == summarize(doc, 150).strip()
-            run.ttft_ms.append((stamps[0] - started) * 1000)
-            run.gaps_ms += [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
+            )
+            assert result.status_code == 200, result.events
+            assert result.done["status"] == "COMPLETED", result.done
+            assert result.text.strip() == summarize(doc, 150).strip()
+            run.append(result)
 
 
 def long_document(seed: int, sentences: int = 20, words: int = 450) -> str:
@@ -520,10 +514,6 @@ def long_document(seed: int, sentences: int = 20, words: int = 450) -> str:
     )
 
 
-def pct(values: list[float], q: int) -> float:
-    return round(statistics.quantiles(values, n=100)[q - 1], 1)
-
-
 def stream_ends(url: str) -> dict[str, float]:
     out = {}
     for line in httpx.get(f"{url}/metrics").text.splitlines():
@@ -533,16 +523,30 @@ def stream_ends(url: str) -> dict[str, float]:
     return out
 
 
+def sse_clients(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("sumstream_gateway_sse_clients "):
+            return float(line.split()[1])
+    raise AssertionError("no sumstream_gateway_sse_clients in /metrics")
+
+
 @dataclass
 class SlowRound:
-    fast: FastRun
+    fast: list[StreamResult]
     rss_mb: list[float]
     ends: dict[str, float]
     slow_bytes: int
-    gateway_cpu_s: float
 
 
-def test_slow_sse_clients_neither_grow_the_gateway_nor_slow_a_fast_client(stack: Stack) -> None:
+def ends_since(url: str, before: dict[str, float]) -> dict[str, float]:
+    """Streams the gateway ended since ``before``, by reason."""
+    after = stream_ends(url)
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def test_slow_sse_readers_are_cut_off_in_bounded_memory_and_a_fast_client_gets_whole_streams(
+    stack: Stack,
+) -> None:
     url = stack.gateways[0]
     pid = gateway_pid(stack, 0)
     readers_per_stream = 75
@@ -550,8 +554,7 @@ def test_slow_sse_clients_neither_grow_the_gateway_nor_slow_a_fast_client(stack:
 
     async def one_round(with_readers: bool) -> SlowRound:
         before = stream_ends(url)
-        cpu_before = cpu_s(pid)
-        fast = FastRun()
+        fast: list[StreamResult] = []
         rss: list[float] = [rss_mb(pid)]
         stop = asyncio.Event()
         generated = asyncio.Event()
@@ -571,6 +574,17 @@ def test_slow_sse_clients_neither_grow_the_gateway_nor_slow_a_fast_client(stack:
                 for rid in (ids if with_readers else [])
                 for _ in range(readers_per_stream)
             ]
+
+            def slow_ones_ended() -> float:
+                return sum(v for k, v in ends_since(url, before).items() if k != "done")
+
+            # The fast client starts once every slow reader has reached the gateway (it is
+            # open there now, or was already cut off).
+            await eventually_async(
+                lambda: sse_clients(url) + slow_ones_ended() >= len(readers),
+                timeout=60,
+                message="every slow reader at the gateway",
+            )
 
             async def sample_rss() -> None:
                 while not stop.is_set():
@@ -592,13 +606,16 @@ def test_slow_sse_clients_neither_grow_the_gateway_nor_slow_a_fast_client(stack:
             )
             assert [r["status"] for r in results] == ["COMPLETED"] * len(ids)
             assert all(r["usage"]["output_tokens"] == 2_000 for r in results)
-            await asyncio.sleep(6.0)  # past the send timeout: a stuck reader is let go
+            # A stuck reader is let go by its queue overflowing or by the send timeout.
+            await eventually_async(
+                lambda: slow_ones_ended() >= len(readers),
+                timeout=60,
+                message="every slow reader let go",
+            )
             stop.set()
             await sampler
             slow_bytes = sum(await asyncio.gather(*readers))
-        after = stream_ends(url)
-        ends = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
-        return SlowRound(fast, rss, ends, slow_bytes, cpu_s(pid) - cpu_before)
+        return SlowRound(fast, rss, ends_since(url, before), slow_bytes)
 
     stack.sim_config(token_delay_ms=3)
     try:
@@ -617,17 +634,19 @@ def test_slow_sse_clients_neither_grow_the_gateway_nor_slow_a_fast_client(stack:
         gateway_rss_mb_peak_without_readers=round(max(without.rss_mb), 1),
         gateway_rss_mb_peak_with_readers=round(max(loaded.rss_mb), 1),
         gateway_rss_mb_after=round(rss_after, 1),
-        gateway_cpu_s=(round(without.gateway_cpu_s, 1), round(loaded.gateway_cpu_s, 1)),
-        fast_requests=(len(without.fast.ttft_ms), len(loaded.fast.ttft_ms)),
-        fast_ttft_ms_p50=(pct(without.fast.ttft_ms, 50), pct(loaded.fast.ttft_ms, 50)),
-        fast_ttft_ms_max=(round(max(without.fast.ttft_ms)), round(max(loaded.fast.ttft_ms))),
-        fast_gap_ms_p50=(pct(without.fast.gaps_ms, 50), pct(loaded.fast.gaps_ms, 50)),
-        fast_gap_ms_p99=(pct(without.fast.gaps_ms, 99), pct(loaded.fast.gaps_ms, 99)),
+        fast_requests=(len(without.fast), len(loaded.fast)),
     )
     # Every slow reader was let go (queue overflow: slow_consumer, or the send timeout);
     # each could have read at most a few KB of its ~120 KB stream.
     assert slow_ends == readers_per_stream * len(long_docs), loaded.ends
-    assert loaded.ends.get("done", 0) == len(loaded.fast.ttft_ms)
+    # The fast client, on the same gateway at the same time, got every one of its streams
+    # whole (fast_client checks each text) and in order, and each ended as `done`.
+    assert loaded.fast, "the fast client finished no stream while the readers were stuck"
+    for result in loaded.fast:
+        seqs = result.seqs
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+        assert result.events[0].event == "accepted" and result.events[-1].event == "done"
+    assert loaded.ends.get("done", 0) == len(loaded.fast)
     # Gateway memory stays bounded: 300 stuck readers hold at most a 256-event queue and a
     # 64 KB transport buffer each (~25 MB); 100 MB leaves room for the allocator.
     assert max(loaded.rss_mb) - without.rss_mb[0] < 100

@@ -35,17 +35,8 @@ from pipeline.kafka.admin import create_topics
 from pipeline.kafka.lag import LagReader
 from pipeline.llm.extractive import summarize
 from tests.e2e.documents import document
-from tests.e2e.faults import (
-    FlakyProxy,
-    end_offsets,
-    log_records,
-    metric,
-    produce_raw,
-    read_topic,
-    sim_knobs,
-    wait_for_async,
-)
-from tests.e2e.harness import (
+from tests.e2e.faults import FlakyProxy, metric, sim_knobs
+from tests.harness import (
     BOOTSTRAP,
     Proc,
     Stack,
@@ -53,6 +44,10 @@ from tests.e2e.harness import (
     TierRow,
     auth,
     collect,
+    end_offsets,
+    eventually_async,
+    produce_raw,
+    read_topic,
     sse_events,
     write_tiers,
 )
@@ -136,6 +131,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 @pytest.fixture
 async def budget(env: Env) -> AsyncIterator[None]:
     """A fresh retry-budget window: the floor retries of earlier tests have expired."""
+    # The budget is a sliding window of time with no metric of its own: its state is the
+    # time since the last retry, so here waiting out the window is the condition itself.
     wait = env.last_retry_at + BUDGET_WINDOW_S + 0.5 - time.monotonic()
     if wait > 0:
         await asyncio.sleep(wait)
@@ -185,14 +182,17 @@ async def result_of(
     timeout_s: float = 90,
 ) -> dict[str, Any]:
     """Poll GET /v1/summaries/{id} until its result is there."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            got = await client.get(f"{env.url}/v1/summaries/{request_id}", headers=auth(key))
-            if got.status_code == 200:
-                body: dict[str, Any] = got.json()
-                return body
-            assert got.status_code == 202, got.text
-            await asyncio.sleep(0.25)
+
+    async def result() -> dict[str, Any] | None:
+        got = await client.get(f"{env.url}/v1/summaries/{request_id}", headers=auth(key))
+        if got.status_code == 202:
+            return None
+        if got.status_code != 200:
+            raise RuntimeError(f"{got.status_code}: {got.text}")
+        body: dict[str, Any] = got.json()
+        return body
+
+    return await eventually_async(result, timeout=timeout_s, message=f"result of {request_id}")
 
 
 def sim_record(env: Env, request_id: str) -> dict[str, Any]:
@@ -234,7 +234,9 @@ async def calm(env: Env, below_s: float = 0.5) -> None:
                 return float(line.split()[1])
         raise AssertionError("no estimated wait in the gateway's /metrics")
 
-    await wait_for_async(lambda: estimated_wait_s() < below_s, 60, "an idle pipeline")
+    await eventually_async(
+        lambda: estimated_wait_s() < below_s, timeout=60, message="an idle pipeline"
+    )
 
 
 def breaker_state(env: Env) -> float:
@@ -245,7 +247,7 @@ def breaker_log(env: Env) -> list[tuple[str, str]]:
     """(previous, new) state of every breaker transition the worker logged."""
     return [
         (r["previous_state"], r["state"])
-        for r in log_records(env.worker)
+        for r in env.worker.records()
         if r.get("logger") == "sumstream.breaker" and "previous_state" in r
     ]
 
@@ -528,7 +530,7 @@ async def test_an_outage_costs_at_most_the_retry_budget(env: Env, budget: None) 
 async def test_the_breaker_opens_pauses_consumption_probes_and_drains_the_backlog(
     env: Env, budget: None
 ) -> None:
-    await wait_for_async(lambda: breaker_state(env) == 0, 60, "breaker closed")
+    await eventually_async(lambda: breaker_state(env) == 0, timeout=60, message="breaker closed")
     lag = LagReader(
         KafkaSettings(bootstrap_servers=BOOTSTRAP, topic_prefix=env.stack.prefix),
         {"inference": env.stack.app_id},
@@ -542,32 +544,40 @@ async def test_the_breaker_opens_pauses_consumption_probes_and_drains_the_backlo
                 for i in range(BREAKER_THRESHOLD)
             ]
             assert all(r.status_code == 202 for r in trip), [r.text for r in trip]
-            await wait_for_async(lambda: breaker_state(env) == 2, 30, "breaker open")
+            await eventually_async(
+                lambda: breaker_state(env) == 2, timeout=30, message="breaker open"
+            )
             attempts_when_open = env.stack.sim_stats()["attempts"]
 
             # While it is open the worker takes no job: they wait in Kafka, as lag.
             held = [await post_json(client, env, document(8100 + i), "key-ben") for i in range(12)]
             assert all(r.status_code == 202 for r in held), [r.text for r in held]
-            peak = 0
-            deadline = time.monotonic() + BREAKER_RESET_S
-            while time.monotonic() < deadline and peak < 10:
-                peak = max(peak, (await lag.read_async())["inference"])
-                await asyncio.sleep(0.3)
+            lags = [0]
+
+            async def jobs_wait_in_kafka() -> bool:
+                lags.append((await lag.read_async())["inference"])
+                return max(lags) >= 10
+
+            # Within the breaker's reset time, while nothing may take jobs off the queue.
+            await eventually_async(
+                jobs_wait_in_kafka, timeout=BREAKER_RESET_S, message="jobs held in Kafka"
+            )
+            peak = max(lags)
             transitions = breaker_log(env)[transitions_before:]
             if not any(new == "half_open" for _, new in transitions):
                 # Nothing went upstream while it was open.
                 assert env.stack.sim_stats()["attempts"] == attempts_when_open
             # A half-open probe fails and opens it again.
-            await wait_for_async(
+            await eventually_async(
                 lambda: ("half_open", "open") in breaker_log(env)[transitions_before:],
-                BREAKER_RESET_S + 10,
-                "a failed probe",
+                timeout=BREAKER_RESET_S + 10,
+                message="a failed probe",
             )
             env.stack.sim_config(fail_all=False)
-            await wait_for_async(
+            await eventually_async(
                 lambda: ("half_open", "closed") in breaker_log(env)[transitions_before:],
-                BREAKER_RESET_S + 10,
-                "a probe that closes it",
+                timeout=BREAKER_RESET_S + 10,
+                message="a probe that closes it",
             )
             assert breaker_state(env) == 0
             ids = [r.json()["id"] for r in trip + held]
@@ -654,8 +664,10 @@ async def test_poison_on_every_input_topic_goes_to_the_dlq_and_the_stages_go_on(
         async with httpx.AsyncClient(timeout=60) as client:
             accepted = await post_json(client, env, doc)
             request_id = accepted.json()["id"]
-            await wait_for_async(
-                lambda: bool(sim_record(env, request_id)["streams"]), 30, "the upstream call"
+            await eventually_async(
+                lambda: bool(sim_record(env, request_id)["streams"]),
+                timeout=30,
+                message="the upstream call",
             )
             await client.delete(f"{env.url}/v1/summaries/{request_id}", headers=auth())
             cancelled = await result_of(client, env, request_id)
@@ -814,9 +826,11 @@ async def test_the_same_idempotency_key_gives_the_same_request_one_call_and_one_
             ).json()
             return body
 
-        async with asyncio.timeout(30):
-            while (usage := await charged())["cost_micro_usd"] == usage_before["cost_micro_usd"]:
-                await asyncio.sleep(0.3)
+        async def charged_once() -> dict[str, Any] | None:
+            usage = await charged()
+            return usage if usage["cost_micro_usd"] != usage_before["cost_micro_usd"] else None
+
+        usage = await eventually_async(charged_once, timeout=30, message="the charge settled")
     assert end_offsets(BOOTSTRAP, env.topics.requests) - before == 1
     assert sim_record(env, request_id)["attempts"] == 1
     assert usage["requests"] - usage_before["requests"] == 1

@@ -18,13 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.core.settings import BrokerSettings, KafkaSettings
+from pipeline.core.settings import BrokerSettings
 from pipeline.kafka.admin import create_topics
 from pipeline.llm.extractive import summarize
 from pipeline.ops import broker
 from tests.e2e.documents import document
-from tests.e2e.faults import Clients, fresh_broker, log_records
-from tests.e2e.harness import Stack
+from tests.e2e.faults import Clients, fresh_broker
+from tests.harness import Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -50,22 +50,13 @@ def stack_on(tmp: Path, bootstrap: str) -> Iterator[Stack]:
     starts its lag sampler), and the gateway starts once the worker has its partitions, i.e.
     once the coordinator is up. A crash during the restart below still fails the test.
     """
-    stack = Stack(
-        tmp,
-        extra_env={
-            "SUMSTREAM_BOOTSTRAP_SERVERS": bootstrap,
-            "SUMSTREAM_MAX_STREAMS_PER_USER": "32",
-        },
-    )
+    stack = Stack(tmp, bootstrap=bootstrap, extra_env={"SUMSTREAM_MAX_STREAMS_PER_USER": "32"})
     try:
-        create_topics(KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=stack.prefix))
+        create_topics(stack.settings)
         stack.start_simulator(token_delay_ms=100)
         worker = stack.spawn("worker-0", ["worker", "--metrics-port", "-1"])
         stack.workers.append(worker)
-        deadline = time.monotonic() + 90
-        while not any(r.get("msg") == "inflight partitions assigned" for r in log_records(worker)):
-            assert time.monotonic() < deadline and worker.alive(), worker.tail()
-            time.sleep(0.2)
+        worker.wait_for_log("inflight partitions assigned", timeout=90)
         stack.start_gateway()
         yield stack
     finally:

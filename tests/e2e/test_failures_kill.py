@@ -19,8 +19,8 @@ from pipeline.core.partitioning import partition_for
 from pipeline.core.settings import KafkaSettings
 from pipeline.llm.extractive import summarize
 from tests.e2e.documents import document
-from tests.e2e.faults import Clients, log_records
-from tests.e2e.harness import Proc, Stack, running_stack
+from tests.e2e.faults import Clients
+from tests.harness import Stack, running_stack, wait_for_balanced_group
 
 pytestmark = pytest.mark.e2e
 
@@ -40,22 +40,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
 
 
-def owned_partitions(worker: Proc) -> set[int]:
-    """The in-flight partitions the worker was last assigned (from its log)."""
-    assigned = [r for r in log_records(worker) if r.get("msg") == "inflight partitions assigned"]
-    return set(assigned[-1]["partitions"]) if assigned else set()
-
-
 async def test_a_worker_killed_mid_stream_loses_nothing_and_repeats_nothing(
     stack: Stack,
 ) -> None:
     a, b = stack.workers
-    for worker in (a, b):
-        deadline = time.monotonic() + 90
-        while not owned_partitions(worker):
-            assert time.monotonic() < deadline, worker.tail()
-            await asyncio.sleep(0.3)
-    await asyncio.sleep(2)  # the second join may have caused one more rebalance
+    partitions = KafkaSettings().work_partitions
+    # The second join causes a rebalance: wait until it is over and each worker holds its share.
+    await asyncio.to_thread(wait_for_balanced_group, [a, b], partitions)
     docs = [document(40_000 + i) for i in range(STREAMS)]
     async with (
         httpx.AsyncClient(timeout=180) as client,
@@ -63,15 +54,14 @@ async def test_a_worker_killed_mid_stream_loses_nothing_and_repeats_nothing(
     ):
         # Every stream is under way (3 tokens each), then worker a dies.
         await clients.under_way(3)
-        victims = owned_partitions(a)
+        victims = a.owned_partitions()
         a.kill9()
         killed_at = time.monotonic()
         results = await clients.results()
         finished_after_s = time.monotonic() - killed_at
 
-    partitions = KafkaSettings().work_partitions
     on_victim = [r for r in results if partition_for(r.request_id, partitions) in victims]
-    resumed = sum(1 for r in log_records(b) if r.get("msg") == "resuming request")
+    resumed = len(b.logged("resuming request"))
     print(
         f"\nFIGURES kill: streams={STREAMS} on_killed_worker={len(on_victim)} "
         f"resumed_by_survivor={resumed} all_done_after_kill_s={finished_after_s:.1f}"

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.core.settings import KafkaSettings
 from pipeline.kafka.admin import create_topics
-from tests.e2e.harness import BOOTSTRAP, Proc, Stack
+from tests.harness import BOOTSTRAP, Proc, Stack
 
 pytestmark = pytest.mark.e2e
 

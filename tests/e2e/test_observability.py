@@ -11,20 +11,32 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline.core.codec import codec
+from pipeline.core.settings import KafkaSettings
 from tests.deploy_files import Scrape, all_needs, missing
 from tests.e2e.documents import document
-from tests.e2e.harness import BOOTSTRAP, Proc, Stack, StreamResult, auth, collect, running_stack
+from tests.harness import (
+    BOOTSTRAP,
+    Proc,
+    Record,
+    Stack,
+    StreamResult,
+    auth,
+    collect,
+    eventually,
+    read_topic,
+    running_stack,
+    wait_for_balanced_group,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -38,28 +50,17 @@ STAGES = ("queue_wait", "preprocess", "inference_queue", "ttft", "generation", "
 STAGES += ("time_to_first_token",)
 WORKER_STAGES = {"preprocess", "inference", "postprocess"}
 
-T = TypeVar("T")
 
-
-def eventually(probe: Callable[[], T | None], what: str, timeout_s: float = 60.0) -> T:
-    """Poll ``probe`` until it returns something other than None."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value is not None:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
+# Every probe below scrapes every process: twice a second leaves the cores to the processes.
+SCRAPE_INTERVAL_S = 0.5
 
 
 def wait_ready(proc: Proc) -> None:
-    def ready() -> bool | None:
-        if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
-        return True if any("Worker]: Ready" in line for line in proc.log_lines()) else None
+    def ready() -> bool:
+        proc.check_alive()
+        return any("Worker]: Ready" in line for line in proc.log_lines())
 
-    eventually(ready, f"{proc.name} to be ready", timeout_s=120)
+    eventually(ready, timeout=120, message=f"{proc.name} to be ready")
 
 
 @dataclass
@@ -81,6 +82,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         # and counters count a re-delivered terminal event again (the compacted topic does not).
         for worker in workers:
             wait_ready(worker)
+        wait_for_balanced_group(workers, KafkaSettings().work_partitions)
         yield s
 
 
@@ -101,21 +103,16 @@ def read_results(stack: Stack) -> list[dict[str, Any]]:
             _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
             if high > 0:
                 ends[p] = high
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-        out: list[dict[str, Any]] = []
-        remaining = dict(ends)
-        deadline = time.monotonic() + 30
-        while remaining and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            out.append(codec().decode_as(msg.value(), "SummaryResult"))
-            if msg.offset() + 1 >= remaining.get(msg.partition(), 0):
-                remaining.pop(msg.partition(), None)
-        assert not remaining, f"could not read {topic} to its end"
-        return out
     finally:
         consumer.close()
+
+    def at_the_end(records: list[Record]) -> bool:
+        # The topic is compacted: offsets may have gaps, so "read to the end" is by offset.
+        last = {r.partition: r.offset for r in records}
+        return all(last.get(p, -1) + 1 >= high for p, high in ends.items())
+
+    records = read_topic(BOOTSTRAP, topic, at_the_end, timeout=30)
+    return [codec().decode_as(r.value, "SummaryResult") for r in records]
 
 
 def produce_poison(stack: Stack) -> None:
@@ -183,7 +180,9 @@ def test_ten_requests_metrics_agree_with_the_results_topic(stack: Stack, traffic
             return None  # postprocess counts right after it writes the result
         return texts, workers
 
-    texts, workers = eventually(counted, "postprocess to count every result")
+    texts, workers = eventually(
+        counted, message="postprocess to count every result", interval=SCRAPE_INTERVAL_S
+    )
     assert len(workers_of(texts)) == 2
 
     # Tokens and cost: the sums over the workers equal the sums over `results`, per tier/model.
@@ -238,17 +237,19 @@ def test_ten_requests_metrics_agree_with_the_results_topic(stack: Stack, traffic
                 return None
         return True
 
-    eventually(drained, "consumer lag to drain to 0 in every process")
+    eventually(
+        drained, message="consumer lag to drain to 0 in every process", interval=SCRAPE_INTERVAL_S
+    )
     for name in workers_of(texts):
         scrape = Scrape.parse(texts[name])
         assert scrape.total("sumstream_circuit_breaker_state", upstream="anthropic") == 0, name
         assert scrape.total("sumstream_inference_inflight") == 0, name
 
-    def closed() -> bool | None:
+    def closed() -> bool:
         gateway = Scrape.parse(scrape_texts(stack)[gateway_name])
-        return True if gateway.total("sumstream_gateway_sse_clients") == 0 else None
+        return gateway.total("sumstream_gateway_sse_clients") == 0
 
-    eventually(closed, "every SSE stream to be closed")
+    eventually(closed, message="every SSE stream to be closed", interval=SCRAPE_INTERVAL_S)
 
 
 def test_every_metric_the_dashboard_and_alerts_read_is_in_a_live_scrape(

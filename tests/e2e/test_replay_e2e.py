@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import time
@@ -12,20 +11,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient
 
 from pipeline.core.codec import codec
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
-from pipeline.kafka.admin import create_topics, delete_topics
+from pipeline.kafka.admin import create_topics
 from pipeline.ops.audit import export
 from pipeline.ops.history import request_history, scan
 from pipeline.ops.reinject import rerun
 from pipeline.ops.submit import build_request, produce_request
 from pipeline.ops.timeline import history_lines
-from pipeline.ops.top import snapshot
+from pipeline.ops.top import Frame, snapshot
 from tests.e2e.documents import document
-from tests.e2e.harness import BOOTSTRAP, Stack
+from tests.harness import BOOTSTRAP, Stack, eventually_async
 
 pytestmark = pytest.mark.e2e
 
@@ -34,21 +32,14 @@ pytestmark = pytest.mark.e2e
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A simulator and one worker on topics created up front (no gateway creates them here)."""
     s = Stack(tmp_path_factory.mktemp("replay"))
-    settings = KafkaSettings(topic_prefix=s.prefix, bootstrap_servers=BOOTSTRAP)
-    create_topics(settings)
+    create_topics(s.settings)
     try:
         s.start_simulator()
         s.start_worker()
         yield s
     finally:
         s.stop()
-        delete_topics(settings)
-        # The worker's own topics (Faust changelog and assignor) go too.
-        internal = [f"{s.app_id}-inflight-changelog", f"{s.app_id}-__assignor-__leader"]
-        admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
-        for future in admin.delete_topics(internal, operation_timeout=10).values():
-            with contextlib.suppress(Exception):
-                future.result()
+        s.remove_topics()
 
 
 async def results_of(
@@ -56,8 +47,8 @@ async def results_of(
 ) -> dict[str, dict[str, Any]]:
     """The results stamped since ``since_ms``, once there are ``count`` of them."""
     topic = TopicNames.from_settings(settings).results
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    async def all_there() -> dict[str, dict[str, Any]] | None:
         found = {
             rec["request_id"]: rec
             for rec in [
@@ -65,9 +56,11 @@ async def results_of(
                 async for r in scan(settings.bootstrap_servers, [topic], since_ms=since_ms)
             ]
         }
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.5)
+        return found if len(found) >= count else None
+
+    return await eventually_async(
+        all_there, timeout=timeout_s, interval=0.5, message=f"{count} results"
+    )
 
 
 @dataclass
@@ -104,7 +97,9 @@ def replayed(stack: Stack) -> Replayed:
     return asyncio.run(go())
 
 
-async def test_history_of_a_completed_request(replayed: Replayed) -> None:
+async def test_history_lists_a_completed_requests_records_topic_by_topic_in_order(
+    replayed: Replayed,
+) -> None:
     settings = replayed.settings
     records = await request_history(settings, replayed.originals[0]["request_id"])
     topics = [r.topic.removeprefix(settings.topic_prefix) for r in records]
@@ -145,12 +140,11 @@ async def test_export_and_top_agree_with_the_results(replayed: Replayed, stack: 
     assert {row["request_id"] for row in rows} == set(replayed.results)
 
     # `top` sees the same figures; lag drains to zero once the worker has committed.
-    deadline = time.monotonic() + 30
-    while True:
+    async def drained() -> Frame | None:
         frame = await snapshot(settings, window_s=300, group=stack.app_id)
-        if (frame.lag and sum(frame.lag.values()) == 0) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.5)
+        return frame if frame.lag and sum(frame.lag.values()) == 0 else None
+
+    frame = await eventually_async(drained, timeout=30, interval=0.5, message="lag drained")
     assert frame.results == 6 and frame.in_flight == 0
     assert sum(t.cost_micro_usd for t in frame.tiers.values()) == total
     assert frame.lag == {"preprocess": 0, "inference": 0, "postprocess": 0}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,15 +11,9 @@ from pipeline.core.settings import REPO_ROOT, BrokerSettings, KafkaSettings
 from pipeline.kafka.admin import create_topics, describe_topics
 from pipeline.ops import broker
 from pipeline.ops.cli import main
+from tests.harness import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -45,7 +38,7 @@ def second_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[B
         broker.stop(settings)  # never leave a broker behind, whatever failed
 
 
-def test_start_status_restart_stop(
+def test_a_broker_starts_once_keeps_its_topics_across_a_restart_and_stops(
     second_broker: BrokerSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = second_broker

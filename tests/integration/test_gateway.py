@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +17,6 @@ import httpx
 import pytest
 import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from gateway.http.app import create_app
 from gateway.http.auth import KeyStore, Principal, hash_key
@@ -28,9 +26,11 @@ from pipeline.core.codec import codec
 from pipeline.core.partitioning import partition_for
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.tiers import Tier, load_tiers
-from pipeline.core.topics import TopicNames, declared_topics
+from pipeline.core.topics import TopicNames
+from pipeline.kafka.admin import create_topics, delete_topics
+from tests.harness import BOOTSTRAP, eventually_async
+from tests.harness import sse_events as harness_sse_events
 
-BOOTSTRAP = "127.0.0.1:9092"
 KEYS = {"alice": "key-alice", "bob": "key-bob", "fred": "key-fred"}
 
 
@@ -63,51 +63,11 @@ async def topics(stream_partitions: int = 4) -> AsyncIterator[KafkaSettings]:
         stream_partitions=stream_partitions,
         work_partitions=2,
     )
-    specs = declared_topics(settings)
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-    await admin.start()
+    await asyncio.to_thread(create_topics, settings)  # returns once every partition has a leader
     try:
-        names = [s.name(settings.topic_prefix) for s in specs]
-        await admin.create_topics(
-            [
-                NewTopic(s.name(settings.topic_prefix), s.partitions, 1, topic_configs=s.config)
-                for s in specs
-            ]
-        )
-    finally:
-        await admin.close()
-    try:
-        await wait_for_leaders(names)
         yield settings
     finally:
-        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-        await admin.start()
-        try:
-            await admin.delete_topics(names)
-        finally:
-            await admin.close()
-
-
-async def wait_for_leaders(names: list[str]) -> None:
-    """New topics take a moment to have leaders everywhere in the metadata."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
-    await consumer.start()
-    try:
-        for _ in range(100):
-            cluster = await consumer._client.fetch_all_metadata()
-            if all(
-                cluster.partitions_for_topic(n)
-                and all(
-                    cluster.leader_for_partition(TopicPartition(n, p)) not in (None, -1)
-                    for p in cluster.partitions_for_topic(n) or ()
-                )
-                for n in names
-            ):
-                return
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"topics {names} have no leaders")
-    finally:
-        await consumer.stop()
+        await asyncio.to_thread(delete_topics, settings)
 
 
 def gateway_settings(kafka: KafkaSettings, **overrides: Any) -> GatewaySettings:
@@ -144,11 +104,14 @@ async def running_gateway(
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
-    while not server.started:
+
+    def started() -> bool:
         if task.done():
             task.result()
             raise RuntimeError("uvicorn stopped before it started")
-        await asyncio.sleep(0.02)
+        return bool(server.started)
+
+    await eventually_async(started, timeout=10, interval=0.02, message="uvicorn started")
     port = server.servers[0].sockets[0].getsockname()[1]
     gateway: Gateway = app.state.gateway
     try:
@@ -160,24 +123,9 @@ async def running_gateway(
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """Parse an SSE body into {event, id, data} dicts (data JSON-decoded); pings are skipped."""
-    event: dict[str, Any] = {}
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data or event:
-                event["data"] = json.loads("\n".join(data)) if data else None
-                yield event
-            event, data = {}, []
-        elif line.startswith(":"):
-            continue
-        else:
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "data":
-                data.append(value)
-            elif field in ("event", "id"):
-                event[field] = value
+    """The SSE body as {event, id, data} dicts (data JSON-decoded); pings are skipped."""
+    async for event in harness_sse_events(response):
+        yield {"event": event.event, "id": event.id, "data": event.data}
 
 
 class Worker:
@@ -570,11 +518,13 @@ async def test_disconnect_without_reconnect_cancels_after_the_grace_period() -> 
             ) as response:
                 accepted = await next_event(sse_events(response))
             rid = accepted["data"]["id"]
-            for _ in range(100):
+
+            async def cancelled() -> list[dict[str, Any]]:
                 controls = await read_topic(kafka, gw.gateway.topics.control, "ControlEvent")
-                if controls:
-                    break
-                await asyncio.sleep(0.1)
+                assert controls, "no control event yet"
+                return controls
+
+            controls = await eventually_async(cancelled, timeout=10, message="the cancel")
     assert [(c["request_id"], c["reason"]) for c in controls] == [(rid, "disconnect")]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -21,6 +21,7 @@ from gateway.settings import GatewaySettings
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
+from tests.harness import eventually_async
 from tests.integration.test_gateway import (
     DOC,
     RunningGateway,
@@ -77,10 +78,7 @@ async def two_gateways(
 
 # A wait bound, not a latency assertion: on a loaded 2-core CI machine a brand-new settle
 # group's first assignment has once taken longer than 20 s.
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 60.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await check():
-            await asyncio.sleep(0.1)
+SETTLE_TIMEOUT_S = 60.0
 
 
 async def usage(client: httpx.AsyncClient, user: str = "alice") -> dict[str, Any]:
@@ -143,7 +141,7 @@ async def test_results_are_settled_into_usage_even_when_their_gateway_is_gone() 
                 async def settled() -> bool:
                     return (await usage(client))["cost_micro_usd"] == 1_334
 
-                await eventually(settled)
+                await eventually_async(settled, timeout=SETTLE_TIMEOUT_S, message="settled")
                 figures = await usage(client)
                 unauthenticated = await client.get("/v1/usage")
     assert figures["user"] == "alice" and figures["tier"] == "pro"
@@ -173,7 +171,7 @@ async def test_a_spent_budget_answers_429_budget_exceeded() -> None:
         async def spent() -> bool:
             return (await usage(client))["remaining_micro_usd"] == 0
 
-        await eventually(spent)
+        await eventually_async(spent, timeout=SETTLE_TIMEOUT_S, message="spent")
         refused = await post_json(client)
         other_user = await post_json(client, user="bob")
     assert refused.status_code == 429
@@ -206,6 +204,7 @@ async def test_growing_lag_degrades_then_sheds_with_retry_after() -> None:
                 assert response.status_code == 202, response.text
                 kind = "degraded" if response.json()["degraded"] else "plain"
                 seen.append((kind, response))
+                # The arrival rate, not a wait for a condition: the queue grows step by step.
                 await asyncio.sleep(0.25)
             metrics = (await client.get("/metrics")).text
         records = await read_topic(kafka, kafka.topic_prefix + "requests", "SummarizeRequest")

@@ -25,7 +25,7 @@ from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.admin import delete_topics
 from pipeline.llm.extractive import summarize
-from tests.e2e.harness import free_port
+from tests.harness import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -7,11 +7,6 @@ letters are read back from the topics. Each stack has its own topic prefix and F
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,23 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
 from ulid import ULID
 
 from pipeline.core.codec import codec
 from pipeline.core.partitioning import partition_for
 from pipeline.core.settings import KafkaSettings
-from pipeline.core.topics import TopicNames
-from pipeline.kafka.admin import create_topics, delete_topics
+from pipeline.kafka.admin import create_topics
 from pipeline.llm.extractive import summarize
 from pipeline.worker.postprocess import LATENCY_SPANS
+from tests.harness import Proc, Record, Stack, produce_raw, read_topic, wait_for_balanced_group
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 DOCUMENT = (
     "The city council approved a new budget for public libraries on Monday. "
     "The plan adds evening hours at six branches and funds a mobile library for rural areas. "
@@ -48,154 +39,23 @@ DOCUMENT = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
-class Proc:
-    """A sumstream subprocess with its output in a file."""
+class StageStack(Stack):
+    """A simulator plus workers; requests go in and results come out through the topics."""
 
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def wait_for(self, text: str, timeout_s: float = 60.0, after: int = 0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if text in self.log.read_text(errors="replace")[after:]:
-                return
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
-            time.sleep(0.1)
-        raise TimeoutError(f"{self.name}: no {text!r} in {timeout_s} s:\n{self.tail()}")
-
-    def kill9(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait()
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-
-
-@dataclass
-class Stack:
-    """A simulator plus workers on a topic prefix and app id of their own."""
-
-    tmp: Path
-    bootstrap: str
     prefix: str = field(default_factory=lambda: f"t-{uuid.uuid4().hex[:8]}.")
     app_id: str = field(default_factory=lambda: f"it-{uuid.uuid4().hex[:8]}")
-    sim_port: int = field(default_factory=free_port)
-    procs: list[Proc] = field(default_factory=list)
 
-    @property
-    def settings(self) -> KafkaSettings:
-        return KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix)
-
-    @property
-    def topics(self) -> TopicNames:
-        return TopicNames.from_settings(self.settings)
-
-    @property
-    def sim_url(self) -> str:
-        return f"http://127.0.0.1:{self.sim_port}"
-
-    def spawn(self, name: str, *args: str, **env: str) -> Proc:
-        log = self.tmp / f"{name}.log"
-        environment = {
-            **os.environ,
-            "SUMSTREAM_BOOTSTRAP_SERVERS": self.bootstrap,
-            "SUMSTREAM_TOPIC_PREFIX": self.prefix,
-            "SUMSTREAM_APP_ID": self.app_id,
-            "SUMSTREAM_LLM_SIM_URL": self.sim_url,
-            "SUMSTREAM_DATA_DIR": str(self.tmp / "data"),
-            "SUMSTREAM_SESSION_TIMEOUT_S": "6",
-            "PYTHONUNBUFFERED": "1",
-            **env,
-        }
-        environment.pop("ANTHROPIC_API_KEY", None)
-        environment.pop("SUMSTREAM_ANTHROPIC_API_KEY", None)
-        with log.open("ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.ops.cli", *args],
-                env=environment,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                start_new_session=True,
-            )
-        proc = Proc(name, popen, log)
-        self.procs.append(proc)
+    def start_stage_worker(self, name: str) -> Proc:
+        proc = self.start_worker(name=name)
+        proc.wait_for_log("inflight partitions assigned", timeout=90)
         return proc
-
-    def start_simulator(self) -> None:
-        proc = self.spawn(
-            "llm-sim", "llm-sim", "--port", str(self.sim_port), "--ttft-ms", "5",
-            "--token-delay-ms", "2",
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.sim_url}/healthz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise TimeoutError(proc.tail())
-
-    def start_worker(self, name: str = "worker") -> Proc:
-        proc = self.spawn(name, "worker", "--metrics-port", "0")
-        proc.wait_for('"msg": "inflight partitions assigned"', timeout_s=60)
-        return proc
-
-    def sim_config(self, **knobs: Any) -> None:
-        httpx.post(f"{self.sim_url}/_sim/config", json=knobs, timeout=5).raise_for_status()
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
-        delete_topics(self.settings)
-        internal = [
-            f"{app_id}-{name}"
-            for app_id in (self.app_id, f"{self.app_id}-replay")
-            for name in ("inflight-changelog", "__assignor-__leader")
-        ]
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        for future in admin.delete_topics(internal, operation_timeout=10).values():
-            with contextlib.suppress(Exception):
-                future.result()
 
     # --- Kafka I/O as another system would do it -------------------------------------------
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None) -> tuple[int, int]:
         """Produce one record; return its (partition, offset)."""
-        producer = Producer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "enable.idempotence": True,
-                "partitioner": "murmur2_random",
-            }
-        )
-        where: list[tuple[int, int]] = []
-        producer.produce(
-            topic, key=key, value=value, on_delivery=lambda err, msg: where.append(
-                (msg.partition(), msg.offset())
-            ),
-        )  # fmt: skip
-        producer.flush(10)
-        assert len(where) == 1
-        return where[0]
+        return produce_raw(self.bootstrap, topic, key, value)
 
     def submit(self, document: str = DOCUMENT, request_id: str | None = None, **fields: Any) -> str:
         request_id = request_id or str(ULID())
@@ -213,75 +73,57 @@ class Stack:
         return request_id
 
     def read(
-        self,
-        topic: str,
-        until: Callable[[list[tuple[bytes | None, bytes | None, int, int]]], bool],
-        timeout_s: float = 30.0,
-    ) -> list[tuple[bytes | None, bytes | None, int, int]]:
-        """Every record (key, value, partition, offset) of ``topic`` until ``until`` holds."""
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-            }
-        )
-        try:
-            meta = consumer.list_topics(topic, timeout=10).topics[topic]
-            consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
-            records: list[tuple[bytes | None, bytes | None, int, int]] = []
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                msg = consumer.poll(0.2)
-                if msg is not None and not msg.error():
-                    records.append((msg.key(), msg.value(), msg.partition(), msg.offset()))
-                    if until(records):
-                        return records
-            raise TimeoutError(f"{topic}: condition not met; {len(records)} records")
-        finally:
-            consumer.close()
+        self, topic: str, until: Callable[[list[Record]], bool], timeout_s: float = 30.0
+    ) -> list[Record]:
+        """Every record of ``topic`` until ``until`` holds."""
+        return read_topic(self.bootstrap, topic, until, timeout=timeout_s)
 
     def result(self, request_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
         key = request_id.encode()
-        records = self.read(self.topics.results, lambda rs: any(r[0] == key for r in rs), timeout_s)
-        return codec().decode_as(next(r[1] for r in records if r[0] == key), "SummaryResult")
+        records = self.read(
+            self.topics.results, lambda rs: any(r.key == key for r in rs), timeout_s
+        )
+        return codec().decode_as(next(r.value for r in records if r.key == key), "SummaryResult")
 
     def tokens(self, request_id: str) -> list[dict[str, Any]]:
         key = request_id.encode()
 
-        def ended(rs: list[tuple[bytes | None, bytes | None, int, int]]) -> bool:
+        def ended(rs: list[Record]) -> bool:
             return any(
-                r[0] == key
-                and codec().decode_as(r[1], "TokenEvent")["kind"] in {"DONE", "ERROR", "CANCELLED"}
+                r.key == key
+                and codec().decode_as(r.value, "TokenEvent")["kind"]
+                in {"DONE", "ERROR", "CANCELLED"}
                 for r in rs
             )
 
         return [
-            codec().decode_as(r[1], "TokenEvent")
+            codec().decode_as(r.value, "TokenEvent")
             for r in self.read(self.topics.tokens, ended)
-            if r[0] == key
+            if r.key == key
         ]
 
 
 @contextlib.contextmanager
-def stack_at(tmp: Path, bootstrap: str) -> Iterator[Stack]:
-    stack = Stack(tmp, bootstrap)
+def stack_at(tmp: Path, bootstrap: str) -> Iterator[StageStack]:
+    env = {"SUMSTREAM_DATA_DIR": str(tmp / "data"), "SUMSTREAM_SESSION_TIMEOUT_S": "6"}
+    stack = StageStack(tmp, bootstrap=bootstrap, extra_env=env)
     create_topics(stack.settings)
     try:
-        stack.start_simulator()
+        stack.start_simulator(ttft_ms=5, token_delay_ms=2)
         yield stack
     finally:
         stack.stop()
+        stack.remove_topics()
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, bootstrap: str) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, bootstrap: str) -> Iterator[StageStack]:
     with stack_at(tmp_path_factory.mktemp("stages"), bootstrap) as s:
-        s.start_worker()
+        s.start_stage_worker("worker")
         yield s
 
 
-def test_a_request_from_another_system_completes(stack: Stack) -> None:
+def test_a_request_from_another_system_completes(stack: StageStack) -> None:
     request_id = stack.submit(max_output_tokens=40)
     result = stack.result(request_id)
     expected = summarize(DOCUMENT, 40).strip()
@@ -302,24 +144,24 @@ def test_a_request_from_another_system_completes(stack: Stack) -> None:
     assert result["last_seq"] == events[-1]["seq"]
 
 
-def test_a_replayed_job_of_a_finished_request_is_not_run_again(stack: Stack) -> None:
+def test_a_replayed_job_of_a_finished_request_is_not_run_again(stack: StageStack) -> None:
     request_id = stack.submit(max_output_tokens=20)
     assert stack.result(request_id)["status"] == "COMPLETED"
     before = stack.tokens(request_id)
     # A new consumer group reads `preprocessed` from the start with an empty in-flight table,
     # as after an offset reset: every job there is a replay of one that already ran.
     replayer = stack.spawn(
-        "worker-replay", "worker", "--stages", "inference", "--metrics-port", "-1",
+        "worker-replay", ["worker", "--stages", "inference", "--metrics-port", "-1"],
         SUMSTREAM_APP_ID=f"{stack.app_id}-replay",
     )  # fmt: skip
     try:
-        replayer.wait_for(f'"request already ended; not run again", "request_id": "{request_id}"')
+        replayer.wait_for_log("request already ended; not run again", request_id=request_id)
     finally:
         replayer.stop()
     assert stack.tokens(request_id) == before
 
 
-def test_oversized_input_on_a_rejecting_tier_ends_with_a_rejected_result(stack: Stack) -> None:
+def test_oversized_input_on_a_rejecting_tier_ends_with_a_rejected_result(stack: StageStack) -> None:
     request_id = stack.submit(document="word " * 9_000, tier="free")
     result = stack.result(request_id)
     assert result["status"] == "REJECTED"
@@ -378,7 +220,7 @@ def test_poison_records_go_to_the_dead_letter_topic_and_every_stage_goes_on(
     assert stack.result(request_id)["status"] == "COMPLETED"
 
     letters = [
-        codec().decode_as(r[1], "DeadLetter")
+        codec().decode_as(r.value, "DeadLetter")
         for r in stack.read(topics.dlq, lambda rs: len(rs) >= len(produced))
     ]
     found = {(d["origin_topic"], d["origin_partition"], d["origin_offset"]): d for d in letters}
@@ -397,7 +239,7 @@ def test_poison_records_go_to_the_dead_letter_topic_and_every_stage_goes_on(
     assert rejected["error"]["code"] == "invalid_request"
 
 
-def test_a_cancel_on_the_control_topic_ends_the_stream(stack: Stack) -> None:
+def test_a_cancel_on_the_control_topic_ends_the_stream(stack: StageStack) -> None:
     stack.sim_config(token_delay_ms=100)
     try:
         request_id = stack.submit(max_output_tokens=60)
@@ -406,7 +248,7 @@ def test_a_cancel_on_the_control_topic_ends_the_stream(stack: Stack) -> None:
             stack.topics.tokens,
             lambda rs: (
                 sum(
-                    r[0] == key and codec().decode_as(r[1], "TokenEvent")["kind"] == "DELTA"
+                    r.key == key and codec().decode_as(r.value, "TokenEvent")["kind"] == "DELTA"
                     for r in rs
                 )
                 >= 2
@@ -435,7 +277,11 @@ def test_a_cancel_that_arrives_before_the_job_ends_it_without_a_model_call(
     request_id = str(ULID())
     cancel = {"request_id": request_id, "action": "CANCEL", "created_at": 1}
     stack.produce(stack.topics.control, request_id.encode(), codec().encode("ControlEvent", cancel))
-    time.sleep(1.0)  # the cancel is consumed first (different topics, no ordering between them)
+    # `control` and `requests` are different topics with no order between them: the job is
+    # sent once the worker has recorded the cancel.
+    stack.workers[0].wait_for_log(
+        "cancel recorded for a job not running here", request_id=request_id
+    )
     stack.submit(request_id=request_id)
     result = stack.result(request_id)
     assert result["status"] == "CANCELLED"
@@ -463,12 +309,12 @@ def test_a_killed_worker_and_the_rebalance_lose_nothing_and_repeat_no_token(
 ) -> None:
     with stack_at(tmp_path, bootstrap) as stack:
         stack.sim_config(token_delay_ms=150)
-        a = stack.spawn("worker-a", "worker", "--metrics-port", "0")
-        b = stack.spawn("worker-b", "worker", "--metrics-port", "0")
-        for worker in (a, b):
-            worker.wait_for('"msg": "inflight partitions assigned"', timeout_s=90)
-        time.sleep(1.0)  # let the group settle if the second join caused a rebalance
-        ids = ids_for_every_partition(KafkaSettings().work_partitions)
+        a = stack.start_worker(name="worker-a")
+        b = stack.start_worker(name="worker-b")
+        partitions = KafkaSettings().work_partitions
+        # The second join causes a rebalance: wait until it is over and each holds its share.
+        wait_for_balanced_group([a, b], partitions)
+        ids = ids_for_every_partition(partitions)
         for request_id in ids:
             stack.submit(document=LONG_DOCUMENT, request_id=request_id, max_output_tokens=80)
         keys = {i.encode() for i in ids}
@@ -477,12 +323,12 @@ def test_a_killed_worker_and_the_rebalance_lose_nothing_and_repeat_no_token(
         # Kafka's rebalancing being eager, b's own jobs are revoked and resumed as well.
         stack.read(
             stack.topics.tokens,
-            lambda rs: all(sum(r[0] == k for r in rs) >= 3 for k in keys),
+            lambda rs: all(sum(r.key == k for r in rs) >= 3 for k in keys),
         )
         a.kill9()
         results = {i: stack.result(i, timeout_s=90) for i in ids}
         events = {i: stack.tokens(i) for i in ids}
-        resumed = b.log.read_text().count('"msg": "resuming request"')
+        resumed = len(b.logged("resuming request"))
 
     expected = summarize(LONG_DOCUMENT, 80).strip()
     assert resumed >= len(ids), "every in-flight job went through a resume"

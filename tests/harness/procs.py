@@ -1,5 +1,6 @@
-"""Real sumstream processes for end-to-end tests: simulator, workers and gateways as subprocesses
-on the broker the test command started, each test module with its own topics and consumer group."""
+"""Real sumstream processes for integration and end-to-end tests: the simulator, workers and
+gateways as subprocesses on the shared broker, each stack on a topic prefix and app id of its own.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +8,33 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from confluent_kafka.admin import AdminClient
 
 from gateway.http.auth import hash_key
 from pipeline.core.settings import KafkaSettings
-from pipeline.kafka.admin import create_topics
+from pipeline.core.topics import TopicNames
+from pipeline.kafka.admin import create_topics, delete_topics
+from tests.harness.ports import free_port
+from tests.harness.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 BOOTSTRAP = os.environ.get("SUMSTREAM_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 
-# Two users with their own keys, so ownership checks have someone to fail against.
+# Users with their own keys, so ownership checks have someone to fail against; the admission
+# tests (tests/e2e/test_backpressure.py) add a flooder, light users and tight-limit users.
 KEYS = {
     "key-ann": ("ann", "enterprise"),
     "key-ben": ("ben", "enterprise"),
     "key-fay": ("fay", "free"),
-    # Admission tests (test_backpressure.py): a flooder, light users, a tight-limit user.
     "key-flood": ("flood", "pro"),
     **{f"key-light-{i}": (f"light-{i}", "pro") for i in range(1, 6)},
     "key-tina": ("tina", "tight"),
@@ -39,10 +42,8 @@ KEYS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def auth(key: str = "key-ann") -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 @dataclass
@@ -58,27 +59,31 @@ class Proc:
     log_start: int = 0
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.log_start = log.tell()
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.ops.cli", *self.args],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            start_new_session=True,
-        )
-        log.close()
+        with self.log_path.open("ab") as log:
+            self.log_start = log.tell()
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.ops.cli", *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
+
+    def check_alive(self) -> None:
+        """Raise (ending any wait at once) when the process has exited."""
+        if not self.alive():
+            raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
 
     def kill9(self) -> None:
         if self.popen is not None and self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 20.0) -> None:
         if self.popen is None or self.popen.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -103,32 +108,74 @@ class Proc:
         except FileNotFoundError:
             return []
 
-    def metrics_port(self, timeout_s: float = 90.0) -> int:
-        """The port a worker serves /metrics on, from its `metrics` log line (it may have been
-        started with --metrics-port 0: any free port)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in reversed(self.log_lines()):
-                with contextlib.suppress(ValueError):
+    def records(self) -> list[dict[str, Any]]:
+        """This run's JSON log lines (the others, Faust's own, skipped)."""
+        out: list[dict[str, Any]] = []
+        for line in self.log_lines():
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
                     record = json.loads(line)
-                    if isinstance(record, dict) and record.get("msg") == "metrics":
-                        return int(record["port"])
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.name} logged no metrics port in {timeout_s} s:\n{self.tail()}")
+                    if isinstance(record, dict):
+                        out.append(record)
+        return out
+
+    def logged(self, msg: str, **fields: Any) -> list[dict[str, Any]]:
+        """This run's log records with message ``msg`` and the given field values."""
+        return [
+            r
+            for r in self.records()
+            if r.get("msg") == msg and all(r.get(k) == v for k, v in fields.items())
+        ]
+
+    def wait_for_log(self, msg: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        """The first log record with message ``msg`` and ``fields``, once the process wrote it."""
+
+        def found() -> dict[str, Any] | None:
+            hits = self.logged(msg, **fields)
+            if hits:
+                return hits[0]
+            self.check_alive()
+            return None
+
+        return eventually(found, timeout=timeout, message=f"{self.name} to log {msg!r} {fields}")
+
+    def metrics_port(self, timeout: float = 90.0) -> int:
+        """The port a worker serves /metrics on, from its `metrics` log line (it is started
+        with --metrics-port 0: any free port)."""
+        return int(self.wait_for_log("metrics", timeout=timeout)["port"])
+
+    def owned_partitions(self) -> set[int]:
+        """The in-flight partitions this worker was last assigned (from its log)."""
+        assigned = self.logged("inflight partitions assigned")
+        return set(assigned[-1]["partitions"]) if assigned else set()
 
 
-def wait_http(url: str, proc: Proc, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
+def wait_http(url: str, proc: Proc, timeout: float = 90.0) -> None:
+    """Wait until ``url`` answers 200, failing at once if ``proc`` exits."""
+
+    def ready() -> bool:
+        proc.check_alive()
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready in {timeout_s} s:\n{proc.tail()}")
+            return httpx.get(url, timeout=1.0).status_code == 200
+        return False
+
+    eventually(ready, timeout=timeout, message=f"{url} ready\n{proc.tail()}")
+
+
+def wait_for_balanced_group(workers: list[Proc], partitions: int, timeout: float = 90.0) -> None:
+    """Wait until every worker's last assignment is its share of the in-flight partitions: each
+    holds some, no two hold the same one, and together they hold all (the group has settled)."""
+
+    def balanced() -> bool:
+        for worker in workers:
+            worker.check_alive()
+        owned = [w.owned_partitions() for w in workers]
+        every = [p for share in owned for p in share]
+        assert all(owned), f"a worker holds nothing yet: {owned}"
+        assert sorted(every) == list(range(partitions)), f"not one owner each: {owned}"
+        return True
+
+    eventually(balanced, timeout=timeout, message="the workers' group to settle")
 
 
 @dataclass
@@ -136,6 +183,7 @@ class Stack:
     """A running pipeline: simulator, workers, gateways, all on one random topic prefix."""
 
     tmp: Path
+    bootstrap: str = BOOTSTRAP
     prefix: str = field(default_factory=lambda: f"e2e-{uuid.uuid4().hex[:8]}.")
     app_id: str = field(default_factory=lambda: f"e2e-{uuid.uuid4().hex[:8]}")
     sim_port: int = field(default_factory=free_port)
@@ -143,6 +191,14 @@ class Stack:
     gateways: list[str] = field(default_factory=list)
     workers: list[Proc] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> KafkaSettings:
+        return KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix)
+
+    @property
+    def topics(self) -> TopicNames:
+        return TopicNames.from_settings(self.settings)
 
     @property
     def sim_url(self) -> str:
@@ -160,7 +216,7 @@ class Stack:
         env = dict(os.environ)
         env.update(
             {
-                "SUMSTREAM_BOOTSTRAP_SERVERS": BOOTSTRAP,
+                "SUMSTREAM_BOOTSTRAP_SERVERS": self.bootstrap,
                 "SUMSTREAM_TOPIC_PREFIX": self.prefix,
                 "SUMSTREAM_APP_ID": self.app_id,
                 "SUMSTREAM_LLM_SIM_URL": self.sim_url,
@@ -190,10 +246,13 @@ class Stack:
         wait_http(f"{self.sim_url}/healthz", proc)
         return proc
 
-    def start_worker(self, stages: str = "preprocess,inference,postprocess", **env: str) -> Proc:
-        n = len(self.workers)
+    def start_worker(
+        self, stages: str = "preprocess,inference,postprocess", name: str = "", **env: str
+    ) -> Proc:
         proc = self.spawn(
-            f"worker-{n}", ["worker", "--stages", stages, "--metrics-port", "0"], **env
+            name or f"worker-{len(self.workers)}",
+            ["worker", "--stages", stages, "--metrics-port", "0"],
+            **env,
         )
         self.workers.append(proc)
         return proc
@@ -211,6 +270,20 @@ class Stack:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+
+    def remove_topics(self) -> None:
+        """Delete this stack's topics and its workers' own (Faust's changelog and assignor
+        topics, of its app id and of a ``-replay`` one beside it)."""
+        delete_topics(self.settings)
+        internal = [
+            f"{app_id}-{name}"
+            for app_id in (self.app_id, f"{self.app_id}-replay")
+            for name in ("inflight-changelog", "__assignor-__leader")
+        ]
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        for future in admin.delete_topics(internal, operation_timeout=10).values():
+            with contextlib.suppress(Exception):  # a topic that was never created
+                future.result()
 
     def logs(self) -> str:
         return "\n\n".join(f"== {p.name} ==\n{p.tail(60)}" for p in self.procs)
@@ -256,12 +329,9 @@ def running_stack(
 
     ``bootstrap`` names another broker (a test that restarts its own) for every process.
     """
-    extra = dict(env or {})
-    if bootstrap != BOOTSTRAP:
-        extra["SUMSTREAM_BOOTSTRAP_SERVERS"] = bootstrap
-    stack = Stack(tmp, extra_env=extra)
+    stack = Stack(tmp, bootstrap=bootstrap, extra_env=dict(env or {}))
     try:
-        create_topics(KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=stack.prefix))
+        create_topics(stack.settings)
         stack.start_simulator(**sim)
         for _ in range(workers):
             stack.start_worker()
@@ -270,122 +340,3 @@ def running_stack(
         yield stack
     finally:
         stack.stop()
-
-
-def auth(key: str = "key-ann") -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-@dataclass
-class SseEvent:
-    event: str
-    data: Any
-    id: str | None = None
-
-
-@dataclass
-class StreamResult:
-    """Everything one SSE client received."""
-
-    status_code: int
-    events: list[SseEvent] = field(default_factory=list)
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def of(self, name: str) -> list[SseEvent]:
-        return [e for e in self.events if e.event == name]
-
-    @property
-    def request_id(self) -> str:
-        return str(self.of("accepted")[0].data["id"])
-
-    @property
-    def text(self) -> str:
-        return "".join(e.data["text"] for e in self.of("token"))
-
-    @property
-    def seqs(self) -> list[int]:
-        return [int(e.id) for e in self.of("token") if e.id is not None]
-
-    @property
-    def done(self) -> dict[str, Any]:
-        done = self.of("done")
-        assert done, f"no done event in {[e.event for e in self.events]}"
-        return dict(done[-1].data)
-
-
-async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
-    """Parse an SSE body (WHATWG rules: event/data/id fields, blank line ends an event)."""
-    event, data, ident = "message", [], None
-    async for line in response.aiter_lines():
-        if line == "":
-            if data:
-                raw = "\n".join(data)
-                try:
-                    parsed: Any = json.loads(raw)
-                except json.JSONDecodeError:
-                    parsed = raw
-                yield SseEvent(event, parsed, ident)
-            event, data, ident = "message", [], None
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            event = value
-        elif name == "data":
-            data.append(value)
-        elif name == "id":
-            ident = value
-
-
-async def collect(
-    client: httpx.AsyncClient,
-    method: str,
-    url: str,
-    *,
-    stop_after_tokens: int | None = None,
-    **kwargs: Any,
-) -> StreamResult:
-    """Run one SSE request to its end (the `done` event) or until ``stop_after_tokens``."""
-    async with client.stream(method, url, **kwargs) as response:
-        result = StreamResult(response.status_code, headers=dict(response.headers))
-        if response.status_code >= 300:
-            await response.aread()
-            result.events.append(SseEvent("http_error", response.json()))
-            return result
-        async for ev in sse_events(response):
-            result.events.append(ev)
-            if ev.event == "done":
-                break
-            if stop_after_tokens is not None and len(result.of("token")) >= stop_after_tokens:
-                break
-    return result
-
-
-# name -> (rpm, tpm, max_input_tokens, max_output_tokens, weight, monthly_budget_usd,
-#          max_queue_wait_s); the order of config/tiers.toml's fields.
-TierRow = tuple[int, int, int, int, int, float, float]
-
-
-def write_tiers(
-    path: Path, tiers: dict[str, TierRow], *, reject: frozenset[str] = frozenset()
-) -> Path:
-    """A tiers file for a test stack: ``reject`` tiers refuse oversized input, others truncate."""
-    lines: list[str] = []
-    for name, (rpm, tpm, max_in, max_out, weight, budget, wait) in tiers.items():
-        policy = "reject" if name in reject else "truncate"
-        lines += [
-            f"[{name}]",
-            f"rpm = {rpm}",
-            f"tpm = {tpm}",
-            f"max_input_tokens = {max_in}",
-            f"max_output_tokens = {max_out}",
-            f"weight = {weight}",
-            f"monthly_budget_usd = {budget}",
-            f"max_queue_wait_s = {wait}",
-            f'on_input_too_large = "{policy}"',
-            "",
-        ]
-    path.write_text("\n".join(lines))
-    return path

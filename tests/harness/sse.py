@@ -1,0 +1,91 @@
+"""SSE clients for tests: the events one request received, parsed by the benchmark's parser
+(bench/sse.py) so tests and the benchmark read streams the same way."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from bench.sse import SSEParser
+
+
+@dataclass
+class SseEvent:
+    """One server-sent event, its data decoded from JSON when it is JSON."""
+
+    event: str
+    data: Any
+    id: str | None = None
+
+
+@dataclass
+class StreamResult:
+    """Everything one SSE client received."""
+
+    status_code: int
+    events: list[SseEvent] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def of(self, name: str) -> list[SseEvent]:
+        return [e for e in self.events if e.event == name]
+
+    @property
+    def request_id(self) -> str:
+        return str(self.of("accepted")[0].data["id"])
+
+    @property
+    def text(self) -> str:
+        return "".join(e.data["text"] for e in self.of("token"))
+
+    @property
+    def seqs(self) -> list[int]:
+        return [int(e.id) for e in self.of("token") if e.id is not None]
+
+    @property
+    def done(self) -> dict[str, Any]:
+        done = self.of("done")
+        assert done, f"no done event in {[e.event for e in self.events]}"
+        return dict(done[-1].data)
+
+
+def _decoded(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
+    """The events of an SSE response body as they arrive."""
+    parser = SSEParser()
+    async for chunk in response.aiter_bytes():
+        for event in parser.feed(chunk):
+            yield SseEvent(event.event, _decoded(event.data), event.id)
+
+
+async def collect(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    stop_after_tokens: int | None = None,
+    **kwargs: Any,
+) -> StreamResult:
+    """Run one SSE request to its end (the `done` event) or until ``stop_after_tokens``."""
+    async with client.stream(method, url, **kwargs) as response:
+        result = StreamResult(response.status_code, headers=dict(response.headers))
+        if response.status_code >= 300:
+            await response.aread()
+            result.events.append(SseEvent("http_error", response.json()))
+            return result
+        async for ev in sse_events(response):
+            result.events.append(ev)
+            if ev.event == "done":
+                break
+            if stop_after_tokens is not None and len(result.of("token")) >= stop_after_tokens:
+                break
+    return result
