@@ -32,6 +32,7 @@ from pipeline.kafka.lag import LagReader
 from pipeline.llm.client import UpstreamClient
 from pipeline.worker.agents import events, on_record, process, raw_topic, sender
 from pipeline.worker.dlq import DeadLetterQueue
+from pipeline.worker.inference.upstream import Upstream
 from pipeline.worker.inflight import InflightWork
 from pipeline.worker.postprocess import PostprocessStage, tail_reread
 from pipeline.worker.preprocess import PreprocessStage
@@ -180,7 +181,8 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
             topics,
             tokens_topic=tokens,
             dlq=dlq,
-            client=UpstreamClient(settings),
+            # Once per worker: the upstream's health outlives every partition assignment.
+            upstream=Upstream(settings, UpstreamClient(settings)),
         )
         runtime.inflight = inflight
 

@@ -15,7 +15,7 @@ from pipeline.core.settings import WorkerSettings
 from pipeline.worker.agents import process as _process
 from pipeline.worker.app import create_app
 from pipeline.worker.dlq import DeadLetterQueue
-from pipeline.worker.inflight import Entry
+from pipeline.worker.inflight import Entry, EntryState
 from pipeline.worker.jobs import cancelled_event, invalid_job_event, resume_state, validate_job
 
 JOB = {
@@ -37,9 +37,9 @@ JOB = {
 }
 
 
-@given(st.sampled_from(["R", "C", "D"]), st.integers(0, 2**62), st.binary(max_size=64))
-def test_entry_round_trip(state: str, at_ms: int, job: bytes) -> None:
-    entry = Entry(state, at_ms, job)  # type: ignore[arg-type]
+@given(st.sampled_from(EntryState), st.integers(0, 2**62), st.binary(max_size=64))
+def test_entry_round_trip(state: EntryState, at_ms: int, job: bytes) -> None:
+    entry = Entry(state, at_ms, job)
     assert Entry.decode(entry.encode()) == entry
 
 
