@@ -97,6 +97,22 @@ def test_invalid_job_event_needs_only_an_id() -> None:
     codec().encode("TokenEvent", event)
 
 
+def test_events_for_jobs_the_engine_never_runs_keep_source_replay_of_and_degraded() -> None:
+    replayed = {**JOB, "source": "replay", "replay_of": "01J0000000000000000000000C"}
+    replayed["degraded"] = "extractive"
+    state = resume_state([delta(1, "a")])
+    for event in (
+        cancelled_event(replayed, seq=2, reason="client", state=state),
+        invalid_job_event(replayed, "bad"),
+    ):
+        assert (event["source"], event["replay_of"], event["degraded"]) == (
+            "replay",
+            "01J0000000000000000000000C",
+            "extractive",
+        )
+        codec().encode("TokenEvent", event)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("request_id", ""), ("prompt", " "), ("max_output_tokens", 0), ("model", "")],
