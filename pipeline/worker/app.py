@@ -1,9 +1,9 @@
 """The Faust app and the `sumstream worker` command: any subset of the three stages.
 
-Each stage is one agent on one topic (DESIGN.md section 4). Records are read and written as raw
-bytes and decoded by pipeline/core/codec.py inside the agents (pipeline/worker/agents.py), so an
-undecodable record becomes a dead letter instead of crashing Faust. The inference stage keeps
-its in-flight work durable in a changelog-backed table (pipeline/worker/inflight.py).
+Each stage is one agent on one topic (see docs/architecture.md). Records are read and written
+as raw bytes and decoded by pipeline/core/codec.py inside the agents (pipeline/worker/agents.py),
+so an undecodable record becomes a dead letter instead of crashing Faust. The inference stage
+keeps its in-flight work durable in a changelog-backed table (pipeline/worker/inflight/).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class StageRuntime:
 
 
 def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> StageApp:
-    """The Faust app with an agent for each of ``stages`` (see DESIGN.md sections 4 and 5)."""
+    """The Faust app with an agent for each of ``stages`` (see docs/architecture.md)."""
     wanted = set(stages)
     unknown = wanted - set(STAGES)
     if unknown or not wanted:

@@ -11,9 +11,10 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import cast
 
+from pipeline.core import events
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
 from pipeline.core.metrics import RECORDS_PROCESSED
@@ -26,6 +27,7 @@ from pipeline.core.prompt import (
     normalize_text,
     user_message,
 )
+from pipeline.core.records import InferenceJob, SummarizeRequest, TokenEvent, Trace
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
@@ -118,7 +120,7 @@ def _rejection(code: str, message: str, *, dead_letter: bool = False) -> Rejecti
     return Rejection(code=code, message=message, dead_letter=dead_letter)
 
 
-def validate_request(request: Mapping[str, Any]) -> None:
+def validate_request(request: SummarizeRequest) -> None:
     """Raise ``ValidationError`` when a request cannot even be answered (no usable request id)."""
     request_id = request.get("request_id") or ""
     if not request_id.strip():
@@ -128,13 +130,13 @@ def validate_request(request: Mapping[str, Any]) -> None:
 
 
 def prepare(
-    request: Mapping[str, Any],
+    request: SummarizeRequest,
     tiers: Mapping[str, Tier],
     settings: WorkerSettings,
     *,
     now_ms: int,
     enqueued_ms: int | None = None,
-) -> dict[str, Any] | Rejection:
+) -> InferenceJob | Rejection:
     """Turn a SummarizeRequest into an InferenceJob, or say why it is rejected.
 
     Raises ``ValidationError`` when the request has no usable id (nothing can be answered).
@@ -224,43 +226,24 @@ def prepare(
 
 
 def rejection_event(
-    request: Mapping[str, Any],
+    request: SummarizeRequest,
     rejection: Rejection,
     *,
     model: str,
     now_ms: int,
     enqueued_ms: int | None = None,
-) -> dict[str, Any]:
+) -> TokenEvent:
     """The terminal ERROR TokenEvent (seq 1) that ends a rejected request's stream."""
     created_at = int(request.get("created_at") or 0) or enqueued_ms or now_ms
-    trace = dict(request.get("trace") or {})
+    trace: Trace = dict(request.get("trace") or {})
     trace.setdefault("received", created_at)
     if enqueued_ms is not None:
         trace.setdefault("enqueued", enqueued_ms)
     trace.setdefault("preprocess_start", now_ms)
-    return {
-        "request_id": request["request_id"],
-        "seq": 1,
-        "kind": "ERROR",
-        "text": "",
-        "attempt": 0,
-        "user_id": request.get("user_id") or "",
-        "tier": request.get("tier") or "",
-        "model": request.get("model") or model,
-        "stop_reason": None,
-        "usage": None,
-        "error": {
-            "code": rejection.code,
-            "message": rejection.message,
-            "retriable": False,
-            "partial": False,
-        },
-        "created_at": created_at,
-        "source": request.get("source") or "external",
-        "replay_of": request.get("replay_of"),
-        "degraded": request.get("degraded"),
-        "trace": trace,
-    }
+    meta = events.StreamMeta.of(request)
+    meta = replace(meta, model=meta.model or model, created_at=created_at)
+    error = events.error_info(rejection.code, rejection.message, retriable=False, partial=False)
+    return events.terminal(meta, "ERROR", seq=1, attempt=0, usage=None, error=error, trace=trace)
 
 
 Send = Callable[[bytes, bytes], Awaitable[None]]
@@ -295,7 +278,8 @@ class PreprocessStage:
         """Process one record of `requests`; never raises for a bad record (it is dead-lettered)."""
         now = self._now_ms()
         try:
-            request = codec().decode_as(value, "SummarizeRequest")
+            # The codec checked the record's shape against the schema; prepare checks values.
+            request = cast(SummarizeRequest, codec().decode_as(value, "SummarizeRequest"))
             outcome = prepare(
                 request, self.tiers, self.settings, now_ms=now, enqueued_ms=timestamp_ms
             )
@@ -303,7 +287,7 @@ class PreprocessStage:
             await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
             return
-        request_id: str = request["request_id"]
+        request_id = request["request_id"]
         rid = request_id.encode()
         if isinstance(outcome, Rejection):
             if outcome.dead_letter:
