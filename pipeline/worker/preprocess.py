@@ -143,20 +143,11 @@ def prepare(
     ``now_ms`` stamps preprocess_start; the caller stamps preprocess_end when it produces.
     """
     validate_request(request)
-    if not (request.get("user_id") or "").strip():
-        return _rejection("invalid_request", "user_id is empty", dead_letter=True)
-    tier = tiers.get(request.get("tier") or "")
-    if tier is None:
-        return _rejection("unknown_tier", f"unknown tier {request.get('tier')!r}", dead_letter=True)
+    checked = _check(request, tiers)
+    if isinstance(checked, Rejection):
+        return checked
+    tier, document = checked
     requested_output = request.get("max_output_tokens")
-    if requested_output is not None and requested_output < 1:
-        return _rejection(
-            "invalid_request", "max_output_tokens must be at least 1", dead_letter=True
-        )
-    document = normalize_document(request.get("document") or "")
-    if not document:
-        return _rejection("invalid_request", "document is empty", dead_letter=True)
-
     max_output = min(requested_output or tier.max_output_tokens, tier.max_output_tokens)
     doc_tokens = count_tokens(document)
     truncated = False
@@ -173,7 +164,58 @@ def prepare(
     instructions = normalize_text(request.get("instructions") or "")[:MAX_INSTRUCTIONS_CHARS]
     if not instructions:
         instructions = DEFAULT_INSTRUCTIONS.format(max_tokens=max_output)
-    model = request.get("model") or settings.default_model
+    prompt, chunks, estimate = _prompt(document, instructions, max_output, settings)
+
+    created_at = int(request.get("created_at") or 0) or enqueued_ms or now_ms
+    deadline_ms = request.get("deadline_ms") or int(
+        created_at + (tier.max_queue_wait_s + settings.default_deadline_s) * 1000
+    )
+    trace = _trace(request, created_at, enqueued_ms)
+    trace["preprocess_start"] = now_ms
+    return {
+        "request_id": request["request_id"],
+        "user_id": request["user_id"],
+        "tier": tier.name,
+        "model": request.get("model") or settings.default_model,
+        "system": SYSTEM_PROMPT,
+        "prompt": prompt,
+        "chunks": chunks,
+        "max_output_tokens": max_output,
+        "input_tokens_estimate": estimate,
+        "truncated": truncated,
+        "weight": tier.weight,
+        "deadline_ms": int(deadline_ms),
+        "degraded": request.get("degraded"),
+        "source": request.get("source") or "external",
+        "replay_of": request.get("replay_of"),
+        "created_at": created_at,
+        "trace": trace,
+    }
+
+
+def _check(request: SummarizeRequest, tiers: Mapping[str, Tier]) -> tuple[Tier, str] | Rejection:
+    """The request's tier and normalised document, or why the record itself is invalid."""
+    if not (request.get("user_id") or "").strip():
+        return _rejection("invalid_request", "user_id is empty", dead_letter=True)
+    tier = tiers.get(request.get("tier") or "")
+    if tier is None:
+        return _rejection("unknown_tier", f"unknown tier {request.get('tier')!r}", dead_letter=True)
+    requested_output = request.get("max_output_tokens")
+    if requested_output is not None and requested_output < 1:
+        return _rejection(
+            "invalid_request", "max_output_tokens must be at least 1", dead_letter=True
+        )
+    document = normalize_document(request.get("document") or "")
+    if not document:
+        return _rejection("invalid_request", "document is empty", dead_letter=True)
+    return tier, document
+
+
+def _prompt(
+    document: str, instructions: str, max_output: int, settings: WorkerSettings
+) -> tuple[str, list[str], int]:
+    """The final prompt, the map-reduce chunk prompts (none if the document fits the model's
+    budget), and the estimated input tokens of all calls."""
     overhead = count_tokens(SYSTEM_PROMPT) + count_tokens(user_message("", instructions))
     chunk_budget = settings.model_budget_tokens - overhead - max_output
     chunks: list[str] = []
@@ -193,36 +235,16 @@ def prepare(
     else:
         prompt = user_message(document, instructions)
         estimate = count_tokens(prompt)
-    estimate += count_tokens(SYSTEM_PROMPT)
+    return prompt, chunks, estimate + count_tokens(SYSTEM_PROMPT)
 
-    created_at = int(request.get("created_at") or 0) or enqueued_ms or now_ms
-    deadline_ms = request.get("deadline_ms") or int(
-        created_at + (tier.max_queue_wait_s + settings.default_deadline_s) * 1000
-    )
-    trace = dict(request.get("trace") or {})
+
+def _trace(request: SummarizeRequest, created_at: int, enqueued_ms: int | None) -> Trace:
+    """The request's trace so far, with its receipt and (if known) enqueue time."""
+    trace: Trace = dict(request.get("trace") or {})
     trace.setdefault("received", created_at)
     if enqueued_ms is not None:
         trace.setdefault("enqueued", enqueued_ms)
-    trace["preprocess_start"] = now_ms
-    return {
-        "request_id": request["request_id"],
-        "user_id": request["user_id"],
-        "tier": tier.name,
-        "model": model,
-        "system": SYSTEM_PROMPT,
-        "prompt": prompt,
-        "chunks": chunks,
-        "max_output_tokens": max_output,
-        "input_tokens_estimate": estimate,
-        "truncated": truncated,
-        "weight": tier.weight,
-        "deadline_ms": int(deadline_ms),
-        "degraded": request.get("degraded"),
-        "source": request.get("source") or "external",
-        "replay_of": request.get("replay_of"),
-        "created_at": created_at,
-        "trace": trace,
-    }
+    return trace
 
 
 def rejection_event(
@@ -235,10 +257,7 @@ def rejection_event(
 ) -> TokenEvent:
     """The terminal ERROR TokenEvent (seq 1) that ends a rejected request's stream."""
     created_at = int(request.get("created_at") or 0) or enqueued_ms or now_ms
-    trace: Trace = dict(request.get("trace") or {})
-    trace.setdefault("received", created_at)
-    if enqueued_ms is not None:
-        trace.setdefault("enqueued", enqueued_ms)
+    trace = _trace(request, created_at, enqueued_ms)
     trace.setdefault("preprocess_start", now_ms)
     meta = events.StreamMeta.of(request)
     meta = replace(meta, model=meta.model or model, created_at=created_at)

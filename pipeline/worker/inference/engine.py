@@ -11,7 +11,6 @@ An engine lives for one partition assignment; the upstream's health (``Upstream`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -21,12 +20,12 @@ from types import TracebackType
 from typing import Self
 
 from pipeline.core import events
-from pipeline.core.events import TerminalKind
 from pipeline.core.metrics import STAGE_SECONDS
-from pipeline.core.records import ErrorInfo, InferenceJob, TokenEvent
+from pipeline.core.records import ErrorInfo, InferenceJob
 from pipeline.core.settings import WorkerSettings
 from pipeline.worker.inference.attempts import Attempts, GiveUp
 from pipeline.worker.inference.breaker import BreakerState, CircuitBreaker
+from pipeline.worker.inference.publishing import Emit, PublishError, RunPublisher
 from pipeline.worker.inference.retry import RetryBudget
 from pipeline.worker.inference.runs import Holding, Interrupt, ResumeState, Run, RunState
 from pipeline.worker.inference.scheduler import FairScheduler
@@ -36,15 +35,10 @@ __all__ = ["Emit", "InferenceEngine", "OnFinished", "ResumeState", "Upstream"]
 
 logger = logging.getLogger("sumstream.inference")
 
-Emit = Callable[[TokenEvent], Awaitable[None]]
 OnFinished = Callable[[str], Awaitable[None]]
 
 # Cancels that arrive before their job (control and preprocessed are different topics).
 EARLY_CANCELS_KEPT = 10_000
-
-
-class _PublishError(Exception):
-    """``emit`` failed: the request cannot be ended here (the next owner resumes it)."""
 
 
 class InferenceEngine:
@@ -62,11 +56,11 @@ class InferenceEngine:
     ) -> None:
         self.settings = settings
         self.upstream = upstream
-        self._emit = emit
         self._on_finished = on_finished
         self._clock = clock
+        self._publisher = RunPublisher(emit)
         self._attempts = Attempts(
-            settings, upstream, self._publish_delta, clock=clock, rng=rng or random.Random()
+            settings, upstream, self._publisher.delta, clock=clock, rng=rng or random.Random()
         )
         self._runs: dict[str, Run] = {}
         self._early_cancels: OrderedDict[str, str] = OrderedDict()
@@ -229,7 +223,7 @@ class InferenceEngine:
                 if run.interrupt is Interrupt.NONE:
                     await self._run_until_deadline(run)
                 else:
-                    await self._finish(run, "CANCELLED", error=self._cancel_error(run))
+                    await self._publisher.finish(run, "CANCELLED", error=self._cancel_error(run))
             except asyncio.CancelledError:
                 if run.interrupt is not Interrupt.CANCEL or run.ended:
                     raise
@@ -237,7 +231,7 @@ class InferenceEngine:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
-                await self._finish(run, "CANCELLED", error=self._cancel_error(run))
+                await self._publisher.finish(run, "CANCELLED", error=self._cancel_error(run))
         except Exception:
             # Publishing failed: without a terminal event the request stays in the agent's
             # in-flight table and is resumed from the tokens topic by the next owner.
@@ -283,7 +277,7 @@ class InferenceEngine:
             if run.ended:
                 return  # it ended just as the deadline passed
             logger.info("deadline exceeded", extra=run.log)
-            await self._finish(
+            await self._publisher.finish(
                 run,
                 "ERROR",
                 error=events.error_info(
@@ -299,9 +293,7 @@ class InferenceEngine:
         now_ms = int(self._clock() * 1000)
         if run.resume is None:
             run.trace["inference_start"] = now_ms
-            run.seq += 1
-            started = events.started(run.meta, seq=run.seq, attempt=_attempt(run), trace=run.trace)
-            await self._publish(run, started)
+            await self._publisher.started(run)
         else:
             run.trace.setdefault("inference_start", now_ms)
         try:
@@ -315,9 +307,9 @@ class InferenceEngine:
             error = events.error_info(
                 give_up.code, give_up.message, retriable=give_up.retriable, partial=partial
             )
-            await self._finish(run, "ERROR", error=error)
+            await self._publisher.finish(run, "ERROR", error=error)
             return
-        except _PublishError:
+        except PublishError:
             raise
         except Exception as exc:
             # A bug must not leave the client with a stream that just stops.
@@ -328,39 +320,9 @@ class InferenceEngine:
                 retriable=True,
                 partial=bool(run.text),
             )
-            await self._finish(run, "ERROR", error=error)
+            await self._publisher.finish(run, "ERROR", error=error)
             return
-        await self._finish(run, "DONE", stop_reason=finished.stop_reason)
-
-    async def _finish(
-        self,
-        run: Run,
-        kind: TerminalKind,
-        *,
-        stop_reason: str | None = None,
-        error: ErrorInfo | None = None,
-    ) -> None:
-        run.advance(RunState.FINISHING)
-        run.seq += 1
-        usage = events.usage(
-            input_tokens=run.input_tokens, output_tokens=run.output_tokens, attempts=run.attempts
-        )
-        event = events.terminal(
-            run.meta,
-            kind,
-            seq=run.seq,
-            attempt=_attempt(run),
-            usage=usage,
-            error=error,
-            stop_reason=stop_reason,
-            trace=run.trace,
-        )
-        await self._publish(run, event)
-        logger.info(
-            "request ended: %s",
-            kind,
-            extra={**run.log, "attempts": run.attempts, "output_tokens": run.output_tokens},
-        )
+        await self._publisher.finish(run, "DONE", stop_reason=finished.stop_reason)
 
     def _cancel_error(self, run: Run) -> ErrorInfo:
         return events.error_info(
@@ -369,32 +331,3 @@ class InferenceEngine:
             retriable=False,
             partial=bool(run.text),
         )
-
-    async def _publish_delta(self, run: Run, text: str) -> None:
-        run.seq += 1
-        await self._publish(
-            run, events.delta(run.meta, seq=run.seq, attempt=_attempt(run), text=text)
-        )
-
-    async def _publish(self, run: Run, event: TokenEvent) -> None:
-        # A cancel must not cut a send in half: finish the send under way (so no seq is
-        # skipped and a terminal event is known to be out), then let the cancellation through.
-        terminal = run.state is RunState.FINISHING
-        send = asyncio.ensure_future(self._emit(event))
-        try:
-            await asyncio.shield(send)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await send
-                if terminal:
-                    run.advance(RunState.ENDED)
-            raise
-        except Exception as exc:
-            raise _PublishError(f"publishing {event['kind']} seq {event['seq']} failed") from exc
-        if terminal:
-            run.advance(RunState.ENDED)
-
-
-def _attempt(run: Run) -> int:
-    # Events before the first upstream call still name attempt 1.
-    return max(1, run.attempts)

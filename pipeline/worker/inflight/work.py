@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from contextlib import suppress
 from typing import Any, cast
 
@@ -204,7 +205,7 @@ class InflightWork:
         """The record's job; None when it is dead-lettered (and, if it names a request, ended)."""
         message = event.message
         origin = Origin(message.topic, message.partition, message.offset)
-        record: dict[str, Any] = {}
+        record: Mapping[str, object] = {}
         try:
             record = codec().decode_as(message.value, "InferenceJob")
             return validate_job(record)
