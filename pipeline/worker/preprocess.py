@@ -149,17 +149,10 @@ def prepare(
     tier, document = checked
     requested_output = request.get("max_output_tokens")
     max_output = min(requested_output or tier.max_output_tokens, tier.max_output_tokens)
-    doc_tokens = count_tokens(document)
-    truncated = False
-    if doc_tokens > tier.max_input_tokens:
-        if tier.on_input_too_large == "reject":
-            return _rejection(
-                "input_too_large",
-                f"document has ~{doc_tokens} tokens; the {tier.name} tier allows "
-                f"{tier.max_input_tokens}",
-            )
-        document = truncate_to_tokens(document, tier.max_input_tokens)
-        truncated = True
+    fitted = _fit(document, tier)
+    if isinstance(fitted, Rejection):
+        return fitted
+    document, truncated = fitted
 
     instructions = normalize_text(request.get("instructions") or "")[:MAX_INSTRUCTIONS_CHARS]
     if not instructions:
@@ -209,6 +202,20 @@ def _check(request: SummarizeRequest, tiers: Mapping[str, Tier]) -> tuple[Tier, 
     if not document:
         return _rejection("invalid_request", "document is empty", dead_letter=True)
     return tier, document
+
+
+def _fit(document: str, tier: Tier) -> tuple[str, bool] | Rejection:
+    """The document within the tier's input limit (and whether it was cut), or a rejection."""
+    doc_tokens = count_tokens(document)
+    if doc_tokens <= tier.max_input_tokens:
+        return document, False
+    if tier.on_input_too_large == "reject":
+        return _rejection(
+            "input_too_large",
+            f"document has ~{doc_tokens} tokens; the {tier.name} tier allows "
+            f"{tier.max_input_tokens}",
+        )
+    return truncate_to_tokens(document, tier.max_input_tokens), True
 
 
 def _prompt(
