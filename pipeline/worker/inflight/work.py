@@ -195,10 +195,11 @@ class InflightWork:
             await self._emit(cancelled_event(job, seq=1, reason="client", state=None))
             self.entries.put(key, done(now_ms()))
             RECORDS_PROCESSED.labels(stage="inference", outcome="cancelled").inc()
-        elif action is JobAction.RESUME:
-            assert entry is not None
+        elif action is JobAction.RESUME and entry is not None:
+            # In the table but running nowhere (an earlier attempt at this record failed).
             await self._resume_one(key, entry, self._generation)
         else:
+            # A replay of a job that is running, being resumed, or finished.
             RECORDS_PROCESSED.labels(stage="inference", outcome="duplicate").inc()
 
     async def _decode_job(self, event: EventT[Any]) -> InferenceJob | None:
