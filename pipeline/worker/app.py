@@ -4,7 +4,7 @@ Each stage is one agent on one topic (docs/architecture.md, "The stages"). Recor
 written as raw bytes and decoded by pipeline/core/codec.py inside the agents
 (pipeline/worker/agents.py), so an undecodable record becomes a dead letter instead of crashing
 Faust. The inference stage keeps its in-flight work durable in a changelog-backed table
-(pipeline/worker/inflight.py).
+(pipeline/worker/inflight/).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import faust
 import uvloop
-from faust.types import StreamT
+from faust.types import StreamT, TopicT
 from prometheus_client import start_http_server
 
 from pipeline.core.errors import SumstreamError
@@ -33,6 +33,7 @@ from pipeline.kafka.lag import LagReader
 from pipeline.llm.client import UpstreamClient
 from pipeline.worker.agents import events, on_record, process, raw_topic, sender
 from pipeline.worker.dlq import DeadLetterQueue
+from pipeline.worker.inference.upstream import Upstream
 from pipeline.worker.inflight import InflightWork
 from pipeline.worker.postprocess import PostprocessStage, tail_reread
 from pipeline.worker.preprocess import PreprocessStage
@@ -159,72 +160,102 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
     dlq = DeadLetterQueue(sender(raw_topic(app, topics.dlq)))
 
     if "preprocess" in wanted:
-        preprocess = PreprocessStage(
-            settings,
-            load_tiers(settings.tiers_file),
-            send_job=sender(raw_topic(app, topics.preprocessed)),
-            send_token=sender(tokens),
-            dlq=dlq,
-        )
-
-        on_request = on_record(preprocess.handle)
-
-        @app.agent(raw_topic(app, topics.requests), name="preprocess")
-        async def preprocess_agent(stream: StreamT[Any]) -> None:
-            async for event in events(stream):
-                await process("preprocess", on_request, event, dlq)
-
+        _add_preprocess(app, settings, topics, tokens, dlq)
     if "inference" in wanted:
-        inflight = InflightWork(
-            app,
-            settings,
-            topics,
-            tokens_topic=tokens,
-            dlq=dlq,
-            client=UpstreamClient(settings),
-        )
-        runtime.inflight = inflight
-
-        @app.agent(raw_topic(app, topics.preprocessed), name="inference")
-        async def inference_agent(stream: StreamT[Any]) -> None:
-            async for event in events(stream):
-                await process("inference", inflight.on_job, event, dlq)
-
-        # `control` has as many partitions as `preprocessed` and the same key, and every worker
-        # that runs inference subscribes to both: Faust's assignor groups topics with the same
-        # partition count and the same subscribers and assigns partition p of all of them to
-        # one worker (faust/assignor/partition_assignor.py, _get_copartitioned_groups), so a
-        # cancel reaches the worker that owns the request's job.
-        @app.agent(raw_topic(app, topics.control), name="control")
-        async def control_agent(stream: StreamT[Any]) -> None:
-            async for event in events(stream):
-                await process("control", inflight.on_control, event, dlq)
-
-        @app.on_partitions_revoked.connect  # type: ignore[arg-type]
-        async def on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-            await inflight.on_revoked()
-
-        @app.timer(60.0)  # type: ignore[untyped-decorator]
-        async def purge_done() -> None:
-            inflight.purge_done()
-
+        runtime.inflight = _add_inference(app, settings, topics, tokens, dlq)
     if "postprocess" in wanted:
-        postprocess = PostprocessStage(
-            settings,
-            PriceTable.load(settings.prices_file),
-            send_result=sender(raw_topic(app, topics.results)),
-            dlq=dlq,
-            reread=tail_reread(settings.bootstrap_servers, topics.tokens),
-        )
-
-        on_token = on_record(postprocess.handle)
-
-        @app.agent(tokens, name="postprocess")
-        async def postprocess_agent(stream: StreamT[Any]) -> None:
-            async for event in events(stream):
-                await process("postprocess", on_token, event, dlq)
-
+        _add_postprocess(app, settings, topics, tokens, dlq)
     return app
+
+
+def _add_preprocess(
+    app: StageApp,
+    settings: WorkerSettings,
+    topics: TopicNames,
+    tokens: TopicT,
+    dlq: DeadLetterQueue,
+) -> None:
+    """The preprocess agent: `requests` -> `preprocessed`, or a rejection on `tokens`."""
+    preprocess = PreprocessStage(
+        settings,
+        load_tiers(settings.tiers_file),
+        send_job=sender(raw_topic(app, topics.preprocessed)),
+        send_token=sender(tokens),
+        dlq=dlq,
+    )
+    on_request = on_record(preprocess.handle)
+
+    @app.agent(raw_topic(app, topics.requests), name="preprocess")
+    async def preprocess_agent(stream: StreamT[Any]) -> None:
+        async for event in events(stream):
+            await process("preprocess", on_request, event, dlq)
+
+
+def _add_inference(
+    app: StageApp,
+    settings: WorkerSettings,
+    topics: TopicNames,
+    tokens: TopicT,
+    dlq: DeadLetterQueue,
+) -> InflightWork:
+    """The inference and control agents, on the in-flight work they share."""
+    inflight = InflightWork(
+        app,
+        settings,
+        topics,
+        tokens_topic=tokens,
+        dlq=dlq,
+        # Once per worker: the upstream's health outlives every partition assignment.
+        upstream=Upstream(settings, UpstreamClient(settings)),
+    )
+
+    @app.agent(raw_topic(app, topics.preprocessed), name="inference")
+    async def inference_agent(stream: StreamT[Any]) -> None:
+        async for event in events(stream):
+            await process("inference", inflight.on_job, event, dlq)
+
+    # `control` has as many partitions as `preprocessed` and the same key, and every worker
+    # that runs inference subscribes to both: Faust's assignor groups topics with the same
+    # partition count and the same subscribers and assigns partition p of all of them to
+    # one worker (faust/assignor/partition_assignor.py, _get_copartitioned_groups), so a
+    # cancel reaches the worker that owns the request's job.
+    @app.agent(raw_topic(app, topics.control), name="control")
+    async def control_agent(stream: StreamT[Any]) -> None:
+        async for event in events(stream):
+            await process("control", inflight.on_control, event, dlq)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await inflight.on_revoked()
+
+    @app.timer(60.0)  # type: ignore[untyped-decorator]
+    async def purge_done() -> None:
+        inflight.purge_done()
+
+    return inflight
+
+
+def _add_postprocess(
+    app: StageApp,
+    settings: WorkerSettings,
+    topics: TopicNames,
+    tokens: TopicT,
+    dlq: DeadLetterQueue,
+) -> None:
+    """The postprocess agent: `tokens` -> `results`."""
+    postprocess = PostprocessStage(
+        settings,
+        PriceTable.load(settings.prices_file),
+        send_result=sender(raw_topic(app, topics.results)),
+        dlq=dlq,
+        reread=tail_reread(settings.bootstrap_servers, topics.tokens),
+    )
+    on_token = on_record(postprocess.handle)
+
+    @app.agent(tokens, name="postprocess")
+    async def postprocess_agent(stream: StreamT[Any]) -> None:
+        async for event in events(stream):
+            await process("postprocess", on_token, event, dlq)
 
 
 # --- The command ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Dead letters: a record a stage cannot process is kept byte for byte in `dlq` with its origin.
 
-The stage then goes on with the next record (docs/architecture.md, "The stages"): nothing is
-dropped silently and one poison record never stops a partition.
+The stage then goes on with the next record (docs/architecture.md, "The stages"): nothing is dropped
+silently and one poison record never stops a partition.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from pipeline.core.codec import codec
 from pipeline.core.errors import SumstreamError
 from pipeline.core.metrics import DEAD_LETTERS
+from pipeline.core.records import DeadLetter
 
 log = logging.getLogger("sumstream.dlq")
 
@@ -48,7 +48,7 @@ def dead_letter(
     stage: str,
     origin: Origin,
     now_ms: int,
-) -> dict[str, Any]:
+) -> DeadLetter:
     """The DeadLetter record (schemas/DeadLetter.avsc) for a record ``stage`` could not process."""
     return {
         "key": key,

@@ -17,10 +17,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 from ulid import ULID
 
+from pipeline.core import events as token_events
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
 from pipeline.core.metrics import (
@@ -32,8 +33,9 @@ from pipeline.core.metrics import (
     STAGE_SECONDS,
 )
 from pipeline.core.pricing import PriceTable
+from pipeline.core.records import TERMINAL_KINDS, ResultStatus, SummaryResult, TokenEvent, Trace
 from pipeline.core.settings import WorkerSettings
-from pipeline.kafka.tail import TERMINAL_KINDS, read_request_records
+from pipeline.kafka.tail import read_request_records
 from pipeline.worker.dlq import DeadLetterQueue, Origin
 from pipeline.worker.preprocess import REJECTION_CODES
 
@@ -66,13 +68,13 @@ class Assembly:
     last_seq: int
 
 
-def assemble(events: Iterable[Mapping[str, Any]], upto_seq: int | None = None) -> Assembly:
+def assemble(events: Iterable[TokenEvent], upto_seq: int | None = None) -> Assembly:
     """Join the DELTA texts in seq order (duplicates by seq counted once).
 
     ``complete`` is true when every seq from 1 to ``upto_seq`` (default: the highest seen) is
     present, i.e. nothing was consumed by another instance or lost to a restart.
     """
-    by_seq: dict[int, Mapping[str, Any]] = {}
+    by_seq: dict[int, TokenEvent] = {}
     for event in events:
         by_seq.setdefault(int(event["seq"]), event)
     last = upto_seq if upto_seq is not None else max(by_seq, default=0)
@@ -85,17 +87,17 @@ def assemble(events: Iterable[Mapping[str, Any]], upto_seq: int | None = None) -
     return Assembly(text=text, complete=complete, last_seq=last)
 
 
-def result_status(terminal: Mapping[str, Any], summary: str) -> str:
+def result_status(terminal: TokenEvent, summary: str) -> ResultStatus:
     """SummaryStatus for a terminal event: DONE/CANCELLED as such, ERROR by its code and text."""
     kind = terminal.get("kind")
     if kind == "DONE":
         return "COMPLETED"
     if kind == "CANCELLED":
         return "CANCELLED"
-    error = terminal.get("error") or {}
-    if error.get("code") in REJECTION_CODES:
+    error = terminal.get("error")
+    if error and error.get("code") in REJECTION_CODES:
         return "REJECTED"
-    if error.get("partial") and summary:
+    if error and error.get("partial") and summary:
         return "PARTIAL"
     return "FAILED"
 
@@ -123,28 +125,28 @@ def latency_breakdown(trace: Mapping[str, int]) -> dict[str, int]:
 
 
 def build_result(
-    terminal: Mapping[str, Any],
+    terminal: TokenEvent,
     text: str,
     prices: PriceTable,
     *,
     result_ms: int,
-) -> dict[str, Any]:
+) -> SummaryResult:
     """The SummaryResult for a request whose stream ended with ``terminal``.
 
     ``text`` is the concatenated DELTA text; ``result_ms`` is the time the stream ended.
     """
     summary = text.strip()
-    usage_in = terminal.get("usage") or {}
-    input_tokens = int(usage_in.get("input_tokens") or 0)
-    output_tokens = int(usage_in.get("output_tokens") or 0)
+    usage_in = terminal.get("usage")
+    input_tokens = int(usage_in.get("input_tokens") or 0) if usage_in else 0
+    output_tokens = int(usage_in.get("output_tokens") or 0) if usage_in else 0
     model = str(terminal.get("model") or "")
-    usage = {
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "attempts": int(usage_in.get("attempts") or 0),
-        "cost_micro_usd": prices.micro_usd(model, input_tokens, output_tokens),
-    }
-    trace = {str(k): int(v) for k, v in (terminal.get("trace") or {}).items()}
+    usage = token_events.usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        attempts=int(usage_in.get("attempts") or 0) if usage_in else 0,
+        cost_micro_usd=prices.micro_usd(model, input_tokens, output_tokens),
+    )
+    trace: Trace = {str(k): int(v) for k, v in (terminal.get("trace") or {}).items()}
     trace["result"] = result_ms
     error = terminal.get("error")
     return {
@@ -155,7 +157,7 @@ def build_result(
         "status": result_status(terminal, summary),
         "summary": summary,
         "usage": usage,
-        "error": dict(error) if error else None,
+        "error": error.copy() if error else None,
         "stop_reason": terminal.get("stop_reason"),
         "last_seq": int(terminal["seq"]),
         "degraded": terminal.get("degraded"),
@@ -168,30 +170,34 @@ def build_result(
     }
 
 
-def validate_event(event: Mapping[str, Any]) -> None:
-    """Raise ``ValidationError`` for a TokenEvent no request can be assembled from."""
-    if not (event.get("request_id") or "").strip():
+def validate_event(record: Mapping[str, object]) -> TokenEvent:
+    """The decoded record as a TokenEvent; ``ValidationError`` if no request can be assembled
+    from it."""
+    if not str(record.get("request_id") or "").strip():
         raise ValidationError("request_id is empty")
-    if int(event.get("seq", 0)) < 1:
-        raise ValidationError(f"seq must be at least 1, got {event.get('seq')}")
+    seq = record.get("seq", 0)
+    if not isinstance(seq, int) or seq < 1:
+        raise ValidationError(f"seq must be at least 1, got {seq}")
+    # The codec checked every field's type against the schema; the values are checked above.
+    return cast(TokenEvent, record)
 
 
 Send = Callable[[bytes, bytes], Awaitable[None]]
 # Re-reads every TokenEvent of one request from `tokens`: (request_id, created_at ms) -> events.
-Reread = Callable[[str, int], Awaitable[list[dict[str, Any]]]]
+Reread = Callable[[str, int], Awaitable[list[TokenEvent]]]
 
 
 def tail_reread(bootstrap_servers: str, topic: str) -> Reread:
     """A ``Reread`` that reads the request's partition of ``topic`` with pipeline/kafka/tail.py."""
 
-    async def reread(request_id: str, created_at: int) -> list[dict[str, Any]]:
+    async def reread(request_id: str, created_at: int) -> list[TokenEvent]:
         try:
             ULID.from_str(request_id)
             since: int | None = None  # tail positions by the time inside the id
         except ValueError:
             since = created_at or None
         return [
-            record
+            cast(TokenEvent, record)
             async for record in read_request_records(
                 bootstrap_servers, topic, request_id, schema="TokenEvent", since_ms=since
             )
@@ -221,7 +227,7 @@ class PostprocessStage:
         self._clock = clock
         # request_id -> events seen so far (by seq). Bounded: the least recently active
         # request is dropped first, and its terminal event then re-reads the stream from `tokens`.
-        self._open: OrderedDict[str, dict[int, dict[str, Any]]] = OrderedDict()
+        self._open: OrderedDict[str, dict[int, TokenEvent]] = OrderedDict()
         # Recently finished ids: a replayed or duplicate terminal is not finalised twice.
         self._finished: OrderedDict[str, None] = OrderedDict()
 
@@ -234,13 +240,12 @@ class PostprocessStage:
     ) -> None:
         """Process one record of `tokens`; never raises for a bad record (it is dead-lettered)."""
         try:
-            event = codec().decode_as(value, "TokenEvent")
-            validate_event(event)
+            event = validate_event(codec().decode_as(value, "TokenEvent"))
         except (CodecError, ValidationError) as exc:
             await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
             return
-        request_id: str = event["request_id"]
+        request_id = event["request_id"]
         if request_id in self._finished:
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="duplicate").inc()
             return
@@ -258,10 +263,10 @@ class PostprocessStage:
         events.setdefault(int(event["seq"]), event)
 
     async def _finish(
-        self, terminal: dict[str, Any], events: dict[int, dict[str, Any]], result_ms: int
+        self, terminal: TokenEvent, events: dict[int, TokenEvent], result_ms: int
     ) -> None:
         started = time.perf_counter()
-        request_id: str = terminal["request_id"]
+        request_id = terminal["request_id"]
         events.setdefault(int(terminal["seq"]), terminal)
         assembly = assemble(events.values(), upto_seq=int(terminal["seq"]))
         if not assembly.complete:
@@ -290,9 +295,7 @@ class PostprocessStage:
             },
         )
 
-    async def _reread_with_retries(
-        self, request_id: str, terminal: Mapping[str, Any]
-    ) -> list[dict[str, Any]]:
+    async def _reread_with_retries(self, request_id: str, terminal: TokenEvent) -> list[TokenEvent]:
         for attempt in range(REREAD_ATTEMPTS):
             try:
                 return await self._reread(request_id, int(terminal.get("created_at") or 0))
@@ -306,7 +309,7 @@ class PostprocessStage:
         return []
 
     @staticmethod
-    def _observe(result: Mapping[str, Any], seconds: float) -> None:
+    def _observe(result: SummaryResult, seconds: float) -> None:
         tier, model, usage = result["tier"], result["model"], result["usage"]
         RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
         REQUESTS_COMPLETED.labels(tier=tier, status=result["status"]).inc()

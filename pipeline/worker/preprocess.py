@@ -11,9 +11,10 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import cast
 
+from pipeline.core import events
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
 from pipeline.core.metrics import RECORDS_PROCESSED
@@ -26,6 +27,7 @@ from pipeline.core.prompt import (
     normalize_text,
     user_message,
 )
+from pipeline.core.records import InferenceJob, SummarizeRequest, TokenEvent, Trace
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
@@ -118,7 +120,7 @@ def _rejection(code: str, message: str, *, dead_letter: bool = False) -> Rejecti
     return Rejection(code=code, message=message, dead_letter=dead_letter)
 
 
-def validate_request(request: Mapping[str, Any]) -> None:
+def validate_request(request: SummarizeRequest) -> None:
     """Raise ``ValidationError`` when a request cannot even be answered (no usable request id)."""
     request_id = request.get("request_id") or ""
     if not request_id.strip():
@@ -128,19 +130,64 @@ def validate_request(request: Mapping[str, Any]) -> None:
 
 
 def prepare(
-    request: Mapping[str, Any],
+    request: SummarizeRequest,
     tiers: Mapping[str, Tier],
     settings: WorkerSettings,
     *,
     now_ms: int,
     enqueued_ms: int | None = None,
-) -> dict[str, Any] | Rejection:
+) -> InferenceJob | Rejection:
     """Turn a SummarizeRequest into an InferenceJob, or say why it is rejected.
 
     Raises ``ValidationError`` when the request has no usable id (nothing can be answered).
     ``now_ms`` stamps preprocess_start; the caller stamps preprocess_end when it produces.
     """
     validate_request(request)
+    checked = _check(request, tiers)
+    if isinstance(checked, Rejection):
+        return checked
+    tier, document = checked
+    requested_output = request.get("max_output_tokens")
+    max_output = min(requested_output or tier.max_output_tokens, tier.max_output_tokens)
+    fitted = _fit(document, tier)
+    if isinstance(fitted, Rejection):
+        return fitted
+    document, truncated = fitted
+
+    instructions = normalize_text(request.get("instructions") or "")[:MAX_INSTRUCTIONS_CHARS]
+    if not instructions:
+        instructions = DEFAULT_INSTRUCTIONS.format(max_tokens=max_output)
+    prompt, chunks, estimate = _prompt(document, instructions, max_output, settings)
+
+    created_at = int(request.get("created_at") or 0) or enqueued_ms or now_ms
+    deadline_ms = request.get("deadline_ms") or int(
+        created_at + (tier.max_queue_wait_s + settings.default_deadline_s) * 1000
+    )
+    trace = _trace(request, created_at, enqueued_ms)
+    trace["preprocess_start"] = now_ms
+    return {
+        "request_id": request["request_id"],
+        "user_id": request["user_id"],
+        "tier": tier.name,
+        "model": request.get("model") or settings.default_model,
+        "system": SYSTEM_PROMPT,
+        "prompt": prompt,
+        "chunks": chunks,
+        "max_output_tokens": max_output,
+        "input_tokens_estimate": estimate,
+        "truncated": truncated,
+        "weight": tier.weight,
+        "deadline_ms": int(deadline_ms),
+        "degraded": request.get("degraded"),
+        "source": request.get("source") or "external",
+        "replay_of": request.get("replay_of"),
+        "created_at": created_at,
+        "trace": trace,
+    }
+
+
+def _check(request: SummarizeRequest, tiers: Mapping[str, Tier]) -> tuple[Tier, str] | Rejection:
+    """The request's tier and normalised document, or why the record itself is invalid."""
     if not (request.get("user_id") or "").strip():
         return _rejection("invalid_request", "user_id is empty", dead_letter=True)
     tier = tiers.get(request.get("tier") or "")
@@ -154,24 +201,28 @@ def prepare(
     document = normalize_document(request.get("document") or "")
     if not document:
         return _rejection("invalid_request", "document is empty", dead_letter=True)
+    return tier, document
 
-    max_output = min(requested_output or tier.max_output_tokens, tier.max_output_tokens)
+
+def _fit(document: str, tier: Tier) -> tuple[str, bool] | Rejection:
+    """The document within the tier's input limit (and whether it was cut), or a rejection."""
     doc_tokens = count_tokens(document)
-    truncated = False
-    if doc_tokens > tier.max_input_tokens:
-        if tier.on_input_too_large == "reject":
-            return _rejection(
-                "input_too_large",
-                f"document has ~{doc_tokens} tokens; the {tier.name} tier allows "
-                f"{tier.max_input_tokens}",
-            )
-        document = truncate_to_tokens(document, tier.max_input_tokens)
-        truncated = True
+    if doc_tokens <= tier.max_input_tokens:
+        return document, False
+    if tier.on_input_too_large == "reject":
+        return _rejection(
+            "input_too_large",
+            f"document has ~{doc_tokens} tokens; the {tier.name} tier allows "
+            f"{tier.max_input_tokens}",
+        )
+    return truncate_to_tokens(document, tier.max_input_tokens), True
 
-    instructions = normalize_text(request.get("instructions") or "")[:MAX_INSTRUCTIONS_CHARS]
-    if not instructions:
-        instructions = DEFAULT_INSTRUCTIONS.format(max_tokens=max_output)
-    model = request.get("model") or settings.default_model
+
+def _prompt(
+    document: str, instructions: str, max_output: int, settings: WorkerSettings
+) -> tuple[str, list[str], int]:
+    """The final prompt, the map-reduce chunk prompts (none if the document fits the model's
+    budget), and the estimated input tokens of all calls."""
     overhead = count_tokens(SYSTEM_PROMPT) + count_tokens(user_message("", instructions))
     chunk_budget = settings.model_budget_tokens - overhead - max_output
     chunks: list[str] = []
@@ -191,76 +242,34 @@ def prepare(
     else:
         prompt = user_message(document, instructions)
         estimate = count_tokens(prompt)
-    estimate += count_tokens(SYSTEM_PROMPT)
+    return prompt, chunks, estimate + count_tokens(SYSTEM_PROMPT)
 
-    created_at = int(request.get("created_at") or 0) or enqueued_ms or now_ms
-    deadline_ms = request.get("deadline_ms") or int(
-        created_at + (tier.max_queue_wait_s + settings.default_deadline_s) * 1000
-    )
-    trace = dict(request.get("trace") or {})
+
+def _trace(request: SummarizeRequest, created_at: int, enqueued_ms: int | None) -> Trace:
+    """The request's trace so far, with its receipt and (if known) enqueue time."""
+    trace: Trace = dict(request.get("trace") or {})
     trace.setdefault("received", created_at)
     if enqueued_ms is not None:
         trace.setdefault("enqueued", enqueued_ms)
-    trace["preprocess_start"] = now_ms
-    return {
-        "request_id": request["request_id"],
-        "user_id": request["user_id"],
-        "tier": tier.name,
-        "model": model,
-        "system": SYSTEM_PROMPT,
-        "prompt": prompt,
-        "chunks": chunks,
-        "max_output_tokens": max_output,
-        "input_tokens_estimate": estimate,
-        "truncated": truncated,
-        "weight": tier.weight,
-        "deadline_ms": int(deadline_ms),
-        "degraded": request.get("degraded"),
-        "source": request.get("source") or "external",
-        "replay_of": request.get("replay_of"),
-        "created_at": created_at,
-        "trace": trace,
-    }
+    return trace
 
 
 def rejection_event(
-    request: Mapping[str, Any],
+    request: SummarizeRequest,
     rejection: Rejection,
     *,
     model: str,
     now_ms: int,
     enqueued_ms: int | None = None,
-) -> dict[str, Any]:
+) -> TokenEvent:
     """The terminal ERROR TokenEvent (seq 1) that ends a rejected request's stream."""
     created_at = int(request.get("created_at") or 0) or enqueued_ms or now_ms
-    trace = dict(request.get("trace") or {})
-    trace.setdefault("received", created_at)
-    if enqueued_ms is not None:
-        trace.setdefault("enqueued", enqueued_ms)
+    trace = _trace(request, created_at, enqueued_ms)
     trace.setdefault("preprocess_start", now_ms)
-    return {
-        "request_id": request["request_id"],
-        "seq": 1,
-        "kind": "ERROR",
-        "text": "",
-        "attempt": 0,
-        "user_id": request.get("user_id") or "",
-        "tier": request.get("tier") or "",
-        "model": request.get("model") or model,
-        "stop_reason": None,
-        "usage": None,
-        "error": {
-            "code": rejection.code,
-            "message": rejection.message,
-            "retriable": False,
-            "partial": False,
-        },
-        "created_at": created_at,
-        "source": request.get("source") or "external",
-        "replay_of": request.get("replay_of"),
-        "degraded": request.get("degraded"),
-        "trace": trace,
-    }
+    meta = events.StreamMeta.of(request)
+    meta = replace(meta, model=meta.model or model, created_at=created_at)
+    error = events.error_info(rejection.code, rejection.message, retriable=False, partial=False)
+    return events.terminal(meta, "ERROR", seq=1, attempt=0, usage=None, error=error, trace=trace)
 
 
 Send = Callable[[bytes, bytes], Awaitable[None]]
@@ -295,7 +304,8 @@ class PreprocessStage:
         """Process one record of `requests`; never raises for a bad record (it is dead-lettered)."""
         now = self._now_ms()
         try:
-            request = codec().decode_as(value, "SummarizeRequest")
+            # The codec checked the record's shape against the schema; prepare checks values.
+            request = cast(SummarizeRequest, codec().decode_as(value, "SummarizeRequest"))
             outcome = prepare(
                 request, self.tiers, self.settings, now_ms=now, enqueued_ms=timestamp_ms
             )
@@ -303,7 +313,7 @@ class PreprocessStage:
             await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
             return
-        request_id: str = request["request_id"]
+        request_id = request["request_id"]
         rid = request_id.encode()
         if isinstance(outcome, Rejection):
             if outcome.dead_letter:

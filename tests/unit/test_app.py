@@ -15,7 +15,7 @@ from pipeline.core.settings import WorkerSettings
 from pipeline.worker.agents import process as _process
 from pipeline.worker.app import create_app
 from pipeline.worker.dlq import DeadLetterQueue
-from pipeline.worker.inflight import Entry
+from pipeline.worker.inflight import Entry, EntryState
 from pipeline.worker.jobs import cancelled_event, invalid_job_event, resume_state, validate_job
 
 JOB = {
@@ -37,9 +37,9 @@ JOB = {
 }
 
 
-@given(st.sampled_from(["R", "C", "D"]), st.integers(0, 2**62), st.binary(max_size=64))
-def test_entry_round_trip(state: str, at_ms: int, job: bytes) -> None:
-    entry = Entry(state, at_ms, job)  # type: ignore[arg-type]
+@given(st.sampled_from(EntryState), st.integers(0, 2**62), st.binary(max_size=64))
+def test_entry_round_trip(state: EntryState, at_ms: int, job: bytes) -> None:
+    entry = Entry(state, at_ms, job)
     assert Entry.decode(entry.encode()) == entry
 
 
@@ -95,6 +95,22 @@ def test_invalid_job_event_needs_only_an_id() -> None:
     event = invalid_job_event({"request_id": "r"}, "bad")
     assert event["kind"] == "ERROR" and event["error"]["code"] == "invalid_request"
     codec().encode("TokenEvent", event)
+
+
+def test_events_for_jobs_the_engine_never_runs_keep_source_replay_of_and_degraded() -> None:
+    replayed = {**JOB, "source": "replay", "replay_of": "01J0000000000000000000000C"}
+    replayed["degraded"] = "extractive"
+    state = resume_state([delta(1, "a")])
+    for event in (
+        cancelled_event(replayed, seq=2, reason="client", state=state),
+        invalid_job_event(replayed, "bad"),
+    ):
+        assert (event["source"], event["replay_of"], event["degraded"]) == (
+            "replay",
+            "01J0000000000000000000000C",
+            "extractive",
+        )
+        codec().encode("TokenEvent", event)
 
 
 @pytest.mark.parametrize(

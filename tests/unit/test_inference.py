@@ -20,7 +20,7 @@ from pipeline.llm.client import UpstreamClient
 from pipeline.llm.extractive import full_summary, summarize, tokens
 from pipeline.llm.simulator.app import LocalSimulator, serving
 from pipeline.worker.inference.breaker import BreakerState
-from pipeline.worker.inference.engine import InferenceEngine, ResumeState
+from pipeline.worker.inference.engine import InferenceEngine, ResumeState, Upstream
 
 MODEL = "claude-haiku-4-5"
 TERMINAL = {"DONE", "ERROR", "CANCELLED"}
@@ -167,7 +167,11 @@ async def running_engine(
     client = UpstreamClient(settings)
     recorder = Recorder()
     engine = InferenceEngine(
-        settings, client, recorder.emit, recorder.on_finished, rng=random.Random(1)
+        settings,
+        Upstream(settings, client),
+        recorder.emit,
+        recorder.on_finished,
+        rng=random.Random(1),
     )
     await engine.start()
     try:
@@ -181,7 +185,7 @@ async def test_a_stream_is_started_deltas_then_done(sim: LocalSimulator) -> None
     doc = document(1)
     job = make_job(doc, max_tokens=500)
     async with running_engine(sim) as (engine, rec):
-        assert engine.client.name == "llm-sim"
+        assert engine.upstream.client.name == "llm-sim"
         await engine.submit(job)
         done = await rec.terminal(job["request_id"])
     events = rec.events[job["request_id"]]
@@ -562,7 +566,9 @@ async def test_models_without_prefill_continue_by_prompt(sim: LocalSimulator) ->
     rec = Recorder()
     job = make_job(document(160))
     try:
-        async with InferenceEngine(settings, client, rec.emit, rec.on_finished) as engine:
+        async with InferenceEngine(
+            settings, Upstream(settings, client), rec.emit, rec.on_finished
+        ) as engine:
             await engine.submit(job)
             done = await rec.terminal(job["request_id"])
     finally:
@@ -590,7 +596,9 @@ async def test_a_failed_publish_leaves_the_request_to_the_next_owner(
     client = UpstreamClient(settings)
     rec = FlakyRecorder()
     try:
-        async with InferenceEngine(settings, client, rec.emit, rec.on_finished) as engine:
+        async with InferenceEngine(
+            settings, Upstream(settings, client), rec.emit, rec.on_finished
+        ) as engine:
             await engine.submit(broken)
             await engine.submit(healthy)
             assert (await rec.terminal(healthy["request_id"]))["kind"] == "DONE"

@@ -5,28 +5,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
-import time
+from collections.abc import Mapping
 from contextlib import suppress
-from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import faust
-from faust.tables.table import Table
 from faust.types import TP, EventT, TopicT
 
+from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
 from pipeline.core.metrics import RECORDS_PROCESSED
-from pipeline.core.partitioning import partition_for
+from pipeline.core.records import TERMINAL_KINDS, InferenceJob, TokenEvent
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.topics import TopicNames
-from pipeline.kafka.tail import TERMINAL_KINDS, read_request_records
-from pipeline.llm.client import UpstreamClient
+from pipeline.kafka.tail import read_request_records
 from pipeline.worker.agents import timestamp_ms
 from pipeline.worker.dlq import DeadLetterQueue, Origin
-from pipeline.worker.inference.engine import InferenceEngine, ResumeState
-from pipeline.worker.jobs import cancelled_event, invalid_job_event, resume_state, validate_job
+from pipeline.worker.inference.engine import InferenceEngine, ResumeState, Upstream
+from pipeline.worker.inflight.entries import (
+    Entry,
+    EntryState,
+    JobAction,
+    ResumeAction,
+    done,
+    on_cancel,
+    on_job,
+    on_resume,
+)
+from pipeline.worker.inflight.table import InflightEntries
+from pipeline.worker.jobs import (
+    cancelled_event,
+    invalid_job_event,
+    resume_state,
+    validate_control,
+    validate_job,
+)
 
 log = logging.getLogger("sumstream.worker")
 
@@ -37,43 +51,6 @@ RESUME_RETRY_S = 1.0
 RESUME_RETRY_MAX_S = 30.0
 
 
-# --- In-flight table entries ----------------------------------------------------------------
-
-State = Literal["R", "C", "D"]
-_HEADER = struct.Struct(">cq")
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One in-flight table value: R running (job bytes kept), C cancel requested, D done."""
-
-    state: State
-    at_ms: int
-    job: bytes = b""
-
-    def encode(self) -> bytes:
-        return _HEADER.pack(self.state.encode(), self.at_ms) + self.job
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Entry:
-        state, at_ms = _HEADER.unpack_from(raw)
-        return cls(cast(State, state.decode()), at_ms, bytes(raw[_HEADER.size :]))
-
-
-# --- The inference stage's durable in-flight work -------------------------------------------
-
-
-class InflightTable(Table[bytes, bytes]):
-    """The `inflight` table; tells the runtime when its partitions are recovered."""
-
-    work: InflightWork | None = None
-
-    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
-        await super().on_recovery_completed(active_tps, standby_tps)
-        if self.work is not None:
-            self.work.on_assigned({tp.partition for tp in active_tps})
-
-
 class InflightWork:
     """Runs jobs on the engine and keeps every accepted job in the `inflight` table.
 
@@ -82,10 +59,6 @@ class InflightWork:
     to the table *before* the engine takes it and marked done *after* its terminal event: a
     worker that is killed leaves the entry behind, and whoever is assigned its partition next
     resumes the stream from the tokens already in `tokens`.
-
-    The table uses the producer's partitioner (murmur2 of the request id, like `preprocessed`),
-    with as many partitions as `preprocessed`, so an entry lives in the same partition number as
-    its job and Faust's co-partitioning hands both to the same worker.
     """
 
     def __init__(
@@ -96,32 +69,17 @@ class InflightWork:
         *,
         tokens_topic: TopicT,
         dlq: DeadLetterQueue,
-        client: UpstreamClient,
+        upstream: Upstream,
     ) -> None:
         self.app = app
         self.settings = settings
         self.topics = topics
         self._tokens_topic = tokens_topic
         self._dlq = dlq
-        self._client = client
-        self.table = cast(
-            InflightTable,
-            app.tables.add(
-                InflightTable(
-                    app,
-                    name="inflight",
-                    partitions=settings.work_partitions,
-                    # bytes => the "raw" serializer for keys and values.
-                    key_type=bytes,
-                    value_type=bytes,
-                    use_partitioner=True,
-                    help="request_id -> in-flight inference job (see pipeline/worker/inflight.py)",
-                ),
-            ),
-        )
-        self.table.work = self
+        # Built once per worker: its breaker, retry budget and scheduler outlive every engine.
+        self.upstream = upstream
+        self.entries = InflightEntries(app, settings.work_partitions, self.on_assigned)
         self._engine: InferenceEngine | None = None
-        self._owned: set[int] = set()
         self._generation = 0
         # Jobs whose submit is waiting for room in the scheduler, by request id.
         self._waiting: dict[str, asyncio.Future[None]] = {}
@@ -142,10 +100,10 @@ class InflightWork:
 
     async def stop(self) -> None:
         await self._release_all()
-        await self._client.close()
+        await self.upstream.close()
 
     def _new_engine(self) -> InferenceEngine:
-        return InferenceEngine(self.settings, self._client, self._emit, self._on_finished)
+        return InferenceEngine(self.settings, self.upstream, self._emit, self._on_finished)
 
     @property
     def engine(self) -> InferenceEngine:
@@ -153,7 +111,7 @@ class InflightWork:
             raise RuntimeError("the inference engine is not running")
         return self._engine
 
-    async def _emit(self, event: dict[str, Any]) -> None:
+    async def _emit(self, event: TokenEvent) -> None:
         # One key per request => one partition, and sends keep call order, so a request's
         # events stay in seq order in `tokens` (the idempotent producer keeps it on retries).
         await self._tokens_topic.send(
@@ -162,19 +120,11 @@ class InflightWork:
 
     # -- ownership (rebalance)
 
-    def _partition(self, key: bytes) -> int:
-        return partition_for(key, self.settings.work_partitions)
-
-    def owns(self, key: bytes) -> bool:
-        return self._partition(key) in self._owned
-
     def on_assigned(self, partitions: set[int]) -> None:
         """Called once the table's partitions are recovered: resume what was in flight."""
         self._generation += 1
-        self._owned = set(partitions)
-        snapshot = [
-            (bytes(k), Entry.decode(v)) for k, v in self.table.items() if self.owns(bytes(k))
-        ]
+        self.entries.owned = set(partitions)
+        snapshot = self.entries.owned_entries()
         log.info(
             "inflight partitions assigned",
             extra={"partitions": sorted(partitions), "entries": len(snapshot)},
@@ -182,7 +132,7 @@ class InflightWork:
         if self._resume_task is not None:
             self._resume_task.cancel()
         # Marked before the agents resume, so a replayed job is left to the resume.
-        self._resuming = {k.decode() for k, e in snapshot if e.state != "D"}
+        self._resuming = {k.decode() for k, e in snapshot if e.unfinished}
         self._boundaries.clear()
         self._resume_task = asyncio.ensure_future(
             self._resume(snapshot, self._generation, partitions)
@@ -194,10 +144,10 @@ class InflightWork:
         Kafka's eager rebalancing revokes all partitions of a member at once, so this stops
         everything; partitions that come back are resumed from the table like any other.
         """
-        if not self._owned and not self._waiting:
+        if not self.entries.owned and not self._waiting:
             return  # nothing can be running: jobs only start in owned partitions
         self._generation += 1
-        self._owned = set()
+        self.entries.owned = set()
         await self._release_all()
         self._engine = self._new_engine()
         await self._engine.start()
@@ -219,84 +169,68 @@ class InflightWork:
             engine, self._engine = self._engine, None
             await engine.stop()
 
-    # -- table writes (only for partitions this worker owns)
-
-    def _put(self, key: bytes, entry: Entry) -> None:
-        if self.owns(key):
-            self.table[key] = entry.encode()
-
-    async def _put_acked(self, key: bytes, entry: Entry) -> None:
-        """Like ``_put``, and wait until the broker has the changelog record."""
-        raw = entry.encode()
-        # table[key] = raw would not let us wait for the write: set the store and send the
-        # changelog record ourselves (the same two steps, with the send's future kept).
-        self.table.data[key] = raw
-        await self.table.send_changelog(None, key, raw)
-
-    def _entry(self, key: bytes) -> Entry | None:
-        raw = self.table.get(key)
-        return Entry.decode(raw) if raw else None
-
     async def _on_finished(self, request_id: str) -> None:
-        self._put(request_id.encode(), Entry("D", _now_ms()))
+        self.entries.put(request_id.encode(), done(now_ms()))
 
     def purge_done(self) -> int:
         """Delete old done markers, and cancels whose job never came (they only skip replays)."""
-        horizon = _now_ms() - int(self.settings.inflight_done_retention_s * 1000)
-        old = []
-        for k, v in self.table.items():
-            entry = Entry.decode(v)
-            stale = entry.state == "D" or (entry.state == "C" and not entry.job)
-            if stale and entry.at_ms < horizon and self.owns(bytes(k)):
-                old.append(bytes(k))
-        for key in old:
-            del self.table[key]
-        return len(old)
+        return self.entries.purge(now_ms() - self._retention_ms)
 
     # -- the agents
 
     async def on_job(self, event: EventT[Any]) -> None:
         """One record of `preprocessed`."""
-        message = event.message
-        origin = Origin(message.topic, message.partition, message.offset)
-        try:
-            job = codec().decode_as(message.value, "InferenceJob")
-            validate_job(job)
-        except (CodecError, ValidationError) as exc:
-            await self._dlq.publish(
-                key=message.key, value=message.value, exc=exc, stage="inference", origin=origin
-            )
-            RECORDS_PROCESSED.labels(stage="inference", outcome="dead_letter").inc()
-            if isinstance(exc, ValidationError) and (job.get("request_id") or "").strip():
-                await self._emit(invalid_job_event(job, str(exc)))
+        job = await self._decode_job(event)
+        if job is None:
             return
-        request_id: str = job["request_id"]
+        request_id = job["request_id"]
         key = request_id.encode()
-        entry = self._entry(key)
-        if entry is None:
-            # Durable first: once the engine emits, a crash must leave this entry for the next
-            # owner to resume (a replay without it would start the stream again at seq 1).
-            fresh = Entry("R", _now_ms(), bytes(message.value or b""))
-            replay = await self._maybe_replayed(event)
-            await self._put_acked(key, fresh)
-            if replay:
-                # Maybe a finished request whose done marker is gone (purged, or a new group
-                # replaying the log): let its stream in `tokens` decide: skip, go on or start.
-                await self._resume_one(key, fresh, self._generation)
-            else:
-                await self._submit(job, None)
+        entry = self.entries.get(key)
+        action = on_job(entry, handled_here=self._handled(request_id))
+        if action is JobAction.ADMIT:
+            await self._admit(event, job, key)
             RECORDS_PROCESSED.labels(stage="inference", outcome="ok").inc()
-        elif entry.state == "C" and not entry.job:
+        elif action is JobAction.END_CANCELLED:
             # Cancelled before the job reached us: end the stream without a model call.
             await self._emit(cancelled_event(job, seq=1, reason="client", state=None))
-            self._put(key, Entry("D", _now_ms()))
+            self.entries.put(key, done(now_ms()))
             RECORDS_PROCESSED.labels(stage="inference", outcome="cancelled").inc()
-        elif entry.state != "D" and not self._handled(request_id):
+        elif action is JobAction.RESUME and entry is not None:
             # In the table but running nowhere (an earlier attempt at this record failed).
             await self._resume_one(key, entry, self._generation)
         else:
             # A replay of a job that is running, being resumed, or finished.
             RECORDS_PROCESSED.labels(stage="inference", outcome="duplicate").inc()
+
+    async def _decode_job(self, event: EventT[Any]) -> InferenceJob | None:
+        """The record's job; None when it is dead-lettered (and, if it names a request, ended)."""
+        message = event.message
+        origin = Origin(message.topic, message.partition, message.offset)
+        record: Mapping[str, object] = {}
+        try:
+            record = codec().decode_as(message.value, "InferenceJob")
+            return validate_job(record)
+        except (CodecError, ValidationError) as exc:
+            await self._dlq.publish(
+                key=message.key, value=message.value, exc=exc, stage="inference", origin=origin
+            )
+            RECORDS_PROCESSED.labels(stage="inference", outcome="dead_letter").inc()
+            if isinstance(exc, ValidationError) and str(record.get("request_id") or "").strip():
+                await self._emit(invalid_job_event(record, str(exc)))
+            return None
+
+    async def _admit(self, event: EventT[Any], job: InferenceJob, key: bytes) -> None:
+        # Durable first: once the engine emits, a crash must leave this entry for the next
+        # owner to resume (a replay without it would start the stream again at seq 1).
+        fresh = Entry(EntryState.RUNNING, now_ms(), bytes(event.message.value or b""))
+        replay = await self._maybe_replayed(event)
+        await self.entries.put_acked(key, fresh)
+        if replay:
+            # Maybe a finished request whose done marker is gone (purged, or a new group
+            # replaying the log): let its stream in `tokens` decide: skip, go on or start.
+            await self._resume_one(key, fresh, self._generation)
+        else:
+            await self._submit(job, None)
 
     async def _maybe_replayed(self, event: EventT[Any]) -> bool:
         """Could another consumer already have run this job? Only records of the backlog found
@@ -307,7 +241,7 @@ class InflightWork:
         if bound is not None:
             return bool(message.offset < bound)
         written = timestamp_ms(event)  # boundary unknown: fall back to the record's age
-        return written is not None and _now_ms() - written > self._retention_ms
+        return written is not None and now_ms() - written > self._retention_ms
 
     async def _load_boundaries(self, partitions: set[int]) -> None:
         try:
@@ -324,13 +258,13 @@ class InflightWork:
     def _handled(self, request_id: str) -> bool:
         """Is the job running, waiting for the scheduler, or about to be resumed here?"""
         return (
-            self.engine.is_active(request_id)
+            (self._engine is not None and self._engine.is_active(request_id))
             or request_id in self._waiting
             or request_id in self._resuming
         )
 
-    async def _submit(self, job: dict[str, Any], resume: ResumeState | None) -> None:
-        request_id: str = job["request_id"]
+    async def _submit(self, job: InferenceJob, resume: ResumeState | None) -> None:
+        request_id = job["request_id"]
         if request_id in self._waiting:
             return  # already on its way into the engine
         # The submit blocks while the scheduler is full (so the agent stops pulling from
@@ -354,29 +288,23 @@ class InflightWork:
         message = event.message
         origin = Origin(message.topic, message.partition, message.offset)
         try:
-            control = codec().decode_as(message.value, "ControlEvent")
-            if not (control.get("request_id") or "").strip():
-                raise ValidationError("request_id is empty")
+            control = validate_control(codec().decode_as(message.value, "ControlEvent"))
         except (CodecError, ValidationError) as exc:
             await self._dlq.publish(
                 key=message.key, value=message.value, exc=exc, stage="control", origin=origin
             )
             return
-        request_id: str = control["request_id"]
-        reason: str = control.get("reason") or "client"
+        request_id = control["request_id"]
+        reason = control.get("reason") or "client"
         # The engine knows queued, running and submitting jobs (and remembers a cancel that
         # comes first in memory); the table keeps the cancel across a rebalance or a crash.
         if await self.engine.cancel(request_id, reason):
             log.info("cancelled", extra={"request_id": request_id, "reason": reason})
             return
         key = request_id.encode()
-        entry = self._entry(key)
-        if entry is None:
-            # The job has not reached inference yet; it will be ended when it does.
-            self._put(key, Entry("C", _now_ms()))
-        elif entry.state == "R":
-            # Waiting to be resumed after a rebalance; the resume ends it instead.
-            self._put(key, Entry("C", entry.at_ms, entry.job))
+        update = on_cancel(self.entries.get(key), now_ms())
+        if update is not None:
+            self.entries.put(key, update)
         log.info(
             "cancel recorded for a job not running here",
             extra={"request_id": request_id, "reason": reason},
@@ -396,7 +324,7 @@ class InflightWork:
                     await self._resume_one(key, entry, generation)
                     self._resuming.discard(key.decode())
 
-        pending = [(k, e) for k, e in snapshot if e.state != "D"]
+        pending = [(k, e) for k, e in snapshot if e.unfinished]
         delay = RESUME_RETRY_S
         while pending and generation == self._generation:
             results = await asyncio.gather(*(one(k, e) for k, e in pending), return_exceptions=True)
@@ -424,17 +352,40 @@ class InflightWork:
         if not entry.job:
             return  # a cancel marker for a job that never arrived: the job's arrival ends it
         try:
-            job = codec().decode_as(entry.job, "InferenceJob")
-        except CodecError as exc:
+            job = validate_job(codec().decode_as(entry.job, "InferenceJob"))
+        except (CodecError, ValidationError) as exc:
             # Written by a version whose schema this one does not know: it can never run here.
             log.error(
                 "in-flight job unreadable", extra={"request_id": request_id, "error": str(exc)}
             )
             await self._emit(invalid_job_event({"request_id": request_id}, str(exc)))
-            self._put(key, Entry("D", _now_ms()))
+            self.entries.put(key, done(now_ms()))
             return
-        events = [
-            e
+        events = await self._stream_so_far(request_id)
+        if generation != self._generation:
+            return
+        action = on_resume(
+            self.entries.get(key), stream_ended=any(e["kind"] in TERMINAL_KINDS for e in events)
+        )
+        state = resume_state(events)
+        if action is ResumeAction.MARK_DONE:
+            log.info("request already ended; not run again", extra={"request_id": request_id})
+            self.entries.put(key, done(now_ms()))
+        elif action is ResumeAction.END_CANCELLED:
+            seq = state.last_seq + 1 if state else 1
+            await self._emit(cancelled_event(job, seq=seq, reason="client", state=state))
+            self.entries.put(key, done(now_ms()))
+        elif action is ResumeAction.CONTINUE:
+            log.info(
+                "resuming request",
+                extra={"request_id": request_id, "last_seq": state.last_seq if state else 0},
+            )
+            await self._submit(job, state)
+
+    async def _stream_so_far(self, request_id: str) -> list[TokenEvent]:
+        """The request's events in `tokens`, up to its terminal event if it has one."""
+        return [
+            cast(TokenEvent, e)
             async for e in read_request_records(
                 self.settings.bootstrap_servers,
                 self.topics.tokens,
@@ -443,27 +394,3 @@ class InflightWork:
                 stop_at_terminal=True,
             )
         ]
-        if generation != self._generation:
-            return
-        current = self._entry(key)
-        if current is None or current.state == "D":
-            return
-        if any(e.get("kind") in TERMINAL_KINDS for e in events):
-            log.info("request already ended; not run again", extra={"request_id": request_id})
-            self._put(key, Entry("D", _now_ms()))
-            return
-        state = resume_state(events)
-        if current.state == "C":
-            seq = state.last_seq + 1 if state else 1
-            await self._emit(cancelled_event(job, seq=seq, reason="client", state=state))
-            self._put(key, Entry("D", _now_ms()))
-            return
-        log.info(
-            "resuming request",
-            extra={"request_id": request_id, "last_seq": state.last_seq if state else 0},
-        )
-        await self._submit(job, state)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -1,0 +1,295 @@
+"""Upstream attempts for one run: the map-reduce chunk calls, the stream, retries before the
+first token, and resuming a broken stream by prefill or, for models that refuse one, by prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+from pipeline.core.metrics import (
+    INFLIGHT,
+    INTER_TOKEN_SECONDS,
+    RETRIES,
+    RETRY_BUDGET_EXHAUSTED,
+    STAGE_SECONDS,
+    UPSTREAM_ATTEMPTS,
+    UPSTREAM_ERRORS,
+)
+from pipeline.core.settings import WorkerSettings
+from pipeline.llm.client import Finished, UpstreamAttemptError
+from pipeline.worker.inference.retry import backoff_delay
+from pipeline.worker.inference.runs import Continuation, Holding, Run
+from pipeline.worker.inference.upstream import Upstream
+from pipeline.worker.preprocess import CHUNK_PLACEHOLDER
+
+logger = logging.getLogger("sumstream.inference")
+
+# Publishes one piece of streamed text as the run's next DELTA event.
+OnText = Callable[[Run, str], Awaitable[None]]
+
+# For models that refuse an assistant prefill (400): the text so far stays as an assistant turn
+# and this user turn asks for the rest.
+CONTINUE_PROMPT = (
+    "Your answer above was cut off. Continue it exactly where it stops, without repeating "
+    "anything and without any preamble."
+)
+
+
+class GiveUp(Exception):
+    """The request ends with an ERROR event carrying this code."""
+
+    def __init__(
+        self, code: str, message: str, *, retriable: bool, partial: bool | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retriable = retriable
+        self.partial = partial
+
+
+class Attempts:
+    """Calls the upstream for runs, through its breaker and retry budget."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        upstream: Upstream,
+        on_text: OnText,
+        *,
+        clock: Callable[[], float],
+        rng: random.Random,
+    ) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self._on_text = on_text
+        self._clock = clock
+        self._rng = rng
+
+    async def prompt(self, run: Run) -> str:
+        """The final user message: map-reduce jobs first summarize their chunks."""
+        prompt = str(run.job["prompt"])
+        chunks = [str(c) for c in run.job.get("chunks") or []]
+        if not chunks:
+            return prompt
+        if run.chunk_summaries is None:
+            run.chunk_summaries = [await self._complete(run, chunk) for chunk in chunks]
+        return prompt.replace(
+            CHUNK_PLACEHOLDER, "\n\n".join(s.strip() for s in run.chunk_summaries)
+        )
+
+    async def _complete(self, run: Run, chunk: str) -> str:
+        breaker = self.upstream.breaker
+        failures = 0
+        while True:
+            await self._acquire(run)
+            run.attempts += 1
+            UPSTREAM_ATTEMPTS.labels(kind="complete").inc()
+            INFLIGHT.inc()
+            verdict = False
+            try:
+                text, finished = await self.upstream.client.complete(
+                    request_id=run.request_id,
+                    model=str(run.job["model"]),
+                    system=str(run.job.get("system") or ""),
+                    messages=[{"role": "user", "content": chunk}],
+                    max_tokens=int(run.job["max_output_tokens"]),
+                )
+                breaker.record_success()
+                verdict = True
+                run.input_tokens += finished.input_tokens
+                run.output_tokens += finished.output_tokens
+                return text
+            except UpstreamAttemptError as err:
+                verdict = True
+                self._record_failure(run, err)
+                failures += 1
+                await self._before_retry(run, err, failures)
+            finally:
+                INFLIGHT.dec()
+                if not verdict:
+                    breaker.record_abandoned()
+
+    async def stream(self, run: Run, prompt: str) -> Finished:
+        """Stream the summary as DELTA events, retrying and resuming until it finishes."""
+        failures = 0  # attempts in a row that failed before their first token
+        resumes = 0
+        limit = int(run.job["max_output_tokens"])
+        while True:
+            # A continuation may only add what the first attempt had left of max_tokens.
+            remaining = limit - run.streamed
+            if remaining <= 0 and run.text:
+                return Finished("max_tokens", 0, 0)
+            # Resume with the text so far as an assistant prefill. The API rejects trailing
+            # whitespace in a prefill, so it is held back and dropped from the continuation.
+            prefill = run.text.rstrip()
+            await self._acquire(run)
+            run.attempts += 1
+            UPSTREAM_ATTEMPTS.labels(kind="stream").inc()
+            try:
+                return await self._stream_attempt(
+                    run, _messages(run, prompt, prefill), run.text[len(prefill) :], remaining
+                )
+            except UpstreamAttemptError as err:
+                self._record_failure(run, err)
+                if err.tokens_received > 0:
+                    failures = 0
+                    resumes += 1
+                    await self._before_resume(run, err, resumes)
+                    continue
+                if prefill and run.continuation is Continuation.PREFILL and err.status == 400:
+                    run.continuation = Continuation.PROMPT
+                    logger.info("prefill refused, continuing by prompt", extra=run.log)
+                    continue
+                failures += 1
+                await self._before_retry(run, err, failures)
+
+    async def _stream_attempt(
+        self, run: Run, messages: list[dict[str, str]], overlap: str, remaining: int
+    ) -> Finished:
+        """One upstream stream; its deltas become DELTA events. Raises UpstreamAttemptError."""
+        breaker = self.upstream.breaker
+        stream = self.upstream.client.stream(
+            request_id=run.request_id,
+            model=str(run.job["model"]),
+            system=str(run.job.get("system") or ""),
+            messages=messages,
+            max_tokens=max(1, remaining),
+        )
+        # Leading whitespace of a continuation is held until its first visible character, then
+        # the part the client already has (``overlap``) is dropped.
+        held: str | None = "" if overlap else None
+        verdict = False
+        previous: float | None = None
+        INFLIGHT.inc()
+        try:
+            async with stream:
+                async for item in stream:
+                    if not verdict:
+                        breaker.record_success()
+                        verdict = True
+                    if isinstance(item, Finished):
+                        return item
+                    text = item.text
+                    if held is not None:
+                        held += text
+                        visible = held.lstrip()
+                        if not visible:
+                            continue
+                        space = held[: len(held) - len(visible)]
+                        kept = space[len(overlap) :] if space.startswith(overlap) else ""
+                        text = kept + visible
+                        held = None
+                    now = time.monotonic()
+                    if previous is not None:
+                        INTER_TOKEN_SECONDS.observe(now - previous)
+                    previous = now
+                    self._mark_token(run)
+                    run.text += text
+                    await self._on_text(run, text)
+            raise UpstreamAttemptError(
+                "upstream stream ended without a result", retriable=True
+            )  # pragma: no cover - UpstreamStream always ends with Finished or an error
+        except UpstreamAttemptError:
+            verdict = True
+            raise
+        finally:
+            INFLIGHT.dec()
+            if not verdict:
+                breaker.record_abandoned()
+            # Every attempt is billed, including failed and cancelled ones.
+            run.input_tokens += stream.input_tokens
+            run.output_tokens += stream.output_tokens
+            run.streamed += stream.output_tokens
+
+    def _mark_token(self, run: Run) -> None:
+        now_ms = int(self._clock() * 1000)
+        if "first_token" not in run.trace:
+            run.trace["first_token"] = now_ms
+            start = run.trace.get("inference_start", now_ms)
+            STAGE_SECONDS.labels(stage="upstream_ttft").observe(max(0, now_ms - start) / 1000.0)
+        run.trace["last_token"] = now_ms
+
+    async def _acquire(self, run: Run) -> None:
+        """Wait for the breaker, unless the dispatcher already got its consent for this run."""
+        if run.holding is Holding.SLOT_AND_PERMIT:
+            run.holding = Holding.SLOT
+            return
+        await self.upstream.breaker.wait_closed_or_probe()
+
+    def _record_failure(self, run: Run, err: UpstreamAttemptError) -> None:
+        UPSTREAM_ERRORS.labels(error_type=err.error_type).inc()
+        # A refusal (400, 401...) proves the upstream is up; only health failures trip it.
+        if err.retriable:
+            self.upstream.breaker.record_failure()
+        else:
+            self.upstream.breaker.record_success()
+        logger.info(
+            "upstream attempt failed: %s",
+            err,
+            extra={**run.log, "status": err.status, "error_type": err.error_type},
+        )
+
+    async def _before_resume(self, run: Run, err: UpstreamAttemptError, resumes: int) -> None:
+        """Sleep before resuming a stream that broke after its first token, or give up."""
+        if resumes > self.settings.max_resumes:
+            raise GiveUp(
+                "upstream_unavailable",
+                f"the upstream stream broke {resumes} times: {err}",
+                retriable=True,
+            ) from err
+        RETRIES.labels(reason="resume").inc()
+        logger.info("resuming after a mid-stream failure: %s", err, extra=run.log)
+        await asyncio.sleep(self._backoff(resumes, None))
+
+    async def _before_retry(self, run: Run, err: UpstreamAttemptError, failures: int) -> None:
+        """Sleep before retrying a call that failed before its first token, or give up."""
+        if not err.retriable:
+            raise GiveUp(
+                "upstream_error", f"the upstream refused the request: {err}", retriable=False
+            )
+        if failures >= self.settings.max_attempts:
+            raise GiveUp(
+                "upstream_unavailable",
+                f"the upstream failed {failures} attempts: {err}",
+                retriable=True,
+            )
+        delay = self._backoff(failures, err.retry_after_s)
+        if self._clock() + delay >= run.deadline_ms / 1000.0:
+            raise GiveUp(
+                "upstream_unavailable",
+                f"the upstream asks to wait {delay:.1f}s, past the deadline: {err}",
+                retriable=True,
+            )
+        if not self.upstream.budget.try_withdraw():
+            RETRY_BUDGET_EXHAUSTED.inc()
+            raise GiveUp(
+                "upstream_unavailable",
+                f"retry budget exhausted (the upstream is failing broadly): {err}",
+                retriable=True,
+            )
+        RETRIES.labels(reason=err.error_type).inc()
+        await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
+        return backoff_delay(
+            attempt,
+            base_s=self.settings.retry_base_s,
+            cap_s=self.settings.retry_cap_s,
+            retry_after_s=retry_after_s,
+            rng=self._rng,
+        )
+
+
+def _messages(run: Run, prompt: str, prefill: str) -> list[dict[str, str]]:
+    """The conversation of the next attempt: the prompt, then the text so far if any."""
+    messages = [{"role": "user", "content": prompt}]
+    if prefill:
+        messages.append({"role": "assistant", "content": prefill})
+        if run.continuation is Continuation.PROMPT:
+            messages.append({"role": "user", "content": CONTINUE_PROMPT})
+    return messages

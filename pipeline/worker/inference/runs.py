@@ -1,0 +1,140 @@
+"""One request inside the inference engine: its job, its progress, and its lifecycle as enums.
+
+A run moves QUEUED -> RUNNING -> FINISHING -> ENDED -> CLOSED; any state may go straight to
+CLOSED (stopped without an end: another worker resumes it from the ``tokens`` topic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+
+from pipeline.core.events import StreamMeta
+from pipeline.core.records import InferenceJob, Trace
+
+
+class RunState(enum.Enum):
+    """Where a run is in its life."""
+
+    QUEUED = "queued"  # submitted; its task has not run a step yet
+    RUNNING = "running"  # its task runs: waiting for a grant, or calling the upstream
+    FINISHING = "finishing"  # its terminal event is being published
+    ENDED = "ended"  # its terminal event is out
+    CLOSED = "closed"  # gone from the engine, ended or not
+
+
+_NEXT: dict[RunState, frozenset[RunState]] = {
+    RunState.QUEUED: frozenset({RunState.RUNNING, RunState.CLOSED}),
+    RunState.RUNNING: frozenset({RunState.FINISHING, RunState.CLOSED}),
+    # A deadline that passes while a terminal event fails to publish tries again.
+    RunState.FINISHING: frozenset({RunState.FINISHING, RunState.ENDED, RunState.CLOSED}),
+    RunState.ENDED: frozenset({RunState.CLOSED}),
+    RunState.CLOSED: frozenset({RunState.CLOSED}),
+}
+
+
+class Holding(enum.Enum):
+    """What the dispatcher gave the run, which it must give back when it closes."""
+
+    NOTHING = "nothing"
+    SLOT = "slot"  # a running slot of the scheduler
+    SLOT_AND_PERMIT = "slot_and_permit"  # and the breaker's consent to its next upstream call
+
+
+class Interrupt(enum.Enum):
+    """Why the run's task was (or will be) cancelled."""
+
+    NONE = "none"
+    CANCEL = "cancel"  # engine.cancel (a client, say): the run ends with CANCELLED
+    SHUTDOWN = "shutdown"  # the engine stops: end silently, another worker resumes
+
+
+class Continuation(enum.Enum):
+    """How a broken stream is resumed: the text so far as an assistant prefill, or (for
+    models that refuse a prefill) as an assistant turn plus a user turn asking for the rest."""
+
+    PREFILL = "prefill"
+    PROMPT = "prompt"
+
+
+@dataclass
+class ResumeState:
+    """What a previous worker already streamed for a request (built from the tokens topic)."""
+
+    text: str
+    last_seq: int
+    attempts: int
+    input_tokens: int
+    output_tokens: int
+    # The trace of the earlier events (inference_start, first_token...), when known.
+    trace: Trace = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Run:
+    """One request inside the engine: its job, progress and lifecycle."""
+
+    job: InferenceJob
+    grant: asyncio.Future[None]
+    resume: ResumeState | None
+    deadline_ms: int
+    seq: int = 0
+    text: str = ""
+    attempts: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    streamed: int = 0  # output tokens behind the text so far (what max_tokens limits)
+    trace: Trace = field(default_factory=dict)
+    chunk_summaries: list[str] | None = None
+    continuation: Continuation = Continuation.PREFILL
+    task: asyncio.Task[None] | None = None
+    enqueued_at: float = field(default_factory=time.monotonic)
+    state: RunState = RunState.QUEUED
+    holding: Holding = Holding.NOTHING
+    interrupt: Interrupt = Interrupt.NONE
+    cancel_reason: str = ""
+    meta: StreamMeta = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.meta = StreamMeta.of(self.job)
+        if self.resume is not None:
+            self.seq = self.resume.last_seq
+            self.text = self.resume.text
+            self.attempts = self.resume.attempts
+            self.input_tokens = self.resume.input_tokens
+            self.output_tokens = self.resume.output_tokens
+            self.streamed = self.resume.output_tokens
+            self.trace.update(self.resume.trace)
+
+    def advance(self, state: RunState) -> None:
+        """Move to ``state``; a transition the lifecycle does not have is a bug."""
+        if state not in _NEXT[self.state]:
+            raise RuntimeError(f"run {self.request_id}: {self.state.name} -> {state.name}")
+        self.state = state
+
+    @property
+    def closed(self) -> bool:
+        return self.state is RunState.CLOSED
+
+    @property
+    def ended(self) -> bool:
+        """Is its terminal event out (so the request is over everywhere)?"""
+        return self.state is RunState.ENDED
+
+    @property
+    def request_id(self) -> str:
+        return self.meta.request_id
+
+    @property
+    def user_id(self) -> str:
+        return self.meta.user_id
+
+    @property
+    def weight(self) -> int:
+        return int(self.job.get("weight") or 1)
+
+    @property
+    def log(self) -> dict[str, str]:
+        return {"request_id": self.request_id, "user_id": self.user_id}

@@ -1,0 +1,86 @@
+"""The changelog-backed `inflight` table and which of its partitions this worker owns.
+
+The table uses the producer's partitioner (murmur2 of the request id, like `preprocessed`),
+with as many partitions as `preprocessed`, so an entry lives in the same partition number as
+its job and Faust's co-partitioning hands both to the same worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import cast
+
+import faust
+from faust.tables.table import Table
+from faust.types import TP
+
+from pipeline.core.partitioning import partition_for
+from pipeline.worker.inflight.entries import Entry, is_stale
+
+OnAssigned = Callable[[set[int]], None]
+
+
+class InflightTable(Table[bytes, bytes]):
+    """The `inflight` table; tells its owner when its partitions are recovered."""
+
+    on_assigned: OnAssigned | None = None
+
+    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
+        await super().on_recovery_completed(active_tps, standby_tps)
+        if self.on_assigned is not None:
+            self.on_assigned({tp.partition for tp in active_tps})
+
+
+class InflightEntries:
+    """The table's entries, written only in the partitions this worker owns."""
+
+    def __init__(self, app: faust.App, partitions: int, on_assigned: OnAssigned) -> None:
+        self.partitions = partitions
+        self.table = cast(
+            InflightTable,
+            app.tables.add(
+                InflightTable(
+                    app,
+                    name="inflight",
+                    partitions=partitions,
+                    # bytes => the "raw" serializer for keys and values.
+                    key_type=bytes,
+                    value_type=bytes,
+                    use_partitioner=True,
+                    help="request_id -> in-flight inference job (pipeline/worker/inflight/)",
+                ),
+            ),
+        )
+        self.table.on_assigned = on_assigned
+        self.owned: set[int] = set()
+
+    def owns(self, key: bytes) -> bool:
+        return partition_for(key, self.partitions) in self.owned
+
+    def owned_entries(self) -> list[tuple[bytes, Entry]]:
+        """Every entry in the partitions this worker owns."""
+        return [(bytes(k), Entry.decode(v)) for k, v in self.table.items() if self.owns(bytes(k))]
+
+    def get(self, key: bytes) -> Entry | None:
+        raw = self.table.get(key)
+        return Entry.decode(raw) if raw else None
+
+    def put(self, key: bytes, entry: Entry) -> None:
+        """Write ``entry`` if this worker owns its partition (else its new owner decides)."""
+        if self.owns(key):
+            self.table[key] = entry.encode()
+
+    async def put_acked(self, key: bytes, entry: Entry) -> None:
+        """Write ``entry`` and wait until the broker has the changelog record."""
+        raw = entry.encode()
+        # table[key] = raw would not let us wait for the write: set the store and send the
+        # changelog record ourselves (the same two steps, with the send's future kept).
+        self.table.data[key] = raw
+        await self.table.send_changelog(None, key, raw)
+
+    def purge(self, horizon_ms: int) -> int:
+        """Delete the owned entries that are stale at ``horizon_ms``; how many were."""
+        old = [key for key, entry in self.owned_entries() if is_stale(entry, horizon_ms)]
+        for key in old:
+            del self.table[key]
+        return len(old)

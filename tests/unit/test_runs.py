@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pipeline.worker.inference.runs import ResumeState, Run, RunState
+
+
+def make_run(resume: ResumeState | None = None) -> Run:
+    job = {"request_id": "r1", "user_id": "u", "source": "replay", "weight": 4}
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    return Run(job=job, grant=future, resume=resume, deadline_ms=0)  # type: ignore[arg-type]
+
+
+async def test_a_run_goes_queued_running_finishing_ended_closed() -> None:
+    run = make_run()
+    assert run.state is RunState.QUEUED
+    for state in (RunState.RUNNING, RunState.FINISHING, RunState.ENDED, RunState.CLOSED):
+        run.advance(state)
+        assert run.state is state
+    assert run.closed and not run.ended
+
+
+@pytest.mark.parametrize("state", [RunState.QUEUED, RunState.RUNNING, RunState.FINISHING])
+async def test_any_unended_run_may_close_without_an_end(state: RunState) -> None:
+    run = make_run()
+    run.state = state
+    run.advance(RunState.CLOSED)
+    assert run.closed
+
+
+@pytest.mark.parametrize(
+    ("start", "to"),
+    [
+        (RunState.QUEUED, RunState.FINISHING),
+        (RunState.QUEUED, RunState.ENDED),
+        (RunState.RUNNING, RunState.ENDED),
+        (RunState.ENDED, RunState.FINISHING),
+        (RunState.CLOSED, RunState.RUNNING),
+    ],
+)
+async def test_a_transition_the_lifecycle_lacks_is_refused(start: RunState, to: RunState) -> None:
+    run = make_run()
+    run.state = start
+    with pytest.raises(RuntimeError, match=f"{start.name} -> {to.name}"):
+        run.advance(to)
+
+
+async def test_a_resumed_run_continues_from_the_streamed_state() -> None:
+    resume = ResumeState("Hello", 4, 2, 30, 7, {"inference_start": 5})
+    run = make_run(resume)
+    assert (run.seq, run.text, run.attempts, run.streamed) == (4, "Hello", 2, 7)
+    assert (run.input_tokens, run.output_tokens, run.trace) == (30, 7, {"inference_start": 5})
+    assert (run.request_id, run.user_id, run.weight, run.meta.source) == ("r1", "u", 4, "replay")
