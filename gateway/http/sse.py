@@ -23,16 +23,12 @@ from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from gateway.streams.clients import StreamSource
 from gateway.streams.hub import Item
-from pipeline.core.records import TERMINAL_KINDS, ResultStatus, SummaryResult, TokenEvent
+from pipeline.core.clock import now_ms
+from pipeline.core.pricing import price_table
+from pipeline.core.records import TERMINAL_KINDS, SummaryResult, TokenEvent
+from pipeline.core.results import build_result
 
 log = logging.getLogger("sumstream.gateway.sse")
-
-# TokenEvent kind of a terminal event -> the status its result will have.
-TERMINAL_STATUS: dict[str, ResultStatus] = {
-    "DONE": "COMPLETED",
-    "CANCELLED": "CANCELLED",
-    "ERROR": "FAILED",
-}
 
 
 class ErrorData(TypedDict):
@@ -92,30 +88,9 @@ def final_events(result: SummaryResult) -> list[ServerSentEvent]:
 
 
 def result_from_terminal(event: TokenEvent) -> SummaryResult:
-    """A stand-in result when the real one does not come: built from the terminal event."""
-    error = event.get("error")
-    status = TERMINAL_STATUS[event["kind"]]
-    if status == "FAILED" and error and error.get("partial"):
-        status = "PARTIAL"
-    # TODO(builder: pipeline/core/events.py): the stand-in is not a full record (no user_id,
-    # completed_at None); the one builder of results should make it.
-    return cast(
-        SummaryResult,
-        {
-            "request_id": event["request_id"],
-            "status": status,
-            "summary": "",
-            "model": event.get("model", ""),
-            "tier": event.get("tier", ""),
-            "usage": event.get("usage") or {},
-            "error": error,
-            "stop_reason": event.get("stop_reason"),
-            "last_seq": event["seq"],
-            "latency_ms": {},
-            "created_at": event.get("created_at"),
-            "completed_at": None,
-        },
-    )
+    """A stand-in result when the real one does not come, built from the terminal event by
+    the builder postprocess uses (without the text, which only the log holds)."""
+    return build_result(event, "", price_table(), result_ms=now_ms())
 
 
 @dataclass
@@ -124,6 +99,8 @@ class _Progress:
 
     last_sent: int
     terminal: TokenEvent | None = None
+    # The stream has ended: its terminal event came, or the result says so without it.
+    ended: bool = False
     result: SummaryResult | None = None
     finished: bool = False
     end: str = "disconnect"
@@ -131,9 +108,7 @@ class _Progress:
     def can_finish(self) -> bool:
         """The result is known and every token before it was sent (or the stream ended)."""
         result = self.result
-        return result is not None and (
-            self.terminal is not None or self.last_sent >= result["last_seq"]
-        )
+        return result is not None and (self.ended or self.last_sent >= result["last_seq"])
 
     def wait_s(self, settings: GatewaySettings) -> float | None:
         """How long to wait for the next item before acting on the silence."""
@@ -154,7 +129,7 @@ class _Progress:
             return None
         event = cast(TokenEvent, record)
         if event["kind"] in TERMINAL_KINDS:
-            self.terminal = event
+            self.terminal, self.ended = event, True
         elif event["kind"] == "DELTA" and event["seq"] > self.last_sent:
             self.last_sent = int(event["seq"])
             data: TokenData = {"text": event["text"], "seq": self.last_sent}
@@ -170,9 +145,7 @@ class _Progress:
             )
         if self.result is None and self.terminal is not None:
             self.result = result_from_terminal(self.terminal)
-        # TODO(builder: pipeline/core/events.py): a synthetic DONE for the terminal that did
-        # not come; the one token event builder should make it.
-        self.terminal = self.terminal or cast(TokenEvent, {"kind": "DONE"})
+        self.ended = True
         return source
 
     def source_closed(self, source: StreamSource) -> ServerSentEvent | None:
@@ -186,8 +159,7 @@ class _Progress:
                 self.last_sent,
             )
         if self.result is not None:
-            # TODO(builder: pipeline/core/events.py): as in ``silence``.
-            self.terminal = self.terminal or cast(TokenEvent, {"kind": "DONE"})
+            self.ended = True
             return None
         if self.terminal is not None:
             self.result = result_from_terminal(self.terminal)
@@ -200,7 +172,7 @@ class _Progress:
     @property
     def request_ended(self) -> bool:
         """A request known to have ended needs no cancel, whether or not the client saw it."""
-        return self.finished or self.result is not None or self.terminal is not None
+        return self.finished or self.result is not None or self.ended
 
 
 async def summary_events(

@@ -36,8 +36,6 @@ from pipeline.worker.dlq import DeadLetterQueue, Origin
 log = logging.getLogger("sumstream.preprocess")
 
 STAGE = "preprocess"
-# Error codes that mean "turned away before any model call"; postprocess maps them to REJECTED.
-REJECTION_CODES = frozenset({"invalid_request", "unknown_tier", "input_too_large"})
 # The engine replaces this literal in a map-reduce job's prompt with the chunk summaries.
 CHUNK_PLACEHOLDER = "{chunk_summaries}"
 MAX_REQUEST_ID_CHARS = 200

@@ -19,10 +19,10 @@ from ulid import ULID
 
 from pipeline.core.codec import codec
 from pipeline.core.partitioning import partition_for
+from pipeline.core.results import LATENCY_SPANS
 from pipeline.core.settings import KafkaSettings
 from pipeline.kafka.admin import create_topics
 from pipeline.llm.extractive import summarize
-from pipeline.worker.postprocess import LATENCY_SPANS
 from tests.harness import Proc, Record, Stack, produce_raw, read_topic, wait_for_balanced_group
 
 pytestmark = pytest.mark.integration

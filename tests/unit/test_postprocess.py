@@ -9,16 +9,10 @@ from hypothesis import strategies as st
 
 from pipeline.core.codec import codec
 from pipeline.core.pricing import DEFAULT_PRICES_FILE, PriceTable
+from pipeline.core.results import LATENCY_SPANS, build_result, latency_breakdown, result_status
 from pipeline.core.settings import WorkerSettings
 from pipeline.worker.dlq import DeadLetterQueue, Origin
-from pipeline.worker.postprocess import (
-    LATENCY_SPANS,
-    PostprocessStage,
-    assemble,
-    build_result,
-    latency_breakdown,
-    result_status,
-)
+from pipeline.worker.postprocess import PostprocessStage, assemble
 
 RID = "01J0000000000000000000000B"
 T0 = 1_750_000_000_000
