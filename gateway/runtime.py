@@ -24,7 +24,8 @@ from aiokafka.errors import KafkaError
 from gateway.admission.backpressure import LagMonitor, QueueWaitEstimator
 from gateway.admission.controller import Admission, Degradation, prompt_overhead_tokens
 from gateway.admission.idempotency import RequestIndex, RequestOwner
-from gateway.admission.quota import QuotaLedger, UsageSummary
+from gateway.admission.quota import QuotaLedger
+from gateway.admission.quota_state import UsageSummary
 from gateway.admission.settle import ResultSettler
 from gateway.http.auth import KeyStore, Principal
 from gateway.http.errors import BrokerUnavailable, NotReady, PayloadTooLarge, Unauthorized
@@ -37,6 +38,7 @@ from pipeline.core.codec import codec
 from pipeline.core.errors import TopicMissingError
 from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames, declared_topics
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import STAGE_TOPICS
 from pipeline.kafka.tail import id_time_ms, read_request_records
 from pipeline.llm.extractive import count_tokens
@@ -120,8 +122,9 @@ class Gateway:
             max_inflight=settings.max_inflight,
             degradation=degradation,
         )
+        self.connection = ConnectionConfig.from_settings(settings)
         self.settler = ResultSettler(
-            settings.bootstrap_servers,
+            self.connection,
             self.topics.results,
             settings.settle_group,
             self.ledger,
@@ -152,11 +155,8 @@ class Gateway:
     async def start(self) -> None:
         """Connect, read the stream partition count, and start the hub and the index."""
         s = self.settings
-        producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=s.producer_linger_ms,
+        producer = self.connection.producer(
+            acks="all", enable_idempotence=True, linger_ms=s.producer_linger_ms
         )
         await producer.start()
         self.producer = producer
@@ -177,9 +177,9 @@ class Gateway:
             self.partitions = counts[self.topics.tokens]
             self.owned = owned_partitions(s.instance_index, s.instance_count, self.partitions)
             await self.hub.start(
-                s.bootstrap_servers, self.topics.tokens, self.topics.results, self.owned
+                self.connection, self.topics.tokens, self.topics.results, self.owned
             )
-            await self.index.start(s.bootstrap_servers, self.topics.requests, requests_partitions)
+            await self.index.start(self.connection, self.topics.requests, requests_partitions)
             # The month so far is replayed from `quota` before the first admission.
             await self.ledger.start()
             await self.settler.start()
@@ -418,7 +418,7 @@ class Gateway:
             # request of the last window, so those older than it are not found.
             return owner
         reader = _log_reader(
-            self.settings.bootstrap_servers,
+            self.connection,
             self.topics.requests,
             request_id,
             schema="SummarizeRequest",
@@ -443,7 +443,7 @@ class Gateway:
             # partition since, so no result in memory means none in the log either.
             return stream.result
         reader = _log_reader(
-            self.settings.bootstrap_servers,
+            self.connection,
             self.topics.results,
             request_id,
             schema="SummaryResult",
@@ -516,7 +516,7 @@ class Gateway:
         try:
             terminal = False
             reader = _log_reader(
-                self.settings.bootstrap_servers,
+                self.connection,
                 self.topics.tokens,
                 request_id,
                 schema="TokenEvent",

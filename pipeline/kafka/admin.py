@@ -15,17 +15,20 @@ from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicCollection, TopicPartition
-from confluent_kafka.admin import AdminClient
-
-# confluent-kafka's admin package re-exports these without __all__, which mypy --strict rejects.
-from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
-from confluent_kafka.admin._listoffsets import OffsetSpec
-from confluent_kafka.admin._resource import ResourceType
-from confluent_kafka.cimpl import NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    OffsetSpec,
+    ResourceType,
+)
 
 from pipeline.core.errors import BrokerUnavailableError, SumstreamError, TopicConfigError
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicSpec, declared_topics
+from pipeline.kafka.connection import ConnectionConfig
 
 TIMEOUT_S = 30.0
 # Answers from a partition whose leadership is still being set up.
@@ -48,9 +51,7 @@ _UNAVAILABLE = {
 
 def admin_client(settings: KafkaSettings) -> AdminClient:
     """An AdminClient for the settings' cluster (no close needed: librdkafka frees it on GC)."""
-    return AdminClient(
-        {"bootstrap.servers": settings.bootstrap_servers, "log.connection.close": False}
-    )
+    return ConnectionConfig.from_settings(settings).admin_client({"log.connection.close": False})
 
 
 def kafka_error(what: str, exc: KafkaException) -> SumstreamError:

@@ -18,14 +18,12 @@ from confluent_kafka import (
     KafkaException,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
-
-# Re-exported by confluent_kafka.admin without __all__ (mypy --strict rejects that import).
-from confluent_kafka.admin._listoffsets import OffsetSpec
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from pipeline.core.errors import SumstreamError, TopicMissingError
 from pipeline.core.settings import KafkaSettings, WorkerSettings
 from pipeline.kafka.admin import LEADER_MOVING, admin_client, kafka_error, partition_counts
+from pipeline.kafka.connection import ConnectionConfig
 
 # stage -> the topic it consumes (short name, before the prefix).
 STAGE_TOPICS: dict[str, str] = {
@@ -72,7 +70,7 @@ class LagReader:
         self.topics = {stage: settings.topic_prefix + STAGE_TOPICS[stage] for stage in groups}
         self.timeout_s = timeout_s
         self._client: AdminClient = admin_client(settings)
-        self._bootstrap = settings.bootstrap_servers
+        self._connection = ConnectionConfig.from_settings(settings)
         self._readers: dict[str, Consumer] = {}
 
     def read(self) -> dict[str, int]:
@@ -143,12 +141,8 @@ class LagReader:
         # so it never joins the group it reads.
         reader = self._readers.get(group)
         if reader is None:
-            reader = Consumer(
-                {
-                    "bootstrap.servers": self._bootstrap,
-                    "group.id": group,
-                    "enable.auto.commit": False,
-                }
+            reader = self._connection.confluent_consumer(
+                {"group.id": group, "enable.auto.commit": False}
             )
             self._readers[group] = reader
         return reader

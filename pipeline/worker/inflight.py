@@ -21,6 +21,7 @@ from pipeline.core.metrics import RECORDS_PROCESSED
 from pipeline.core.partitioning import partition_for
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import TERMINAL_KINDS, read_request_records
 from pipeline.llm.client import UpstreamClient
 from pipeline.worker.agents import timestamp_ms
@@ -436,7 +437,7 @@ class InflightWork:
         events = [
             e
             async for e in read_request_records(
-                self.settings.bootstrap_servers,
+                ConnectionConfig.from_settings(self.settings),
                 self.topics.tokens,
                 request_id,
                 schema="TokenEvent",

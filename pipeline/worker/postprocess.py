@@ -33,6 +33,7 @@ from pipeline.core.metrics import (
 )
 from pipeline.core.pricing import PriceTable
 from pipeline.core.settings import WorkerSettings
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import TERMINAL_KINDS, read_request_records
 from pipeline.worker.dlq import DeadLetterQueue, Origin
 from pipeline.worker.preprocess import REJECTION_CODES
@@ -181,7 +182,7 @@ Send = Callable[[bytes, bytes], Awaitable[None]]
 Reread = Callable[[str, int], Awaitable[list[dict[str, Any]]]]
 
 
-def tail_reread(bootstrap_servers: str, topic: str) -> Reread:
+def tail_reread(connection: ConnectionConfig, topic: str) -> Reread:
     """A ``Reread`` that reads the request's partition of ``topic`` with pipeline/kafka/tail.py."""
 
     async def reread(request_id: str, created_at: int) -> list[dict[str, Any]]:
@@ -193,7 +194,7 @@ def tail_reread(bootstrap_servers: str, topic: str) -> Reread:
         return [
             record
             async for record in read_request_records(
-                bootstrap_servers, topic, request_id, schema="TokenEvent", since_ms=since
+                connection, topic, request_id, schema="TokenEvent", since_ms=since
             )
         ]
 

@@ -18,6 +18,7 @@ from pipeline.core.codec import codec
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.admin import create_topics, delete_topics
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.ops.audit import export
 from pipeline.ops.history import request_history, scan
 from pipeline.ops.replay import history_lines, rerun
@@ -61,7 +62,9 @@ async def results_of(
             rec["request_id"]: rec
             for rec in [
                 codec().decode_as(r.value, "SummaryResult")
-                async for r in scan(settings.bootstrap_servers, [topic], since_ms=since_ms)
+                async for r in scan(
+                    ConnectionConfig.from_settings(settings), [topic], since_ms=since_ms
+                )
             ]
         }
         if len(found) >= count or time.monotonic() > deadline:
