@@ -13,11 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from confluent_kafka import (
-    Consumer,
-    KafkaException,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from pipeline.core.errors import SumstreamError, TopicMissingError
@@ -32,6 +28,17 @@ STAGE_TOPICS: dict[str, str] = {
     "postprocess": "tokens",
 }
 TIMEOUT_S = 5.0
+# The group coordinator is moving or still loading its offsets (a broker that just started):
+# the answer comes within moments, so ask again before calling the read failed.
+COORDINATOR_MOVING = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+    }
+)
+COORDINATOR_ATTEMPTS = 20
+COORDINATOR_RETRY_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ class LagReader:
         out: dict[tuple[str, str, int], int | None] = {}
         for group, parts in by_group.items():
             try:
-                result = self._group_reader(group).committed(parts, timeout=self.timeout_s)
+                result = committed_offsets(self._group_reader(group), parts, self.timeout_s)
             except KafkaException as exc:
                 raise kafka_error(f"reading offsets of group {group}", exc) from exc
             for tp in result:
@@ -172,6 +179,26 @@ class LagReader:
                 break
             time.sleep(0.1)
         return out
+
+
+def committed_offsets(
+    reader: Consumer,
+    parts: list[TopicPartition],
+    timeout_s: float,
+    *,
+    attempts: int = COORDINATOR_ATTEMPTS,
+    retry_s: float = COORDINATOR_RETRY_S,
+) -> list[TopicPartition]:
+    """``reader.committed(parts)``, asked again while the coordinator moves or loads."""
+    for attempt in range(attempts):
+        try:
+            result: list[TopicPartition] = reader.committed(parts, timeout=timeout_s)
+            return result
+        except KafkaException as exc:
+            if attempt == attempts - 1 or exc.args[0].code() not in COORDINATOR_MOVING:
+                raise
+        time.sleep(retry_s)
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def read_lag(
