@@ -11,8 +11,8 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("pipeline.ops.up", "run everything: broker, topics, simulator, workers, gateway"),
     "broker": ("pipeline.ops.broker", "the local Kafka broker: start, stop, status"),
-    "topics": ("pipeline.kafka.admin", "create or describe the topics"),
-    "lag": ("pipeline.kafka.lag", "consumer lag per stage"),
+    "topics": ("pipeline.ops.topics", "create or describe the topics"),
+    "lag": ("pipeline.ops.lag", "consumer lag per stage"),
     "worker": ("pipeline.worker.app", "a Faust worker running some or all stages"),
     "gateway": ("gateway.http.server", "the HTTP gateway (uvicorn)"),
     "llm-sim": ("pipeline.llm.simulator.app", "the Anthropic-compatible LLM simulator"),
