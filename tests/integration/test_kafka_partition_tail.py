@@ -3,12 +3,14 @@ offset lookups of a start-up is read, not skipped (the quota ledger's billing bu
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from gateway.admission.quota import QuotaLedger
@@ -151,3 +153,63 @@ async def test_quota_ledger_start_applies_a_record_written_between_the_offset_lo
         await ledger.settle(user, "pro", "marker", 10, 1)
         usage = ledger.usage(user)
     assert (usage.cost_micro_usd, usage.tokens) == (7_001, 60)
+
+
+class FailingFetches:
+    """A consumer whose first ``failures`` fetches fail as a broker restart makes them fail."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, failures: int) -> None:
+        self._consumer = consumer
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+    async def getmany(self, *tps: TopicPartition, **options: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise KafkaConnectionError("broker gone")
+        return await self._consumer.getmany(*tps, **options)
+
+
+async def test_tail_rides_out_failed_fetches_and_hands_on_every_record_in_order(
+    settings: KafkaSettings, producer: AIOKafkaProducer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = f"{settings.topic_prefix}quota"
+    tp = TopicPartition(topic, 0)
+    build = ConnectionConfig.consumer
+    wrapped: list[FailingFetches] = []
+
+    def failing_consumer(self: ConnectionConfig, **options: Any) -> Any:
+        wrapped.append(FailingFetches(build(self, **options), failures=2))
+        return wrapped[0]
+
+    monkeypatch.setattr(ConnectionConfig, "consumer", failing_consumer)
+    before = [f"old-{i}".encode() for i in range(3)]
+    after = [f"new-{i}".encode() for i in range(3)]
+    for value in before:
+        await producer.send_and_wait(topic, value, partition=0)
+    seen: list[bytes] = []
+    all_seen = asyncio.Event()
+
+    async def handle(batch_tp: TopicPartition, messages: list[Any]) -> None:
+        assert batch_tp == tp
+        seen.extend(m.value for m in messages)
+        if len(seen) == len(before) + len(after):
+            all_seen.set()
+
+    tail = PartitionTail(ConnectionConfig.from_settings(settings), name="test", retry_s=0.01)
+    try:
+        ends = await tail.assign([tp], since_ms=0)
+        assert ends == {tp: len(before)}
+        assert not tail.caught_up.is_set()
+        tail.run(handle)
+        for value in after:
+            await producer.send_and_wait(topic, value, partition=0)
+        async with asyncio.timeout(30):
+            await all_seen.wait()
+            await tail.caught_up.wait()
+    finally:
+        await tail.stop()
+    assert wrapped[0].failures == 0
+    assert seen == before + after
