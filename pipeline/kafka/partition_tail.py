@@ -166,7 +166,11 @@ class PartitionTail:
         if self.group_id is None:
             raise ValueError(f"{self.name}: subscribe needs a group_id")
         consumer = await self.open()
-        consumer.subscribe(list(topics), listener=_SeekUncommitted(consumer, since_ms))
+        try:
+            consumer.subscribe(list(topics), listener=_SeekUncommitted(consumer, since_ms))
+        except BaseException:
+            await self.stop()
+            raise
         self.caught_up.set()
 
     async def rounds(self) -> AsyncIterator[Batch]:
