@@ -24,7 +24,8 @@ from gateway.admission.backpressure import LagMonitor, QueueWaitEstimator
 from gateway.admission.controller import Admission, Degradation
 from gateway.admission.idempotency import RequestIndex
 from gateway.admission.intake import Intake
-from gateway.admission.quota import QuotaLedger, UsageSummary
+from gateway.admission.quota import QuotaLedger
+from gateway.admission.quota_state import UsageSummary
 from gateway.admission.settle import ResultSettler
 from gateway.http.auth import KeyStore, Principal
 from gateway.http.errors import NotReady
@@ -37,6 +38,7 @@ from pipeline.core.codec import codec
 from pipeline.core.errors import TopicMissingError
 from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames, declared_topics
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import STAGE_TOPICS
 
 log = logging.getLogger("sumstream.gateway")
@@ -87,8 +89,9 @@ class Gateway:
             max_inflight=settings.max_inflight,
             degradation=degradation,
         )
+        self.connection = ConnectionConfig.from_settings(settings)
         self.settler = ResultSettler(
-            settings.bootstrap_servers,
+            self.connection,
             self.topics.results,
             settings.settle_group,
             self.ledger,
@@ -122,9 +125,10 @@ class Gateway:
             spawn=self.spawn,
             running=self._running,
         )
-        self.lookup = RequestLookup(settings, self.topics, self.index, self.hub)
+        self.lookup = RequestLookup(settings, self.connection, self.topics, self.index, self.hub)
         self.streams = ClientStreams(
             settings,
+            self.connection,
             self.topics,
             self.hub,
             self.lookup,
@@ -138,11 +142,8 @@ class Gateway:
     async def start(self) -> None:
         """Connect, read the stream partition count, and start the hub and the index."""
         s = self.settings
-        producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=s.producer_linger_ms,
+        producer = self.connection.producer(
+            acks="all", enable_idempotence=True, linger_ms=s.producer_linger_ms
         )
         await producer.start()
         self.producer = producer
@@ -151,9 +152,9 @@ class Gateway:
             self.owned = owned_partitions(s.instance_index, s.instance_count, self.partitions)
             self.intake.open(producer, self.owned, self.partitions)
             await self.hub.start(
-                s.bootstrap_servers, self.topics.tokens, self.topics.results, self.owned
+                self.connection, self.topics.tokens, self.topics.results, self.owned
             )
-            await self.index.start(s.bootstrap_servers, self.topics.requests, requests_partitions)
+            await self.index.start(self.connection, self.topics.requests, requests_partitions)
             # The month so far is replayed from `quota` before the first admission.
             await self.ledger.start()
             await self.settler.start()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from confluent_kafka import KafkaException, TopicPartition
-from confluent_kafka.admin._listoffsets import OffsetSpec
+from confluent_kafka.admin import OffsetSpec
 from prometheus_client import Gauge
 
 from gateway.http.errors import GatewayError, Overloaded

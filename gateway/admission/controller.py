@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.admission.backpressure import QueueWaitEstimator
-from gateway.admission.quota import QuotaUnavailable, Verdict
+from gateway.admission.quota import QuotaUnavailable
+from gateway.admission.quota_state import Verdict
 from gateway.http.errors import Overloaded, RateLimited
 from gateway.metrics import ADMISSION, ESTIMATED_WAIT
 from pipeline.core.prompt import DEFAULT_INSTRUCTIONS, SYSTEM_PROMPT, user_message

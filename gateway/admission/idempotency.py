@@ -14,7 +14,6 @@ any instance can answer 404 to anybody else without reading the log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -22,11 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import TopicPartition
 
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
+from pipeline.kafka.connection import ConnectionConfig
+from pipeline.kafka.partition_tail import PartitionTail
 
 log = logging.getLogger("sumstream.gateway.idempotency")
 
@@ -54,8 +54,8 @@ class RequestIndex:
         self.owners: OrderedDict[str, RequestOwner] = OrderedDict()
         self.keys: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
         self.ready = asyncio.Event()
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tail: PartitionTail | None = None
+        self._ready_task: asyncio.Task[None] | None = None
 
     # -- the maps -----------------------------------------------------------------------------
 
@@ -110,69 +110,41 @@ class RequestIndex:
 
     # -- rebuild and follow -------------------------------------------------------------------
 
-    async def start(self, bootstrap_servers: str, requests_topic: str, partitions: int) -> None:
+    async def start(
+        self, connection: ConnectionConfig, requests_topic: str, partitions: int
+    ) -> None:
         """Assign every partition of ``requests`` from (now - window) and follow it.
 
         ``ready`` is set once the records that existed at start-up have been read.
         """
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=100,
+        tail = PartitionTail(
+            connection,
+            name="gateway-request-index",
             auto_offset_reset="latest",
+            max_records=2_000,
         )
-        await consumer.start()
-        try:
-            tps = [TopicPartition(requests_topic, p) for p in range(partitions)]
-            consumer.assign(tps)
-            ends = await consumer.end_offsets(tps)
-            since = self._clock_ms() - self.window_ms
-            found = await consumer.offsets_for_times(dict.fromkeys(tps, since))
-            for tp in tps:
-                hit = found.get(tp)
-                consumer.seek(tp, hit.offset if hit is not None else ends[tp])
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._consumer = consumer
-        self._task = asyncio.create_task(self._run(consumer, ends), name="gateway-request-index")
+        tps = [TopicPartition(requests_topic, p) for p in range(partitions)]
+        await tail.assign(tps, since_ms=self._clock_ms() - self.window_ms)
+        self._tail = tail
+        self._ready_task = asyncio.create_task(self._announce_ready(tail))
+        tail.run(self._observe_batch)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+            self._ready_task = None
+        if self._tail is not None:
+            await self._tail.stop()
+            self._tail = None
 
-    async def _run(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
-        pending = {tp: end for tp, end in ends.items() if end > await consumer.position(tp)}
-        if not pending:
-            self.ready.set()
-        while True:
+    async def _observe_batch(self, _tp: TopicPartition, messages: list[Any]) -> None:
+        for msg in messages:
             try:
-                batches = await consumer.getmany(timeout_ms=1_000, max_records=2_000)
-            except KafkaError as exc:
-                log.warning("request index fetch failed: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
-            for messages in batches.values():
-                for msg in messages:
-                    try:
-                        self.observe(codec().decode_as(msg.value, "SummarizeRequest"))
-                    except CodecError:
-                        continue  # preprocess dead-letters it
-            if pending:
-                for tp in list(pending):
-                    if await consumer.position(tp) >= pending[tp]:
-                        del pending[tp]
-                if not pending:
-                    log.info(
-                        "request index rebuilt: %d requests, %d keys",
-                        len(self.owners),
-                        len(self.keys),
-                    )
-                    self.ready.set()
+                self.observe(codec().decode_as(msg.value, "SummarizeRequest"))
+            except CodecError:
+                continue  # preprocess dead-letters it
+
+    async def _announce_ready(self, tail: PartitionTail) -> None:
+        await tail.caught_up.wait()
+        log.info("request index rebuilt: %d requests, %d keys", len(self.owners), len(self.keys))
+        self.ready.set()

@@ -17,17 +17,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from gateway.admission.quota import month_start_ms
+from gateway.admission.quota_state import month_start_ms
 from gateway.metrics import SETTLED
+from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
+from pipeline.kafka.connection import ConnectionConfig
+from pipeline.kafka.partition_tail import PartitionTail
 
 log = logging.getLogger("sumstream.gateway.settle")
 
@@ -71,37 +73,12 @@ async def settle_result(ledger: Settler, result: Mapping[str, Any]) -> bool:
     return True
 
 
-class _StartPositions(ConsumerRebalanceListener):  # type: ignore[misc]
-    """A partition the group never committed starts ``backfill_s`` back (within the month)."""
-
-    def __init__(self, consumer: AIOKafkaConsumer, backfill_s: float) -> None:
-        self.consumer = consumer
-        self.backfill_s = backfill_s
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        return None
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        fresh = [tp for tp in assigned if await self.consumer.committed(tp) is None]
-        if not fresh:
-            return
-        now_ms = int(time.time() * 1000)
-        since = max(month_start_ms(now_ms), now_ms - int(self.backfill_s * 1000))
-        # Ends first: a result written between the two calls is then either found by time or
-        # lies after the end we fall back to, never skipped.
-        ends = await self.consumer.end_offsets(fresh)
-        found = await self.consumer.offsets_for_times(dict.fromkeys(fresh, since))
-        for tp in fresh:
-            hit = found.get(tp)
-            self.consumer.seek(tp, hit.offset if hit is not None else ends[tp])
-
-
 class ResultSettler:
     """Reads `results` in the settle group and SETTLEs each one in the ledger."""
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        connection: ConnectionConfig,
         results_topic: str,
         group_id: str,
         ledger: Settler,
@@ -109,62 +86,53 @@ class ResultSettler:
         backfill_s: float = 3_600.0,
         on_settled: Callable[[str], None] | None = None,
     ) -> None:
-        self.bootstrap_servers = bootstrap_servers
+        self.connection = connection
         self.topic = results_topic
         self.group_id = group_id
         self.ledger = ledger
         self.backfill_s = backfill_s
         self._on_settled = on_settled
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tail: PartitionTail | None = None
 
     async def start(self) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
+        tail = PartitionTail(
+            self.connection,
+            name="gateway-settle",
             group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=200,
+            max_records=500,
+            retry_s=RETRY_S,
         )
-        await consumer.start()
-        consumer.subscribe([self.topic], listener=_StartPositions(consumer, self.backfill_s))
-        self._consumer = consumer
-        self._task = asyncio.create_task(self._run(consumer), name="gateway-settle")
+        # A partition the group never committed starts ``backfill_s`` back (within the month).
+        await tail.subscribe([self.topic], since_ms=self._backfill_start)
+        self._tail = tail
+        tail.run(self._settle_or_retry)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._consumer is not None:
-            with contextlib.suppress(KafkaError):
-                await self._consumer.stop()
-            self._consumer = None
+        if self._tail is not None:
+            await self._tail.stop()
+            self._tail = None
 
-    async def _run(self, consumer: AIOKafkaConsumer) -> None:
-        while True:
-            try:
-                batches = await consumer.getmany(timeout_ms=1_000, max_records=500)
-            except KafkaError as exc:
-                log.warning("settle fetch failed: %s", exc)
-                await asyncio.sleep(RETRY_S)
-                continue
-            for tp, messages in batches.items():
-                try:
-                    await self._settle_batch(consumer, tp, messages)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    # Not committed: read again from the batch's first record and retry.
-                    log.warning(
-                        "settle failed; retrying",
-                        extra={"partition": tp.partition, "error": repr(exc)},
-                    )
-                    SETTLED.labels("retry").inc()
-                    with contextlib.suppress(KafkaError, AssertionError, ValueError):
-                        consumer.seek(tp, messages[0].offset)
-                    await asyncio.sleep(RETRY_S)
+    def _backfill_start(self) -> int:
+        now = now_ms()
+        return max(month_start_ms(now), now - int(self.backfill_s * 1000))
+
+    async def _settle_or_retry(self, tp: TopicPartition, messages: list[Any]) -> None:
+        assert self._tail is not None
+        consumer = self._tail.consumer
+        try:
+            await self._settle_batch(consumer, tp, messages)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Not committed: read again from the batch's first record and retry.
+            log.warning(
+                "settle failed; retrying",
+                extra={"partition": tp.partition, "error": repr(exc)},
+            )
+            SETTLED.labels("retry").inc()
+            with contextlib.suppress(KafkaError, AssertionError, ValueError):
+                consumer.seek(tp, messages[0].offset)
+            await asyncio.sleep(RETRY_S)
 
     async def _settle_batch(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, messages: list[Any]

@@ -22,6 +22,7 @@ from gateway.streams.lookup import RequestLookup
 from gateway.streams.reader import read_token_events
 from pipeline.core.records import TERMINAL_KINDS, SummaryResult
 from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
 
 log = logging.getLogger("sumstream.gateway")
 
@@ -54,6 +55,7 @@ class ClientStreams:
     def __init__(
         self,
         settings: GatewaySettings,
+        connection: ConnectionConfig,
         topics: TopicNames,
         hub: StreamHub,
         lookup: RequestLookup,
@@ -63,6 +65,7 @@ class ClientStreams:
         running: Callable[[], bool],
     ) -> None:
         self.settings = settings
+        self.connection = connection
         self.topics = topics
         self.hub = hub
         self.lookup = lookup
@@ -103,7 +106,7 @@ class ClientStreams:
         try:
             terminal = False
             events = read_token_events(
-                self.settings.bootstrap_servers,
+                self.connection,
                 self.topics.tokens,
                 request_id,
                 follow=result is None,

@@ -11,7 +11,6 @@ when it falls too far behind.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
@@ -19,15 +18,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import TopicPartition
 
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
+from pipeline.core.records import TERMINAL_KINDS
+from pipeline.kafka.connection import ConnectionConfig
+from pipeline.kafka.partition_tail import PartitionTail
 
 log = logging.getLogger("sumstream.gateway.hub")
 
-TERMINAL_KINDS = frozenset({"DONE", "ERROR", "CANCELLED"})
 
 ItemKind = Literal["token", "result"]
 Item = tuple[ItemKind, dict[str, Any]]
@@ -131,8 +131,7 @@ class StreamHub:
         self._finished: OrderedDict[str, float] = OrderedDict()
         self._waiting: set[str] = set()
         self._last_sweep = 0.0
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tail: PartitionTail | None = None
         self.tokens_topic = ""
         self.results_topic = ""
         self.running = False
@@ -274,7 +273,7 @@ class StreamHub:
 
     async def start(
         self,
-        bootstrap_servers: str,
+        connection: ConnectionConfig,
         tokens_topic: str,
         results_topic: str,
         partitions: frozenset[int],
@@ -282,62 +281,34 @@ class StreamHub:
         """Assign the owned partitions of both topics at their end offsets and start tailing."""
         self.tokens_topic = tokens_topic
         self.results_topic = results_topic
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            # The broker answers a fetch as soon as data arrives; this only bounds idle polls.
-            fetch_max_wait_ms=100,
-            auto_offset_reset="latest",
-        )
-        await consumer.start()
-        try:
-            tps = [TopicPartition(t, p) for t in (tokens_topic, results_topic) for p in partitions]
-            consumer.assign(tps)
-            await consumer.seek_to_end(*tps)
-            for tp in tps:
-                await consumer.position(tp)  # resolve now, before any request is accepted
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._consumer = consumer
+        tail = PartitionTail(connection, name="gateway-hub", auto_offset_reset="latest")
+        tps = [TopicPartition(t, p) for t in (tokens_topic, results_topic) for p in partitions]
+        # At the end, resolved now: before any request is accepted.
+        await tail.assign(tps)
+        self._tail = tail
         self.running = True
-        self._task = asyncio.create_task(self._run(consumer), name="gateway-hub")
+        tail.run(self._dispatch_batch)
 
     async def stop(self) -> None:
         self.running = False
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        if self._tail is not None:
+            await self._tail.stop()
+            self._tail = None
         for stream in self.streams.values():
             for sub in stream.subscribers:
                 sub.close("shutting_down")
 
-    async def _run(self, consumer: AIOKafkaConsumer) -> None:
-        while True:
-            try:
-                batches = await consumer.getmany(timeout_ms=1_000, max_records=1_000)
-            except KafkaError as exc:
-                # The consumer reconnects by itself; a broker restart is a delay, not an end.
-                log.warning("hub fetch failed: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
-            try:
-                for tp, messages in batches.items():
-                    is_tokens = tp.topic == self.tokens_topic
-                    for msg in messages:
-                        self._handle(is_tokens, msg.key, msg.value)
-                if batches and self._clock() - self._last_sweep > 1.0:
-                    self._last_sweep = self._clock()
-                    self._evict()
-            except Exception:
-                # A bug in fan-out must not stop every stream of this instance.
-                log.exception("hub dispatch failed")
+    async def _dispatch_batch(self, tp: TopicPartition, messages: list[Any]) -> None:
+        try:
+            is_tokens = tp.topic == self.tokens_topic
+            for msg in messages:
+                self._handle(is_tokens, msg.key, msg.value)
+            if messages and self._clock() - self._last_sweep > 1.0:
+                self._last_sweep = self._clock()
+                self._evict()
+        except Exception:
+            # A bug in fan-out must not stop every stream of this instance.
+            log.exception("hub dispatch failed")
 
     def _handle(self, is_tokens: bool, key: bytes | None, value: bytes | None) -> None:
         # Most records of a partition belong to requests nobody here streams: skip them

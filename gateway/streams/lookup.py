@@ -10,6 +10,7 @@ from gateway.streams.hub import StreamHub
 from gateway.streams.reader import first, read_requests, read_results
 from pipeline.core.records import SummaryResult
 from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import id_time_ms
 
 
@@ -17,9 +18,15 @@ class RequestLookup:
     """Answers ``owner_of`` and ``result_of`` for any request id, accepted here or elsewhere."""
 
     def __init__(
-        self, settings: GatewaySettings, topics: TopicNames, index: RequestIndex, hub: StreamHub
+        self,
+        settings: GatewaySettings,
+        connection: ConnectionConfig,
+        topics: TopicNames,
+        index: RequestIndex,
+        hub: StreamHub,
     ) -> None:
         self.settings = settings
+        self.connection = connection
         self.topics = topics
         self.index = index
         self.hub = hub
@@ -31,8 +38,7 @@ class RequestLookup:
             # Ids that are not ULIDs cannot be positioned in the log; the index has every
             # request of the last window, so those older than it are not found.
             return owner
-        servers = self.settings.bootstrap_servers
-        request = await first(read_requests(servers, self.topics.requests, request_id))
+        request = await first(read_requests(self.connection, self.topics.requests, request_id))
         if request is not None:
             # The index keeps the plain records it reads from `requests` itself.
             self.index.observe(cast(dict[str, Any], request))
@@ -53,7 +59,7 @@ class RequestLookup:
             # partition since, so no result in memory means none in the log either.
             return cast(SummaryResult | None, stream.result)
         reader = read_results(
-            self.settings.bootstrap_servers,
+            self.connection,
             self.topics.results,
             request_id,
             follow=follow,

@@ -16,17 +16,18 @@ from aiokafka.errors import KafkaError
 from gateway.http.errors import BrokerUnavailable
 from pipeline.core.errors import TopicMissingError
 from pipeline.core.records import SummarizeRequest, SummaryResult, TokenEvent
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import read_request_records
 
 R = TypeVar("R")
 
 
 async def _records(
-    bootstrap_servers: str, topic: str, request_id: str, schema: str, **options: Any
+    connection: ConnectionConfig, topic: str, request_id: str, schema: str, **options: Any
 ) -> AsyncGenerator[dict[str, Any], None]:
     records = cast(
         AsyncGenerator[dict[str, Any], None],
-        read_request_records(bootstrap_servers, topic, request_id, schema=schema, **options),
+        read_request_records(connection, topic, request_id, schema=schema, **options),
     )
     async with contextlib.aclosing(records):
         try:
@@ -37,20 +38,25 @@ async def _records(
 
 
 def read_requests(
-    bootstrap_servers: str, topic: str, request_id: str
+    connection: ConnectionConfig, topic: str, request_id: str
 ) -> AsyncGenerator[SummarizeRequest, None]:
     """The SummarizeRequest records of ``request_id`` written so far (normally one)."""
-    records = _records(bootstrap_servers, topic, request_id, "SummarizeRequest")
+    records = _records(connection, topic, request_id, "SummarizeRequest")
     # The codec has checked each record against the SummarizeRequest schema.
     return cast(AsyncGenerator[SummarizeRequest, None], records)
 
 
 def read_results(
-    bootstrap_servers: str, topic: str, request_id: str, *, follow: bool, idle_timeout_s: float
+    connection: ConnectionConfig,
+    topic: str,
+    request_id: str,
+    *,
+    follow: bool,
+    idle_timeout_s: float,
 ) -> AsyncGenerator[SummaryResult, None]:
     """The SummaryResult of ``request_id``; with ``follow``, waiting up to ``idle_timeout_s``."""
     records = _records(
-        bootstrap_servers,
+        connection,
         topic,
         request_id,
         "SummaryResult",
@@ -62,11 +68,16 @@ def read_results(
 
 
 def read_token_events(
-    bootstrap_servers: str, topic: str, request_id: str, *, follow: bool, idle_timeout_s: float
+    connection: ConnectionConfig,
+    topic: str,
+    request_id: str,
+    *,
+    follow: bool,
+    idle_timeout_s: float,
 ) -> AsyncGenerator[TokenEvent, None]:
     """The TokenEvents of ``request_id`` in seq order, up to its terminal event when following."""
     records = _records(
-        bootstrap_servers,
+        connection,
         topic,
         request_id,
         "TokenEvent",

@@ -38,6 +38,19 @@ class KafkaSettings(BaseSettings):
     stream_partitions: int = Field(default=6, ge=1)
     work_partitions: int = Field(default=6, ge=1)
     data_dir: Path = DEFAULT_DATA_DIR
+    # How every client reaches the cluster (pipeline/kafka/connection.py builds them all).
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = "PLAIN"
+    sasl_username: str | None = None
+    # With OAUTHBEARER: a bearer token, sent as is.
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    # Every consumer tail's fetch wait (and the Faust workers', whose own default is 1500 ms):
+    # a record that arrives while a fetch for other partitions is parked at the broker waits
+    # for it. 50 ms bounds that wait; an idle consumer then costs ~3 % of a core (10 ms: ~10 %).
+    fetch_max_wait_ms: int = Field(default=50, ge=0)
 
 
 class BrokerSettings(KafkaSettings):
@@ -105,10 +118,6 @@ class WorkerSettings(KafkaSettings):
     inflight_done_retention_s: float = Field(default=600.0, gt=0)
     # Requests whose partial text postprocess keeps in memory before it re-reads from `tokens`.
     postprocess_max_open: int = Field(default=10_000, ge=1)
-    # Faust hard-codes 1500 ms; a record that arrives while a fetch for other partitions is
-    # parked at the broker waits for it. 50 ms bounds that wait; an idle worker then costs ~3 %
-    # of a core (10 ms: ~10 %).
-    fetch_max_wait_ms: int = Field(default=50, ge=0)
     log_level: str = "info"
     log_json: bool = True
 

@@ -1,31 +1,32 @@
-"""`sumstream topics`: create the declared topics idempotently and show what the broker holds.
+"""Create the declared topics idempotently and show what the broker holds.
 
 The topics themselves are declared in ``pipeline/core/topics.py``; this module only talks to the
 broker (confluent-kafka's AdminClient, which is synchronous: the async API runs it in a thread).
+The `sumstream topics` command is pipeline/ops/topics.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import sys
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicCollection, TopicPartition
-from confluent_kafka.admin import AdminClient
-
-# confluent-kafka's admin package re-exports these without __all__, which mypy --strict rejects.
-from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
-from confluent_kafka.admin._listoffsets import OffsetSpec
-from confluent_kafka.admin._resource import ResourceType
-from confluent_kafka.cimpl import NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    OffsetSpec,
+    ResourceType,
+)
 
 from pipeline.core.errors import BrokerUnavailableError, SumstreamError, TopicConfigError
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicSpec, declared_topics
+from pipeline.kafka.connection import ConnectionConfig
 
 TIMEOUT_S = 30.0
 # Answers from a partition whose leadership is still being set up.
@@ -48,9 +49,7 @@ _UNAVAILABLE = {
 
 def admin_client(settings: KafkaSettings) -> AdminClient:
     """An AdminClient for the settings' cluster (no close needed: librdkafka frees it on GC)."""
-    return AdminClient(
-        {"bootstrap.servers": settings.bootstrap_servers, "log.connection.close": False}
-    )
+    return ConnectionConfig.from_settings(settings).admin_client({"log.connection.close": False})
 
 
 def kafka_error(what: str, exc: KafkaException) -> SumstreamError:
@@ -251,56 +250,3 @@ def delete_topics(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> list
             raise kafka_error(f"deleting {name}", exc) from exc
         deleted.append(name)
     return sorted(deleted)
-
-
-def _human_ms(value: str | None) -> str:
-    if value is None or not value.lstrip("-").isdigit():
-        return str(value)
-    ms = int(value)
-    if ms > 0 and ms % 86_400_000 == 0:
-        return f"{value} ({ms // 86_400_000}d)"
-    return value
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The `topics describe` table: one line per topic, mismatches marked."""
-    lines = [f"{'topic':<32} {'partitions':>10}  config"]
-    for row in rows:
-        if not row["exists"]:
-            lines.append(f"{row['name']:<32} {'-':>10}  MISSING (run `sumstream topics create`)")
-            continue
-        parts = [
-            f"{k}={_human_ms(v) if k.endswith('.ms') else v}" for k, v in row["config"].items()
-        ]
-        mark = (
-            ""
-            if row["matches"]
-            else "  MISMATCH (declared: "
-            + (f"{row['declared_partitions']} partitions, {row['declared_config']})")
-        )
-        lines.append(f"{row['name']:<32} {row['partitions']:>10}  {' '.join(parts)}{mark}")
-    return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["create", "describe"])
-    parser.add_argument("--json", action="store_true", help="describe: print JSON")
-    parser.add_argument("--timeout", type=float, default=TIMEOUT_S)
-
-
-def run(args: argparse.Namespace) -> int:
-    settings = KafkaSettings()
-    try:
-        if args.action == "create":
-            created = create_topics(settings, args.timeout)
-            total = len(declared_topics(settings))
-            print(f"{len(created)} created, {total - len(created)} already present")
-            for name in created:
-                print(f"  + {name}")
-            return 0
-        rows = describe_topics(settings, args.timeout)
-    except SumstreamError as exc:
-        print(f"sumstream topics {args.action}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
-    return 0 if all(row["matches"] for row in rows) else 1

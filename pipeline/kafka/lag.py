@@ -1,31 +1,24 @@
 """Consumer lag per stage: records in a stage's input topic that its group has not committed.
 
 The queue is the log, so its length is lag (docs/architecture.md, "Lag-driven admission"). The
-gateway reads it every second for admission; `sumstream lag` shows it to operators.
+gateway reads it every second for admission; `sumstream lag` (pipeline/ops/lag.py) shows it to
+operators.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from confluent_kafka import (
-    Consumer,
-    KafkaException,
-    TopicPartition,
-)
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
-# Re-exported by confluent_kafka.admin without __all__ (mypy --strict rejects that import).
-from confluent_kafka.admin._listoffsets import OffsetSpec
-
-from pipeline.core.errors import SumstreamError, TopicMissingError
+from pipeline.core.errors import TopicMissingError
 from pipeline.core.settings import KafkaSettings, WorkerSettings
 from pipeline.kafka.admin import LEADER_MOVING, admin_client, kafka_error, partition_counts
+from pipeline.kafka.connection import ConnectionConfig
 
 # stage -> the topic it consumes (short name, before the prefix).
 STAGE_TOPICS: dict[str, str] = {
@@ -34,6 +27,17 @@ STAGE_TOPICS: dict[str, str] = {
     "postprocess": "tokens",
 }
 TIMEOUT_S = 5.0
+# The group coordinator is moving or still loading its offsets (a broker that just started):
+# the answer comes within moments, so ask again before calling the read failed.
+COORDINATOR_MOVING = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+    }
+)
+COORDINATOR_ATTEMPTS = 20
+COORDINATOR_RETRY_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class LagReader:
         self.topics = {stage: settings.topic_prefix + STAGE_TOPICS[stage] for stage in groups}
         self.timeout_s = timeout_s
         self._client: AdminClient = admin_client(settings)
-        self._bootstrap = settings.bootstrap_servers
+        self._connection = ConnectionConfig.from_settings(settings)
         self._readers: dict[str, Consumer] = {}
 
     def read(self) -> dict[str, int]:
@@ -128,7 +132,7 @@ class LagReader:
         out: dict[tuple[str, str, int], int | None] = {}
         for group, parts in by_group.items():
             try:
-                result = self._group_reader(group).committed(parts, timeout=self.timeout_s)
+                result = committed_offsets(self._group_reader(group), parts, self.timeout_s)
             except KafkaException as exc:
                 raise kafka_error(f"reading offsets of group {group}", exc) from exc
             for tp in result:
@@ -143,12 +147,8 @@ class LagReader:
         # so it never joins the group it reads.
         reader = self._readers.get(group)
         if reader is None:
-            reader = Consumer(
-                {
-                    "bootstrap.servers": self._bootstrap,
-                    "group.id": group,
-                    "enable.auto.commit": False,
-                }
+            reader = self._connection.confluent_consumer(
+                {"group.id": group, "enable.auto.commit": False}
             )
             self._readers[group] = reader
         return reader
@@ -180,6 +180,26 @@ class LagReader:
         return out
 
 
+def committed_offsets(
+    reader: Consumer,
+    parts: list[TopicPartition],
+    timeout_s: float,
+    *,
+    attempts: int = COORDINATOR_ATTEMPTS,
+    retry_s: float = COORDINATOR_RETRY_S,
+) -> list[TopicPartition]:
+    """``reader.committed(parts)``, asked again while the coordinator moves or loads."""
+    for attempt in range(attempts):
+        try:
+            result: list[TopicPartition] = reader.committed(parts, timeout=timeout_s)
+            return result
+        except KafkaException as exc:
+            if attempt == attempts - 1 or exc.args[0].code() not in COORDINATOR_MOVING:
+                raise
+        time.sleep(retry_s)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
 def read_lag(
     settings: KafkaSettings,
     groups_by_stage: Mapping[str, str] | None = None,
@@ -194,58 +214,3 @@ def read_lag(
         return reader.read()
     finally:
         reader.close()
-
-
-def format_table(parts: list[PartitionLag], *, per_partition: bool = False) -> str:
-    """The `sumstream lag` table: one line per stage (or per partition)."""
-    lines = [f"{'stage':<12} {'group':<20} {'topic':<32} {'part':>4} {'lag':>10}"]
-    stages: dict[str, list[PartitionLag]] = {}
-    for part in parts:
-        stages.setdefault(part.stage, []).append(part)
-    for stage, rows in stages.items():
-        if per_partition:
-            for r in rows:
-                lines.append(
-                    f"{stage:<12} {r.group:<20} {r.topic:<32} {r.partition:>4} {r.lag:>10}"
-                )
-        total = sum(r.lag for r in rows)
-        lines.append(f"{stage:<12} {rows[0].group:<20} {rows[0].topic:<32} {'all':>4} {total:>10}")
-    return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--group", default=None, help="consumer group of every stage (app id)")
-    parser.add_argument(
-        "--stage-group",
-        action="append",
-        default=[],
-        metavar="STAGE=GROUP",
-        help="consumer group of one stage (repeatable)",
-    )
-    parser.add_argument("--partitions", action="store_true", help="one line per partition")
-    parser.add_argument("--watch", action="store_true", help="refresh every second")
-
-
-def run(args: argparse.Namespace) -> int:
-    groups = default_groups(args.group)
-    for item in args.stage_group:
-        stage, sep, group = item.partition("=")
-        if not sep or stage not in STAGE_TOPICS:
-            print(f"--stage-group wants STAGE=GROUP with a stage of {sorted(STAGE_TOPICS)}")
-            return 2
-        groups[stage] = group
-    try:
-        reader = LagReader(KafkaSettings(), groups)
-        while True:
-            table = format_table(reader.read_partitions(), per_partition=args.partitions)
-            if not args.watch:
-                print(table)
-                return 0
-            # Clear the screen and redraw in place.
-            print(f"\x1b[H\x1b[2J{time.strftime('%H:%M:%S')}  sumstream lag\n{table}", flush=True)
-            time.sleep(1.0)
-    except SumstreamError as exc:
-        print(f"sumstream lag: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0

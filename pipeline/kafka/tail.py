@@ -6,19 +6,20 @@ inference resume after a crash and replay all use this one reader.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from ulid import ULID
 
 from pipeline.core.codec import codec
-from pipeline.core.errors import CodecError, TopicMissingError
+from pipeline.core.errors import CodecError
 from pipeline.core.partitioning import partition_for
+from pipeline.core.records import TERMINAL_KINDS
+from pipeline.kafka.connection import ConnectionConfig
+from pipeline.kafka.partition_tail import PartitionTail, partition_ids
 
-TERMINAL_KINDS = frozenset({"DONE", "ERROR", "CANCELLED"})
 # Producer clocks may lag the clock that minted the id; start a little earlier.
 CLOCK_SKEW_MS = 10_000
 
@@ -32,7 +33,7 @@ def id_time_ms(request_id: str) -> int | None:
 
 
 async def read_request_records(
-    bootstrap_servers: str,
+    connection: ConnectionConfig,
     topic: str,
     request_id: str,
     *,
@@ -51,35 +52,23 @@ async def read_request_records(
     """
     key = request_id.encode()
     start_ms = since_ms if since_ms is not None else id_time_ms(request_id)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=50,
+    tail = PartitionTail(
+        connection, name=f"read {topic}", poll_timeout_ms=200, max_records=500, retry_s=0.2
     )
-    await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            partitions = await _wait_partitions(consumer, topic)
+        consumer = await tail.open()
+        partitions = await partition_ids(consumer, topic)
         tp = TopicPartition(topic, partition_for(key, len(partitions)))
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
         if start_ms is not None:
-            found = await consumer.offsets_for_times({tp: max(0, start_ms - CLOCK_SKEW_MS)})
-            if found.get(tp) is None:
-                if not follow:
-                    return
-                consumer.seek(tp, end)
-            else:
-                consumer.seek(tp, found[tp].offset)
+            # No record at or after the time: the tail starts at the end read before the lookup.
+            ends = await tail.assign([tp], since_ms=max(0, start_ms - CLOCK_SKEW_MS))
         else:
-            await consumer.seek_to_beginning(tp)
+            ends = await tail.assign([tp], offsets=await consumer.beginning_offsets([tp]))
+        end = ends[tp]
         deadline = time.monotonic() + idle_timeout_s
-        while True:
-            if not follow and await consumer.position(tp) >= end:
-                return
-            batch = await consumer.getmany(tp, timeout_ms=200, max_records=500)
+        if not follow and await consumer.position(tp) >= end:
+            return
+        async for batch in tail.rounds():
             for msg in batch.get(tp, []):
                 if not follow and msg.offset >= end:
                     return
@@ -93,19 +82,9 @@ async def read_request_records(
                 yield record
                 if stop_at_terminal and record.get("kind") in TERMINAL_KINDS:
                     return
+            if not follow and await consumer.position(tp) >= end:
+                return
             if follow and time.monotonic() > deadline:
                 return
     finally:
-        await consumer.stop()
-
-
-async def _wait_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    for _ in range(50):
-        # consumer.topics() fetches metadata without updating the client's cluster view,
-        # which partitions_for_topic reads; tracking the topic does.
-        await consumer._client.add_topic(topic)
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions:
-            return set(partitions)
-        await asyncio.sleep(0.1)
-    raise TopicMissingError(f"topic {topic} has no partitions")
+        await tail.stop()

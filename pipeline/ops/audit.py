@@ -20,6 +20,7 @@ from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.ops.history import Progress, format_time, scan
 
 
@@ -67,7 +68,7 @@ async def audit_rows(
     topics = TopicNames.from_settings(settings)
     latest: dict[bytes | None, dict[str, Any] | None] = {}
     async for logged in scan(
-        settings.bootstrap_servers,
+        ConnectionConfig.from_settings(settings),
         [topics.results],
         since_ms=since_ms,
         until_ms=until_ms,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -21,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 
 from pipeline.core.errors import BrokerToolingError
-from pipeline.core.settings import BrokerSettings
+from pipeline.core.settings import BrokerSettings, kafka_settings
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.ops.broker_install import (
     HOST,
     LOG4J2,
@@ -72,9 +73,15 @@ def local_bootstrap(settings: BrokerSettings) -> str:
 
 
 def is_reachable(bootstrap: str, timeout_s: float = 2.0) -> bool:
-    """True when a broker at ``bootstrap`` answers a metadata request (DescribeCluster)."""
+    """True when a broker at ``bootstrap`` answers a metadata request (DescribeCluster).
+
+    The security options are the process's settings (``SUMSTREAM_*``); the address is given.
+    """
+    connection = dataclasses.replace(
+        ConnectionConfig.from_settings(kafka_settings()), bootstrap_servers=bootstrap
+    )
     # log_level 0: a refused connection is the expected answer here, not worth a log line.
-    client = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    client = connection.admin_client({"log_level": 0})
     try:
         cluster = client.describe_cluster(request_timeout=timeout_s).result(timeout=timeout_s + 1)
     except (KafkaException, TimeoutError):

@@ -33,13 +33,13 @@ def _broker() -> Command:
 
 
 def _topics() -> Command:
-    from pipeline.kafka import admin as command
+    from pipeline.ops import topics as command
 
     return command
 
 
 def _lag() -> Command:
-    from pipeline.kafka import lag as command
+    from pipeline.ops import lag as command
 
     return command
 

@@ -24,6 +24,8 @@ from pipeline.core.errors import SumstreamError, TopicMissingError
 from pipeline.core.partitioning import partition_for
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
+from pipeline.kafka.partition_tail import PartitionTail, partition_ids
 from pipeline.kafka.tail import CLOCK_SKEW_MS, id_time_ms
 
 # The order of the pipeline, used to break timestamp ties between topics.
@@ -143,21 +145,12 @@ async def _partitions(
     if missing and not missing_ok:
         raise TopicMissingError(f"missing topics: {', '.join(missing)}")
     present = [t for t in topics if t in existing]
-    if not present:
-        return []
     # A fresh consumer tracks no topics; assigning partition 0 (every topic has one) makes
     # the client fetch their metadata, which `consumer.topics()` alone does not keep.
     consumer.assign([TopicPartition(t, 0) for t in present])
     out: list[TopicPartition] = []
     for topic in present:
-        partitions = consumer.partitions_for_topic(topic)
-        for _ in range(100):
-            if partitions:
-                break
-            await asyncio.sleep(0.05)
-            partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise TopicMissingError(f"no partition metadata for {topic}")
+        partitions = await partition_ids(consumer, topic, attempts=100)
         if key is not None:
             out.append(TopicPartition(topic, partition_for(key, len(partitions))))
         else:
@@ -165,15 +158,8 @@ async def _partitions(
     return out
 
 
-async def _offsets_at(
-    consumer: AIOKafkaConsumer, tps: list[TopicPartition], ms: int, fallback: dict[Any, int]
-) -> dict[TopicPartition, int]:
-    found = await consumer.offsets_for_times(dict.fromkeys(tps, max(0, ms)))
-    return {tp: found[tp].offset if found.get(tp) is not None else fallback[tp] for tp in tps}
-
-
 async def scan(
-    bootstrap_servers: str,
+    connection: ConnectionConfig,
     topics: Sequence[str],
     *,
     since_ms: int | None = None,
@@ -186,41 +172,37 @@ async def scan(
 ) -> AsyncIterator[LoggedRecord]:
     """Yield the records of ``topics`` stamped in [since_ms, until_ms], each partition in order.
 
-    Each partition is positioned with offsets_for_times (or its beginning) and, unless
+    Each partition is positioned with ``seek_to_time`` (or at its beginning) and, unless
     ``follow``, read up to its end as of the call (or the first offset past ``until_ms``),
     so records produced meanwhile (a rerun's own) are not read back. With ``key`` only
     that key's partition of each topic is read. Timestamps are the records' own (CreateTime).
     """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
+    tail = PartitionTail(
+        connection, name="history scan", poll_timeout_ms=200, max_records=2000, retry_s=0.2
     )
-    await consumer.start()
     try:
+        consumer = await tail.open()
         tps = await _partitions(consumer, topics, key, missing_ok)
         if not tps:
             return
-        consumer.assign(tps)
-        begin = await consumer.beginning_offsets(tps)
-        end = await consumer.end_offsets(tps)
-        start = {tp: begin[tp] for tp in tps}
         if since_ms is not None:
-            start = await _offsets_at(consumer, tps, since_ms, end)
+            end = await tail.assign(tps, since_ms=since_ms)
+        else:
+            end = await tail.assign(tps, offsets=await consumer.beginning_offsets(tps))
+        start = {tp: await consumer.position(tp) for tp in tps}
         stop = dict(end)
         if until_ms is not None and not follow:
-            stop = await _offsets_at(consumer, tps, until_ms + 1, end)
-        for tp in tps:
-            consumer.seek(tp, start[tp])
+            found = await consumer.offsets_for_times(dict.fromkeys(tps, max(0, until_ms + 1)))
+            stop = {tp: found[tp].offset if found.get(tp) is not None else end[tp] for tp in tps}
         pending = {tp for tp in tps if follow or start[tp] < stop[tp]}
         if finished := [tp for tp in tps if tp not in pending]:
             consumer.pause(*finished)
         total = sum(max(0, stop[tp] - start[tp]) for tp in tps)
         positions = dict(start)
         moved_at = time.monotonic()
-        while pending:
-            batch = await consumer.getmany(*pending, timeout_ms=200, max_records=2000)
+        if not pending:
+            return
+        async for batch in tail.rounds():
             for tp, messages in batch.items():
                 for msg in messages:
                     if not follow and msg.offset >= stop[tp]:
@@ -247,11 +229,13 @@ async def scan(
             if on_progress is not None:
                 done = sum(max(0, min(positions[tp], stop[tp]) - start[tp]) for tp in tps)
                 on_progress(done, total)
-            if pending and time.monotonic() - moved_at > stall_timeout_s:
+            if not pending:
+                return
+            if time.monotonic() - moved_at > stall_timeout_s:
                 names = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(pending))
                 raise HistoryReadError(f"no progress reading {names} for {stall_timeout_s:.0f} s")
     finally:
-        await consumer.stop()
+        await tail.stop()
 
 
 def merge_by_time(records: Iterable[LoggedRecord], topics: Sequence[str]) -> list[LoggedRecord]:
@@ -290,7 +274,7 @@ async def request_history(settings: KafkaSettings, request_id: str) -> list[Logg
     found = [
         record
         async for record in scan(
-            settings.bootstrap_servers,
+            ConnectionConfig.from_settings(settings),
             topics,
             since_ms=since,
             key=request_id.encode(),

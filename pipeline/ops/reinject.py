@@ -12,14 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Producer
-
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.ops.history import Progress, scan
-from pipeline.ops.submit import build_request
+from pipeline.ops.submit import build_request, request_producer
 
 # Request fields a replay takes from its original; the rest are minted afresh.
 _CARRIED = ("instructions", "max_output_tokens", "model", "degraded")
@@ -64,18 +63,6 @@ def replay_request(original: dict[str, Any], *, model: str | None = None) -> dic
     return request
 
 
-def _producer(settings: KafkaSettings) -> Producer:
-    # The same settings as pipeline/ops/submit.py's produce_request, kept open for the whole run.
-    return Producer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "enable.idempotence": True,
-            "acks": "all",
-            "partitioner": "murmur2_random",
-        }
-    )
-
-
 async def rerun(
     settings: KafkaSettings,
     since_ms: int,
@@ -96,7 +83,7 @@ async def rerun(
     """
     topics = TopicNames.from_settings(settings)
     report = RerunReport()
-    producer = None if dry_run else _producer(settings)
+    producer = None if dry_run else request_producer(settings)
     pace = 1.0 / rate if rate > 0 else 0.0
     next_at = time.monotonic()
 
@@ -113,7 +100,7 @@ async def rerun(
 
     try:
         async for logged in scan(
-            settings.bootstrap_servers,
+            ConnectionConfig.from_settings(settings),
             [topics.requests],
             since_ms=since_ms,
             until_ms=until_ms,

@@ -17,6 +17,7 @@ from ulid import ULID
 from pipeline.core.codec import codec
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import read_request_records
 
 
@@ -48,16 +49,17 @@ def build_request(document: str, *, user: str, tier: str, **fields: Any) -> dict
     }
 
 
+def request_producer(settings: KafkaSettings) -> Producer:
+    """The producer of requests from outside the gateway (submit, replay rerun): idempotent,
+    acks=all, and murmur2 partitioning like the Java clients and the gateway."""
+    return ConnectionConfig.from_settings(settings).confluent_producer(
+        {"enable.idempotence": True, "acks": "all", "partitioner": "murmur2_random"}
+    )
+
+
 def produce_request(settings: KafkaSettings, request: dict[str, Any]) -> None:
     """Produce as every producer must: idempotent, acks=all, murmur2 (docs/architecture.md)."""
-    producer = Producer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "enable.idempotence": True,
-            "acks": "all",
-            "partitioner": "murmur2_random",
-        }
-    )
+    producer = request_producer(settings)
     errors: list[str] = []
 
     def on_delivery(err: Any, _msg: Any) -> None:
@@ -81,7 +83,7 @@ async def follow(
     """Print each token as it arrives, then return the SummaryResult (None on timeout)."""
     topics = TopicNames.from_settings(settings)
     async for event in read_request_records(
-        settings.bootstrap_servers,
+        ConnectionConfig.from_settings(settings),
         topics.tokens,
         request_id,
         schema="TokenEvent",
@@ -93,7 +95,7 @@ async def follow(
             sys.stdout.flush()
     sys.stdout.write("\n")
     async for result in read_request_records(
-        settings.bootstrap_servers,
+        ConnectionConfig.from_settings(settings),
         topics.results,
         request_id,
         schema="SummaryResult",

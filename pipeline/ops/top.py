@@ -21,6 +21,7 @@ from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, SumstreamError
 from pipeline.core.settings import KafkaSettings, WorkerSettings
 from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import LagReader
 from pipeline.ops.history import LoggedRecord, format_time, now_ms, scan
 
@@ -219,7 +220,7 @@ async def snapshot(settings: KafkaSettings, *, window_s: float = 60.0, group: st
     view = PipelineView(window_s)
     since = now_ms() - int(window_s * 1000)
     async for logged in scan(
-        settings.bootstrap_servers,
+        ConnectionConfig.from_settings(settings),
         [topics.results, topics.tokens],
         since_ms=since,
         missing_ok=True,
@@ -238,7 +239,7 @@ async def watch(
 
     async def follow() -> None:
         async for logged in scan(
-            settings.bootstrap_servers,
+            ConnectionConfig.from_settings(settings),
             [topics.results, topics.tokens],
             since_ms=now_ms() - int(window_s * 1000),
             follow=True,

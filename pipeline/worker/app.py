@@ -29,6 +29,7 @@ from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import load_tiers
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.admin import create_topics
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import LagReader
 from pipeline.llm.client import UpstreamClient
 from pipeline.worker.agents import events, on_record, process, raw_topic, sender
@@ -125,10 +126,11 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
         raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {sorted(wanted)}")
     # Faust creates only the last level of its data directory.
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
-    brokers = ";".join(f"kafka://{b.strip()}" for b in settings.bootstrap_servers.split(","))
+    connection = ConnectionConfig.from_settings(settings)
     app = StageApp(
         settings.app_id,
-        broker=brokers,
+        broker=connection.faust_broker(),
+        broker_credentials=connection.faust_credentials(),
         key_serializer="raw",
         value_serializer="raw",
         autodiscover=False,
@@ -164,7 +166,7 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
     if "inference" in wanted:
         runtime.inflight = _add_inference(app, settings, topics, tokens, dlq)
     if "postprocess" in wanted:
-        _add_postprocess(app, settings, topics, tokens, dlq)
+        _add_postprocess(app, settings, connection, topics, tokens, dlq)
     return app
 
 
@@ -238,6 +240,7 @@ def _add_inference(
 def _add_postprocess(
     app: StageApp,
     settings: WorkerSettings,
+    connection: ConnectionConfig,
     topics: TopicNames,
     tokens: TopicT,
     dlq: DeadLetterQueue,
@@ -248,7 +251,7 @@ def _add_postprocess(
         PriceTable.load(settings.prices_file),
         send_result=sender(raw_topic(app, topics.results)),
         dlq=dlq,
-        reread=tail_reread(settings.bootstrap_servers, topics.tokens),
+        reread=tail_reread(connection, topics.tokens),
     )
     on_token = on_record(postprocess.handle)
 

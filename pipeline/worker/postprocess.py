@@ -35,6 +35,7 @@ from pipeline.core.pricing import PriceTable
 from pipeline.core.records import TERMINAL_KINDS, SummaryResult, TokenEvent
 from pipeline.core.results import build_result
 from pipeline.core.settings import WorkerSettings
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import read_request_records
 from pipeline.worker.dlq import DeadLetterQueue, Origin
 
@@ -90,7 +91,7 @@ Send = Callable[[bytes, bytes], Awaitable[None]]
 Reread = Callable[[str, int], Awaitable[list[TokenEvent]]]
 
 
-def tail_reread(bootstrap_servers: str, topic: str) -> Reread:
+def tail_reread(connection: ConnectionConfig, topic: str) -> Reread:
     """A ``Reread`` that reads the request's partition of ``topic`` with pipeline/kafka/tail.py."""
 
     async def reread(request_id: str, created_at: int) -> list[TokenEvent]:
@@ -102,7 +103,7 @@ def tail_reread(bootstrap_servers: str, topic: str) -> Reread:
         return [
             cast(TokenEvent, record)
             async for record in read_request_records(
-                bootstrap_servers, topic, request_id, schema="TokenEvent", since_ms=since
+                connection, topic, request_id, schema="TokenEvent", since_ms=since
             )
         ]
 

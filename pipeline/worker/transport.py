@@ -8,6 +8,8 @@ from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from pipeline.kafka.compat import set_fetch_max_wait
+
 
 class Producer(faust_aiokafka.Producer):
     def _settings_extra(self) -> dict[str, Any]:
@@ -19,10 +21,9 @@ class Producer(faust_aiokafka.Producer):
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        # Faust passes fetch_max_wait_ms=1500 with no setting to change it; aiokafka reads
-        # this attribute when the consumer starts. A long wait delays records that arrive
-        # while a fetch for other partitions is parked at the broker.
-        consumer._fetch_max_wait_ms = getattr(self.app, "fetch_max_wait_ms", 1500)
+        # Faust passes fetch_max_wait_ms=1500 with no setting to change it. A long wait delays
+        # records that arrive while a fetch for other partitions is parked at the broker.
+        set_fetch_max_wait(consumer, getattr(self.app, "fetch_max_wait_ms", 1500))
         return consumer
 
 

@@ -16,6 +16,7 @@ from pipeline.core.codec import codec
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.admin import create_topics
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.ops.audit import export
 from pipeline.ops.history import request_history, scan
 from pipeline.ops.reinject import rerun
@@ -53,7 +54,9 @@ async def results_of(
             rec["request_id"]: rec
             for rec in [
                 codec().decode_as(r.value, "SummaryResult")
-                async for r in scan(settings.bootstrap_servers, [topic], since_ms=since_ms)
+                async for r in scan(
+                    ConnectionConfig.from_settings(settings), [topic], since_ms=since_ms
+                )
             ]
         }
         return found if len(found) >= count else None

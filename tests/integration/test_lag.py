@@ -8,7 +8,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from pipeline.core.errors import TopicMissingError
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
-from pipeline.kafka.lag import LagReader, format_table, read_lag
+from pipeline.kafka.lag import LagReader, read_lag
+from pipeline.ops.lag import format_table
 
 pytestmark = pytest.mark.integration
 

@@ -9,12 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from gateway.admission.quota import (
-    QuotaLedger,
-    QuotaUnavailable,
-    month_start_ms,
-    next_month_start_ms,
-)
+from gateway.admission.quota import QuotaLedger, QuotaUnavailable
+from gateway.admission.quota_state import month_start_ms, next_month_start_ms
 from gateway.http.errors import BudgetExceeded
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.tiers import Tier

@@ -19,6 +19,7 @@ from ulid import ULID
 from pipeline.core.codec import codec
 from pipeline.core.settings import KafkaSettings, child_env
 from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import id_time_ms
 from pipeline.ops import cli
 from pipeline.ops.audit import audit_rows, export
@@ -241,7 +242,7 @@ def test_replay_request_command(settings: KafkaSettings) -> None:
 
 async def _requests_log(settings: KafkaSettings) -> list[LoggedRecord]:
     topics = TopicNames.from_settings(settings)
-    found = [r async for r in scan(settings.bootstrap_servers, [topics.requests])]
+    found = [r async for r in scan(ConnectionConfig.from_settings(settings), [topics.requests])]
     return sorted(found, key=lambda r: (r.partition, r.offset))
 
 

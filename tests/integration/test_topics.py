@@ -16,8 +16,8 @@ from pipeline.kafka.admin import (
     delete_topics,
     describe_topics,
     ensure_topics,
-    format_table,
 )
+from pipeline.ops.topics import format_table
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,8 @@ from gateway.admission.controller import (
     Degradation,
     prompt_overhead_tokens,
 )
-from gateway.admission.quota import QuotaEvent, QuotaState, QuotaUnavailable, Verdict
+from gateway.admission.quota import QuotaUnavailable
+from gateway.admission.quota_state import QuotaEvent, QuotaState, Verdict
 from gateway.http.errors import BudgetExceeded, Overloaded, RateLimited
 from pipeline.core.tiers import Tier
 

@@ -14,6 +14,7 @@ from gateway.streams.clients import ClientStreams
 from gateway.streams.hub import StreamHub
 from gateway.streams.lookup import RequestLookup
 from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
 
 RID = "01JABCDEFGHJKMNPQRSTVWXYZ0"
 
@@ -29,9 +30,11 @@ class Harness:
         self.cancels: list[tuple[str, str, str]] = []
         self.cancelled = asyncio.Event()
         self.running = running
-        lookup = RequestLookup(settings, topics, RequestIndex(), self.hub)
+        connection = ConnectionConfig.from_settings(settings)
+        lookup = RequestLookup(settings, connection, topics, RequestIndex(), self.hub)
         self.streams = ClientStreams(
             settings,
+            connection,
             topics,
             self.hub,
             lookup,

@@ -1,4 +1,4 @@
-"""The quota ledger's verdict function (gateway/admission/quota.py QuotaState), without Kafka."""
+"""The quota verdict function (gateway/admission/quota_state.py QuotaState), without Kafka."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.admission.quota import (
+from gateway.admission.quota_state import (
     QuotaEvent,
     QuotaState,
     Verdict,

@@ -19,6 +19,7 @@ from pipeline.core.metrics import RECORDS_PROCESSED
 from pipeline.core.records import TERMINAL_KINDS, InferenceJob, TokenEvent
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import read_request_records
 from pipeline.worker.agents import timestamp_ms
 from pipeline.worker.dlq import DeadLetterQueue, Origin
@@ -387,7 +388,7 @@ class InflightWork:
         return [
             cast(TokenEvent, e)
             async for e in read_request_records(
-                self.settings.bootstrap_servers,
+                ConnectionConfig.from_settings(self.settings),
                 self.topics.tokens,
                 request_id,
                 schema="TokenEvent",

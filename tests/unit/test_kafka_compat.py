@@ -1,0 +1,45 @@
+"""The private client APIs pipeline/kafka/compat.py and the Faust transport rely on still exist.
+
+Each test fails loudly on a library upgrade that removes or renames what we reach into.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from aiokafka import AIOKafkaConsumer
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from pipeline.kafka.compat import set_fetch_max_wait
+from pipeline.worker import transport
+
+
+async def test_aiokafka_keeps_the_fetch_wait_in_the_attribute_compat_sets() -> None:
+    consumer = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1", fetch_max_wait_ms=1500)
+    try:
+        assert consumer._fetch_max_wait_ms == 1500
+        set_fetch_max_wait(consumer, 50)
+        assert consumer._fetch_max_wait_ms == 50
+    finally:
+        await consumer.stop()  # never started: only marks it closed
+
+
+def test_aiokafka_hands_the_attribute_to_its_fetcher_at_start() -> None:
+    # The value only matters if start() still builds the fetcher from it.
+    assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start)
+
+
+def test_faust_still_has_the_hooks_the_transport_overrides() -> None:
+    for cls, name in (
+        (faust_aiokafka.AIOKafkaConsumerThread, "_create_worker_consumer"),
+        (faust_aiokafka.Consumer, "_new_consumer_thread"),
+        (faust_aiokafka.Producer, "_settings_extra"),
+    ):
+        assert callable(getattr(cls, name, None)), f"faust {cls.__name__}.{name} is gone"
+    assert issubclass(transport.Transport, faust_aiokafka.Transport)
+
+
+def test_faust_still_hard_codes_the_wait_compat_overrides() -> None:
+    # If Faust gains a setting for it, use that and drop set_fetch_max_wait.
+    source = inspect.getsource(faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer)
+    assert "fetch_max_wait_ms=1500" in source
