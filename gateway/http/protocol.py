@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -38,123 +38,128 @@ class ConnectionLimits:
     max_connections: int
 
 
-def bounded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
-    """An ``HttpToolsProtocol`` class enforcing ``limits`` (uvicorn.Config(http=...))."""
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's protocol refusing connections and request heads beyond ``limits``."""
 
-    class BoundedHttpToolsProtocol(HttpToolsProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._head_bytes = 0  # received while the head is incomplete
-            self._head_count = 0
-            self._parsed_bytes = 0  # of the head, as the parser hands it over
-            self._reading_head = True
-            self._head_timer: asyncio.TimerHandle | None = None
+    limits: ClassVar[ConnectionLimits]
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if len(self.connections) > limits.max_connections:
-                # Refused before reading anything: the cheapest answer to a connection flood.
-                self._refuse(503, "too_many_connections")
-                return
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes = 0  # received while the head is incomplete
+        self._head_count = 0
+        self._parsed_bytes = 0  # of the head, as the parser hands it over
+        self._reading_head = True
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            # Refused before reading anything: the cheapest answer to a connection flood.
+            self._refuse(503, "too_many_connections")
+            return
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return  # refused: what the client still sends is dropped unread
+        reading_head = self._reading_head
+        super().data_received(data)
+        # A head that completes within this chunk was measured by the parser callbacks; the
+        # raw count is for a head still incomplete after it (a chunk that completes the head
+        # may carry body bytes, which must not count). An unterminated head grows by at most
+        # one socket read past the limit before it is refused.
+        if reading_head and self._reading_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._refuse(431, "head_too_large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading_head = True
+        self._head_bytes = 0
+        self._head_count = 0
+        self._parsed_bytes = 0
+        if self._head_timer is None:
             self._arm_head_timer()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_head_timer()
-            super().connection_lost(exc)
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        self._head_count += 1
+        self._parsed_bytes += len(name) + len(value) + 4
+        if self._head_count > self.limits.max_headers:
+            self._refuse(431, "too_many_headers")
+        elif self._parsed_bytes > self.limits.max_header_bytes:
+            self._refuse(431, "head_too_large")
+        else:
+            super().on_header(name, value)
 
-        def data_received(self, data: bytes) -> None:
-            if self.transport.is_closing():
-                return  # refused: what the client still sends is dropped unread
-            reading_head = self._reading_head
-            super().data_received(data)
-            # A head that completes within this chunk was measured by the parser callbacks; the
-            # raw count is for a head still incomplete after it (a chunk that completes the head
-            # may carry body bytes, which must not count). An unterminated head grows by at most
-            # one socket read past the limit before it is refused.
-            if reading_head and self._reading_head and not self.transport.is_closing():
-                self._head_bytes += len(data)
-                if self._head_bytes > limits.max_header_bytes:
-                    self._refuse(431, "head_too_large")
+    def on_url(self, url: bytes) -> None:
+        self._parsed_bytes += len(url)
+        if self._parsed_bytes > self.limits.max_header_bytes:
+            self._refuse(431, "head_too_large")
+        else:
+            super().on_url(url)
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._reading_head = True
-            self._head_bytes = 0
-            self._head_count = 0
-            self._parsed_bytes = 0
-            if self._head_timer is None:
-                self._arm_head_timer()
+    def on_headers_complete(self) -> None:
+        # Parser callbacks for the rest of a refused request's bytes start nothing.
+        if self.transport.is_closing():
+            return
+        self._reading_head = False
+        self._cancel_head_timer()
+        super().on_headers_complete()
 
-        def on_header(self, name: bytes, value: bytes) -> None:
-            if self.transport.is_closing():
-                return
-            self._head_count += 1
-            self._parsed_bytes += len(name) + len(value) + 4
-            if self._head_count > limits.max_headers:
-                self._refuse(431, "too_many_headers")
-            elif self._parsed_bytes > limits.max_header_bytes:
-                self._refuse(431, "head_too_large")
-            else:
-                super().on_header(name, value)
+    def on_body(self, body: bytes) -> None:
+        if not self.transport.is_closing():
+            super().on_body(body)
 
-        def on_url(self, url: bytes) -> None:
-            self._parsed_bytes += len(url)
-            if self._parsed_bytes > limits.max_header_bytes:
-                self._refuse(431, "head_too_large")
-            else:
-                super().on_url(url)
+    def on_message_complete(self) -> None:
+        if not self.transport.is_closing():
+            super().on_message_complete()
 
-        def on_headers_complete(self) -> None:
-            # Parser callbacks for the rest of a refused request's bytes start nothing.
-            if self.transport.is_closing():
-                return
-            self._reading_head = False
-            self._cancel_head_timer()
-            super().on_headers_complete()
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # uvicorn's keep-alive timer bounds the idle time before the next request; the head
+        # timer starts again with that request's first byte.
+        self._reading_head = True
+        self._head_bytes = 0
 
-        def on_body(self, body: bytes) -> None:
-            if not self.transport.is_closing():
-                super().on_body(body)
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
 
-        def on_message_complete(self) -> None:
-            if not self.transport.is_closing():
-                super().on_message_complete()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            # uvicorn's keep-alive timer bounds the idle time before the next request; the head
-            # timer starts again with that request's first byte.
-            self._reading_head = True
-            self._head_bytes = 0
-
-        def _arm_head_timer(self) -> None:
-            self._cancel_head_timer()
-            self._head_timer = self.loop.call_later(limits.header_timeout_s, self._head_timed_out)
-
-        def _cancel_head_timer(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_timed_out(self) -> None:
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
             self._head_timer = None
-            if self._reading_head:
-                self._refuse(408, "head_timeout")
 
-        def _refuse(self, status: int, reason: str) -> None:
-            if self.transport.is_closing():
-                return
-            self._cancel_head_timer()
-            self._reading_head = False
-            body = reason.encode() + b"\n"
-            head = (
-                b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n"
-                % (status, _STATUS_TEXT[status], len(body))
-            )
-            self.transport.write(head + body)
-            self.transport.close()
-            # A counter, not a log line: a flood of refusals must not become a flood of logs.
-            CONNECTIONS_REFUSED.labels(reason=reason).inc()
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._reading_head:
+            self._refuse(408, "head_timeout")
 
-    return BoundedHttpToolsProtocol
+    def _refuse(self, status: int, reason: str) -> None:
+        if self.transport.is_closing():
+            return
+        self._cancel_head_timer()
+        self._reading_head = False
+        body = reason.encode() + b"\n"
+        head = (
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n"
+            % (status, _STATUS_TEXT[status], len(body))
+        )
+        self.transport.write(head + body)
+        self.transport.close()
+        # A counter, not a log line: a flood of refusals must not become a flood of logs.
+        CONNECTIONS_REFUSED.labels(reason=reason).inc()
+
+
+def bounded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
+    """A protocol class enforcing ``limits``, for ``uvicorn.Config(http=...)`` (which wants a
+    class, not an instance)."""
+    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"limits": limits})
