@@ -134,10 +134,22 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return await _gateway_error(request, problem)
 
 
+def _parse_failure(cause: BaseException | None) -> str:
+    """What is wrong with a body FastAPI could not parse, without echoing it."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the body's JSON is nested too deeply"
+    return "the body could not be parsed as JSON"
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     problem: GatewayError
-    if exc.status_code == 404:
+    if exc.status_code == 400:
+        # FastAPI's body parsing failed for a reason other than a JSON syntax error.
+        problem = MalformedRequest(_parse_failure(exc.__cause__))
+    elif exc.status_code == 404:
         problem = NotFound(f"no route {request.url.path}")
     elif exc.status_code == 405:
         problem = MethodNotAllowed(f"{request.method} is not allowed here")

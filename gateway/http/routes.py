@@ -137,6 +137,7 @@ async def create_summary(
         id=accepted.request_id,
         queue_position=accepted.queue_position,
         estimated_wait_s=accepted.estimated_wait_s,
+        max_output_tokens=accepted.max_output_tokens,
         degraded=accepted.degraded,
         links=links(accepted.request_id),
     )
