@@ -18,8 +18,7 @@ class SummaryIn(BaseModel):
     instructions: str | None = Field(default=None, max_length=4_000)
     max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     model: str | None = Field(default=None, min_length=1, max_length=200)
-    # A document that normalises to nothing is refused by intake (422 empty_document), with
-    # the normalisation preprocess applies (pipeline/core/prompt.py).
+    # A document that normalises to nothing is refused by intake (422 empty_document).
 
 
 class Links(BaseModel):
