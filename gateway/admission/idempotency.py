@@ -7,6 +7,9 @@ other's keys within a fetch round trip. Two POSTs with the same key racing at tw
 within that round trip can both be accepted; a shared store (or keying the request id on the
 idempotency key) would close that gap, and is not worth its cost here.
 
+Each key also keeps the SHA-256 of the body it was first sent with (``body_sha256``, carried in
+the record), so the key reused for another body answers 422 instead of the first request.
+
 The same follow gives the owner (user id) of every recent request, so GET and DELETE from
 any instance can answer 404 to anybody else without reading the log.
 """
@@ -14,21 +17,30 @@ any instance can answer 404 to anybody else without reading the log.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import TopicPartition
 
+from gateway.http.errors import IdempotencyKeyReused
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.partition_tail import PartitionTail
 
 log = logging.getLogger("sumstream.gateway.idempotency")
+
+
+def body_sha256(fields: Mapping[str, object]) -> str:
+    """The fingerprint of a request body's fields (key order and JSON spacing do not count)."""
+    canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -52,7 +64,8 @@ class RequestIndex:
         self.max_entries = max_entries
         self._clock_ms = clock_ms
         self.owners: OrderedDict[str, RequestOwner] = OrderedDict()
-        self.keys: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
+        # (user, key) -> (request id, created at, body_sha256 or None when not recorded).
+        self.keys: OrderedDict[tuple[str, str], tuple[str, int, str | None]] = OrderedDict()
         self.ready = asyncio.Event()
         self._tail: PartitionTail | None = None
         self._ready_task: asyncio.Task[None] | None = None
@@ -68,23 +81,32 @@ class RequestIndex:
         while len(self.owners) > self.max_entries:
             self.owners.popitem(last=False)
 
-    def lookup(self, user_id: str, key: str) -> str | None:
-        """The request id already sent under (user, key) within the window, if any."""
+    def lookup(self, user_id: str, key: str, body: str | None = None) -> str | None:
+        """The request id already sent under (user, key) within the window, if any.
+
+        IdempotencyKeyReused (422) when it was sent with a body other than ``body`` (a
+        body_sha256); a request recorded without one cannot be told apart and matches.
+        """
         found = self.keys.get((user_id, key))
         if found is None:
             return None
-        request_id, created_at = found
+        request_id, created_at, first_body = found
         if self._clock_ms() - created_at > self.window_ms:
             del self.keys[(user_id, key)]
             return None
+        if body is not None and first_body is not None and body != first_body:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was used for a request with another body; "
+                "use a new key for a new request"
+            )
         return request_id
 
-    def reserve(self, user_id: str, key: str, request_id: str) -> str:
+    def reserve(self, user_id: str, key: str, request_id: str, body: str | None = None) -> str:
         """Claim (user, key) for ``request_id``; returns the id that holds it (maybe older)."""
-        existing = self.lookup(user_id, key)
+        existing = self.lookup(user_id, key, body)
         if existing is not None:
             return existing
-        self._put_key(user_id, key, request_id, self._clock_ms())
+        self._put_key(user_id, key, request_id, self._clock_ms(), body)
         return request_id
 
     def release(self, user_id: str, key: str, request_id: str) -> None:
@@ -92,11 +114,13 @@ class RequestIndex:
         if self.keys.get((user_id, key), ("", 0))[0] == request_id:
             del self.keys[(user_id, key)]
 
-    def _put_key(self, user_id: str, key: str, request_id: str, created_at: int) -> None:
+    def _put_key(
+        self, user_id: str, key: str, request_id: str, created_at: int, body: str | None
+    ) -> None:
         # The first record under a key wins, as at the instance that accepted it.
         if (user_id, key) in self.keys:
             return
-        self.keys[(user_id, key)] = (request_id, created_at)
+        self.keys[(user_id, key)] = (request_id, created_at, body)
         while len(self.keys) > self.max_entries:
             self.keys.popitem(last=False)
 
@@ -106,7 +130,8 @@ class RequestIndex:
         self.remember(request["request_id"], request["user_id"], request["tier"], created_at)
         key = request.get("idempotency_key")
         if key and self._clock_ms() - created_at <= self.window_ms:
-            self._put_key(request["user_id"], key, request["request_id"], created_at)
+            body = request.get("body_sha256")
+            self._put_key(request["user_id"], key, request["request_id"], created_at, body)
 
     # -- rebuild and follow -------------------------------------------------------------------
 

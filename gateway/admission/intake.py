@@ -18,9 +18,16 @@ from aiokafka.errors import KafkaError
 
 from gateway.admission.backpressure import QueueWaitEstimator
 from gateway.admission.controller import Admission, Admitted, prompt_overhead_tokens
-from gateway.admission.idempotency import RequestIndex
+from gateway.admission.idempotency import RequestIndex, body_sha256
 from gateway.http.auth import Principal
-from gateway.http.errors import BrokerUnavailable, NotReady, PayloadTooLarge, Unauthorized
+from gateway.http.errors import (
+    BrokerUnavailable,
+    EmptyDocument,
+    IdempotencyKeyReused,
+    NotReady,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from gateway.http.models import SummaryIn
 from gateway.metrics import CANCELS
 from gateway.settings import GatewaySettings
@@ -29,6 +36,7 @@ from gateway.streams.hub import StreamHub
 from gateway.streams.ids import mint_request_id
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
+from pipeline.core.prompt import normalize_document
 from pipeline.core.records import ControlEvent, SummarizeRequest
 from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames
@@ -38,6 +46,8 @@ log = logging.getLogger("sumstream.gateway")
 
 # Counting tokens is linear in the document; past this size it leaves the event loop.
 COUNT_IN_THREAD_BYTES = 256 * 1024
+# Characters of a document's start normalised first: enough to find a visible one at once.
+EMPTY_CHECK_PREFIX = 256
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,8 @@ class Accepted:
     replay: bool
     queue_position: int
     estimated_wait_s: float
+    # The output cap that applies: the client's, clamped to the tier's, or the degraded one.
+    max_output_tokens: int
     degraded: str | None = None
 
 
@@ -111,15 +123,16 @@ class Intake:
         received_ms: int,
     ) -> Accepted:
         """Check limits, mint an id, register its stream and produce the SummarizeRequest."""
-        if idempotency_key:
-            existing = self.index.lookup(principal.user_id, idempotency_key)
-            if existing is not None:
-                return self._found_again(existing)
         tier = self.tier_of(principal)
-        input_tokens = await self._input_tokens(principal, tier, body.document)
         output_tokens = min(
             body.max_output_tokens or tier.max_output_tokens, tier.max_output_tokens
         )
+        fingerprint = body_sha256(body.model_dump()) if idempotency_key else None
+        if idempotency_key:
+            existing = self.index.lookup(principal.user_id, idempotency_key, fingerprint)
+            if existing is not None:
+                return self._found_again(existing, output_tokens)
+        input_tokens = await self._input_tokens(principal, tier, body.document)
         input_tokens += prompt_overhead_tokens(body.instructions, output_tokens)
         producer = self._producer
         if not self._running() or producer is None:
@@ -134,16 +147,23 @@ class Intake:
             model=body.model,
         )
         if idempotency_key:
-            holder = self.index.reserve(principal.user_id, idempotency_key, request_id)
+            try:
+                holder = self.index.reserve(
+                    principal.user_id, idempotency_key, request_id, fingerprint
+                )
+            except IdempotencyKeyReused:
+                self._spawn(self.admission.release(admitted), f"release-{request_id}")
+                raise
             if holder != request_id:
                 self._spawn(self.admission.release(admitted), f"release-{request_id}")
-                return self._found_again(holder)
+                return self._found_again(holder, output_tokens)
         self.hub.register(request_id)
         created = now_ms()
         self.index.remember(request_id, principal.user_id, principal.tier, created)
         record = _request_record(
             request_id, principal, body, admitted, idempotency_key, created, received_ms
         )
+        record["body_sha256"] = fingerprint  # the body the key was first used with
         await self._produce_request(producer, record, admitted)
         self.admission.accepted(admitted)
         _log_accepted(admitted, input_tokens)
@@ -152,20 +172,28 @@ class Intake:
             False,
             admitted.queue_position,
             admitted.estimated_wait_s,
+            admitted.max_output_tokens,
             admitted.degraded,
         )
 
     async def _input_tokens(self, principal: Principal, tier: Tier, document: str) -> int:
-        """The document's tokens as the tier bills them; 413 when the tier refuses its size."""
+        """The document's tokens as the tier bills them; 413 when the tier refuses its size,
+        422 ``empty_document`` when it normalises to nothing."""
         size = len(document.encode())
         if size > self.settings.max_document_bytes:
             raise PayloadTooLarge(
                 f"document is {size} bytes; the limit is {self.settings.max_document_bytes}"
             )
         if size > COUNT_IN_THREAD_BYTES:
-            input_tokens = await asyncio.to_thread(count_tokens, document)
+            measured = await asyncio.to_thread(_measure, document)
         else:
-            input_tokens = count_tokens(document)
+            measured = _measure(document)
+        if measured is None:
+            raise EmptyDocument(
+                "the document holds no text once control, zero-width and space characters "
+                "are removed"
+            )
+        input_tokens = measured
         if input_tokens > tier.max_input_tokens:
             if tier.on_input_too_large == "reject":
                 raise PayloadTooLarge(
@@ -197,13 +225,14 @@ class Intake:
                 "could not write the request to the log", retry_after_s=1
             ) from exc
 
-    def _found_again(self, request_id: str) -> Accepted:
+    def _found_again(self, request_id: str, max_output_tokens: int) -> Accepted:
         # Found again by its Idempotency-Key: the queue as it is now, from lag.
         return Accepted(
             request_id,
             True,
             self.estimator.queue_position(),
             round(self.estimator.estimate_s(), 3),
+            max_output_tokens,
         )
 
     async def cancel(self, request_id: str, user_id: str, reason: str) -> None:
@@ -233,6 +262,22 @@ class Intake:
         log.info("cancel sent", extra={"request_id": request_id, "reason": reason})
 
 
+def normalises_to_nothing(document: str) -> bool:
+    """Whether preprocess would find the document empty (and reject it after admission had
+    reserved quota for it)."""
+    # A visible character survives normalisation wherever it stands, so a start that keeps one
+    # decides at once; only a document that starts with nothing visible is normalised whole
+    # (normalising costs ~3x counting).
+    return not normalize_document(document[:EMPTY_CHECK_PREFIX]) and not normalize_document(
+        document
+    )
+
+
+def _measure(document: str) -> int | None:
+    """The document's tokens, or None when it normalises to nothing."""
+    return None if normalises_to_nothing(document) else count_tokens(document)
+
+
 def _request_record(
     request_id: str,
     principal: Principal,
@@ -255,6 +300,7 @@ def _request_record(
         "model": admitted.model,
         "deadline_ms": None,
         "idempotency_key": idempotency_key,
+        "body_sha256": None,
         "source": "gateway",
         "replay_of": None,
         "degraded": admitted.degraded,

@@ -25,6 +25,7 @@ from gateway.http.errors import (
     problem_response,
 )
 from gateway.http.routes import router
+from gateway.http.sse import ClientTooSlow
 from gateway.metrics import REQUESTS
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
@@ -34,6 +35,20 @@ from pipeline.core.tiers import Tier, load_tiers
 log = logging.getLogger("sumstream.gateway")
 
 SUBMIT_PATH = "/v1/summaries"
+
+
+class SlowClientFilter(logging.Filter):
+    """Keeps a slow SSE client out of uvicorn's error log.
+
+    uvicorn logs any exception that ends a response as an error with its traceback; a client
+    let go for being too slow is a normal close, which the stream has logged once.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ClientTooSlow))
+
+
+SLOW_CLIENT_FILTER = SlowClientFilter()
 
 
 class BodyLimit:
@@ -134,10 +149,22 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return await _gateway_error(request, problem)
 
 
+def _parse_failure(cause: BaseException | None) -> str:
+    """What is wrong with a body FastAPI could not parse, without echoing it."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the body's JSON is nested too deeply"
+    return "the body could not be parsed as JSON"
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     problem: GatewayError
-    if exc.status_code == 404:
+    if exc.status_code == 400:
+        # FastAPI's body parsing failed for a reason other than a JSON syntax error.
+        problem = MalformedRequest(_parse_failure(exc.__cause__))
+    elif exc.status_code == 404:
         problem = NotFound(f"no route {request.url.path}")
     elif exc.status_code == 405:
         problem = MethodNotAllowed(f"{request.method} is not allowed here")
@@ -148,7 +175,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", extra={"path": request.url.path})
+    # A slow client's stream has started: nothing is sent, and it is no error.
+    if not isinstance(exc, ClientTooSlow):
+        log.exception("unhandled error", extra={"path": request.url.path})
     return problem_response(GatewayError("internal error"), instance=request.url.path)
 
 
@@ -166,6 +195,7 @@ def create_app(
     if unknown:
         log.warning("API keys name tiers the tier file lacks: %s", sorted(unknown))
     gateway = Gateway(settings, keys, tiers)
+    logging.getLogger("uvicorn.error").addFilter(SLOW_CLIENT_FILTER)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -50,6 +50,21 @@ class InvalidRequest(GatewayError):
     code = "invalid_request"
 
 
+class EmptyDocument(InvalidRequest):
+    """The document holds nothing once normalised as preprocess does (only control,
+    zero-width or space characters)."""
+
+    title = "Empty document"
+    code = "empty_document"
+
+
+class IdempotencyKeyReused(InvalidRequest):
+    """An Idempotency-Key already used by this user for a request with another body."""
+
+    title = "Idempotency-Key reused"
+    code = "idempotency_key_reused"
+
+
 class Unauthorized(GatewayError):
     status = 401
     title = "Missing or invalid API key"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.core.records import ErrorInfo, SummaryResult, Usage
 
@@ -18,13 +18,7 @@ class SummaryIn(BaseModel):
     instructions: str | None = Field(default=None, max_length=4_000)
     max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     model: str | None = Field(default=None, min_length=1, max_length=200)
-
-    @field_validator("document")
-    @classmethod
-    def _not_blank(cls, document: str) -> str:
-        if not document.strip():
-            raise ValueError("document is empty")
-        return document
+    # A document that normalises to nothing is refused by intake (422 empty_document).
 
 
 class Links(BaseModel):
@@ -39,6 +33,10 @@ class AcceptedOut(BaseModel):
     status: str = "accepted"
     queue_position: int = Field(description="place in the pipeline's queue (1 = next), from lag")
     estimated_wait_s: float = Field(description="estimated wait before processing starts")
+    max_output_tokens: int = Field(
+        description="the output cap that applies: the one asked for, clamped to the tier's "
+        "maximum (or the tier's maximum when none was asked), or the degraded one"
+    )
     degraded: str | None = Field(
         default=None, description="degradation applied under load, e.g. model:<cheaper model>"
     )

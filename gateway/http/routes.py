@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from gateway.http.auth import Principal
 from gateway.http.errors import InvalidRequest, NotFound, NotReady, problem_response
 from gateway.http.models import AcceptedOut, RunningOut, SummaryIn, UsageOut, links, result_json
-from gateway.http.sse import summary_events
+from gateway.http.sse import stream_response
 from gateway.metrics import OVERHEAD_SECONDS, REQUESTS
 from gateway.service import Gateway
 from pipeline.core.clock import now_ms
@@ -87,14 +87,13 @@ def _stream_response(
     accepted: AcceptedOut | None,
     headers: dict[str, str],
 ) -> EventSourceResponse:
-    settings = gateway.settings
-    return EventSourceResponse(
-        summary_events(
-            gateway, request_id, principal.user_id, after_seq=after_seq, accepted=accepted
-        ),
+    return stream_response(
+        gateway,
+        request_id,
+        principal.user_id,
+        after_seq=after_seq,
+        accepted=accepted,
         headers=headers,
-        ping=settings.ping_interval_s,
-        send_timeout=settings.send_timeout_s,
     )
 
 
@@ -137,6 +136,7 @@ async def create_summary(
         id=accepted.request_id,
         queue_position=accepted.queue_position,
         estimated_wait_s=accepted.estimated_wait_s,
+        max_output_tokens=accepted.max_output_tokens,
         degraded=accepted.degraded,
         links=links(accepted.request_id),
     )

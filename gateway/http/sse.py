@@ -3,7 +3,8 @@
 A stream never just stops: it ends with ``done`` (after ``error`` for a result that is not
 COMPLETED), or, when the gateway itself must close it (slow client, shutdown, nothing heard
 for too long), with an ``error`` carrying ``last_seq`` so the client resumes with
-Last-Event-ID.
+Last-Event-ID. A client too slow to take a send within ``send_timeout_s`` is let go as a
+normal close (reason ``send_timeout``): one INFO line, no traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TypedDict, cast
 
-from sse_starlette import ServerSentEvent
+import anyio
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway.http.models import AcceptedOut, ResultBody, result_json
 from gateway.metrics import SSE_CLIENTS, STREAM_ENDS, STREAMS
@@ -91,6 +94,82 @@ def result_from_terminal(event: TokenEvent) -> SummaryResult:
     """A stand-in result when the real one does not come, built from the terminal event by
     the builder postprocess uses (without the text, which only the log holds)."""
     return build_result(event, "", price_table(), result_ms=now_ms())
+
+
+class ClientTooSlow(TimeoutError):
+    """A send to an SSE client did not complete within the send timeout.
+
+    It ends the response, so the server closes the connection; it is a normal close, which
+    the stream logs once (the gateway's app keeps it out of the error logs).
+    """
+
+
+@dataclass
+class ClientLink:
+    """What the response learnt of its client, read by the stream as it ends."""
+
+    too_slow: bool = False
+
+
+class SummaryStreamResponse(EventSourceResponse):
+    """An SSE response that times its sends itself, so a timed-out send is known as one.
+
+    sse_starlette's own ``send_timeout`` raises an error that looks like any other failure.
+    """
+
+    def __init__(
+        self,
+        content: AsyncIterator[ServerSentEvent],
+        *,
+        link: ClientLink,
+        send_timeout_s: float,
+        ping_interval_s: float,
+        headers: Mapping[str, str],
+    ) -> None:
+        super().__init__(content, headers=headers, ping=ping_interval_s)
+        self.link = link
+        self.send_timeout_s = send_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def timed_send(message: Message) -> None:
+            with anyio.move_on_after(self.send_timeout_s) as deadline:
+                await send(message)
+            # Only this deadline counts: a cancel from outside (disconnect, shutdown) propagates.
+            if deadline.cancelled_caught:
+                self.link.too_slow = True
+                raise ClientTooSlow(f"a send took longer than {self.send_timeout_s} s")
+
+        try:
+            await super().__call__(scope, receive, timed_send)
+        except BaseExceptionGroup as group:
+            # The data and ping sends can both time out; one ClientTooSlow stands for them.
+            too_slow, rest = group.split(ClientTooSlow)
+            if too_slow is None or rest is not None:
+                raise
+            raise ClientTooSlow(str(too_slow.exceptions[0])) from None
+
+
+def stream_response(
+    gateway: Gateway,
+    request_id: str,
+    user_id: str,
+    *,
+    after_seq: int,
+    accepted: AcceptedOut | None,
+    headers: Mapping[str, str],
+) -> SummaryStreamResponse:
+    """The SSE response of ``request_id`` for ``user_id``, from ``after_seq`` on."""
+    link = ClientLink()
+    events = summary_events(
+        gateway, request_id, user_id, after_seq=after_seq, accepted=accepted, link=link
+    )
+    return SummaryStreamResponse(
+        events,
+        link=link,
+        send_timeout_s=gateway.settings.send_timeout_s,
+        ping_interval_s=gateway.settings.ping_interval_s,
+        headers=headers,
+    )
 
 
 @dataclass
@@ -182,6 +261,7 @@ async def summary_events(
     *,
     after_seq: int = 0,
     accepted: AcceptedOut | None = None,
+    link: ClientLink | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """The SSE events of one request, from ``after_seq`` on, to its terminal event."""
     progress = _Progress(after_seq)
@@ -214,6 +294,8 @@ async def summary_events(
             if token is not None:
                 yield token
     finally:
+        if link is not None and link.too_slow:
+            progress.end = "send_timeout"
         if source is not None:
             source.close(gateway.hub)
         SSE_CLIENTS.dec()

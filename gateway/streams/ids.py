@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ulid import ULID
-
+from pipeline.core.clock import now_ms
+from pipeline.core.ids import random_ulid
 from pipeline.core.partitioning import partition_for
 
 # With N instances a random id lands in an owned partition with probability >= 1/N,
@@ -27,7 +27,7 @@ def owned_partitions(index: int, count: int, partitions: int) -> frozenset[int]:
 def mint_request_id(owned: frozenset[int], partitions: int) -> str:
     """A new ULID whose murmur2 partition (of ``partitions``) is in ``owned``."""
     for _ in range(MAX_ATTEMPTS):
-        candidate = str(ULID())
+        candidate = str(random_ulid(now_ms()))
         if partition_for(candidate, partitions) in owned:
             return candidate
     raise RuntimeError(f"no id hashed into partitions {sorted(owned)} of {partitions}")

@@ -53,6 +53,7 @@ class SummarizeRequest(TypedDict):
     model: str | None
     deadline_ms: int | None
     idempotency_key: str | None
+    body_sha256: str | None
     source: str
     replay_of: str | None
     degraded: str | None

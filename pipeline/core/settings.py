@@ -76,6 +76,8 @@ class WorkerSettings(KafkaSettings):
     stages: str = "preprocess,inference,postprocess"
     web_port: int = 6066
     metrics_port: int = 9464
+    # Loopback only by default: /metrics names users and models. "0.0.0.0" exposes it.
+    metrics_host: str = "127.0.0.1"
     # The SDK's own variable works too, so an existing ANTHROPIC_API_KEY switches to the real API.
     anthropic_api_key: SecretStr | None = Field(
         default=None,

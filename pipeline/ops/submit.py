@@ -7,14 +7,14 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
-from ulid import ULID
 
+from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
+from pipeline.core.ids import random_ulid
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.connection import ConnectionConfig
@@ -36,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_request(document: str, *, user: str, tier: str, **fields: Any) -> dict[str, Any]:
     """A SummarizeRequest record as any producer should write it."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     return {
-        "request_id": str(ULID()),
+        "request_id": str(random_ulid(now)),
         "user_id": user,
         "tier": tier,
         "document": document,

@@ -93,6 +93,23 @@ async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.parametrize(
+    ("content", "detail"),
+    [
+        (b'{"document": "caf\xe9 \xff"}', "not valid UTF-8"),
+        (b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
+    ],
+)
+async def test_unparseable_bodies_are_400_saying_what_is_wrong(
+    client: httpx.AsyncClient, content: bytes, detail: str
+) -> None:
+    response = await client.post(
+        URL, content=content, headers={**ALICE, "Content-Type": "application/json"}
+    )
+    assert_problem(response, 400, "malformed_request")
+    assert detail in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
     "body",
     [
         {"document": 12},
@@ -110,10 +127,20 @@ async def test_wrong_types_are_422(client: httpx.AsyncClient, body: object) -> N
     assert response.json()["errors"]
 
 
-@pytest.mark.parametrize("document", ["", "   \n\t "])
-async def test_empty_documents_are_422(client: httpx.AsyncClient, document: str) -> None:
-    response = await client.post(URL, json={"document": document}, headers=ALICE)
+async def test_an_empty_string_document_is_422(client: httpx.AsyncClient) -> None:
+    response = await client.post(URL, json={"document": ""}, headers=ALICE)
     assert_problem(response, 422, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    "document", ["   \n\t ", "\x00" * 50, "\x01\x1f\x7f\x9f", "\u200b\u200d\u2060\ufeff", "\r\n"]
+)
+async def test_documents_that_normalise_to_nothing_are_422_empty_document(
+    client: httpx.AsyncClient, document: str
+) -> None:
+    # Refused before admission: the app's Kafka clients are not even started here.
+    response = await client.post(URL, json={"document": document}, headers=ALICE)
+    assert_problem(response, 422, "empty_document")
 
 
 async def test_validation_errors_never_echo_the_document(client: httpx.AsyncClient) -> None:

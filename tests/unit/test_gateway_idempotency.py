@@ -2,7 +2,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.admission.idempotency import RequestIndex
+import pytest
+
+from gateway.admission.idempotency import RequestIndex, body_sha256
+from gateway.http.errors import IdempotencyKeyReused
 
 
 class ClockMs:
@@ -74,3 +77,26 @@ def test_the_maps_are_bounded() -> None:
     assert len(index.owners) == 100
     assert index.lookup("u", "k999") == "r999"
     assert index.lookup("u", "k0") is None
+
+
+def test_a_key_reused_with_another_body_is_refused_and_the_same_body_finds_the_request() -> None:
+    index = RequestIndex()
+    first = body_sha256({"document": "one", "max_output_tokens": None})
+    assert index.reserve("alice", "k", "r1", first) == "r1"
+    assert index.lookup("alice", "k", body_sha256({"max_output_tokens": None, "document": "one"}))
+    with pytest.raises(IdempotencyKeyReused):
+        index.lookup("alice", "k", body_sha256({"document": "two", "max_output_tokens": None}))
+    with pytest.raises(IdempotencyKeyReused):
+        index.reserve("alice", "k", "r2", body_sha256({"document": "one", "max_output_tokens": 5}))
+    assert index.lookup("bob", "k", body_sha256({"document": "two"})) is None
+
+
+def test_rebuilt_keys_keep_their_body_and_unfingerprinted_records_match_any_body() -> None:
+    clock = ClockMs()
+    index = RequestIndex(clock_ms=clock)
+    index.observe({**request("r1", "alice", "k", clock.now), "body_sha256": body_sha256({"d": 1})})
+    index.observe(request("r2", "alice", "old", clock.now))  # written before the field existed
+    with pytest.raises(IdempotencyKeyReused):
+        index.lookup("alice", "k", body_sha256({"d": 2}))
+    assert index.lookup("alice", "k", body_sha256({"d": 1})) == "r1"
+    assert index.lookup("alice", "old", body_sha256({"d": 2})) == "r2"

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,3 +37,16 @@ def test_an_instance_without_partitions_is_a_configuration_error() -> None:
         owned_partitions(5, 6, 4)
     with pytest.raises(ValueError):
         owned_partitions(2, 2, 4)
+
+
+def test_ids_minted_in_one_millisecond_share_no_predictable_suffix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One frozen millisecond: a monotonic generator would hand out consecutive randomness.
+    monkeypatch.setattr("gateway.streams.ids.now_ms", lambda: 1_767_225_600_000)
+    owned = owned_partitions(0, 1, 12)
+    ids = [ULID.from_str(mint_request_id(owned, 12)) for _ in range(200)]
+    assert {u.milliseconds for u in ids} == {1_767_225_600_000}
+    bits = sorted(int.from_bytes(u.bytes[6:], "big") for u in ids)
+    # 80 random bits: two within 2**40 of each other happen with odds of about 2**-25.
+    assert min(b - a for a, b in itertools.pairwise(bits)) > 2**40
