@@ -59,10 +59,13 @@ class Degradation:
     def enabled(self) -> bool:
         return self.model is not None or self.output_ratio is not None
 
-    def apply(self, model: str | None, max_output: int) -> tuple[str | None, int, str]:
-        """The degraded (model, max output tokens) and the label recorded in the request."""
+    def apply(self, tier: Tier, model: str | None, max_output: int) -> tuple[str | None, int, str]:
+        """The degraded (model, max output tokens) and the label recorded in the request.
+
+        The model switch is skipped for a tier that does not list the cheaper model.
+        """
         parts: list[str] = []
-        if self.model is not None and model != self.model:
+        if self.model is not None and model != self.model and tier.allows(self.model):
             model = self.model
             parts.append(f"model:{model}")
         if self.output_ratio is not None:
@@ -107,6 +110,14 @@ class Admission:
         self.max_inflight = max_inflight
         self.degradation = degradation or Degradation()
         self._clock = clock
+        model = self.degradation.model
+        skipped = [name for name, tier in tiers.items() if model and not tier.allows(model)]
+        if skipped:
+            log.warning(
+                "degrade_model %s is not listed for tiers %s: they degrade without a model switch",
+                model,
+                skipped,
+            )
         # request_id -> when it was accepted; oldest first.
         self._inflight: OrderedDict[str, float] = OrderedDict()
 
@@ -142,7 +153,7 @@ class Admission:
             raise error
         degraded: str | None = None
         if decision.action == "degrade" and self.degradation.enabled:
-            model, max_output_tokens, label = self.degradation.apply(model, max_output_tokens)
+            model, max_output_tokens, label = self.degradation.apply(tier, model, max_output_tokens)
             degraded = label or None
         tokens = input_tokens + max_output_tokens
         if tokens > tier.tpm:

@@ -20,7 +20,13 @@ from gateway.admission.backpressure import QueueWaitEstimator
 from gateway.admission.controller import Admission, Admitted, prompt_overhead_tokens
 from gateway.admission.idempotency import RequestIndex
 from gateway.http.auth import Principal
-from gateway.http.errors import BrokerUnavailable, NotReady, PayloadTooLarge, Unauthorized
+from gateway.http.errors import (
+    BrokerUnavailable,
+    ModelNotAllowed,
+    NotReady,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from gateway.http.models import SummaryIn
 from gateway.metrics import CANCELS
 from gateway.settings import GatewaySettings
@@ -116,6 +122,7 @@ class Intake:
             if existing is not None:
                 return self._found_again(existing)
         tier = self.tier_of(principal)
+        _check_model(tier, body.model)
         input_tokens = await self._input_tokens(principal, tier, body.document)
         output_tokens = min(
             body.max_output_tokens or tier.max_output_tokens, tier.max_output_tokens
@@ -231,6 +238,15 @@ class Intake:
             ) from exc
         CANCELS.labels(reason).inc()
         log.info("cancel sent", extra={"request_id": request_id, "reason": reason})
+
+
+def _check_model(tier: Tier, model: str | None) -> None:
+    """422 ``model_not_allowed`` for a model the tier does not list (none: the tier's default)."""
+    if model is not None and not tier.allows(model):
+        raise ModelNotAllowed(
+            f"model {model[:64]!r} is not available on the {tier.name} tier",
+            extra={"allowed_models": list(tier.models)},
+        )
 
 
 def _request_record(

@@ -50,6 +50,13 @@ class InvalidRequest(GatewayError):
     code = "invalid_request"
 
 
+class ModelNotAllowed(InvalidRequest):
+    """The request names a model its tier does not list; ``allowed_models`` says which it may."""
+
+    title = "Model not allowed"
+    code = "model_not_allowed"
+
+
 class Unauthorized(GatewayError):
     status = 401
     title = "Missing or invalid API key"

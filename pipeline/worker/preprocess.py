@@ -35,7 +35,9 @@ log = logging.getLogger("sumstream.preprocess")
 
 STAGE = "preprocess"
 # Error codes that mean "turned away before any model call"; postprocess maps them to REJECTED.
-REJECTION_CODES = frozenset({"invalid_request", "unknown_tier", "input_too_large"})
+REJECTION_CODES = frozenset(
+    {"invalid_request", "unknown_tier", "input_too_large", "model_not_allowed"}
+)
 # The engine replaces this literal in a map-reduce job's prompt with the chunk summaries.
 CHUNK_PLACEHOLDER = "{chunk_summaries}"
 MAX_REQUEST_ID_CHARS = 200
@@ -146,6 +148,12 @@ def prepare(
     tier = tiers.get(request.get("tier") or "")
     if tier is None:
         return _rejection("unknown_tier", f"unknown tier {request.get('tier')!r}", dead_letter=True)
+    model = request.get("model") or tier.default_model or settings.default_model
+    if not tier.allows(model):
+        # Not dead-lettered: the record is well formed, its tier just does not list the model.
+        return _rejection(
+            "model_not_allowed", f"model {model[:64]!r} is not available on the {tier.name} tier"
+        )
     requested_output = request.get("max_output_tokens")
     if requested_output is not None and requested_output < 1:
         return _rejection(
@@ -171,7 +179,6 @@ def prepare(
     instructions = normalize_text(request.get("instructions") or "")[:MAX_INSTRUCTIONS_CHARS]
     if not instructions:
         instructions = DEFAULT_INSTRUCTIONS.format(max_tokens=max_output)
-    model = request.get("model") or settings.default_model
     overhead = count_tokens(SYSTEM_PROMPT) + count_tokens(user_message("", instructions))
     chunk_budget = settings.model_budget_tokens - overhead - max_output
     chunks: list[str] = []
@@ -246,7 +253,8 @@ def rejection_event(
         "attempt": 0,
         "user_id": request.get("user_id") or "",
         "tier": request.get("tier") or "",
-        "model": request.get("model") or model,
+        # No model ran; the request's own may be one its tier refuses (an unbounded label).
+        "model": model,
         "stop_reason": None,
         "usage": None,
         "error": {

@@ -212,12 +212,20 @@ async def test_no_degradation_configured_means_admit_up_to_the_limit() -> None:
 def test_degradation_never_grows_a_request(
     to_model: str | None, ratio: float | None, model: str | None, max_output: int
 ) -> None:
-    out_model, out_max, label = Degradation(to_model, ratio).apply(model, max_output)
+    out_model, out_max, label = Degradation(to_model, ratio).apply(FREE, model, max_output)
     assert 1 <= out_max <= max_output
     assert out_model == (to_model or model)
     # The label names exactly what changed.
     assert ("model:" in label) == (to_model is not None and to_model != model)
     assert ("max_output_tokens:" in label) == (out_max < max_output)
+
+
+def test_degradation_skips_a_model_the_tier_does_not_list() -> None:
+    listed = Tier("free", 3, 1_000, 8_000, 300, 1, 1.0, 30.0, "reject", ("small", "medium"))
+    degrade = Degradation("tiny", 0.5)
+    assert degrade.apply(listed, "medium", 100) == ("medium", 50, "max_output_tokens:50")
+    assert Degradation("tiny").apply(listed, "medium", 100) == ("medium", 100, "")
+    assert Degradation("small").apply(listed, "medium", 100) == ("small", 100, "model:small")
 
 
 async def test_in_flight_bound_frees_on_result_or_after_expiry() -> None:
