@@ -85,6 +85,7 @@ class Gateway:
             self.estimator,
             self.ledger,
             max_inflight=settings.max_inflight,
+            user_inflight_share=settings.user_inflight_share,
             degradation=degradation,
         )
         self.settler = ResultSettler(
