@@ -137,8 +137,9 @@ class ClientStreams:
             del self._open[request_id]
         if finished or not self._running() or request_id in self._cancel_timers:
             return
-        # The grace lets a client reconnect to text already flowing; a queued request has
-        # none, and every second it stays queued is a model call its client will not read.
+        # The grace lets a client reconnect to text already flowing. A queued request has no
+        # text yet: should it start within the grace, its model call is made (and billed) for
+        # a client that has gone.
         grace = 0.0 if self._still_queued(request_id) else self.settings.cancel_grace_s
         self._cancel_timers[request_id] = self._spawn(
             self._cancel_unless_back(request_id, user_id, grace), f"cancel-grace-{request_id}"
