@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,8 +192,7 @@ async def _open_stream(
         assert first.event == "accepted", first
         await accepted.put(str(first.data["id"]))
         await stop.wait()
-        with contextlib.suppress(StopAsyncIteration):
-            await events.aclose()
+        await events.aclose()
         return response.status_code
 
 
@@ -244,8 +242,8 @@ async def _burst(stack: Stack) -> None:
         results = await asyncio.gather(
             *(result_of(client, url, "key-ann", rid) for rid in heavy_ids)
         )
-    statuses_by_kind = {r["status"] for r in results}
-    assert statuses_by_kind <= {"CANCELLED", "COMPLETED"}, statuses_by_kind
+    ends = {r["status"] for r in results}
+    assert ends <= {"CANCELLED", "COMPLETED"}, ends
     cancelled = [r for r in results if r["status"] == "CANCELLED"]
     # Calls made for the heavy user: those running at the close, plus at most one round of
     # queued jobs the worker started while the cancels were on their way; not ~all of them.
