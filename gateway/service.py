@@ -87,6 +87,7 @@ class Gateway:
             self.estimator,
             self.ledger,
             max_inflight=settings.max_inflight,
+            user_inflight_share=settings.user_inflight_share,
             degradation=degradation,
         )
         self.connection = ConnectionConfig.from_settings(settings)

@@ -31,6 +31,8 @@ class GatewaySettings(KafkaSettings):
     # Requests accepted here and not finished yet; beyond it, 503 (a last bound for this
     # process when the lag figures are stale and admission fails open).
     max_inflight: int = Field(default=2_000, ge=1)
+    # One user's share of max_inflight (429 beyond it), so one client cannot hold the bound.
+    user_inflight_share: float = Field(default=0.25, gt=0, le=1)
 
     # Admission (gateway/admission/controller.py). The Faust app id is the stages' consumer group,
     # whose lag is the queue; the same variable (SUMSTREAM_APP_ID) the workers read.

@@ -60,6 +60,16 @@ class Decision:
         )
 
 
+@dataclass(frozen=True)
+class UserView:
+    """A new request's user as this gateway sees it, for the fair-share wait."""
+
+    # Requests of this user in flight here.
+    own: int
+    # Requests in flight here that the fair scheduler serves after the new one.
+    behind: float
+
+
 class ThroughputMeter:
     """Completions per second over a rolling window, from an ever-growing completion count."""
 
@@ -130,6 +140,9 @@ class QueueWaitEstimator:
         self._updated_at: float | None = None
         self._progress_at: float | None = None
         self._admitted_since_update = 0
+        self._finished_since_update = 0
+        # How long the queue has not moved at the last sample (0 while it moves).
+        self.stalled_s = 0.0
 
     def update(self, lag_by_stage: Mapping[str, int], throughput_per_s: float, now: float) -> float:
         """Feed one sample (lag per stage, completions per second); returns the smoothed wait."""
@@ -142,8 +155,8 @@ class QueueWaitEstimator:
         raw = self.queued / self.rate_per_s
         if self.queued == 0 or throughput_per_s > 0 or self._progress_at is None:
             self._progress_at = now
-        else:
-            raw = max(raw, now - self._progress_at)
+        self.stalled_s = now - self._progress_at
+        raw = max(raw, self.stalled_s)
         raw = min(raw, self.ceiling_s)
         if self._updated_at is None:
             self.smoothed_s = raw
@@ -154,11 +167,20 @@ class QueueWaitEstimator:
             self.smoothed_s += alpha * (raw - self.smoothed_s)
         self._updated_at = now
         self._admitted_since_update = 0
+        self._finished_since_update = 0
         return self.smoothed_s
 
     def note_admitted(self, count: int = 1) -> None:
         """Count a request admitted since the last sample (the next lag reading includes it)."""
         self._admitted_since_update += count
+
+    def note_finished(self, count: int = 1) -> None:
+        """Count a request of this gateway that ended since the last sample (it left the queue)."""
+        self._finished_since_update += count
+
+    def queued_now(self) -> int:
+        """The queue as of the last sample, plus admissions and minus results seen since."""
+        return max(0, self.queued + self._admitted_since_update - self._finished_since_update)
 
     def estimate_s(self) -> float:
         """The wait a new request would see now, including admissions since the last sample."""
@@ -172,10 +194,21 @@ class QueueWaitEstimator:
     def is_stale(self, now: float) -> bool:
         return self._updated_at is None or now - self._updated_at > self.stale_after_s
 
-    def decide(self, tier: Tier, now: float) -> Decision:
-        """Admit, degrade (when a policy is set) or shed a new request of ``tier``."""
+    def decide(self, tier: Tier, now: float, *, user: UserView | None = None) -> Decision:
+        """Admit, degrade (when a policy is set) or shed a new request of ``tier``.
+
+        With ``user``, the request is measured on the queue ahead of it (docs/architecture.md
+        "Admission"): a user with other users' requests behind its own, or with none of its
+        own in flight, takes the latest figures for that queue when they are lower than the
+        smoothed whole-queue estimate. So one user's burst, even one cancelled a moment ago,
+        sheds nobody else, while a user's own backlog keeps the smoothing that stops flapping.
+        """
         wait = self.estimate_s()
         position = self.queue_position()
+        if user is not None and (user.behind > 0 or user.own == 0):
+            ahead = max(0.0, self.queued_now() - user.behind)
+            wait = min(wait, self.ceiling_s, max(ahead / self.rate_per_s, self.stalled_s))
+            position = min(position, int(ahead) + 1)
         if self.is_stale(now):
             return Decision("admit", wait, position, stale=True)
         limit = tier.max_queue_wait_s

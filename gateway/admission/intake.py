@@ -24,6 +24,7 @@ from gateway.http.errors import (
     BrokerUnavailable,
     EmptyDocument,
     IdempotencyKeyReused,
+    ModelNotAllowed,
     NotReady,
     PayloadTooLarge,
     Unauthorized,
@@ -124,6 +125,7 @@ class Intake:
     ) -> Accepted:
         """Check limits, mint an id, register its stream and produce the SummarizeRequest."""
         tier = self.tier_of(principal)
+        _check_model(tier, body.model)
         output_tokens = min(
             body.max_output_tokens or tier.max_output_tokens, tier.max_output_tokens
         )
@@ -276,6 +278,15 @@ def normalises_to_nothing(document: str) -> bool:
 def _measure(document: str) -> int | None:
     """The document's tokens, or None when it normalises to nothing."""
     return None if normalises_to_nothing(document) else count_tokens(document)
+
+
+def _check_model(tier: Tier, model: str | None) -> None:
+    """422 ``model_not_allowed`` for a model the tier does not list (none: the tier's default)."""
+    if model is not None and not tier.allows(model):
+        raise ModelNotAllowed(
+            f"model {model[:64]!r} is not available on the {tier.name} tier",
+            extra={"allowed_models": list(tier.models)},
+        )
 
 
 def _request_record(

@@ -65,6 +65,13 @@ class IdempotencyKeyReused(InvalidRequest):
     code = "idempotency_key_reused"
 
 
+class ModelNotAllowed(InvalidRequest):
+    """The request names a model its tier does not list; ``allowed_models`` says which it may."""
+
+    title = "Model not allowed"
+    code = "model_not_allowed"
+
+
 class Unauthorized(GatewayError):
     status = 401
     title = "Missing or invalid API key"

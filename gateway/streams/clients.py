@@ -2,7 +2,8 @@
 
 A stream reads from the hub's memory when it still holds every event the client needs, else
 from a short-lived reader of the log. When the last stream of an unfinished request closes,
-a CANCEL follows unless a client comes back within ``cancel_grace_s``.
+a CANCEL follows unless a client comes back within ``cancel_grace_s``; a request still
+queued (nothing streamed yet) is cancelled at once, before the pipeline calls the model.
 """
 
 from __future__ import annotations
@@ -139,13 +140,27 @@ class ClientStreams:
             del self._open[request_id]
         if finished or not self._running() or request_id in self._cancel_timers:
             return
+        # The grace lets a client reconnect to text already flowing. A queued request has no
+        # text yet: should it start within the grace, its model call is made (and billed) for
+        # a client that has gone.
+        grace = 0.0 if self._still_queued(request_id) else self.settings.cancel_grace_s
         self._cancel_timers[request_id] = self._spawn(
-            self._cancel_unless_back(request_id, user_id), f"cancel-grace-{request_id}"
+            self._cancel_unless_back(request_id, user_id, grace), f"cancel-grace-{request_id}"
         )
 
-    async def _cancel_unless_back(self, request_id: str, user_id: str) -> None:
+    def _still_queued(self, request_id: str) -> bool:
+        """Accepted here and nothing streamed yet (no STARTED, no token, no end)."""
+        stream = self.hub.get(request_id)
+        return (
+            stream is not None
+            and stream.last_seq == 0
+            and stream.terminal is None
+            and stream.result is None
+        )
+
+    async def _cancel_unless_back(self, request_id: str, user_id: str, grace_s: float) -> None:
         try:
-            await asyncio.sleep(self.settings.cancel_grace_s)
+            await asyncio.sleep(grace_s)
             stream = self.hub.get(request_id)
             if self._open[request_id] > 0 or (stream is not None and stream.result):
                 return

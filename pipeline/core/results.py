@@ -13,7 +13,9 @@ from pipeline.core.pricing import PriceTable
 from pipeline.core.records import ResultStatus, SummaryResult, TokenEvent, Trace
 
 # Error codes that mean "turned away before any model call": the result is REJECTED.
-REJECTION_CODES = frozenset({"invalid_request", "unknown_tier", "input_too_large"})
+REJECTION_CODES = frozenset(
+    {"invalid_request", "unknown_tier", "input_too_large", "model_not_allowed"}
+)
 
 # latency_ms key -> (start stamp, end stamp) in the request's trace. Documented in
 # ``latency_breakdown``; a key is present only when both stamps are.

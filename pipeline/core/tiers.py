@@ -33,10 +33,22 @@ class Tier:
     monthly_budget_usd: float
     max_queue_wait_s: float
     on_input_too_large: Literal["truncate", "reject"]
+    # The models a request of this tier may name, its default first. Empty only for tiers
+    # built in code (tests): the tier file requires a list, so a model name stays bounded.
+    models: tuple[str, ...] = ()
 
     @property
     def monthly_budget_micro_usd(self) -> int:
         return round(self.monthly_budget_usd * 1_000_000)
+
+    @property
+    def default_model(self) -> str | None:
+        """The model a request that names none runs on (None: the worker's default)."""
+        return self.models[0] if self.models else None
+
+    def allows(self, model: str) -> bool:
+        """Whether a request of this tier may name ``model``."""
+        return not self.models or model in self.models
 
 
 _INT_FIELDS = ("rpm", "tpm", "max_input_tokens", "max_output_tokens", "weight")
@@ -46,7 +58,7 @@ _FLOAT_FIELDS = ("monthly_budget_usd", "max_queue_wait_s")
 def _tier(name: str, raw: Any, source: Path) -> Tier:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [{name}] must be a table")
-    unknown = set(raw) - {*_INT_FIELDS, *_FLOAT_FIELDS, "on_input_too_large"}
+    unknown = set(raw) - {*_INT_FIELDS, *_FLOAT_FIELDS, "on_input_too_large", "models"}
     if unknown:
         raise ConfigError(f"{source}: [{name}] has unknown keys {sorted(unknown)}")
     values: dict[str, Any] = {}
@@ -64,7 +76,18 @@ def _tier(name: str, raw: Any, source: Path) -> Tier:
     policy = raw.get("on_input_too_large", "reject")
     if policy not in INPUT_POLICIES:
         raise ConfigError(f"{source}: [{name}] on_input_too_large must be one of {INPUT_POLICIES}")
-    return Tier(name=name, on_input_too_large=policy, **values)
+    models = raw.get("models")
+    if (
+        not isinstance(models, list)
+        or not models
+        or not all(isinstance(m, str) and m.strip() for m in models)
+        or len(set(models)) != len(models)
+    ):
+        raise ConfigError(
+            f"{source}: [{name}] models must be a non-empty list of distinct model names "
+            "(the first is the tier's default)"
+        )
+    return Tier(name=name, on_input_too_large=policy, models=tuple(models), **values)
 
 
 def load_tiers(path: Path = DEFAULT_TIERS_FILE) -> dict[str, Tier]:

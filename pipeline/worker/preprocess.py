@@ -145,6 +145,12 @@ def prepare(
     if isinstance(checked, Rejection):
         return checked
     tier, document = checked
+    model = request.get("model") or tier.default_model or settings.default_model
+    if not tier.allows(model):
+        # Not dead-lettered: the record is well formed, its tier just does not list the model.
+        return _rejection(
+            "model_not_allowed", f"model {model[:64]!r} is not available on the {tier.name} tier"
+        )
     requested_output = request.get("max_output_tokens")
     max_output = min(requested_output or tier.max_output_tokens, tier.max_output_tokens)
     fitted = _fit(document, tier)
@@ -167,7 +173,7 @@ def prepare(
         "request_id": request["request_id"],
         "user_id": request["user_id"],
         "tier": tier.name,
-        "model": request.get("model") or settings.default_model,
+        "model": model,
         "system": SYSTEM_PROMPT,
         "prompt": prompt,
         "chunks": chunks,
@@ -265,7 +271,7 @@ def rejection_event(
     trace = _trace(request, created_at, enqueued_ms)
     trace.setdefault("preprocess_start", now_ms)
     meta = events.StreamMeta.of(request)
-    meta = replace(meta, model=meta.model or model, created_at=created_at)
+    meta = replace(meta, model=model, created_at=created_at)
     error = events.error_info(rejection.code, rejection.message, retriable=False, partial=False)
     return events.terminal(meta, "ERROR", seq=1, attempt=0, usage=None, error=error, trace=trace)
 

@@ -17,7 +17,7 @@ import re
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from pipeline.core.partitioning import partition_for
 from pipeline.core.settings import KafkaSettings
 from pipeline.kafka.admin import create_topics
 from tests.e2e.documents import OBJECTS, SUBJECTS, VERBS
-from tests.e2e.harness import BOOTSTRAP, Stack, auth, collect, write_tiers
+from tests.harness import BOOTSTRAP, Stack, auth, collect, eventually, write_tiers
 
 pytestmark = pytest.mark.e2e
 
@@ -69,14 +69,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
-
-
-def eventually(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    """Wait until ``check()`` holds (polled), failing after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 def post(url: str, key: str, body: Any, **headers: str) -> httpx.Response:
@@ -124,7 +116,9 @@ def test_documents_of_only_nul_control_or_zero_width_characters_are_422_before_a
         assert response.json()["code"] == "empty_document"
     # One real request: once the ledger shows it, it shows that the refused ones reserved nothing.
     assert post(url, "key-fay", {"document": "A real sentence."}).status_code == 202
-    eventually(lambda: usage_requests(url, "key-fay") >= before + 1)
+    eventually(
+        lambda: usage_requests(url, "key-fay") >= before + 1, message="the valid request counted"
+    )
     assert usage_requests(url, "key-fay") == before + 1
 
 

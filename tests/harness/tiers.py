@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # name -> (rpm, tpm, max_input_tokens, max_output_tokens, weight, monthly_budget_usd,
 #          max_queue_wait_s); the order of config/tiers.toml's fields.
 TierRow = tuple[int, int, int, int, int, float, float]
+# Every tier of a test tiers file allows every priced model (the default first).
+TEST_TIER_MODELS = [
+    "claude-haiku-4-5",
+    "claude-3-5-haiku-latest",
+    "claude-sonnet-4-5",
+    "claude-opus-4-5",
+    "claude-opus-4-1",
+]
 
 
 def write_tiers(
@@ -26,6 +35,7 @@ def write_tiers(
             f"monthly_budget_usd = {budget}",
             f"max_queue_wait_s = {wait}",
             f'on_input_too_large = "{policy}"',
+            f"models = {json.dumps(TEST_TIER_MODELS)}",
             "",
         ]
     path.write_text("\n".join(lines))

@@ -249,7 +249,10 @@ async def test_post_produces_exactly_one_request_with_the_right_fields() -> None
     async with topics() as kafka, running_gateway(gateway_settings(kafka)) as gw:
         async with gw.client() as client:
             response = await post_json(
-                client, instructions="bullet points", max_output_tokens=50, model="sim"
+                client,
+                instructions="bullet points",
+                max_output_tokens=50,
+                model="claude-sonnet-4-5",
             )
             assert response.status_code == 202
             body = response.json()
@@ -271,7 +274,7 @@ async def test_post_produces_exactly_one_request_with_the_right_fields() -> None
     assert record["document"] == DOC
     assert record["instructions"] == "bullet points"
     assert record["max_output_tokens"] == 50
-    assert record["model"] == "sim"
+    assert record["model"] == "claude-sonnet-4-5"
     assert record["source"] == "gateway"
     assert set(record["trace"]) == {"received", "enqueued"}
     assert record["trace"]["received"] <= record["trace"]["enqueued"]

@@ -182,10 +182,20 @@ async def test_a_spent_budget_answers_429_budget_exceeded() -> None:
     assert other_user.status_code == 202
 
 
-async def test_growing_lag_degrades_then_sheds_with_retry_after() -> None:
+@pytest.mark.parametrize(
+    ("models", "degraded_to"),
+    [
+        ((), "cheap-model"),
+        # A tier that does not list the degrade model degrades the output only.
+        (("big-model", "small-model"), "big-model"),
+    ],
+)
+async def test_growing_lag_degrades_then_sheds_with_retry_after(
+    models: tuple[str, ...], degraded_to: str
+) -> None:
     # Nothing consumes `requests`: each accepted request is one more record of lag, and
     # nothing completes, so the estimated wait only grows.
-    table = tiers(pro=pro(max_queue_wait_s=4.0))
+    table = tiers(pro=pro(max_queue_wait_s=4.0, models=models))
     async with topics() as kafka:
         settings = settings_for(
             kafka,
@@ -225,8 +235,9 @@ async def test_growing_lag_degrades_then_sheds_with_retry_after() -> None:
     for kind, response in seen[:-1]:
         record = by_id[response.json()["id"]]
         if kind == "degraded":
-            assert record["degraded"] == "model:cheap-model,max_output_tokens:50"
-            assert (record["model"], record["max_output_tokens"]) == ("cheap-model", 50)
+            switched = "model:cheap-model," if degraded_to == "cheap-model" else ""
+            assert record["degraded"] == f"{switched}max_output_tokens:50"
+            assert (record["model"], record["max_output_tokens"]) == (degraded_to, 50)
         else:
             assert record["degraded"] is None
             assert (record["model"], record["max_output_tokens"]) == ("big-model", 100)

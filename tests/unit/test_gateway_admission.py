@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -213,12 +214,20 @@ async def test_no_degradation_configured_means_admit_up_to_the_limit() -> None:
 def test_degradation_never_grows_a_request(
     to_model: str | None, ratio: float | None, model: str | None, max_output: int
 ) -> None:
-    out_model, out_max, label = Degradation(to_model, ratio).apply(model, max_output)
+    out_model, out_max, label = Degradation(to_model, ratio).apply(FREE, model, max_output)
     assert 1 <= out_max <= max_output
     assert out_model == (to_model or model)
     # The label names exactly what changed.
     assert ("model:" in label) == (to_model is not None and to_model != model)
     assert ("max_output_tokens:" in label) == (out_max < max_output)
+
+
+def test_degradation_skips_a_model_the_tier_does_not_list() -> None:
+    listed = Tier("free", 3, 1_000, 8_000, 300, 1, 1.0, 30.0, "reject", ("small", "medium"))
+    degrade = Degradation("tiny", 0.5)
+    assert degrade.apply(listed, "medium", 100) == ("medium", 50, "max_output_tokens:50")
+    assert Degradation("tiny").apply(listed, "medium", 100) == ("medium", 100, "")
+    assert Degradation("small").apply(listed, "medium", 100) == ("small", 100, "model:small")
 
 
 async def test_in_flight_bound_frees_on_result_or_after_expiry() -> None:
@@ -251,3 +260,110 @@ def test_the_reservation_covers_the_prompt_around_the_document() -> None:
     assert prompt_overhead_tokens(None, 300) > 20
     longer = prompt_overhead_tokens("Summarize in three bullet points for an executive.", 300)
     assert longer > prompt_overhead_tokens("Short.", 300)
+
+
+PRO = Tier("pro", 1_000, 100_000, 8_000, 300, 4, 100.0, 30.0, "truncate")
+FREE_WIDE = Tier("free", 1_000, 100_000, 8_000, 300, 1, 100.0, 30.0, "reject")
+
+
+def fair_admission(*, max_inflight: int = 1_000, share: float = 1.0) -> Admission:
+    """No queue at the last sample, one completion a second, tiers of weight 1 and 4."""
+    estimator = QueueWaitEstimator(min_rate_per_s=1.0)
+    estimator.update({"preprocess": 0}, 1.0, 100.0)
+    ledger = StateLedger()
+    ledger.state = QuotaState({"free": FREE_WIDE, "pro": PRO})
+    return Admission(
+        {"free": FREE_WIDE, "pro": PRO},
+        estimator,
+        ledger,
+        max_inflight=max_inflight,
+        user_inflight_share=share,
+        clock=Clock(),
+    )
+
+
+async def accept(adm: Admission, user: str, tier: str = "free") -> Admitted:
+    admitted = await adm.admit(
+        user, tier, f"r{next(_rid)}", input_tokens=50, max_output_tokens=50, model=None
+    )
+    adm.accepted(admitted)
+    return admitted
+
+
+async def test_a_user_is_shed_on_its_own_queue_and_another_on_the_queue_ahead_of_it() -> None:
+    adm = fair_admission()
+    heavy: list[Admitted] = []
+    with pytest.raises(Overloaded):
+        while True:  # the heavy user fills the queue up to its tier's 30 s
+            heavy.append(await accept(adm, "heavy"))
+    assert len(heavy) == 31  # waits of 0 .. 30 s are within the limit
+    light = await accept(adm, "light")
+    # Equal weights: one heavy request starts before the light one, the rest after it.
+    assert light.estimated_wait_s == pytest.approx(1.0)
+    assert light.queue_position == 2
+    with pytest.raises(Overloaded):
+        await accept(adm, "heavy")  # still shed on its own queue
+
+
+async def test_the_queue_ahead_follows_the_tier_weights() -> None:
+    adm = fair_admission()
+    for _ in range(20):
+        await accept(adm, "heavy", "pro")  # weight 4
+    light = await accept(adm, "light", "free")  # weight 1: four pro starts per free start
+    assert light.estimated_wait_s == pytest.approx(4.0)
+    assert adm.behind("light", 1) == pytest.approx(20 - 2 * 4)  # its second request
+
+
+async def test_a_burst_that_ended_since_the_last_sample_sheds_nobody_else() -> None:
+    adm = fair_admission()
+    estimator = adm.estimator
+    burst = [await accept(adm, "heavy") for _ in range(31)]
+    # The sample still shows the burst queued (and smoothed), then it is cancelled.
+    estimator.update({"preprocess": 31}, 0.5, 105.0)
+    assert estimator.estimate_s() > 30
+    for admitted in burst:
+        adm.finished(admitted.request_id)
+    assert estimator.queued_now() == 0
+    light = await accept(adm, "light")
+    assert light.estimated_wait_s == pytest.approx(0.0)
+
+
+async def test_one_user_may_hold_only_its_share_of_the_in_flight_bound() -> None:
+    adm = fair_admission(max_inflight=8, share=0.25)
+    assert adm.max_user_inflight == 2
+    first = await accept(adm, "heavy")
+    await accept(adm, "heavy")
+    with pytest.raises(RateLimited) as refused:
+        await accept(adm, "heavy")
+    assert refused.value.extra == {"limit": "inflight"}
+    assert refused.value.retriable and refused.value.retry_after_s == 1.0
+    await accept(adm, "other")  # others are not held by it
+    adm.finished(first.request_id)
+    await accept(adm, "heavy")  # a result frees the slot
+
+
+async def test_a_request_counts_for_its_user_from_admission_until_released() -> None:
+    adm = fair_admission(max_inflight=8, share=0.25)
+    admitted = await adm.admit(
+        "heavy", "free", f"r{next(_rid)}", input_tokens=50, max_output_tokens=50, model=None
+    )
+    # Not yet in the log (the produce is under way): it counts, so a burst sees itself.
+    await accept(adm, "heavy")
+    with pytest.raises(RateLimited):
+        await accept(adm, "heavy")
+    await adm.release(admitted)  # the produce failed
+    await accept(adm, "heavy")
+    assert adm.inflight == 2
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from(["free", "pro"])), max_size=40))
+async def test_the_wait_ahead_of_a_new_user_never_exceeds_the_whole_queue(
+    arrivals: list[tuple[str, str]],
+) -> None:
+    adm = fair_admission()
+    for user, tier in arrivals:
+        with contextlib.suppress(Overloaded):
+            await accept(adm, user, tier)
+    whole = adm.estimator.estimate_s()
+    newcomer = await accept(adm, "newcomer")
+    assert 0.0 <= newcomer.estimated_wait_s <= round(whole, 3)

@@ -202,6 +202,23 @@ async def test_over_the_tiers_input_tokens_is_413_when_the_tier_rejects(
     assert_problem(response, 503, "not_ready")
 
 
+@pytest.mark.parametrize("model", ["claude-opus-4-1", "no-such-model", "x" * 200])
+async def test_a_model_the_tier_does_not_list_is_422_naming_the_allowed_ones(
+    client: httpx.AsyncClient, model: str
+) -> None:
+    response = await client.post(URL, json={"document": "text", "model": model}, headers=ALICE)
+    assert_problem(response, 422, "model_not_allowed")
+    assert response.json()["allowed_models"] == list(load_tiers()["pro"].models)
+    assert model not in response.text or len(model) < 64  # a long name is not echoed whole
+
+
+async def test_a_listed_model_passes_the_model_check(client: httpx.AsyncClient) -> None:
+    body = {"document": "text", "model": "claude-sonnet-4-5"}
+    response = await client.post(URL, json=body, headers=ALICE)
+    # Past the model check the request needs Kafka, which is not started here.
+    assert_problem(response, 503, "not_ready")
+
+
 async def test_unknown_routes_and_methods_are_problems(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/nope"), 404, "not_found")
     assert_problem(await client.put(URL, headers=ALICE), 405, "method_not_allowed")

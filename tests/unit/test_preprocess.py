@@ -178,6 +178,23 @@ def test_oversized_input_is_rejected_on_a_rejecting_tier() -> None:
     assert "free tier allows 50" in out.message
 
 
+LISTED = {"pro": Tier("pro", 100, 10_000, 50, 200, 4, 10.0, 60.0, "truncate", ("cheap", "dear"))}
+
+
+def test_a_request_without_a_model_runs_its_tiers_first_listed_model() -> None:
+    job = prepare(request(), LISTED, SETTINGS, now_ms=NOW)
+    assert isinstance(job, dict) and job["model"] == "cheap"
+    job = prepare(request(model="dear"), LISTED, SETTINGS, now_ms=NOW)
+    assert isinstance(job, dict) and job["model"] == "dear"
+
+
+def test_a_model_its_tier_does_not_list_is_rejected_without_a_dead_letter() -> None:
+    out = prepare(request(model="claude-opus-4-1"), LISTED, SETTINGS, now_ms=NOW)
+    assert isinstance(out, Rejection)
+    assert out.code == "model_not_allowed" and not out.dead_letter
+    assert "'claude-opus-4-1'" in out.message and "pro tier" in out.message
+
+
 @pytest.mark.parametrize(
     ("overrides", "code"),
     [
@@ -349,6 +366,20 @@ async def test_stage_rejects_too_large_input_without_a_dead_letter(
     assert jobs.sent == [] and dead.sent == []
     event = codec().decode_as(tokens.sent[0][1], "TokenEvent")
     assert event["error"]["code"] == "input_too_large"
+
+
+async def test_stage_rejection_names_the_default_model_not_the_refused_one() -> None:
+    jobs, tokens, dead = Sink(), Sink(), Sink()
+    s = PreprocessStage(
+        SETTINGS, LISTED, send_job=jobs, send_token=tokens, dlq=DeadLetterQueue(dead)
+    )
+    value = codec().encode("SummarizeRequest", request(model="made-up-model"))
+    await s.handle(None, value, ORIGIN, None)
+    assert jobs.sent == [] and dead.sent == []
+    event = codec().decode_as(tokens.sent[0][1], "TokenEvent")
+    assert event["error"]["code"] == "model_not_allowed"
+    # The terminal event (and so the result and its metric labels) never carries that model.
+    assert event["model"] == SETTINGS.default_model
 
 
 async def test_stage_dead_letters_a_request_without_id(

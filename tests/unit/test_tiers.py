@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.pricing import price_table
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import DEFAULT_TIERS_FILE, ConfigError, Tier, load_tiers
 
@@ -17,6 +18,7 @@ weight = 2
 monthly_budget_usd = 3
 max_queue_wait_s = 10
 on_input_too_large = "truncate"
+models = ["small-model", "big-model"]
 """
 
 
@@ -53,9 +55,30 @@ def test_load_valid_file(tmp_path: Path) -> None:
             monthly_budget_usd=3.0,
             max_queue_wait_s=10.0,
             on_input_too_large="truncate",
+            models=("small-model", "big-model"),
         )
     }
     assert tiers["basic"].monthly_budget_micro_usd == 3_000_000
+
+
+def test_a_tier_allows_only_its_listed_models_and_defaults_to_the_first(tmp_path: Path) -> None:
+    tier = load_tiers(write(tmp_path, VALID))["basic"]
+    assert tier.default_model == "small-model"
+    assert tier.allows("big-model")
+    assert not tier.allows("claude-opus-4-1")
+    assert not tier.allows("")
+
+
+def test_shipped_tier_models_are_priced_nested_by_tier_and_default_to_the_worker_model() -> None:
+    tiers = load_tiers(DEFAULT_TIERS_FILE)
+    priced = set(price_table().models)
+    for tier in tiers.values():
+        assert set(tier.models) <= priced, tier.name
+        assert tier.default_model == WorkerSettings().default_model
+    free, pro, ent = (set(tiers[n].models) for n in ("free", "pro", "enterprise"))
+    assert free < pro < ent
+    # The most expensive model is for enterprise only.
+    assert "claude-opus-4-1" in ent - pro
 
 
 def test_tier_is_frozen(tmp_path: Path) -> None:
@@ -79,6 +102,12 @@ def test_policy_defaults_to_reject(tmp_path: Path) -> None:
         ('"truncate"', '"drop"', "on_input_too_large"),
         ("rpm = 5", "rpm = 5\nburst = 3", r"unknown keys \['burst'\]"),
         ("max_input_tokens = 500\n", "", "max_input_tokens must be a positive integer"),
+        ('models = ["small-model", "big-model"]', "", "models must be a non-empty list"),
+        ('["small-model", "big-model"]', "[]", "models must be a non-empty list"),
+        ('["small-model", "big-model"]', '"small-model"', "models must be a non-empty list"),
+        ('["small-model", "big-model"]', '["a", "a"]', "models must be a non-empty list"),
+        ('["small-model", "big-model"]', '["a", 3]', "models must be a non-empty list"),
+        ('["small-model", "big-model"]', '["a", " "]', "models must be a non-empty list"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_field_named(
