@@ -25,7 +25,6 @@ from pipeline.core.codec import codec
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
 from tests.e2e.documents import document
-from tests.e2e.faults import produce_raw, wait_for_async
 from tests.harness import (
     BOOTSTRAP,
     Stack,
@@ -33,6 +32,7 @@ from tests.harness import (
     auth,
     collect,
     eventually_async,
+    produce_raw,
     running_stack,
     sse_events,
     write_tiers,
@@ -224,8 +224,10 @@ async def _burst(stack: Stack) -> None:
         heavy_ids = [rid for rid in ids if rid]
         assert len(heavy_ids) == HEAVY_STREAMS, "the heavy user's own streams were refused"
         # Its first jobs run upstream; then every stream closes at once.
-        await wait_for_async(
-            lambda: stack.sim_stats()["open_streams"] >= MAX_STREAMS, 60, "upstream calls"
+        await eventually_async(
+            lambda: stack.sim_stats()["open_streams"] >= MAX_STREAMS,
+            timeout=60,
+            message="upstream calls",
         )
         running_at_close = stack.sim_stats()["attempts"] - attempts_before
         stop.set()

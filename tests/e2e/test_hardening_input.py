@@ -195,7 +195,10 @@ def test_an_idempotency_key_reused_with_another_body_is_422_here_and_at_a_restar
     assert again.status_code == 202
     assert again.json()["id"] == first.json()["id"]
     assert again.headers["Idempotent-Replayed"] == "true"
-    for other in ({"document": "Another body."}, {"document": "The first body.", "model": "x"}):
+    for other in (
+        {"document": "Another body."},
+        {"document": "The first body.", "model": "claude-3-5-haiku-latest"},
+    ):
         reused = post(url, "key-ben", other, **key)
         assert reused.status_code == 422, reused.text
         assert reused.json()["code"] == "idempotency_key_reused"
