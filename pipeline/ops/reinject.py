@@ -81,6 +81,7 @@ async def rerun(
     ``on_mapped(old, new, replay)`` is called once the replay is delivered (at once when
     ``dry_run``, in which case nothing is produced).
     """
+    # Past ~60 lines: the delivery callbacks and the pacing share the report and the producer.
     topics = TopicNames.from_settings(settings)
     report = RerunReport()
     producer = None if dry_run else request_producer(settings)

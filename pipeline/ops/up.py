@@ -107,22 +107,7 @@ def run(args: argparse.Namespace) -> int:
         dev_key = secrets.token_urlsafe(24)
         env_over: dict[str, str] = {}
         if worker.anthropic_api_key is None:
-            sim_url = f"http://127.0.0.1:{args.sim_port}"
-            env_over["llm_sim_url"] = sim_url
-            stack.spawn(
-                "llm-sim",
-                [
-                    "llm-sim",
-                    "--port",
-                    str(args.sim_port),
-                    "--ttft-ms",
-                    str(args.sim_ttft_ms),
-                    "--token-delay-ms",
-                    str(args.sim_token_delay_ms),
-                ],
-                child_env(**env_over),
-            )
-            wait_http(f"{sim_url}/healthz", stack, args.ready_timeout)
+            env_over["llm_sim_url"] = _start_simulator(args, stack)
         gateway_env = child_env(**env_over)
         dev_key = gateway_env.setdefault("SUMSTREAM_DEV_API_KEY", dev_key)
         for i in range(args.workers):
@@ -136,19 +121,7 @@ def run(args: argparse.Namespace) -> int:
         )
         base = f"http://{args.host}:{args.port}"
         wait_http(f"{base}/readyz", stack, args.ready_timeout)
-        print(
-            f"\nsumstream is up in {time.monotonic() - t0:.1f} s\n"
-            f"  gateway   {base}  (OpenAPI: {base}/docs)\n"
-            f"  API key   {dev_key}\n"
-            f"  logs      {stack.log_dir}/\n\n"
-            "Summarize a file:\n"
-            "  python3 -c 'import json,sys;print(json.dumps({\"document\":sys.stdin.read()}))' \\\n"
-            "      < README.md > /tmp/doc.json\n"
-            f"  curl -N {base}/v1/summaries -H 'Authorization: Bearer {dev_key}' \\\n"
-            "       -H 'Content-Type: application/json' --data-binary @/tmp/doc.json\n\n"
-            "Ctrl-C stops everything.",
-            flush=True,
-        )
+        print(_banner(base, dev_key, stack.log_dir, time.monotonic() - t0), flush=True)
         while True:
             stack.check_alive()
             time.sleep(1.0)
@@ -160,3 +133,39 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         stack.stop(settings)
+
+
+def _start_simulator(args: argparse.Namespace, stack: Stack) -> str:
+    """Start the LLM simulator (no API key is set) and return its URL once it answers."""
+    sim_url = f"http://127.0.0.1:{args.sim_port}"
+    stack.spawn(
+        "llm-sim",
+        [
+            "llm-sim",
+            "--port",
+            str(args.sim_port),
+            "--ttft-ms",
+            str(args.sim_ttft_ms),
+            "--token-delay-ms",
+            str(args.sim_token_delay_ms),
+        ],
+        child_env(llm_sim_url=sim_url),
+    )
+    wait_http(f"{sim_url}/healthz", stack, args.ready_timeout)
+    return sim_url
+
+
+def _banner(base: str, dev_key: str, log_dir: Path, elapsed_s: float) -> str:
+    """What a person at the terminal needs: where it runs, the key, a command to try."""
+    return (
+        f"\nsumstream is up in {elapsed_s:.1f} s\n"
+        f"  gateway   {base}  (OpenAPI: {base}/docs)\n"
+        f"  API key   {dev_key}\n"
+        f"  logs      {log_dir}/\n\n"
+        "Summarize a file:\n"
+        "  python3 -c 'import json,sys;print(json.dumps({\"document\":sys.stdin.read()}))' \\\n"
+        "      < README.md > /tmp/doc.json\n"
+        f"  curl -N {base}/v1/summaries -H 'Authorization: Bearer {dev_key}' \\\n"
+        "       -H 'Content-Type: application/json' --data-binary @/tmp/doc.json\n\n"
+        "Ctrl-C stops everything."
+    )
