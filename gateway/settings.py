@@ -23,6 +23,8 @@ class GatewaySettings(KafkaSettings):
     keys_file: Path | None = REPO_ROOT / "config" / "keys.toml"
     # A development key mapped to user "dev", tier "pro"; never logged.
     dev_api_key: SecretStr | None = None
+    # When set, GET /metrics needs `Authorization: Bearer <token>` (Prometheus `authorization`).
+    metrics_token: SecretStr | None = None
     tiers_file: Path = DEFAULT_TIERS_FILE
 
     max_document_bytes: int = Field(default=1_000_000, ge=1)

@@ -76,6 +76,8 @@ class WorkerSettings(KafkaSettings):
     stages: str = "preprocess,inference,postprocess"
     web_port: int = 6066
     metrics_port: int = 9464
+    # Loopback by default: /metrics has no authentication (0.0.0.0 to be scraped from outside).
+    metrics_host: str = "127.0.0.1"
     # The SDK's own variable works too, so an existing ANTHROPIC_API_KEY switches to the real API.
     anthropic_api_key: SecretStr | None = Field(
         default=None,
@@ -133,6 +135,8 @@ class SimulatorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8088, ge=0, le=65535)
     log_level: str = "warning"
+    # Bearer token for /_sim/*; required off loopback (pipeline/llm/simulator/operator.py).
+    admin_token: SecretStr | None = None
     # Per-request records kept for GET /_sim/stats; the oldest request ids go first.
     max_records: int = Field(default=10_000, ge=1)
     ttft_ms: float = Field(default=200.0, ge=0)

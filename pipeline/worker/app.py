@@ -106,14 +106,16 @@ class StageRuntime:
         if self.settings.metrics_port < 0 or self._metrics_server is not None:
             return
         try:
-            server, _thread = start_http_server(self.settings.metrics_port)
+            server, _thread = start_http_server(
+                self.settings.metrics_port, addr=self.settings.metrics_host
+            )
         except OSError as exc:
             # Several workers on one host: the second takes any free port instead of failing.
             log.warning(
                 "metrics port busy, using a free one",
                 extra={"port": self.settings.metrics_port, "error": str(exc)},
             )
-            server, _thread = start_http_server(0)
+            server, _thread = start_http_server(0, addr=self.settings.metrics_host)
         self._metrics_server = server
         self.metrics_port = int(server.server_port)
         log.info("metrics", extra={"port": self.metrics_port, "path": "/metrics"})
