@@ -197,9 +197,11 @@ class PeriodicSampler(Generic[T]):
             self._log.warning("lag sampler rebuild failed", extra={"error": repr(rebuild_exc)})
             return
         self.rebuilds += 1
-        # Once per outage would hide a loop of rebuilds; once per rebuild is bounded by
-        # rebuild_after (or by a stale-metadata error, which a rebuild clears).
-        self._log.info(
+        # The first rebuild of an outage at info, the rest at debug: a broker down for minutes
+        # must not fill the log (the failure count in the next line says how long it lasted).
+        level = logging.INFO if self.failures <= self._rebuild_after else logging.DEBUG
+        self._log.log(
+            level,
             "lag sampler clients rebuilt",
             extra={"failures": self.failures, "stale_metadata": stale, "error": repr(exc)},
         )
