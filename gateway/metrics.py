@@ -35,6 +35,11 @@ ESTIMATED_WAIT = Gauge(
 QUEUE_DEPTH = Gauge(
     "sumstream_gateway_queue_depth", "Requests waiting in the log (preprocess + inference lag)"
 )
+LAG_SAMPLE_AGE = Gauge(
+    "sumstream_gateway_lag_sample_age_seconds",
+    "Seconds since the last good consumer-lag sample; admission's estimate is stale past"
+    " SUMSTREAM_LAG_STALE_AFTER_S",
+)
 THROUGHPUT = Gauge(
     "sumstream_gateway_throughput_per_second", "Results written per second (rolling window)"
 )

@@ -52,6 +52,7 @@ class Readiness(TypedDict):
     index_ready: bool
     quota_ready: bool
     lag_sampled: bool
+    lag_sample_age_s: float | None
     broker: bool
     error: NotRequired[str]
     missing_topics: NotRequired[list[str]]
@@ -72,6 +73,7 @@ class Gateway:
         self.estimator = QueueWaitEstimator(
             min_rate_per_s=settings.min_throughput_per_s,
             stale_after_s=settings.lag_stale_after_s,
+            fail_closed_after_s=settings.lag_fail_closed_after_s or None,
             degrade_policy="degrade" if degradation.enabled else None,
             degrade_ratio=settings.degrade_at,
         )
@@ -161,7 +163,11 @@ class Gateway:
             await self.settler.start()
             groups = dict.fromkeys(STAGE_TOPICS, s.app_id)
             self.monitor = LagMonitor.from_settings(
-                s, self.estimator, groups, interval_s=s.lag_interval_s
+                s,
+                self.estimator,
+                groups,
+                interval_s=s.lag_interval_s,
+                rebuild_after=s.lag_rebuild_after,
             )
             await self.monitor.start()
         except BaseException:
@@ -248,8 +254,12 @@ class Gateway:
             "started": self.started,
             "index_ready": self.index.ready.is_set(),
             "quota_ready": self.ledger.ready,
-            # Informational: without lag figures admission fails open, it does not stop.
+            # Informational: without lag figures admission fails open for a while, then sheds
+            # (docs/architecture.md, "Lag-driven admission"); the process itself is fine.
             "lag_sampled": self.monitor is not None and self.monitor.last_error is None,
+            "lag_sample_age_s": (
+                round(self.monitor.sample_age_s(), 1) if self.monitor is not None else None
+            ),
             "broker": False,
         }
         if self.producer is None:

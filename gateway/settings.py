@@ -23,6 +23,8 @@ class GatewaySettings(KafkaSettings):
     keys_file: Path | None = REPO_ROOT / "config" / "keys.toml"
     # A development key mapped to user "dev", tier "pro"; never logged.
     dev_api_key: SecretStr | None = None
+    # When set, GET /metrics needs `Authorization: Bearer <token>` (Prometheus `authorization`).
+    metrics_token: SecretStr | None = None
     tiers_file: Path = DEFAULT_TIERS_FILE
 
     max_document_bytes: int = Field(default=1_000_000, ge=1)
@@ -38,8 +40,12 @@ class GatewaySettings(KafkaSettings):
     # whose lag is the queue; the same variable (SUMSTREAM_APP_ID) the workers read.
     app_id: str = "sumstream"
     lag_interval_s: float = Field(default=1.0, gt=0)
-    # Without a lag sample this recent, the estimate is unknown and admission fails open.
+    # Without a lag sample this recent, the estimate is unknown and admission fails open...
     lag_stale_after_s: float = Field(default=10.0, gt=0)
+    # Without one this long, new work is shed (503) instead; 0 fails open for good.
+    lag_fail_closed_after_s: float = Field(default=120.0, ge=0)
+    # Consecutive failed lag samples after which the lag clients are closed and rebuilt.
+    lag_rebuild_after: int = Field(default=3, ge=1)
     # Completions per second assumed while none were measured (after idle).
     min_throughput_per_s: float = Field(default=1.0, gt=0)
     # Degradation above degrade_at x the tier's max_queue_wait_s, when either is set:

@@ -22,13 +22,13 @@ from confluent_kafka.admin import OffsetSpec
 from prometheus_client import Gauge
 
 from gateway.http.errors import GatewayError, Overloaded
-from gateway.metrics import ESTIMATED_WAIT, QUEUE_DEPTH, THROUGHPUT
+from gateway.metrics import ESTIMATED_WAIT, LAG_SAMPLE_AGE, QUEUE_DEPTH, THROUGHPUT
 from pipeline.core.errors import TopicMissingError
 from pipeline.core.metrics import CONSUMER_LAG, PeriodicSampler
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.tiers import Tier
 from pipeline.kafka.admin import admin_client, kafka_error, partition_counts
-from pipeline.kafka.lag import LagReader
+from pipeline.kafka.lag import LagReader, metadata_is_stale
 
 log = logging.getLogger("sumstream.gateway.backpressure")
 
@@ -46,13 +46,20 @@ class Decision:
     queue_position: int
     retry_after_s: float | None = None
     degrade: str | None = None
-    # True when no lag sample is recent: the estimate is unknown and admission fails open.
+    # True when no lag sample is recent: the estimate is unknown (admission fails open until
+    # the estimator's fail_closed_after_s, then sheds).
     stale: bool = False
 
     def error(self) -> GatewayError | None:
         """The 503 to answer with when shedding."""
         if self.action != "shed":
             return None
+        if self.stale:
+            return Overloaded(
+                "the queue length is unknown (consumer lag cannot be read)",
+                retry_after_s=self.retry_after_s,
+                extra={"lag_sampled": False},
+            )
         return Overloaded(
             f"estimated queue wait {self.estimated_wait_s:.0f} s is above this tier's limit",
             retry_after_s=self.retry_after_s,
@@ -105,6 +112,9 @@ class QueueWaitEstimator:
     pipeline they are the arrival rate. So the rate used is the highest one seen recently
     (forgotten over about ``capacity_memory_s``), not the last one: a burst after a quiet
     spell is not taken for a long queue. A stall is still caught by its duration.
+
+    Without a sample for ``stale_after_s`` the estimate is unknown: admission fails open, and
+    once that has lasted ``fail_closed_after_s`` (None: never) it sheds new work instead.
     """
 
     def __init__(
@@ -121,6 +131,7 @@ class QueueWaitEstimator:
         max_retry_s: float = 120.0,
         stale_after_s: float = 10.0,
         capacity_memory_s: float = 600.0,
+        fail_closed_after_s: float | None = None,
     ) -> None:
         self.queue_stages = tuple(queue_stages)
         self.min_rate_per_s = min_rate_per_s
@@ -132,6 +143,7 @@ class QueueWaitEstimator:
         self.min_retry_s = min_retry_s
         self.max_retry_s = max_retry_s
         self.stale_after_s = stale_after_s
+        self.fail_closed_after_s = fail_closed_after_s
         self.queued = 0
         self.capacity_memory_s = capacity_memory_s
         self.rate_per_s = min_rate_per_s
@@ -143,6 +155,8 @@ class QueueWaitEstimator:
         self._finished_since_update = 0
         # How long the queue has not moved at the last sample (0 while it moves).
         self.stalled_s = 0.0
+        # When admission first asked for an estimate that was never sampled: staleness from then.
+        self._first_decided_at: float | None = None
 
     def update(self, lag_by_stage: Mapping[str, int], throughput_per_s: float, now: float) -> float:
         """Feed one sample (lag per stage, completions per second); returns the smoothed wait."""
@@ -194,6 +208,14 @@ class QueueWaitEstimator:
     def is_stale(self, now: float) -> bool:
         return self._updated_at is None or now - self._updated_at > self.stale_after_s
 
+    def _blind_too_long(self, now: float) -> bool:
+        if self.fail_closed_after_s is None:
+            return False
+        if self._first_decided_at is None:
+            self._first_decided_at = now
+        since = self._updated_at if self._updated_at is not None else self._first_decided_at
+        return now - since > self.fail_closed_after_s
+
     def decide(self, tier: Tier, now: float, *, user: UserView | None = None) -> Decision:
         """Admit, degrade (when a policy is set) or shed a new request of ``tier``.
 
@@ -210,6 +232,9 @@ class QueueWaitEstimator:
             wait = min(wait, self.ceiling_s, max(ahead / self.rate_per_s, self.stalled_s))
             position = min(position, int(ahead) + 1)
         if self.is_stale(now):
+            if self._blind_too_long(now):
+                retry = min(self.max_retry_s, max(self.min_retry_s, self.stale_after_s))
+                return Decision("shed", wait, position, retry_after_s=retry, stale=True)
             return Decision("admit", wait, position, stale=True)
         limit = tier.max_queue_wait_s
         if wait > limit:
@@ -225,13 +250,20 @@ class CompletionCounter:
     """Records ever written to `results`; its growth per second is the pipeline's throughput.
 
     Read from the end offsets, so it sees every gateway's and every other system's requests.
+    :meth:`rebuild` replaces the client, for a caller whose reads keep failing.
     """
 
     def __init__(self, settings: KafkaSettings, timeout_s: float = 5.0) -> None:
         self.topic = f"{settings.topic_prefix}results"
         self.timeout_s = timeout_s
+        self._settings = settings
         self._client = admin_client(settings)
         self._partitions: int | None = None
+
+    def rebuild(self) -> None:
+        """A new client (fresh metadata); the partition count is read again."""
+        self._client = admin_client(self._settings)
+        self._partitions = None
 
     def read(self) -> int:
         if self._partitions is None:
@@ -256,7 +288,9 @@ class CompletionCounter:
 class LagMonitor(PeriodicSampler[tuple[Mapping[str, int], int]]):
     """Samples lag and completions every ``interval_s`` in a thread and feeds the estimator.
 
-    A failed sample keeps the estimator's last state; it turns stale and admission fails open.
+    A failed sample keeps the estimator's last state; it turns stale (docs/architecture.md,
+    "Lag-driven admission", for what admission does then). ``rebuild`` recreates the Kafka
+    clients behind the reads when samples keep failing (:class:`PeriodicSampler`).
     """
 
     def __init__(
@@ -269,8 +303,24 @@ class LagMonitor(PeriodicSampler[tuple[Mapping[str, int], int]]):
         throughput_window_s: float = 10.0,
         gauge: Gauge = CONSUMER_LAG,
         clock: Callable[[], float] = time.monotonic,
+        rebuild: Callable[[], None] | None = None,
+        rebuild_after: int = 3,
+        is_stale: Callable[[Exception], bool] = metadata_is_stale,
+        close: Callable[[], None] | None = None,
+        age_gauge: Gauge = LAG_SAMPLE_AGE,
     ) -> None:
-        super().__init__(self._read, interval_s=interval_s, name="lag-monitor", logger=log)
+        super().__init__(
+            self._read,
+            interval_s=interval_s,
+            name="lag-monitor",
+            logger=log,
+            rebuild=rebuild,
+            rebuild_after=rebuild_after,
+            is_stale=is_stale,
+            close=close,
+        )
+        # Read at scrape time, so the age grows even while a read hangs in its thread.
+        age_gauge.set_function(self.sample_age_s)
         self.estimator = estimator
         self.meter = ThroughputMeter(throughput_window_s)
         self._read_lag = read_lag
@@ -288,10 +338,16 @@ class LagMonitor(PeriodicSampler[tuple[Mapping[str, int], int]]):
         interval_s: float = 1.0,
         throughput_window_s: float = 10.0,
         gauge: Gauge = CONSUMER_LAG,
+        rebuild_after: int = 3,
     ) -> LagMonitor:
         """A monitor reading the Faust group's lag (pipeline/kafka/lag.py) and `results` growth."""
         lag = LagReader(settings, groups_by_stage)
         completed = CompletionCounter(settings)
+
+        def rebuild() -> None:
+            lag.rebuild()
+            completed.rebuild()
+
         return cls(
             estimator,
             lag.read,
@@ -299,6 +355,9 @@ class LagMonitor(PeriodicSampler[tuple[Mapping[str, int], int]]):
             interval_s=interval_s,
             throughput_window_s=throughput_window_s,
             gauge=gauge,
+            rebuild=rebuild,
+            rebuild_after=rebuild_after,
+            close=lag.close,
         )
 
     def apply(self, reading: tuple[Mapping[str, int], int]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -13,7 +14,7 @@ from sse_starlette import EventSourceResponse
 from starlette.responses import JSONResponse, Response
 
 from gateway.http.auth import Principal
-from gateway.http.errors import InvalidRequest, NotFound, NotReady, problem_response
+from gateway.http.errors import InvalidRequest, NotFound, NotReady, Unauthorized, problem_response
 from gateway.http.models import AcceptedOut, RunningOut, SummaryIn, UsageOut, links, result_json
 from gateway.http.sse import stream_response
 from gateway.metrics import OVERHEAD_SECONDS, REQUESTS
@@ -259,5 +260,14 @@ async def readyz(gateway: GatewayDep) -> Response:
 
 
 @router.get("/metrics", tags=["operations"], include_in_schema=False)
-async def metrics() -> Response:
+async def metrics(
+    gateway: GatewayDep, authorization: Annotated[str | None, Header()] = None
+) -> Response:
+    """Prometheus metrics; behind a bearer token when ``metrics_token`` is set."""
+    token = gateway.settings.metrics_token
+    if token is not None:
+        scheme, _, given = (authorization or "").partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise Unauthorized("GET /metrics needs Authorization: Bearer <metrics token>")
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

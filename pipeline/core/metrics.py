@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Generic, Self, TypeVar
 
@@ -100,23 +101,50 @@ class PeriodicSampler(Generic[T]):
     ``apply`` (the subclass's).
 
     A failed read leaves the last values in place and is logged once, on ``logger``, until
-    sampling recovers: metrics and estimates must not stop the process that takes them.
+    sampling recovers: metrics and estimates must not stop the process that takes them. A
+    long-lived client can stay broken after its broker restarts (cached leader epochs that the
+    broker fences), so ``rebuild`` (close and recreate the clients behind ``read``) runs after
+    every ``rebuild_after`` failures in a row, and at once when ``is_stale(error)`` says the
+    client's metadata is out of date. ``close`` releases those clients after :meth:`stop`.
     """
 
     def __init__(
-        self, read: Callable[[], T], *, interval_s: float, name: str, logger: logging.Logger = log
+        self,
+        read: Callable[[], T],
+        *,
+        interval_s: float,
+        name: str,
+        logger: logging.Logger = log,
+        rebuild: Callable[[], None] | None = None,
+        rebuild_after: int = 3,
+        is_stale: Callable[[Exception], bool] = lambda exc: False,
+        close: Callable[[], None] | None = None,
+        age_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.interval_s = interval_s
         self.last_error: Exception | None = None
+        self.failures = 0  # in a row, since the last good sample
+        self.rebuilds = 0
         self._read_sample = read
+        self._rebuild = rebuild
+        self._rebuild_after = max(1, rebuild_after)
+        self._is_stale = is_stale
+        self._close = close
+        self._age_clock = age_clock
         self._name = name
         self._log = logger
+        # Age counts from construction until the first good sample: never sampled is stale.
+        self._last_good_at = age_clock()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def apply(self, reading: T) -> None:
         """Use one successful sample."""
         raise NotImplementedError
+
+    def sample_age_s(self) -> float:
+        """Seconds since the last good sample (since construction when there was none)."""
+        return max(0.0, self._age_clock() - self._last_good_at)
 
     async def start(self) -> None:
         self._stopping.clear()
@@ -128,6 +156,8 @@ class PeriodicSampler(Generic[T]):
         if self._task is not None:
             task, self._task = self._task, None
             await task
+        if self._close is not None:
+            await asyncio.to_thread(self._close)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -140,16 +170,41 @@ class PeriodicSampler(Generic[T]):
         """Read once and apply it; False (and ``last_error``) when the read failed."""
         try:
             reading = await asyncio.to_thread(self._read_sample)
-        except Exception as exc:  # broker away, topic missing
-            if self.last_error is None:
-                self._log.warning("lag sample failed", extra={"error": repr(exc)})
-            self.last_error = exc
+        except Exception as exc:  # broker away, topic missing, client stuck on old metadata
+            await self._failed(exc)
             return False
         if self.last_error is not None:
-            self._log.info("lag sampling recovered")
+            self._log.info("lag sampling recovered", extra={"failures": self.failures})
             self.last_error = None
+        self.failures = 0
+        self._last_good_at = self._age_clock()
         self.apply(reading)
         return True
+
+    async def _failed(self, exc: Exception) -> None:
+        if self.last_error is None:
+            self._log.warning("lag sample failed", extra={"error": repr(exc)})
+        self.last_error = exc
+        self.failures += 1
+        if self._rebuild is None:
+            return
+        stale = self._is_stale(exc)
+        if not stale and self.failures % self._rebuild_after:
+            return
+        try:
+            await asyncio.to_thread(self._rebuild)
+        except Exception as rebuild_exc:  # the next failed sample tries again
+            self._log.warning("lag sampler rebuild failed", extra={"error": repr(rebuild_exc)})
+            return
+        self.rebuilds += 1
+        # The first rebuild of an outage at info, the rest at debug: a broker down for minutes
+        # must not fill the log (the failure count in the next line says how long it lasted).
+        level = logging.INFO if self.failures <= self._rebuild_after else logging.DEBUG
+        self._log.log(
+            level,
+            "lag sampler clients rebuilt",
+            extra={"failures": self.failures, "stale_metadata": stale, "error": repr(exc)},
+        )
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
@@ -162,7 +217,8 @@ class LagSampler(PeriodicSampler[Mapping[str, int]]):
     """Sets ``CONSUMER_LAG`` every ``interval_s`` from ``read`` (stage -> lag), in a thread.
 
     ``read`` is blocking (pipeline/kafka/lag.py ``LagReader.read``: admin API round trips). A failed
-    sample leaves the last values in place and is logged once until sampling recovers.
+    sample leaves the last values in place and is logged once until sampling recovers;
+    ``rebuild`` and ``is_stale`` are :class:`PeriodicSampler`'s (``LagReader.rebuild``).
     """
 
     def __init__(
@@ -171,8 +227,12 @@ class LagSampler(PeriodicSampler[Mapping[str, int]]):
         *,
         interval_s: float = LAG_SAMPLE_INTERVAL_S,
         gauge: Gauge = CONSUMER_LAG,
+        rebuild: Callable[[], None] | None = None,
+        is_stale: Callable[[Exception], bool] = lambda exc: False,
     ) -> None:
-        super().__init__(read, interval_s=interval_s, name="lag-sampler")
+        super().__init__(
+            read, interval_s=interval_s, name="lag-sampler", rebuild=rebuild, is_stale=is_stale
+        )
         self._gauge = gauge
 
     def apply(self, reading: Mapping[str, int]) -> None:

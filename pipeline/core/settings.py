@@ -135,6 +135,8 @@ class SimulatorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8088, ge=0, le=65535)
     log_level: str = "warning"
+    # Bearer token for /_sim/*; required off loopback (pipeline/llm/simulator/operator.py).
+    admin_token: SecretStr | None = None
     # Per-request records kept for GET /_sim/stats; the oldest request ids go first.
     max_records: int = Field(default=10_000, ge=1)
     ttft_ms: float = Field(default=200.0, ge=0)

@@ -37,6 +37,16 @@ COORDINATOR_MOVING = frozenset(
     }
 )
 COORDINATOR_ATTEMPTS = 20
+# Answers that say the client's cached metadata is out of date (a broker restarted with new
+# leader epochs): librdkafka's admin client does not always refresh it, so the caller rebuilds.
+STALE_METADATA = frozenset(
+    {
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.STALE_BROKER_EPOCH,
+    }
+)
 COORDINATOR_RETRY_S = 0.1
 
 
@@ -53,6 +63,19 @@ class PartitionLag:
     lag: int
 
 
+def metadata_is_stale(exc: BaseException) -> bool:
+    """True when ``exc`` (or the Kafka error it was raised from) says the client's metadata is
+    out of date: rebuilding the client clears it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KafkaException) and seen.args:
+            err = seen.args[0]
+            if isinstance(err, KafkaError) and err.code() in STALE_METADATA:
+                return True
+        seen = seen.__cause__
+    return False
+
+
 def default_groups(app_id: str | None = None) -> dict[str, str]:
     """Every stage in one consumer group: the Faust app id (all stages run in one app)."""
     group = app_id if app_id is not None else WorkerSettings().app_id
@@ -60,7 +83,10 @@ def default_groups(app_id: str | None = None) -> dict[str, str]:
 
 
 class LagReader:
-    """Reads lag with one long-lived AdminClient: about four broker round trips per read."""
+    """Reads lag with one long-lived AdminClient: about four broker round trips per read.
+
+    :meth:`rebuild` replaces the clients, for a caller whose reads keep failing.
+    """
 
     def __init__(
         self,
@@ -75,6 +101,7 @@ class LagReader:
         self.groups = groups
         self.topics = {stage: settings.topic_prefix + STAGE_TOPICS[stage] for stage in groups}
         self.timeout_s = timeout_s
+        self._settings = settings
         self._client: AdminClient = admin_client(settings)
         self._connection = ConnectionConfig.from_settings(settings)
         self._readers: dict[str, Consumer] = {}
@@ -158,6 +185,12 @@ class LagReader:
         readers, self._readers = self._readers, {}
         for reader in readers.values():
             reader.close()
+
+    def rebuild(self) -> None:
+        """Close the clients and make new ones, with metadata fetched afresh."""
+        self.close()
+        # An AdminClient has no close: librdkafka frees the old one once it is unreferenced.
+        self._client = admin_client(self._settings)
 
     def _offsets(self, keys: set[tuple[str, int]], spec: OffsetSpec) -> dict[tuple[str, int], int]:
         if not keys:

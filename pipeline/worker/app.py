@@ -30,7 +30,7 @@ from pipeline.core.tiers import load_tiers
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.admin import create_topics
 from pipeline.kafka.connection import ConnectionConfig
-from pipeline.kafka.lag import LagReader
+from pipeline.kafka.lag import LagReader, metadata_is_stale
 from pipeline.llm.client import UpstreamClient
 from pipeline.worker.agents import events, on_record, process, raw_topic, sender
 from pipeline.worker.dlq import DeadLetterQueue
@@ -85,7 +85,8 @@ class StageRuntime:
             # Lag of this worker's stages, whole group: a worker fed by other systems (no
             # gateway running) still shows its queue.
             groups = {stage: self.settings.app_id for stage in sorted(self.stages)}
-            self._lag = LagSampler(LagReader(self.settings, groups).read)
+            reader = LagReader(self.settings, groups)
+            self._lag = LagSampler(reader.read, rebuild=reader.rebuild, is_stale=metadata_is_stale)
             await self._lag.start()
         if self.inflight is not None:
             await self.inflight.start()

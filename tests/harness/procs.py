@@ -305,13 +305,20 @@ class Stack:
 
     # --- simulator control -------------------------------------------------------------
 
+    def sim_admin_headers(self) -> dict[str, str]:
+        """The simulator's admin bearer token, when the stack's environment sets one."""
+        token = self.env().get("SUMSTREAM_SIM_ADMIN_TOKEN")
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
     def sim_config(self, **knobs: Any) -> dict[str, Any]:
-        r = httpx.post(f"{self.sim_url}/_sim/config", json=knobs, timeout=5)
+        r = httpx.post(
+            f"{self.sim_url}/_sim/config", json=knobs, headers=self.sim_admin_headers(), timeout=5
+        )
         r.raise_for_status()
         return dict(r.json())
 
     def sim_stats(self) -> dict[str, Any]:
-        r = httpx.get(f"{self.sim_url}/_sim/stats", timeout=5)
+        r = httpx.get(f"{self.sim_url}/_sim/stats", headers=self.sim_admin_headers(), timeout=5)
         r.raise_for_status()
         return dict(r.json())
 

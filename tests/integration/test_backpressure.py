@@ -59,3 +59,25 @@ async def test_missing_topics_make_the_sample_fail_not_the_monitor(
     assert not await monitor.sample()
     assert monitor.last_error is not None
     assert estimator.is_stale(0.0)
+
+
+async def test_after_failures_the_monitor_reads_the_broker_with_rebuilt_clients(
+    kafka_settings: KafkaSettings, make_topics: Callable[..., TopicNames]
+) -> None:
+    estimator = QueueWaitEstimator()
+    gauge = Gauge("lag_it3", "lag", ["stage"], registry=CollectorRegistry())
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    groups = dict.fromkeys(("preprocess", "inference", "postprocess"), group)
+    monitor = LagMonitor.from_settings(
+        kafka_settings, estimator, groups, gauge=gauge, rebuild_after=1
+    )
+    async with monitor:
+        pass  # started and stopped: the clients behind it are closed, sampling still works
+    assert not await monitor.sample()  # no topics yet
+    assert monitor.rebuilds == 1
+    topics = make_topics()
+    await produce(kafka_settings.bootstrap_servers, {topics.requests: 3, topics.results: 2})
+    assert await monitor.sample(), monitor.last_error
+    assert estimator.queued == 3
+    assert (monitor.failures, monitor.rebuilds) == (0, 1)
+    await monitor.stop()

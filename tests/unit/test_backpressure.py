@@ -6,6 +6,7 @@ import asyncio
 import math
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Gauge
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from gateway.admission.backpressure import LagMonitor, QueueWaitEstimator, ThroughputMeter
 from gateway.http.errors import Overloaded
 from pipeline.core.tiers import Tier
+from pipeline.kafka.admin import kafka_error
 
 
 def tier(max_wait_s: float = 30.0) -> Tier:
@@ -264,3 +266,62 @@ def test_a_stall_is_caught_whatever_the_capacity_remembered() -> None:
     est.update(lag(inference=4), 0.0, now=1.0)
     # Nothing completed since the sample at 0 s: a 31 s stall, not 4 / 50 per second.
     assert est.update(lag(inference=4), 0.0, now=31.0) == pytest.approx(31.0)
+
+
+def test_a_long_staleness_sheds_new_work_with_a_retry_after() -> None:
+    est = QueueWaitEstimator(stale_after_s=5.0, fail_closed_after_s=60.0)
+    est.update(lag(), 1.0, now=0.0)
+    blind = est.decide(tier(30.0), now=30.0)
+    assert (blind.action, blind.stale) == ("admit", True)  # fails open for a while
+    closed = est.decide(tier(30.0), now=61.0)
+    assert (closed.action, closed.stale, closed.retry_after_s) == ("shed", True, 5.0)
+    error = closed.error()
+    assert isinstance(error, Overloaded) and "unknown" in str(error)
+    est.update(lag(), 1.0, now=62.0)
+    assert est.decide(tier(30.0), now=62.5).action == "admit"
+
+
+def test_never_sampled_counts_as_stale_from_the_first_decision() -> None:
+    est = QueueWaitEstimator(stale_after_s=5.0, fail_closed_after_s=60.0)
+    assert est.decide(tier(30.0), now=1_000.0).action == "admit"
+    assert est.decide(tier(30.0), now=1_059.0).action == "admit"
+    assert est.decide(tier(30.0), now=1_061.0).action == "shed"
+
+
+def fenced() -> Exception:
+    """What CompletionCounter.read raises when the broker fenced its cached leader epoch."""
+    cause = KafkaException(KafkaError(KafkaError.FENCED_LEADER_EPOCH))
+    try:
+        raise kafka_error("reading the end of results[0]", cause) from cause
+    except Exception as exc:
+        return exc
+
+
+async def test_monitor_rebuilds_its_clients_when_the_leader_epoch_is_fenced() -> None:
+    rebuilt: list[int] = []
+    failures = [fenced()]
+
+    def completed() -> int:
+        if failures:
+            raise failures.pop()
+        return 7
+
+    est = QueueWaitEstimator()
+    monitor = LagMonitor(
+        est, lambda: lag(inference=4), completed, gauge=_gauge(), rebuild=lambda: rebuilt.append(1)
+    )
+    assert not await monitor.sample()
+    assert rebuilt == [1]  # at the first such failure, not after rebuild_after of them
+    assert await monitor.sample()
+    assert est.queued == 4 and monitor.last_error is None
+
+
+async def test_monitor_exports_the_age_of_its_last_good_sample() -> None:
+    registry = CollectorRegistry()
+    age = Gauge("age_test", "age", registry=registry)
+    monitor = LagMonitor(
+        QueueWaitEstimator(), lambda: lag(), lambda: 0, gauge=_gauge(), age_gauge=age
+    )
+    assert await monitor.sample()
+    first = registry.get_sample_value("age_test")
+    assert first is not None and first < 60.0

@@ -79,7 +79,7 @@ def test_every_rule_parses_and_is_well_formed() -> None:
             assert rule["record"].count(":") == 2, rule["record"]
 
 
-def test_alerts_cover_lag_breaker_error_ratio_ttft_p99_and_budget_burn() -> None:
+def test_alerts_cover_lag_breaker_error_ratio_ttft_p99_budget_burn_and_stale_lag_samples() -> None:
     def alerting(metric: str, **equal: str) -> list[str]:
         found = []
         for rule, need in needs_of(lambda r: "alert" in r):
@@ -97,6 +97,8 @@ def test_alerts_cover_lag_breaker_error_ratio_ttft_p99_and_budget_burn() -> None
     ttft = alerting("sumstream_stage_duration_seconds_bucket", stage="time_to_first_token")
     assert any("histogram_quantile(0.99," in "".join(expr.split()) for expr in ttft)
     assert alerting("sumstream_cost_micro_usd_total")
+    # Admission without a lag sample is blind (issue 17 item 5).
+    assert alerting("sumstream_gateway_lag_sample_age_seconds")
 
 
 # --- the dashboard ----------------------------------------------------------------------------

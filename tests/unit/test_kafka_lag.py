@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from pipeline.kafka.lag import committed_offsets
+from pipeline.core.errors import SumstreamError
+from pipeline.kafka.admin import kafka_error
+from pipeline.kafka.lag import committed_offsets, metadata_is_stale
 
 PARTS = [TopicPartition("t.requests", 0)]
 
@@ -46,3 +48,14 @@ def test_committed_offsets_raises_other_errors_at_once() -> None:
     with pytest.raises(KafkaException):
         committed_offsets(reader, PARTS, 1.0, retry_s=0)  # type: ignore[arg-type]
     assert reader.calls == 1
+
+
+def test_a_fenced_leader_epoch_means_stale_metadata_through_our_error() -> None:
+    cause = KafkaException(KafkaError(KafkaError.FENCED_LEADER_EPOCH))
+    try:
+        raise kafka_error("reading offsets", cause) from cause
+    except SumstreamError as exc:
+        assert metadata_is_stale(exc)
+    other = KafkaException(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+    assert not metadata_is_stale(other)
+    assert not metadata_is_stale(RuntimeError("no Kafka error behind it"))

@@ -13,7 +13,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 import gateway.metrics
 import pipeline.core.metrics
-from pipeline.core.metrics import LagSampler
+from pipeline.core.metrics import LagSampler, PeriodicSampler
 from tests.unit.test_postprocess import STREAM, feed, make_stage, results_of
 
 # Labels whose values grow with users, requests or content: never a label
@@ -189,3 +189,94 @@ async def test_lag_sampler_samples_until_stopped() -> None:
     done = reads
     await asyncio.sleep(0.05)
     assert reads == done  # nothing runs after stop
+
+
+class FlakyRead:
+    """A lag read that fails ``failures`` times with ``error``, then answers; counts rebuilds."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        self.failures = failures
+        self.error = error
+        self.rebuilds = 0
+        self.closed = 0
+
+    def read(self) -> dict[str, int]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise self.error
+        return {"preprocess": 2}
+
+    def rebuild(self) -> None:
+        self.rebuilds += 1
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+async def test_a_sampler_rebuilds_its_clients_after_every_n_failures_in_a_row() -> None:
+    gauge, registry = private_gauge()
+    flaky = FlakyRead(5, ConnectionError("broker away"))
+    sampler = LagSampler(flaky.read, gauge=gauge, rebuild=flaky.rebuild)
+    # rebuild_after defaults to 3: the 3rd failure rebuilds, the 4th and 5th do not yet.
+    assert [await sampler.sample() for _ in range(5)] == [False] * 5
+    assert (flaky.rebuilds, sampler.rebuilds, sampler.failures) == (1, 1, 5)
+    assert await sampler.sample()
+    assert sampler.failures == 0
+    assert registry.get_sample_value("lag_records", {"stage": "preprocess"}) == 2
+
+
+async def test_a_stale_metadata_error_rebuilds_at_once() -> None:
+    gauge, _ = private_gauge()
+    flaky = FlakyRead(1, LookupError("leader epoch fenced"))
+    sampler = LagSampler(
+        flaky.read,
+        gauge=gauge,
+        rebuild=flaky.rebuild,
+        is_stale=lambda exc: isinstance(exc, LookupError),
+    )
+    assert not await sampler.sample()
+    assert flaky.rebuilds == 1
+    assert await sampler.sample()
+
+
+async def test_a_failing_rebuild_is_tried_again_on_the_next_failure() -> None:
+    gauge, _ = private_gauge()
+    flaky = FlakyRead(3, LookupError("stale"))
+    attempts = 0
+
+    def rebuild() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise ConnectionError("cannot connect yet")
+
+    sampler = LagSampler(flaky.read, gauge=gauge, rebuild=rebuild, is_stale=lambda exc: True)
+    assert not await sampler.sample()
+    assert not await sampler.sample()
+    assert (attempts, sampler.rebuilds) == (2, 1)
+
+
+class Discarding(PeriodicSampler[dict[str, int]]):
+    def apply(self, reading: dict[str, int]) -> None:
+        pass
+
+
+async def test_sample_age_counts_from_the_last_good_sample() -> None:
+    now = 100.0
+    flaky = FlakyRead(0, ConnectionError())
+    sampler = Discarding(flaky.read, interval_s=1.0, name="t", age_clock=lambda: now)
+    now = 130.0
+    assert sampler.sample_age_s() == 30.0  # never sampled: counted from construction
+    assert await sampler.sample()
+    assert sampler.sample_age_s() == 0.0
+    flaky.failures = 1
+    now = 145.0
+    assert not await sampler.sample()
+    assert sampler.sample_age_s() == 15.0
+
+
+async def test_stop_closes_the_clients_behind_the_reads() -> None:
+    flaky = FlakyRead(0, ConnectionError())
+    async with Discarding(flaky.read, interval_s=60.0, name="t", close=flaky.close):
+        assert flaky.closed == 0
+    assert flaky.closed == 1

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from pipeline.core.clock import now_ms
 from pipeline.core.settings import SimulatorSettings
-from pipeline.llm.simulator import asgi, protocol
+from pipeline.llm.simulator import admin, asgi, protocol
 from pipeline.llm.simulator.asgi import ClientGone, Receive, Scope, Send
 from pipeline.llm.simulator.protocol import Call, Rejection, Reply
 from pipeline.llm.simulator.stats import RequestRecord, Stats, StreamRecord, append_bounded
@@ -69,6 +69,7 @@ class Simulator:
 
     def __init__(self, settings: SimulatorSettings | None = None) -> None:
         self.settings = settings or SimulatorSettings()
+        self._admin = admin.AdminGuard(self.settings.host, self.settings.admin_token)
         self.open_streams = 0
         self.registry = CollectorRegistry()
         self._attempts_metric = MetricCounter(
@@ -137,6 +138,12 @@ class Simulator:
             return
         if scope["type"] != "http":
             return
+        if scope["path"].startswith(admin.PREFIX):
+            refusal = self._admin.refusal(dict(scope["headers"]))
+            if refusal is not None:
+                challenge = [(b"www-authenticate", b"Bearer")] if refusal.status == 401 else []
+                await asgi.send_error(send, refusal.status, refusal.message, challenge)
+                return
         handler = self._routes.get((scope["method"], scope["path"]))
         if handler is not None:
             await handler(scope, receive, send)
