@@ -16,14 +16,25 @@ from typing import Any, cast
 
 import httpx
 import pytest
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import ConfigResource, ResourceType
 from ulid import ULID
 
 from pipeline.core.codec import codec
 from pipeline.core.records import DeadLetter, SummaryResult
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.sizes import RecordSizes
-from pipeline.kafka.admin import create_topics
-from tests.harness import BOOTSTRAP, Stack, StreamResult, auth, collect, produce_raw, read_topic
+from pipeline.kafka.admin import admin_client, create_topics, describe_topics
+from tests.harness import (
+    BOOTSTRAP,
+    Stack,
+    StreamResult,
+    auth,
+    collect,
+    eventually,
+    produce_raw,
+    read_topic,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -110,6 +121,28 @@ def oversized_request(request_id: str, **fields: Any) -> bytes:
     value = codec().encode("SummarizeRequest", {**record, "document": words})
     assert MAX_RECORD_BYTES < len(value) < SIZES.topic_message_bytes - 64
     return value
+
+
+def test_every_topic_and_the_inflight_changelog_take_the_largest_record(stack: Stack) -> None:
+    settings = KafkaSettings(
+        bootstrap_servers=BOOTSTRAP, topic_prefix=stack.prefix, max_record_bytes=MAX_RECORD_BYTES
+    )
+    largest = str(SIZES.topic_message_bytes)
+    for topic in describe_topics(settings):
+        assert topic["config"]["max.message.bytes"] == largest, topic
+    changelog = ConfigResource(ResourceType.TOPIC, f"{stack.app_id}-inflight-changelog")
+    admin = admin_client(settings)  # kept: its futures never complete once it is freed
+
+    def changelog_limit() -> str | None:
+        # The worker's Faust app creates its changelog once it has joined the group.
+        stack.workers[0].check_alive()
+        [future] = admin.describe_configs([changelog]).values()
+        try:
+            return str(future.result(timeout=10)["max.message.bytes"].value)
+        except KafkaException:
+            return None
+
+    assert eventually(changelog_limit, message="the inflight changelog") == largest
 
 
 async def test_a_document_over_the_derived_limit_is_413_and_one_at_it_completes(
