@@ -24,8 +24,9 @@ log = logging.getLogger("sumstream.dlq")
 SendRaw = Callable[[bytes | None, bytes], Awaitable[None]]
 # Keep a dead letter's error text short: it is for an operator, not a dump of the record.
 MAX_ERROR_CHARS = 2_000
-# A key longer than this is cut too when a dead letter must shrink (request ids are far shorter).
-MAX_KEY_BYTES = 1_024
+# Dead letters' Kafka keys are cut to this, and so is the key inside one that must shrink:
+# the producer's request size leaves 1 KiB beside the value (request ids are far shorter).
+MAX_KEY_BYTES = 512
 # Varint lengths and rounding: what a re-encoded, shorter dead letter may still differ by.
 _SLACK_BYTES = 16
 
@@ -72,7 +73,7 @@ def dead_letter(
 
 def encode_within(record: DeadLetter, max_bytes: int) -> bytes:
     """The encoded dead letter, its value (and an outsized key) cut so that it fits ``max_bytes``;
-    the error text then says how much of the original was kept."""
+    the error text then gives the original sizes."""
     encoded = codec().encode("DeadLetter", record)
     if len(encoded) <= max_bytes:
         return encoded
@@ -125,7 +126,6 @@ class DeadLetterQueue:
             origin=origin,
             now_ms=int(self._clock() * 1000),
         )
-        # The Kafka key is cut like the record's own copy, so the two always agree.
         out_key = key[:MAX_KEY_BYTES] if key is not None else None
         await self._send(out_key, encode_within(record, self._max_bytes))
         DEAD_LETTERS.labels(stage=stage, error_type=record["error_type"]).inc()
@@ -138,6 +138,6 @@ class DeadLetterQueue:
                 "origin_topic": origin.topic,
                 "origin_partition": origin.partition,
                 "origin_offset": origin.offset,
-                "request_id": key.decode("utf-8", "replace") if key else None,
+                "request_id": out_key.decode("utf-8", "replace") if out_key else None,
             },
         )

@@ -31,7 +31,7 @@ from pipeline.core.records import InferenceJob, SummarizeRequest, TokenEvent, Tr
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
-from pipeline.worker.dlq import DeadLetterQueue, Origin
+from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
 
 log = logging.getLogger("sumstream.preprocess")
 
@@ -357,7 +357,12 @@ class PreprocessStage:
             validate_request(request)
         except (CodecError, ValidationError):
             return  # no request id to answer
-        rejection = _rejection("preprocess_failed", f"the request could not be prepared: {exc}")
+        # The error type only: the client sees this message, the operator has the dead letter.
+        rejection = _rejection(
+            "preprocess_failed",
+            f"the request could not be prepared ({error_type(exc)}); it is kept in the "
+            "dead-letter topic",
+        )
         await self._reject(request, rejection, now_ms=self._now_ms(), enqueued_ms=None)
 
     async def _reject(

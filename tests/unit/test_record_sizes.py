@@ -190,7 +190,8 @@ async def test_a_request_preprocess_gives_up_on_is_dead_lettered_and_ended(
     ended = codec().decode_as(raw, "TokenEvent")
     assert (key, ended["kind"], ended["seq"]) == (REQUEST_ID.encode(), "ERROR", 1)
     assert ended["error"]["code"] == "preprocess_failed"
-    assert "producer refused the job" in ended["error"]["message"]
+    assert "RuntimeError" in ended["error"]["message"]
+    assert "producer refused" not in ended["error"]["message"]  # internals stay in the dlq
 
 
 async def test_a_record_without_a_request_id_is_dead_lettered_with_no_stream_to_end(
