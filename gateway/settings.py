@@ -27,9 +27,16 @@ class GatewaySettings(KafkaSettings):
     metrics_token: SecretStr | None = None
     tiers_file: Path = DEFAULT_TIERS_FILE
 
-    max_document_bytes: int = Field(default=1_000_000, ge=1)
-    # JSON escaping can grow a document; the body limit leaves room for it.
+    # A lower document limit than the one max_record_bytes implies (pipeline/core/sizes.py);
+    # None: that one. Never higher: a larger document's job could not be produced.
+    max_document_bytes: int | None = Field(default=None, ge=1)
+    # JSON escaping can grow a document; the body limit leaves room for it (within the record
+    # limit, which the SummarizeRequest must fit).
     max_body_overhead_bytes: int = Field(default=64 * 1024, ge=0)
+    # An SSE connection lasts at most this long, then ends with `error` stream_timeout (resume
+    # with Last-Event-ID) + `done`: a request nobody finishes never holds a client for ever.
+    # Longer than any tier's queue wait plus the workers' default deadline.
+    max_stream_lifetime_s: float = Field(default=900.0, gt=0)
     # Requests accepted here and not finished yet; beyond it, 503 (a last bound for this
     # process when the lag figures are stale and admission fails open).
     max_inflight: int = Field(default=2_000, ge=1)
@@ -97,6 +104,23 @@ class GatewaySettings(KafkaSettings):
             raise ValueError("instance_index must be < instance_count")
         return self
 
+    @model_validator(mode="after")
+    def _document_fits_a_record(self) -> GatewaySettings:
+        largest = self.sizes.document_bytes
+        if self.max_document_bytes is not None and self.max_document_bytes > largest:
+            raise ValueError(
+                f"max_document_bytes must be at most {largest} with max_record_bytes "
+                f"{self.max_record_bytes} (raise max_record_bytes instead)"
+            )
+        return self
+
+    @property
+    def document_limit_bytes(self) -> int:
+        """The largest document (UTF-8 bytes) accepted: its request and job fit a record."""
+        if self.max_document_bytes is None:
+            return self.sizes.document_bytes
+        return self.max_document_bytes
+
     @property
     def settle_group(self) -> str:
         """The consumer group in which the gateways settle results (one settler a partition)."""
@@ -104,4 +128,6 @@ class GatewaySettings(KafkaSettings):
 
     @property
     def max_body_bytes(self) -> int:
-        return self.max_document_bytes * 2 + self.max_body_overhead_bytes
+        """The largest request body: room for JSON escaping, never beyond a record."""
+        escaped = self.document_limit_bytes * 2 + self.max_body_overhead_bytes
+        return min(escaped, self.sizes.body_bytes)

@@ -182,9 +182,9 @@ class Intake:
         """The document's tokens as the tier bills them; 413 when the tier refuses its size,
         422 ``empty_document`` when it normalises to nothing."""
         size = len(document.encode())
-        if size > self.settings.max_document_bytes:
+        if size > self.settings.document_limit_bytes:
             raise PayloadTooLarge(
-                f"document is {size} bytes; the limit is {self.settings.max_document_bytes}"
+                f"document is {size} bytes; the limit is {self.settings.document_limit_bytes}"
             )
         if size > COUNT_IN_THREAD_BYTES:
             measured = await asyncio.to_thread(_measure, document)
@@ -209,23 +209,32 @@ class Intake:
         self, producer: AIOKafkaProducer, record: SummarizeRequest, admitted: Admitted
     ) -> None:
         request_id = record["request_id"]
-        try:
-            await producer.send_and_wait(
-                self.topics.requests,
-                key=request_id.encode(),
-                value=codec().encode("SummarizeRequest", record),
+        value = codec().encode("SummarizeRequest", record)
+        if len(value) > self.settings.max_record_bytes:
+            # Measured, as the producer would: a record it refuses must not be accepted.
+            self._give_back(record, admitted)
+            raise PayloadTooLarge(
+                f"the request is {len(value)} bytes encoded; the limit is "
+                f"{self.settings.max_record_bytes}"
             )
+        try:
+            await producer.send_and_wait(self.topics.requests, key=request_id.encode(), value=value)
         except KafkaError as exc:
-            self.hub.forget(request_id)
-            key = record["idempotency_key"]
-            if key:
-                self.index.release(record["user_id"], key, request_id)
-            # The broker is likely gone: give the reservation back in the background.
-            self._spawn(self.admission.release(admitted), f"release-{request_id}")
+            # The broker is likely gone: the reservation goes back in the background.
+            self._give_back(record, admitted)
             log.warning("produce failed", extra={"request_id": request_id, "error": repr(exc)})
             raise BrokerUnavailable(
                 "could not write the request to the log", retry_after_s=1
             ) from exc
+
+    def _give_back(self, record: SummarizeRequest, admitted: Admitted) -> None:
+        """Undo what ``submit`` took for a request that was not produced."""
+        request_id = record["request_id"]
+        self.hub.forget(request_id)
+        key = record["idempotency_key"]
+        if key:
+            self.index.release(record["user_id"], key, request_id)
+        self._spawn(self.admission.release(admitted), f"release-{request_id}")
 
     def _found_again(self, request_id: str, max_output_tokens: int) -> Accepted:
         # Found again by its Idempotency-Key: the queue as it is now, from lag.

@@ -4,7 +4,9 @@ A stream never just stops: it ends with ``done`` (after ``error`` for a result t
 COMPLETED), or, when the gateway itself must close it (slow client, shutdown, nothing heard
 for too long), with an ``error`` carrying ``last_seq`` so the client resumes with
 Last-Event-ID. A client too slow to take a send within ``send_timeout_s`` is let go as a
-normal close (reason ``send_timeout``): one INFO line, no traceback.
+normal close (reason ``send_timeout``): one INFO line, no traceback. A stream older than
+``max_stream_lifetime_s`` ends with ``error`` ``stream_timeout`` and a ``done`` that says the
+request is still running.
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def closing_error(code: str, message: str, last_seq: int) -> ServerSentEvent:
         "last_seq": last_seq,
     }
     return _event("error", data)
+
+
+def lifetime_events(request_id: str, last_seq: int) -> list[ServerSentEvent]:
+    """``error`` stream_timeout + ``done`` (status running): the stream has lived its longest."""
+    error = closing_error(
+        "stream_timeout",
+        "the stream reached its maximum lifetime; reconnect with Last-Event-ID",
+        last_seq,
+    )
+    return [error, _event("done", {"id": request_id, "status": "running", "last_seq": last_seq})]
 
 
 def _result_error(body: ResultBody) -> ErrorData:
@@ -266,6 +278,8 @@ async def summary_events(
     """The SSE events of one request, from ``after_seq`` on, to its terminal event."""
     progress = _Progress(after_seq)
     source: StreamSource | None = None
+    loop = asyncio.get_running_loop()
+    ends_at = loop.time() + gateway.settings.max_stream_lifetime_s
     SSE_CLIENTS.inc()
     try:
         if accepted is not None:
@@ -278,11 +292,20 @@ async def summary_events(
                     yield event
                 progress.finished, progress.end = True, "done"
                 return
+            left_s = ends_at - loop.time()
+            if left_s <= 0:
+                for event in lifetime_events(request_id, progress.last_sent):
+                    yield event
+                progress.end = "stream_timeout"
+                return
             wait_s = progress.wait_s(gateway.settings)
             try:
-                item = await asyncio.wait_for(source.subscriber.get(), wait_s)
+                item = await asyncio.wait_for(
+                    source.subscriber.get(), left_s if wait_s is None else min(wait_s, left_s)
+                )
             except TimeoutError:
-                source = progress.silence(gateway, source)
+                if loop.time() < ends_at:
+                    source = progress.silence(gateway, source)
                 continue
             if item is None:
                 closing = progress.source_closed(source)

@@ -10,6 +10,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.core.resources import DEFAULT_PRICES_FILE, DEFAULT_TIERS_FILE
+from pipeline.core.sizes import DEFAULT_MAX_RECORD_BYTES, MIN_RECORD_BYTES, RecordSizes
 
 # The source checkout; only meaningful when IN_CHECKOUT (an installed wheel has no such root).
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +52,14 @@ class KafkaSettings(BaseSettings):
     # a record that arrives while a fetch for other partitions is parked at the broker waits
     # for it. 50 ms bounds that wait; an idle consumer then costs ~3 % of a core (10 ms: ~10 %).
     fetch_max_wait_ms: int = Field(default=50, ge=0)
+    # The largest encoded record value; every other size limit derives from it
+    # (pipeline/core/sizes.py, docs/architecture.md "Record sizes").
+    max_record_bytes: int = Field(default=DEFAULT_MAX_RECORD_BYTES, ge=MIN_RECORD_BYTES)
+
+    @property
+    def sizes(self) -> RecordSizes:
+        """Every size limit of the deployment, derived from ``max_record_bytes``."""
+        return RecordSizes(self.max_record_bytes)
 
 
 class BrokerSettings(KafkaSettings):

@@ -27,7 +27,7 @@ def declared_topics(settings: KafkaSettings) -> list[TopicSpec]:
     """The topics (docs/architecture.md, "Topics"), sized from the settings."""
     work = settings.work_partitions
     stream = settings.stream_partitions
-    return [
+    specs = [
         TopicSpec("requests", "SummarizeRequest", work, {"retention.ms": str(7 * DAY_MS)}),
         TopicSpec("preprocessed", "InferenceJob", work, {"retention.ms": str(DAY_MS)}),
         TopicSpec("tokens", "TokenEvent", stream, {"retention.ms": str(DAY_MS)}),
@@ -49,6 +49,12 @@ def declared_topics(settings: KafkaSettings) -> list[TopicSpec]:
             {"retention.ms": str(35 * DAY_MS), "message.timestamp.type": "LogAppendTime"},
         ),
     ]
+    # Every topic takes whatever a producer may send (pipeline/core/sizes.py): a record the
+    # producer accepts and the broker refuses would be lost after the stage had committed.
+    largest = str(settings.sizes.topic_message_bytes)
+    for spec in specs:
+        spec.config["max.message.bytes"] = largest
+    return specs
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from faust.types.auth import CredentialsT
 from pydantic import SecretStr
 
 from pipeline.core.settings import KafkaSettings
+from pipeline.core.sizes import DEFAULT_MAX_RECORD_BYTES, RecordSizes
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
@@ -54,6 +55,8 @@ class ConnectionConfig:
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     fetch_max_wait_ms: int = 50
+    # Producers' request size and consumers' fetch size derive from it (pipeline/core/sizes.py).
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
     @classmethod
     def from_settings(cls, settings: KafkaSettings) -> ConnectionConfig:
@@ -67,7 +70,13 @@ class ConnectionConfig:
             ssl_certfile=settings.ssl_certfile,
             ssl_keyfile=settings.ssl_keyfile,
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
+            max_record_bytes=settings.max_record_bytes,
         )
+
+    @property
+    def sizes(self) -> RecordSizes:
+        """The size limits every client is built with."""
+        return RecordSizes(self.max_record_bytes)
 
     @property
     def uses_tls(self) -> bool:
@@ -110,10 +119,12 @@ class ConnectionConfig:
 
     def consumer(self, **options: Any) -> AIOKafkaConsumer:
         """An aiokafka consumer (not started); ``options`` are its other keyword arguments."""
+        options.setdefault("max_partition_fetch_bytes", self.sizes.fetch_bytes)
         return AIOKafkaConsumer(**self.aiokafka_options(), **options)
 
     def producer(self, **options: Any) -> AIOKafkaProducer:
         """An aiokafka producer (not started); ``options`` are its other keyword arguments."""
+        options.setdefault("max_request_size", self.sizes.producer_request_bytes)
         return AIOKafkaProducer(**self.aiokafka_options(), **options)
 
     # -- confluent-kafka ------------------------------------------------------------------------
@@ -147,10 +158,14 @@ class ConnectionConfig:
         return {**self.confluent_options(), **options}
 
     def confluent_producer(self, options: dict[str, Any] | None = None) -> Producer:
-        return Producer(self.confluent_config(**(options or {})))
+        """A librdkafka producer whose largest message is the deployment's record limit."""
+        limits = {"message.max.bytes": self.sizes.producer_request_bytes}
+        return Producer(self.confluent_config(**{**limits, **(options or {})}))
 
     def confluent_consumer(self, options: dict[str, Any] | None = None) -> Consumer:
-        return Consumer(self.confluent_config(**(options or {})))
+        """A librdkafka consumer that fetches at least one whole record of any topic."""
+        limits = {"max.partition.fetch.bytes": self.sizes.fetch_bytes}
+        return Consumer(self.confluent_config(**{**limits, **(options or {})}))
 
     def admin_client(self, options: dict[str, Any] | None = None) -> AdminClient:
         """An AdminClient (no close needed: librdkafka frees it on GC)."""

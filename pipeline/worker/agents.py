@@ -24,6 +24,8 @@ PROCESS_BACKOFF_S = 0.2
 
 OnEvent = Callable[[EventT[Any]], Awaitable[None]]
 OnRecord = Callable[[bytes | None, bytes | None, Origin, int | None], Awaitable[None]]
+# Ends the request of a record the stage gave up on: (value, error).
+Abandon = Callable[[bytes | None, BaseException], Awaitable[None]]
 
 
 def raw_topic(app: faust.App, name: str) -> TopicT:
@@ -68,18 +70,30 @@ def on_record(handle: OnRecord) -> OnEvent:
     return on_event
 
 
-async def process(stage: str, handle: OnEvent, event: EventT[Any], dlq: DeadLetterQueue) -> None:
+async def process(
+    stage: str,
+    handle: OnEvent,
+    event: EventT[Any],
+    dlq: DeadLetterQueue,
+    abandon: Abandon | None = None,
+) -> None:
     """Run one record's work, retrying failures; then dead-letter it rather than stall.
 
     Stage handlers dead-letter bad records themselves; what reaches here is unexpected (a
-    broker hiccup, a bug). Handlers are idempotent, so a retry is safe.
+    broker hiccup, a bug). Handlers are idempotent, so a retry is safe. ``abandon`` ends the
+    record's request for its client once it is dead-lettered (a stage where nothing of the
+    request was streamed yet).
     """
     with record_context(stage, event.message.key):
-        await _process_record(stage, handle, event, dlq)
+        await _process_record(stage, handle, event, dlq, abandon)
 
 
 async def _process_record(
-    stage: str, handle: OnEvent, event: EventT[Any], dlq: DeadLetterQueue
+    stage: str,
+    handle: OnEvent,
+    event: EventT[Any],
+    dlq: DeadLetterQueue,
+    abandon: Abandon | None,
 ) -> None:
     error: Exception | None = None
     for attempt in range(PROCESS_ATTEMPTS):
@@ -105,3 +119,9 @@ async def _process_record(
         )
     except Exception:
         log.exception("record dropped: even the dead-letter topic failed", extra={"stage": stage})
+    if abandon is None:
+        return
+    try:
+        await abandon(message.value, error)
+    except Exception:
+        log.exception("could not end the abandoned request", extra={"stage": stage})

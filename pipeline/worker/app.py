@@ -133,6 +133,9 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
         settings.app_id,
         broker=connection.faust_broker(),
         broker_credentials=connection.faust_credentials(),
+        # Every record a stage may produce, and a fetch that holds at least one of them.
+        producer_max_request_size=connection.sizes.producer_request_bytes,
+        consumer_max_fetch_size=connection.sizes.fetch_bytes,
         key_serializer="raw",
         value_serializer="raw",
         autodiscover=False,
@@ -161,7 +164,9 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
     app.runtime = runtime
     topics = runtime.topics
     tokens = raw_topic(app, topics.tokens)
-    dlq = DeadLetterQueue(sender(raw_topic(app, topics.dlq)))
+    dlq = DeadLetterQueue(
+        sender(raw_topic(app, topics.dlq)), max_record_bytes=settings.max_record_bytes
+    )
 
     if "preprocess" in wanted:
         _add_preprocess(app, settings, topics, tokens, dlq)
@@ -192,7 +197,7 @@ def _add_preprocess(
     @app.agent(raw_topic(app, topics.requests), name="preprocess")
     async def preprocess_agent(stream: StreamT[Any]) -> None:
         async for event in events(stream):
-            await process("preprocess", on_request, event, dlq)
+            await process("preprocess", on_request, event, dlq, preprocess.abandon)
 
 
 def _add_inference(

@@ -31,7 +31,7 @@ from pipeline.core.records import InferenceJob, SummarizeRequest, TokenEvent, Tr
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
-from pipeline.worker.dlq import DeadLetterQueue, Origin
+from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
 
 log = logging.getLogger("sumstream.preprocess")
 
@@ -317,8 +317,19 @@ class PreprocessStage:
             await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
             return
-        request_id = request["request_id"]
-        rid = request_id.encode()
+        job = b""
+        if not isinstance(outcome, Rejection):
+            outcome["trace"]["preprocess_end"] = self._now_ms()
+            job = codec().encode("InferenceJob", outcome)
+            # Measured, not estimated: normalisation can triple a document's UTF-8 size, and
+            # a job the producer refuses would leave its client waiting (docs/architecture.md,
+            # "Record sizes").
+            if len(job) > self.settings.max_record_bytes:
+                outcome = _rejection(
+                    "input_too_large",
+                    f"the prepared request is {len(job)} bytes; records are limited to "
+                    f"{self.settings.max_record_bytes}",
+                )
         if isinstance(outcome, Rejection):
             if outcome.dead_letter:
                 await self._dlq.publish(
@@ -328,32 +339,62 @@ class PreprocessStage:
                     stage=STAGE,
                     origin=origin,
                 )
-            event = rejection_event(
-                request,
-                outcome,
-                model=self.settings.default_model,
-                now_ms=now,
-                enqueued_ms=timestamp_ms,
-            )
-            event["trace"]["preprocess_end"] = self._now_ms()
-            await self._send_token(rid, codec().encode("TokenEvent", event))
-            RECORDS_PROCESSED.labels(stage=STAGE, outcome="rejected").inc()
-            log.info(
-                "request rejected",
-                extra={"request_id": request_id, "code": outcome.code, "reason": outcome.message},
-            )
+            await self._reject(request, outcome, now_ms=now, enqueued_ms=timestamp_ms)
             return
-        outcome["trace"]["preprocess_end"] = self._now_ms()
-        await self._send_job(rid, codec().encode("InferenceJob", outcome))
+        await self._send_job(request["request_id"].encode(), job)
         # Stage latencies are observed once per request by postprocess, from the trace.
         RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
         log.info(
             "request prepared",
             extra={
-                "request_id": request_id,
+                "request_id": request["request_id"],
                 "tier": outcome["tier"],
                 "input_tokens_estimate": outcome["input_tokens_estimate"],
                 "chunks": len(outcome["chunks"]),
                 "truncated": outcome["truncated"],
+            },
+        )
+
+    async def abandon(self, value: bytes | None, exc: BaseException) -> None:
+        """End the stream of a request the stage gave up on (dead-lettered after retries), so
+        its client gets ``error`` + ``done``; nothing of it was streamed yet."""
+        try:
+            request = cast(SummarizeRequest, codec().decode_as(value, "SummarizeRequest"))
+            validate_request(request)
+        except (CodecError, ValidationError):
+            return  # no request id to answer
+        # The error type only: the client sees this message, the operator has the dead letter.
+        rejection = _rejection(
+            "preprocess_failed",
+            f"the request could not be prepared ({error_type(exc)}); it is kept in the "
+            "dead-letter topic",
+        )
+        await self._reject(request, rejection, now_ms=self._now_ms(), enqueued_ms=None)
+
+    async def _reject(
+        self,
+        request: SummarizeRequest,
+        rejection: Rejection,
+        *,
+        now_ms: int,
+        enqueued_ms: int | None,
+    ) -> None:
+        """Write the terminal ERROR (seq 1) that ends a turned-away request's stream."""
+        event = rejection_event(
+            request,
+            rejection,
+            model=self.settings.default_model,
+            now_ms=now_ms,
+            enqueued_ms=enqueued_ms,
+        )
+        event["trace"]["preprocess_end"] = self._now_ms()
+        await self._send_token(request["request_id"].encode(), codec().encode("TokenEvent", event))
+        RECORDS_PROCESSED.labels(stage=STAGE, outcome="rejected").inc()
+        log.info(
+            "request rejected",
+            extra={
+                "request_id": request["request_id"],
+                "code": rejection.code,
+                "reason": rejection.message,
             },
         )

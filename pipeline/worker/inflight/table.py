@@ -34,7 +34,14 @@ class InflightTable(Table[bytes, bytes]):
 class InflightEntries:
     """The table's entries, written only in the partitions this worker owns."""
 
-    def __init__(self, app: faust.App, partitions: int, on_assigned: OnAssigned) -> None:
+    def __init__(
+        self,
+        app: faust.App,
+        partitions: int,
+        on_assigned: OnAssigned,
+        *,
+        max_message_bytes: int,
+    ) -> None:
         self.partitions = partitions
         self.table = cast(
             InflightTable,
@@ -47,6 +54,9 @@ class InflightEntries:
                     key_type=bytes,
                     value_type=bytes,
                     use_partitioner=True,
+                    # An entry holds a whole job: the changelog takes what the other topics
+                    # take (docs/architecture.md, "Record sizes").
+                    extra_topic_configs={"max.message.bytes": str(max_message_bytes)},
                     help="request_id -> in-flight inference job (pipeline/worker/inflight/)",
                 ),
             ),

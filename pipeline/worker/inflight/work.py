@@ -79,7 +79,12 @@ class InflightWork:
         self._dlq = dlq
         # Built once per worker: its breaker, retry budget and scheduler outlive every engine.
         self.upstream = upstream
-        self.entries = InflightEntries(app, settings.work_partitions, self.on_assigned)
+        self.entries = InflightEntries(
+            app,
+            settings.work_partitions,
+            self.on_assigned,
+            max_message_bytes=settings.sizes.topic_message_bytes,
+        )
         self._engine: InferenceEngine | None = None
         self._generation = 0
         # Jobs whose submit is waiting for room in the scheduler, by request id.
