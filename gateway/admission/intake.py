@@ -29,6 +29,7 @@ from gateway.streams.hub import StreamHub
 from gateway.streams.ids import mint_request_id
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
+from pipeline.core.producers import ProducerTable
 from pipeline.core.records import ControlEvent, SummarizeRequest
 from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames
@@ -38,6 +39,8 @@ log = logging.getLogger("sumstream.gateway")
 
 # Counting tokens is linear in the document; past this size it leaves the event loop.
 COUNT_IN_THREAD_BYTES = 256 * 1024
+# The producer name the gateway signs as unless SUMSTREAM_PRODUCER names another.
+GATEWAY_PRODUCER = "gateway"
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ class Intake:
         self._producer: AIOKafkaProducer | None = None
         self._owned: frozenset[int] = frozenset()
         self._partitions = 0
+        # The identity this gateway signs its requests with (docs/architecture.md, "Identity").
+        self._signer = ProducerTable.load(settings.producers_file).get(
+            settings.producer or GATEWAY_PRODUCER
+        )
 
     def open(self, producer: AIOKafkaProducer, owned: frozenset[int], partitions: int) -> None:
         """Write through ``producer``, minting ids on ``owned`` of ``partitions``."""
@@ -179,11 +186,13 @@ class Intake:
         self, producer: AIOKafkaProducer, record: SummarizeRequest, admitted: Admitted
     ) -> None:
         request_id = record["request_id"]
+        value = codec().encode("SummarizeRequest", record)
         try:
             await producer.send_and_wait(
                 self.topics.requests,
                 key=request_id.encode(),
-                value=codec().encode("SummarizeRequest", record),
+                value=value,
+                headers=self._signer.headers(value),
             )
         except KafkaError as exc:
             self.hub.forget(request_id)
