@@ -4,7 +4,7 @@ In order: this process's in-flight bound; the estimated queue wait of the reques
 (``QueueWaitEstimator``, fed from consumer lag, so every instance sees the same figures),
 which sheds above the tier's ``max_queue_wait_s`` and may degrade above a lower threshold;
 then a RESERVE of one request and (input estimate + max output) tokens in the quota ledger,
-whose log decides the same way at every instance (gateway/admission/quota.py). Shedding comes first,
+whose log decides the same way at every instance (pipeline/quota/ledger.py). Shedding comes first,
 so a request refused for load leaves nothing in the ledger.
 """
 
@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.admission.backpressure import QueueWaitEstimator
-from gateway.admission.quota import QuotaUnavailable
-from gateway.admission.quota_state import Verdict
+from gateway.admission.quota import QuotaUnavailable, quota_refusal
 from gateway.http.errors import Overloaded, RateLimited
 from gateway.metrics import ADMISSION, ESTIMATED_WAIT
 from pipeline.core.prompt import DEFAULT_INSTRUCTIONS, SYSTEM_PROMPT, user_message
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
+from pipeline.quota.state import Verdict
 
 log = logging.getLogger("sumstream.gateway.admission")
 
@@ -42,7 +42,7 @@ def prompt_overhead_tokens(instructions: str | None, max_output_tokens: int) -> 
 
 
 class Ledger(Protocol):
-    """What admission needs of the quota ledger (gateway/admission/quota.py ``QuotaLedger``)."""
+    """What admission needs of the quota ledger (pipeline/quota/ledger.py ``QuotaLedger``)."""
 
     async def reserve(self, user_id: str, tier: str, request_id: str, tokens: int) -> Verdict: ...
 
@@ -154,7 +154,7 @@ class Admission:
                 extra={"limit": "token_limit"},
             )
         verdict = await self.ledger.reserve(user_id, tier_name, request_id, tokens)
-        refusal = verdict.error()
+        refusal = quota_refusal(verdict)
         if refusal is not None:
             ADMISSION.labels(verdict.reason or "refused").inc()
             raise refusal

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import logging.config
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,6 +36,8 @@ from pipeline.kafka.admin import create_topics
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import LagReader
 from pipeline.llm.client import UpstreamClient
+from pipeline.quota.ledger import QuotaLedger
+from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.agents import (
     events,
     on_record,
@@ -91,9 +94,13 @@ class StageRuntime:
         self._metrics_server: Any = None
         self.metrics_port: int | None = None
         self._lag: LagSampler | None = None
+        self.quota: QuotaLedger | None = None
 
     async def start(self) -> None:
         self._start_metrics()
+        if self.quota is not None:
+            # Before any request is reserved: start-up replays the month's ledger.
+            await self.quota.start()
         if self._metrics_server is not None:
             # Lag of this worker's stages, whole group: a worker fed by other systems (no
             # gateway running) still shows its queue.
@@ -106,6 +113,8 @@ class StageRuntime:
     async def stop(self) -> None:
         if self.inflight is not None:
             await self.inflight.stop()
+        if self.quota is not None:
+            await self.quota.stop()
         if self._lag is not None:
             lag, self._lag = self._lag, None
             await lag.stop()
@@ -175,7 +184,7 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
     dlq = DeadLetterQueue(sender(raw_topic(app, topics.dlq)))
 
     if "preprocess" in wanted:
-        _add_preprocess(app, settings, topics, tokens, dlq)
+        runtime.quota = _add_preprocess(app, settings, topics, tokens, dlq)
     if "inference" in wanted:
         runtime.inflight = _add_inference(app, settings, topics, tokens, dlq)
     if "postprocess" in wanted:
@@ -189,13 +198,18 @@ def _add_preprocess(
     topics: TopicNames,
     tokens: TopicT,
     dlq: DeadLetterQueue,
-) -> None:
-    """The preprocess agent: `requests` -> `preprocessed`, or a rejection on `tokens`.
+) -> QuotaLedger:
+    """The preprocess agent: `requests` -> `preprocessed`, or a rejection on `tokens`; returns
+    the quota ledger it reserves other systems' requests in (the runtime starts it).
 
     Its `request-ids` table has as many partitions as `requests` and the same key, so Faust's
     assignor hands partition p of both to one worker (see the `control` agent below).
     """
     ids = RequestIds(app, settings.work_partitions)
+    tiers = load_tiers(settings.tiers_file)
+    ledger = QuotaLedger(
+        settings, tiers, gateway_id=f"worker-{settings.app_id}-{uuid.uuid4().hex[:8]}"
+    )
     identity = RequestIdentity(
         ProducerTable.load(settings.producers_file),
         user_tiers(load_keys(settings.keys_file, settings.dev_api_key)),
@@ -204,11 +218,12 @@ def _add_preprocess(
     )
     preprocess = PreprocessStage(
         settings,
-        load_tiers(settings.tiers_file),
+        tiers,
         send_job=sender(raw_topic(app, topics.preprocessed)),
         send_token=sender(tokens),
         dlq=dlq,
         identity=identity,
+        admission=TopicAdmission(ledger),
     )
 
     async def on_request(event: EventT[Any]) -> None:
@@ -228,6 +243,8 @@ def _add_preprocess(
     @app.timer(600.0)  # type: ignore[untyped-decorator]
     async def purge_request_ids() -> None:
         ids.purge(now_ms() - retention_ms)
+
+    return ledger
 
 
 def _add_inference(

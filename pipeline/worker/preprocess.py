@@ -32,6 +32,7 @@ from pipeline.core.records import InferenceJob, SummarizeRequest, TokenEvent, Tr
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
+from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.dlq import DeadLetterQueue, Origin
 from pipeline.worker.identity import IdentityError, RequestIdentity
 
@@ -287,12 +288,14 @@ class PreprocessStage:
         send_token: Send,
         dlq: DeadLetterQueue,
         identity: RequestIdentity | None = None,
+        admission: TopicAdmission | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.tiers = tiers
-        # None only in tests of the stage's own logic; the worker always checks identity.
+        # None only in tests of the stage's own logic; the worker always checks both.
         self.identity = identity
+        self.admission = admission
         self._send_job = send_job
         self._send_token = send_token
         self._dlq = dlq
@@ -314,9 +317,11 @@ class PreprocessStage:
         try:
             # The codec checked the record's shape against the schema; prepare checks values.
             request = cast(SummarizeRequest, codec().decode_as(value, "SummarizeRequest"))
+            vouched = None
             if self.identity is not None and value is not None:
                 validate_request(request)
-                request = (await self.identity.check(request, value, origin, headers)).request
+                vouched = await self.identity.check(request, value, origin, headers)
+                request = vouched.request
             outcome = prepare(
                 request, self.tiers, self.settings, now_ms=now, enqueued_ms=timestamp_ms
             )
@@ -329,6 +334,9 @@ class PreprocessStage:
             return
         request_id = request["request_id"]
         rid = request_id.encode()
+        if not isinstance(outcome, Rejection) and self.admission and vouched:
+            refused = await self.admission.refusal(outcome, vouched.producer)
+            outcome = _rejection(*refused) if refused else outcome
         if isinstance(outcome, Rejection):
             if outcome.dead_letter:
                 await self._dlq.publish(

@@ -210,3 +210,32 @@ def test_replay_of_from_a_producer_that_may_not_replay_is_billed(stack: Stack) -
         timeout=60,
         message="ben to be billed for the run",
     )
+
+
+def test_topic_borne_requests_beyond_the_users_rpm_are_rejected(stack: Stack) -> None:
+    # fay's key is on the free tier: 10 requests a minute (config/tiers.toml).
+    ids = [str(ULID()) for _ in range(12)]
+    for request_id in ids:
+        value = request_value(request_id, "fay", document(13))
+        produce(stack, request_id, value, signed(value))
+    results = [result_of(stack, request_id) for request_id in ids]
+    outcomes = sorted((r["status"], r["error"]["code"] if r["error"] else None) for r in results)
+    assert outcomes == [("COMPLETED", None)] * 10 + [("REJECTED", "rate_limited")] * 2
+
+
+def test_the_first_record_of_an_id_still_wins_after_the_worker_restarts(stack: Stack) -> None:
+    request_id = str(ULID())
+    value = request_value(request_id, "ann", document(14))
+    produce(stack, request_id, value, signed(value))
+    assert result_of(stack, request_id)["status"] == "COMPLETED"
+    worker = stack.workers[0]
+    worker.stop()
+    worker.start()
+    worker.wait_for_log("inflight partitions assigned", timeout=120)
+    forged = request_value(request_id, "ben", document(15))
+    produce(stack, request_id, forged, signed(forged))
+    assert dead_letters(stack, request_id) == ["duplicate_request_id"]
+    response = httpx.get(
+        f"{stack.gateway}/v1/summaries/{request_id}", headers=auth("key-ann"), timeout=30
+    )
+    assert response.status_code == 200
