@@ -17,6 +17,7 @@ import pytest
 from ulid import ULID
 
 from pipeline.core.codec import codec
+from pipeline.core.partitioning import partition_for
 from pipeline.llm.extractive import summarize
 from tests.e2e.documents import document
 from tests.harness import (
@@ -138,6 +139,32 @@ async def test_a_record_reusing_a_request_id_is_dead_lettered_and_the_owner_keep
     # One job and one result: the duplicate never ran.
     assert len(records_of(stack, stack.topics.preprocessed, request_id, "InferenceJob")) == 1
     assert result_of(stack, request_id)["user_id"] == "ann"
+
+
+def test_a_record_outside_its_ids_partition_is_dead_lettered_and_owns_nothing(
+    stack: Stack,
+) -> None:
+    request_id = str(ULID())
+    value = request_value(request_id, "ann", document(16))
+    produce(stack, request_id, value, signed(value))
+    assert result_of(stack, request_id)["status"] == "COMPLETED"
+    # Validly signed, naming ben, in a partition the id does not hash to: it would come
+    # before or after ann's record depending on who reads which partition first.
+    forged = request_value(request_id, "ben", document(17))
+    home = partition_for(request_id.encode(), stack.settings.work_partitions)
+    elsewhere = (home + 1) % stack.settings.work_partitions
+    produce_raw(
+        BOOTSTRAP,
+        stack.topics.requests,
+        request_id.encode(),
+        forged,
+        headers=signed(forged),
+        partition=elsewhere,
+    )
+    assert dead_letters(stack, request_id) == ["misplaced_record"]
+    url = f"{stack.gateway}/v1/summaries/{request_id}"
+    assert httpx.get(url, headers=auth("key-ben"), timeout=30).status_code == 404
+    assert httpx.get(url, headers=auth("key-ann"), timeout=30).status_code == 200
 
 
 def forged(value: bytes) -> list[tuple[str, bytes]]:
