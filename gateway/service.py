@@ -25,7 +25,6 @@ from gateway.admission.controller import Admission, Degradation
 from gateway.admission.idempotency import RequestIndex
 from gateway.admission.intake import Intake
 from gateway.admission.quota import QuotaLedger
-from gateway.admission.quota_state import UsageSummary
 from gateway.admission.settle import ResultSettler
 from gateway.http.auth import KeyStore, Principal
 from gateway.http.errors import NotReady
@@ -40,6 +39,7 @@ from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames, declared_topics
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import STAGE_TOPICS
+from pipeline.quota.state import UsageSummary
 
 log = logging.getLogger("sumstream.gateway")
 

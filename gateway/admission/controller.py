@@ -6,7 +6,7 @@ instance sees the same figures), counting the part of the queue the fair schedul
 before this user's new request, which sheds above the tier's ``max_queue_wait_s`` and may
 degrade above a lower threshold (docs/architecture.md "Admission"); then a RESERVE of one
 request and (input estimate + max output) tokens in the quota ledger, whose log decides the
-same way at every instance (gateway/admission/quota.py). Shedding comes first, so a request
+same way at every instance (pipeline/quota/ledger.py). Shedding comes first, so a request
 refused for load leaves nothing in the ledger.
 """
 
@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.admission.backpressure import QueueWaitEstimator, UserView
-from gateway.admission.quota import QuotaUnavailable
-from gateway.admission.quota_state import Verdict
+from gateway.admission.quota import QuotaUnavailable, quota_refusal
 from gateway.http.errors import Overloaded, RateLimited
 from gateway.metrics import ADMISSION, ESTIMATED_WAIT
 from pipeline.core.prompt import DEFAULT_INSTRUCTIONS, SYSTEM_PROMPT, user_message
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
+from pipeline.quota.state import Verdict
 
 log = logging.getLogger("sumstream.gateway.admission")
 
@@ -45,7 +45,7 @@ def prompt_overhead_tokens(instructions: str | None, max_output_tokens: int) -> 
 
 
 class Ledger(Protocol):
-    """What admission needs of the quota ledger (gateway/admission/quota.py ``QuotaLedger``)."""
+    """What admission needs of the quota ledger (pipeline/quota/ledger.py ``QuotaLedger``)."""
 
     async def reserve(self, user_id: str, tier: str, request_id: str, tokens: int) -> Verdict: ...
 
@@ -186,7 +186,7 @@ class Admission:
         except BaseException:
             self._untrack(request_id)
             raise
-        refusal = verdict.error()
+        refusal = quota_refusal(verdict)
         if refusal is not None:
             self._untrack(request_id)
             ADMISSION.labels(verdict.reason or "refused").inc()

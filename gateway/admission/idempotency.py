@@ -11,7 +11,10 @@ Each key also keeps the SHA-256 of the body it was first sent with (``body_sha25
 the record), so the key reused for another body answers 422 instead of the first request.
 
 The same follow gives the owner (user id) of every recent request, so GET and DELETE from
-any instance can answer 404 to anybody else without reading the log.
+any instance can answer 404 to anybody else without reading the log. The owner is the user of
+the id's first record in the partition its key hashes to, as preprocess decides
+(docs/architecture.md, "Identity"): a later record reusing the id, or one produced into another
+partition, changes nothing here.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from aiokafka import TopicPartition
 from gateway.http.errors import IdempotencyKeyReused
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
+from pipeline.core.partitioning import partition_for
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.partition_tail import PartitionTail
 
@@ -69,6 +73,7 @@ class RequestIndex:
         self.ready = asyncio.Event()
         self._tail: PartitionTail | None = None
         self._ready_task: asyncio.Task[None] | None = None
+        self._partitions = 1
 
     # -- the maps -----------------------------------------------------------------------------
 
@@ -76,8 +81,10 @@ class RequestIndex:
         return self.owners.get(request_id)
 
     def remember(self, request_id: str, user_id: str, tier: str, created_at: int) -> None:
+        """Record the owner of ``request_id``, unless it already has one: the first one wins."""
+        if request_id in self.owners:
+            return
         self.owners[request_id] = RequestOwner(user_id, tier, created_at)
-        self.owners.move_to_end(request_id)
         while len(self.owners) > self.max_entries:
             self.owners.popitem(last=False)
 
@@ -125,7 +132,10 @@ class RequestIndex:
             self.keys.popitem(last=False)
 
     def observe(self, request: dict[str, Any]) -> None:
-        """Take one SummarizeRequest record from the log into the maps."""
+        """Take one SummarizeRequest record from the log into the maps (in log order)."""
+        known = self.owners.get(request["request_id"])
+        if known is not None and known.user_id != request["user_id"]:
+            return  # a later record reusing another user's id: preprocess dead-letters it
         created_at = int(request.get("created_at") or 0)
         self.remember(request["request_id"], request["user_id"], request["tier"], created_at)
         key = request.get("idempotency_key")
@@ -148,6 +158,7 @@ class RequestIndex:
             auto_offset_reset="latest",
             max_records=2_000,
         )
+        self._partitions = partitions
         tps = [TopicPartition(requests_topic, p) for p in range(partitions)]
         await tail.assign(tps, since_ms=self._clock_ms() - self.window_ms)
         self._tail = tail
@@ -162,8 +173,10 @@ class RequestIndex:
             await self._tail.stop()
             self._tail = None
 
-    async def _observe_batch(self, _tp: TopicPartition, messages: list[Any]) -> None:
+    async def _observe_batch(self, tp: TopicPartition, messages: list[Any]) -> None:
         for msg in messages:
+            if msg.key is None or partition_for(msg.key, self._partitions) != tp.partition:
+                continue  # not where its id belongs: preprocess dead-letters it
             try:
                 self.observe(codec().decode_as(msg.value, "SummarizeRequest"))
             except CodecError:

@@ -37,6 +37,7 @@ from gateway.streams.hub import StreamHub
 from gateway.streams.ids import mint_request_id
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
+from pipeline.core.producers import ProducerTable
 from pipeline.core.prompt import normalize_document
 from pipeline.core.records import ControlEvent, SummarizeRequest
 from pipeline.core.tiers import Tier
@@ -49,6 +50,8 @@ log = logging.getLogger("sumstream.gateway")
 COUNT_IN_THREAD_BYTES = 256 * 1024
 # Characters of a document's start normalised first: enough to find a visible one at once.
 EMPTY_CHECK_PREFIX = 256
+# The producer name the gateway signs as unless SUMSTREAM_PRODUCER names another.
+GATEWAY_PRODUCER = "gateway"
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,10 @@ class Intake:
         self._producer: AIOKafkaProducer | None = None
         self._owned: frozenset[int] = frozenset()
         self._partitions = 0
+        # The identity this gateway signs its requests with (docs/architecture.md, "Identity").
+        self._signer = ProducerTable.load(settings.producers_file).get(
+            settings.producer or GATEWAY_PRODUCER
+        )
 
     def open(self, producer: AIOKafkaProducer, owned: frozenset[int], partitions: int) -> None:
         """Write through ``producer``, minting ids on ``owned`` of ``partitions``."""
@@ -218,7 +225,12 @@ class Intake:
                 f"{self.settings.max_record_bytes}"
             )
         try:
-            await producer.send_and_wait(self.topics.requests, key=request_id.encode(), value=value)
+            await producer.send_and_wait(
+                self.topics.requests,
+                key=request_id.encode(),
+                value=value,
+                headers=self._signer.headers(value),
+            )
         except KafkaError as exc:
             # The broker is likely gone: the reservation goes back in the background.
             self._give_back(record, admitted)

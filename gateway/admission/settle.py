@@ -23,13 +23,13 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from gateway.admission.quota_state import month_start_ms
 from gateway.metrics import SETTLED
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.partition_tail import PartitionTail
+from pipeline.quota.state import month_start_ms
 
 log = logging.getLogger("sumstream.gateway.settle")
 
@@ -37,7 +37,7 @@ RETRY_S = 1.0
 
 
 class Settler(Protocol):
-    """What settling needs of the quota ledger (gateway/admission/quota.py ``QuotaLedger``)."""
+    """What settling needs of the quota ledger (pipeline/quota/ledger.py ``QuotaLedger``)."""
 
     async def settle(
         self,

@@ -38,6 +38,8 @@ class RequestLookup:
             # Ids that are not ULIDs cannot be positioned in the log; the index has every
             # request of the last window, so those older than it are not found.
             return owner
+        # The id's first record in its partition owns it, as in preprocess (a later one reusing
+        # the id is dead-lettered there and ignored by the index).
         request = await first(read_requests(self.connection, self.topics.requests, request_id))
         if request is not None:
             # The index keeps the plain records it reads from `requests` itself.

@@ -23,3 +23,4 @@ SCHEMA_DIR = _packaged("schemas")
 DEFAULTS_DIR = _packaged("defaults")
 DEFAULT_TIERS_FILE = DEFAULTS_DIR / "tiers.toml"
 DEFAULT_PRICES_FILE = DEFAULTS_DIR / "prices.toml"
+DEFAULT_PRODUCERS_FILE = DEFAULTS_DIR / "producers.toml"

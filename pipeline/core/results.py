@@ -15,6 +15,10 @@ from pipeline.core.records import ResultStatus, SummaryResult, TokenEvent, Trace
 # Error codes that mean "turned away before any model call": the result is REJECTED.
 REJECTION_CODES = frozenset(
     {"invalid_request", "unknown_tier", "input_too_large", "model_not_allowed"}
+) | frozenset(
+    # Refused for who wrote it or for whom (pipeline/worker/identity.py), or over the quota.
+    {"unauthenticated_producer", "user_not_allowed", "unknown_user"}
+    | {"rate_limited", "budget_exceeded"}
 )
 
 # latency_ms key -> (start stamp, end stamp) in the request's trace. Documented in

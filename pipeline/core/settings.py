@@ -9,7 +9,11 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.core.resources import DEFAULT_PRICES_FILE, DEFAULT_TIERS_FILE
+from pipeline.core.resources import (
+    DEFAULT_PRICES_FILE,
+    DEFAULT_PRODUCERS_FILE,
+    DEFAULT_TIERS_FILE,
+)
 from pipeline.core.sizes import DEFAULT_MAX_RECORD_BYTES, MIN_RECORD_BYTES, RecordSizes
 
 # The source checkout; only meaningful when IN_CHECKOUT (an installed wheel has no such root).
@@ -52,6 +56,10 @@ class KafkaSettings(BaseSettings):
     # a record that arrives while a fetch for other partitions is parked at the broker waits
     # for it. 50 ms bounds that wait; an idle consumer then costs ~3 % of a core (10 ms: ~10 %).
     fetch_max_wait_ms: int = Field(default=50, ge=0)
+    # The producing systems that may write `requests`, and the one this process signs as
+    # (None: the command's own, e.g. "gateway", "replay", "demo") (pipeline/core/producers.py).
+    producers_file: Path = DEFAULT_PRODUCERS_FILE
+    producer: str | None = None
     # The largest encoded record value; every other size limit derives from it
     # (pipeline/core/sizes.py, docs/architecture.md "Record sizes").
     max_record_bytes: int = Field(default=DEFAULT_MAX_RECORD_BYTES, ge=MIN_RECORD_BYTES)
@@ -105,6 +113,12 @@ class WorkerSettings(KafkaSettings):
     breaker_reset_s: float = Field(default=5.0, gt=0)
     tiers_file: Path = DEFAULT_TIERS_FILE
     prices_file: Path = DEFAULT_PRICES_FILE
+    # The gateway's keys table (the same variables): preprocess takes each user's tier from it.
+    keys_file: Path | None = REPO_ROOT / "config" / "keys.toml"
+    dev_api_key: SecretStr | None = None
+    # How long preprocess remembers a request id, to dead-letter a later record that reuses
+    # it: as long as `requests` keeps records (7 days).
+    request_ids_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     # Inference engine (pipeline/worker/inference/): scheduler bound, retry timing and budget,
     # HTTP timeouts.
     # Jobs a worker holds beyond its running streams. Kept small: jobs held here have left the

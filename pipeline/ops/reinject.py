@@ -18,7 +18,10 @@ from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.ops.history import Progress, scan
-from pipeline.ops.submit import build_request, request_producer
+from pipeline.ops.submit import build_request, request_producer, signer
+
+# The producer name a rerun signs as: the one whose `replay_of` is honoured (and not billed).
+REPLAY_PRODUCER = "replay"
 
 # Request fields a replay takes from its original; the rest are minted afresh.
 _CARRIED = ("instructions", "max_output_tokens", "model", "degraded")
@@ -85,6 +88,7 @@ async def rerun(
     topics = TopicNames.from_settings(settings)
     report = RerunReport()
     producer = None if dry_run else request_producer(settings)
+    identity = signer(settings, REPLAY_PRODUCER)
     pace = 1.0 / rate if rate > 0 else 0.0
     next_at = time.monotonic()
 
@@ -135,6 +139,7 @@ async def rerun(
                         topics.requests,
                         key=new.encode(),
                         value=value,
+                        headers=identity.headers(value),
                         on_delivery=delivered(old, new, replay),
                     )
                     break

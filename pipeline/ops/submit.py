@@ -15,6 +15,7 @@ from confluent_kafka import Producer
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
 from pipeline.core.ids import random_ulid
+from pipeline.core.producers import ProducerIdentity, ProducerTable
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.connection import ConnectionConfig
@@ -24,7 +25,12 @@ from pipeline.kafka.tail import read_request_records
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="text file to summarize ('-' for stdin)")
     parser.add_argument("--user", default="cli", help="user id billed for the request")
-    parser.add_argument("--tier", default="pro", help="tier of that user")
+    parser.add_argument(
+        "--tier",
+        default="pro",
+        help="tier named in the record; the worker replaces it with the user's tier from the "
+        "keys file (or the producer's tier for users without keys)",
+    )
     parser.add_argument("--instructions", default=None)
     parser.add_argument("--max-output-tokens", type=int, default=None)
     parser.add_argument("--model", default=None)
@@ -57,8 +63,21 @@ def request_producer(settings: KafkaSettings) -> Producer:
     )
 
 
-def produce_request(settings: KafkaSettings, request: dict[str, Any]) -> None:
-    """Produce as every producer must: idempotent, acks=all, murmur2 (docs/architecture.md)."""
+# The producer name `sumstream submit` signs as unless SUMSTREAM_PRODUCER names another.
+SUBMIT_PRODUCER = "demo"
+
+
+def signer(settings: KafkaSettings, default: str) -> ProducerIdentity:
+    """The producer this command signs its records as: SUMSTREAM_PRODUCER, else ``default``."""
+    return ProducerTable.load(settings.producers_file).get(settings.producer or default)
+
+
+def produce_request(
+    settings: KafkaSettings, request: dict[str, Any], *, producer_name: str = SUBMIT_PRODUCER
+) -> None:
+    """Produce as every producer must: idempotent, acks=all, murmur2, signed
+    (docs/architecture.md, "Identity")."""
+    identity = signer(settings, producer_name)
     producer = request_producer(settings)
     errors: list[str] = []
 
@@ -66,10 +85,12 @@ def produce_request(settings: KafkaSettings, request: dict[str, Any]) -> None:
         if err is not None:
             errors.append(str(err))
 
+    value = codec().encode("SummarizeRequest", request)
     producer.produce(
         TopicNames.from_settings(settings).requests,
         key=request["request_id"].encode(),
-        value=codec().encode("SummarizeRequest", request),
+        value=value,
+        headers=identity.headers(value),
         on_delivery=on_delivery,
     )
     remaining = producer.flush(30)

@@ -111,10 +111,11 @@ def run(args: argparse.Namespace) -> int:
         gateway_env = child_env(**env_over)
         dev_key = gateway_env.setdefault("SUMSTREAM_DEV_API_KEY", dev_key)
         for i in range(args.workers):
+            # The workers read the same keys (the dev key's user "dev" and its tier).
             stack.spawn(
                 f"worker-{i}",
                 ["worker", "--metrics-port", str(worker.metrics_port + i)],
-                child_env(**env_over),
+                child_env(**env_over, dev_api_key=dev_key),
             )
         stack.spawn(
             "gateway", ["gateway", "--host", args.host, "--port", str(args.port)], gateway_env

@@ -13,18 +13,22 @@ import argparse
 import asyncio
 import logging
 import logging.config
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import faust
 import uvloop
-from faust.types import StreamT, TopicT
+from faust.types import EventT, StreamT, TopicT
 from prometheus_client import start_http_server
 
+from pipeline.core.clock import now_ms
 from pipeline.core.errors import SumstreamError
 from pipeline.core.jsonlog import logging_config
+from pipeline.core.keys import load_keys, user_tiers
 from pipeline.core.metrics import LagSampler
 from pipeline.core.pricing import PriceTable
+from pipeline.core.producers import ProducerTable
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import load_tiers
 from pipeline.core.topics import TopicNames
@@ -32,12 +36,24 @@ from pipeline.kafka.admin import create_topics
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import LagReader, metadata_is_stale
 from pipeline.llm.client import UpstreamClient
-from pipeline.worker.agents import events, on_record, process, raw_topic, sender
+from pipeline.quota.ledger import QuotaLedger
+from pipeline.worker.admission import TopicAdmission
+from pipeline.worker.agents import (
+    events,
+    on_record,
+    origin,
+    process,
+    raw_topic,
+    sender,
+    timestamp_ms,
+)
 from pipeline.worker.dlq import DeadLetterQueue
+from pipeline.worker.identity import RequestIdentity
 from pipeline.worker.inference.upstream import Upstream
 from pipeline.worker.inflight import InflightWork
 from pipeline.worker.postprocess import PostprocessStage, tail_reread
 from pipeline.worker.preprocess import PreprocessStage
+from pipeline.worker.request_ids import RequestIds
 from pipeline.worker.transport import Transport
 
 log = logging.getLogger("sumstream.worker")
@@ -78,9 +94,13 @@ class StageRuntime:
         self._metrics_server: Any = None
         self.metrics_port: int | None = None
         self._lag: LagSampler | None = None
+        self.quota: QuotaLedger | None = None
 
     async def start(self) -> None:
         self._start_metrics()
+        if self.quota is not None:
+            # Before any request is reserved: start-up replays the month's ledger.
+            await self.quota.start()
         if self._metrics_server is not None:
             # Lag of this worker's stages, whole group: a worker fed by other systems (no
             # gateway running) still shows its queue.
@@ -94,6 +114,8 @@ class StageRuntime:
     async def stop(self) -> None:
         if self.inflight is not None:
             await self.inflight.stop()
+        if self.quota is not None:
+            await self.quota.stop()
         if self._lag is not None:
             lag, self._lag = self._lag, None
             await lag.stop()
@@ -169,7 +191,7 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
     )
 
     if "preprocess" in wanted:
-        _add_preprocess(app, settings, topics, tokens, dlq)
+        runtime.quota = _add_preprocess(app, settings, topics, tokens, dlq)
     if "inference" in wanted:
         runtime.inflight = _add_inference(app, settings, topics, tokens, dlq)
     if "postprocess" in wanted:
@@ -183,21 +205,53 @@ def _add_preprocess(
     topics: TopicNames,
     tokens: TopicT,
     dlq: DeadLetterQueue,
-) -> None:
-    """The preprocess agent: `requests` -> `preprocessed`, or a rejection on `tokens`."""
+) -> QuotaLedger:
+    """The preprocess agent: `requests` -> `preprocessed`, or a rejection on `tokens`; returns
+    the quota ledger it reserves other systems' requests in (the runtime starts it).
+
+    Its `request-ids` table has as many partitions as `requests` and the same key, so Faust's
+    assignor hands partition p of both to one worker (see the `control` agent below).
+    """
+    ids = RequestIds(app, settings.work_partitions)
+    tiers = load_tiers(settings.tiers_file)
+    ledger = QuotaLedger(
+        settings, tiers, gateway_id=f"worker-{settings.app_id}-{uuid.uuid4().hex[:8]}"
+    )
+    identity = RequestIdentity(
+        ProducerTable.load(settings.producers_file),
+        user_tiers(load_keys(settings.keys_file, settings.dev_api_key)),
+        ids,
+        settings.work_partitions,
+    )
     preprocess = PreprocessStage(
         settings,
-        load_tiers(settings.tiers_file),
+        tiers,
         send_job=sender(raw_topic(app, topics.preprocessed)),
         send_token=sender(tokens),
         dlq=dlq,
+        identity=identity,
+        admission=TopicAdmission(ledger),
     )
-    on_request = on_record(preprocess.handle)
+
+    async def on_request(event: EventT[Any]) -> None:
+        # The producer's signature is in the record's headers (pipeline/core/producers.py).
+        message = event.message
+        await preprocess.handle(
+            message.key, message.value, origin(event), timestamp_ms(event), message.headers
+        )
 
     @app.agent(raw_topic(app, topics.requests), name="preprocess")
     async def preprocess_agent(stream: StreamT[Any]) -> None:
         async for event in events(stream):
             await process("preprocess", on_request, event, dlq, preprocess.abandon)
+
+    retention_ms = int(settings.request_ids_retention_s * 1000)
+
+    @app.timer(600.0)  # type: ignore[untyped-decorator]
+    async def purge_request_ids() -> None:
+        ids.purge(now_ms() - retention_ms)
+
+    return ledger
 
 
 def _add_inference(

@@ -18,6 +18,7 @@ from pipeline.core import events
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
 from pipeline.core.metrics import RECORDS_PROCESSED
+from pipeline.core.producers import Headers
 from pipeline.core.prompt import (
     CHUNK_INSTRUCTIONS,
     DEFAULT_INSTRUCTIONS,
@@ -31,7 +32,9 @@ from pipeline.core.records import InferenceJob, SummarizeRequest, TokenEvent, Tr
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
+from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
+from pipeline.worker.identity import IdentityError, RequestIdentity
 
 log = logging.getLogger("sumstream.preprocess")
 
@@ -290,10 +293,15 @@ class PreprocessStage:
         send_job: Send,
         send_token: Send,
         dlq: DeadLetterQueue,
+        identity: RequestIdentity | None = None,
+        admission: TopicAdmission | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.tiers = tiers
+        # None only in tests of the stage's own logic; the worker always checks both.
+        self.identity = identity
+        self.admission = admission
         self._send_job = send_job
         self._send_token = send_token
         self._dlq = dlq
@@ -303,16 +311,29 @@ class PreprocessStage:
         return int(self._clock() * 1000)
 
     async def handle(
-        self, key: bytes | None, value: bytes | None, origin: Origin, timestamp_ms: int | None
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        origin: Origin,
+        timestamp_ms: int | None,
+        headers: Headers | None = None,
     ) -> None:
         """Process one record of `requests`; never raises for a bad record (it is dead-lettered)."""
         now = self._now_ms()
         try:
             # The codec checked the record's shape against the schema; prepare checks values.
             request = cast(SummarizeRequest, codec().decode_as(value, "SummarizeRequest"))
+            vouched = None
+            if self.identity is not None and value is not None:
+                validate_request(request)
+                vouched = await self.identity.check(request, value, origin, headers)
+                request = vouched.request
             outcome = prepare(
                 request, self.tiers, self.settings, now_ms=now, enqueued_ms=timestamp_ms
             )
+        except IdentityError as exc:
+            await self._refuse(key, value, origin, request, exc, now, timestamp_ms)
+            return
         except (CodecError, ValidationError) as exc:
             await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
@@ -330,6 +351,10 @@ class PreprocessStage:
                     f"the prepared request is {len(job)} bytes; records are limited to "
                     f"{self.settings.max_record_bytes}",
                 )
+        if not isinstance(outcome, Rejection) and self.admission and vouched:
+            # After the size check: an oversized job reserves nothing.
+            refused = await self.admission.refusal(outcome, vouched.producer)
+            outcome = _rejection(*refused) if refused else outcome
         if isinstance(outcome, Rejection):
             if outcome.dead_letter:
                 await self._dlq.publish(
@@ -379,6 +404,26 @@ class PreprocessStage:
         now_ms: int,
         enqueued_ms: int | None,
     ) -> None:
+        """End a turned-away request's stream, and count and log it."""
+        await self._end_stream(request, rejection, now_ms=now_ms, enqueued_ms=enqueued_ms)
+        RECORDS_PROCESSED.labels(stage=STAGE, outcome="rejected").inc()
+        log.info(
+            "request rejected",
+            extra={
+                "request_id": request["request_id"],
+                "code": rejection.code,
+                "reason": rejection.message,
+            },
+        )
+
+    async def _end_stream(
+        self,
+        request: SummarizeRequest,
+        rejection: Rejection,
+        *,
+        now_ms: int,
+        enqueued_ms: int | None,
+    ) -> None:
         """Write the terminal ERROR (seq 1) that ends a turned-away request's stream."""
         event = rejection_event(
             request,
@@ -389,12 +434,25 @@ class PreprocessStage:
         )
         event["trace"]["preprocess_end"] = self._now_ms()
         await self._send_token(request["request_id"].encode(), codec().encode("TokenEvent", event))
-        RECORDS_PROCESSED.labels(stage=STAGE, outcome="rejected").inc()
-        log.info(
-            "request rejected",
-            extra={
-                "request_id": request["request_id"],
-                "code": rejection.code,
-                "reason": rejection.message,
-            },
+
+    async def _refuse(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        origin: Origin,
+        request: SummarizeRequest,
+        exc: IdentityError,
+        now: int,
+        timestamp_ms: int | None,
+    ) -> None:
+        """Dead-letter a record refused for its identity; end its stream if the id is its own
+        (a record reusing another request's id must leave that request alone)."""
+        await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
+        if exc.ends_stream:
+            rejection = _rejection(exc.code, str(exc))
+            await self._end_stream(request, rejection, now_ms=now, enqueued_ms=timestamp_ms)
+        RECORDS_PROCESSED.labels(stage=STAGE, outcome="refused").inc()
+        log.warning(
+            "request refused",
+            extra={"request_id": request["request_id"], "code": exc.code, "reason": str(exc)},
         )

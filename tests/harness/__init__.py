@@ -17,7 +17,7 @@ from tests.harness.procs import (
 )
 from tests.harness.sse import SseEvent, StreamResult, collect, sse_events
 from tests.harness.tiers import TierRow, write_tiers
-from tests.harness.topics import Record, end_offsets, produce_raw, read_topic
+from tests.harness.topics import Record, end_offsets, produce_raw, read_topic, signed
 from tests.harness.waiting import eventually, eventually_async
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "produce_raw",
     "read_topic",
     "running_stack",
+    "signed",
     "sse_events",
     "wait_for_balanced_group",
     "wait_http",

@@ -3,6 +3,8 @@ is, read a topic from the start until a condition holds, count what was ever wri
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +13,11 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tests.harness.waiting import eventually
+
+Headers = list[tuple[str, bytes]]
+# The demo producer of pipeline/core/defaults/producers.toml, as `sumstream submit` signs.
+DEMO_PRODUCER = "demo"
+DEMO_SECRET = "demo-producer-7b41b5db455334e41581366d01c448af033af32e0fa571ee"
 
 
 @dataclass(frozen=True)
@@ -24,10 +31,24 @@ class Record:
     timestamp_ms: int
 
 
+def signed(value: bytes, producer: str = DEMO_PRODUCER, secret: str = DEMO_SECRET) -> Headers:
+    """The headers that sign ``value`` as ``producer`` (pipeline/core/producers.py), computed
+    here by hand so that a test states the wire format, not the code under test."""
+    digest = hmac.new(secret.encode(), value, hashlib.sha256).hexdigest()
+    return [("sumstream-producer", producer.encode()), ("sumstream-signature", digest.encode())]
+
+
 def produce_raw(
-    bootstrap: str, topic: str, key: bytes | None, value: bytes | None
+    bootstrap: str,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    *,
+    headers: Headers | None = None,
+    partition: int | None = None,
 ) -> tuple[int, int]:
-    """Produce one record as it is (no codec); return its partition and offset."""
+    """Produce one record as it is (no codec, no signature unless ``headers``); return its
+    partition and offset. ``partition`` overrides the key's."""
     producer = Producer(
         {
             "bootstrap.servers": bootstrap,
@@ -36,8 +57,14 @@ def produce_raw(
         }
     )
     delivered: list[Any] = []
+    extra: dict[str, Any] = {} if partition is None else {"partition": partition}
     producer.produce(
-        topic, key=key, value=value, on_delivery=lambda err, msg: delivered.append((err, msg))
+        topic,
+        key=key,
+        value=value,
+        headers=list(headers or []),
+        on_delivery=lambda err, msg: delivered.append((err, msg)),
+        **extra,
     )
     producer.flush(30)
     [(err, msg)] = delivered

@@ -14,7 +14,6 @@ from aiokafka.errors import KafkaConnectionError
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from gateway.admission.quota import QuotaLedger
-from gateway.admission.quota_state import QuotaEvent
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
 from pipeline.core.settings import KafkaSettings
@@ -22,6 +21,7 @@ from pipeline.core.tiers import Tier
 from pipeline.core.topics import declared_topics
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.partition_tail import PartitionTail, seek_to_time
+from pipeline.quota.state import QuotaEvent
 
 pytestmark = pytest.mark.integration
 

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from gateway.admission.quota import QuotaLedger, QuotaUnavailable
-from gateway.admission.quota_state import month_start_ms, next_month_start_ms
+from gateway.admission.quota import QuotaLedger, QuotaUnavailable, quota_refusal
 from gateway.http.errors import BudgetExceeded
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.tiers import Tier
 from pipeline.core.topics import declared_topics
+from pipeline.quota.state import month_start_ms, next_month_start_ms
 
 pytestmark = pytest.mark.integration
 
@@ -162,7 +162,7 @@ async def test_budget_refusal(two_gateways: tuple[QuotaLedger, QuotaLedger]) -> 
         next_month_start_ms(usage.period_start_ms) - month_start_ms(usage.period_start_ms)
     ) / 1000
     assert 0 < refused.retry_after_s <= month_s
-    assert isinstance(refused.error(), BudgetExceeded)
+    assert isinstance(quota_refusal(refused), BudgetExceeded)
 
 
 async def test_reserve_times_out_cleanly(settings: KafkaSettings) -> None:

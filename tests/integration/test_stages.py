@@ -23,7 +23,15 @@ from pipeline.core.results import LATENCY_SPANS
 from pipeline.core.settings import KafkaSettings
 from pipeline.kafka.admin import create_topics
 from pipeline.llm.extractive import summarize
-from tests.harness import Proc, Record, Stack, produce_raw, read_topic, wait_for_balanced_group
+from tests.harness import (
+    Proc,
+    Record,
+    Stack,
+    produce_raw,
+    read_topic,
+    signed,
+    wait_for_balanced_group,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +62,7 @@ class StageStack(Stack):
     # --- Kafka I/O as another system would do it -------------------------------------------
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None) -> tuple[int, int]:
-        """Produce one record; return its (partition, offset)."""
+        """Produce one record, unsigned; return its (partition, offset)."""
         return produce_raw(self.bootstrap, topic, key, value)
 
     def submit(self, document: str = DOCUMENT, request_id: str | None = None, **fields: Any) -> str:
@@ -69,7 +77,9 @@ class StageStack(Stack):
             **fields,
         }
         value = codec().encode("SummarizeRequest", record)
-        self.produce(self.topics.requests, request_id.encode(), value)
+        produce_raw(
+            self.bootstrap, self.topics.requests, request_id.encode(), value, headers=signed(value)
+        )
         return request_id
 
     def read(
@@ -162,7 +172,8 @@ def test_a_replayed_job_of_a_finished_request_is_not_run_again(stack: StageStack
 
 
 def test_oversized_input_on_a_rejecting_tier_ends_with_a_rejected_result(stack: StageStack) -> None:
-    request_id = stack.submit(document="word " * 9_000, tier="free")
+    # fay's key is on the free tier (tests/harness/procs.py), which rejects oversized input.
+    request_id = stack.submit(document="word " * 9_000, user_id="fay")
     result = stack.result(request_id)
     assert result["status"] == "REJECTED"
     assert result["error"]["code"] == "input_too_large"

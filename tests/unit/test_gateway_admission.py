@@ -18,9 +18,9 @@ from gateway.admission.controller import (
     prompt_overhead_tokens,
 )
 from gateway.admission.quota import QuotaUnavailable
-from gateway.admission.quota_state import QuotaEvent, QuotaState, Verdict
 from gateway.http.errors import BudgetExceeded, Overloaded, RateLimited
 from pipeline.core.tiers import Tier
+from pipeline.quota.state import QuotaEvent, QuotaState, Verdict
 
 FREE = Tier("free", 3, 1_000, 8_000, 300, 1, 1.0, 30.0, "reject")
 TIERS = {"free": FREE}

@@ -1,4 +1,4 @@
-"""The quota verdict function (gateway/admission/quota_state.py QuotaState), without Kafka."""
+"""The quota verdict function (pipeline/quota/state.py QuotaState), without Kafka."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.admission.quota_state import (
+from gateway.admission.quota import quota_refusal
+from gateway.http.errors import BudgetExceeded, RateLimited
+from pipeline.core.codec import codec
+from pipeline.core.tiers import Tier
+from pipeline.quota.state import (
     QuotaEvent,
     QuotaState,
     Verdict,
@@ -17,9 +21,6 @@ from gateway.admission.quota_state import (
     month_start_ms,
     next_month_start_ms,
 )
-from gateway.http.errors import BudgetExceeded, RateLimited
-from pipeline.core.codec import codec
-from pipeline.core.tiers import Tier
 
 W = 60_000
 T0 = int(datetime(2025, 3, 10, 12, 0, tzinfo=UTC).timestamp() * 1000)
@@ -142,7 +143,7 @@ def test_budget_refusal_has_its_own_reason_and_waits_for_next_month() -> None:
         1000,
         0,
     )
-    error = refused.error()
+    error = quota_refusal(refused)
     assert isinstance(error, BudgetExceeded)
     assert error.status == 429
 
@@ -208,11 +209,11 @@ def test_users_are_independent_and_unknown_tiers_are_refused() -> None:
 
 
 def test_refusal_maps_to_rate_limited_with_retry_after() -> None:
-    error = Verdict(False, "token_limit", 12.5).error()
+    error = quota_refusal(Verdict(False, "token_limit", 12.5))
     assert isinstance(error, RateLimited)
     assert error.retry_after_s == 12.5
     assert error.extra == {"limit": "token_limit"}
-    assert Verdict(True).error() is None
+    assert quota_refusal(Verdict(True)) is None
 
 
 def test_unknown_kind_is_ignored() -> None:

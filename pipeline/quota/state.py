@@ -1,7 +1,7 @@
 """The quota maths: the verdict of every RESERVE, from the ledger records before it.
 
 The `quota` topic is the ledger: RESERVE, SETTLE and RELEASE records keyed by user id. Every
-gateway instance reads every partition of it (no consumer group) and applies the records in
+process that reserves reads every partition of it (no consumer group) and applies the records in
 log order to a pure ``QuotaState``, which decides each RESERVE from the records before it in
 its partition. All instances read the same log with the same tier table, so they reach the
 same verdicts and two gateways admitting for one user never exceed the limits together.
@@ -24,7 +24,7 @@ Rules of the log (``QuotaState``):
   its reserved figure until the window passes: the safe side.
 
 The Kafka side (writing records, reading the log, waiting for a verdict) is ``QuotaLedger`` in
-gateway/admission/quota.py.
+pipeline/quota/ledger.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from gateway.http.errors import BudgetExceeded, GatewayError, RateLimited
 from pipeline.core.tiers import Tier
 
 Kind = Literal["RESERVE", "SETTLE", "RELEASE", "UNKNOWN"]
@@ -84,21 +83,6 @@ class Verdict:
     retry_after_s: float | None = None
     remaining_requests: int = 0
     remaining_tokens: int = 0
-
-    def error(self) -> GatewayError | None:
-        """The 429 to answer with when refused: its own problem type for the budget."""
-        if self.granted:
-            return None
-        if self.reason == "budget":
-            return BudgetExceeded(
-                "the monthly budget of this tier is spent", retry_after_s=self.retry_after_s
-            )
-        what = "requests" if self.reason == "rate_limit" else "tokens"
-        return RateLimited(
-            f"{what} per minute limit of this tier reached",
-            retry_after_s=self.retry_after_s,
-            extra={"limit": self.reason},
-        )
 
 
 @dataclass(frozen=True)

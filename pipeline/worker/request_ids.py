@@ -1,0 +1,105 @@
+"""The `request-ids` table: the first record preprocess saw for each request id.
+
+A record that reuses a known id is not the request's: it is dead-lettered and touches nothing
+of the original (docs/architecture.md, "Identity"). The table is changelog-backed, so the
+memory survives restarts and rebalances, and co-partitioned with `requests` (same partition
+count, the producer's murmur2 partitioner, like the `inflight` table), so the worker that
+reads a partition of `requests` owns the same partition of the table. Entries live as long as
+`requests` keeps its records.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import cast
+
+import faust
+from faust.tables.table import Table
+from faust.types import TP
+
+from pipeline.core.partitioning import partition_for
+
+
+@dataclass(frozen=True, slots=True)
+class FirstRecord:
+    """Where an id's first record is in `requests`, whom it named, and when it was seen."""
+
+    user_id: str
+    partition: int
+    offset: int
+    at_ms: int
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> FirstRecord:
+        return cls(**json.loads(raw))
+
+    def is_record(self, partition: int, offset: int) -> bool:
+        """Is (partition, offset) this very record (delivered again after a restart)?"""
+        return (self.partition, self.offset) == (partition, offset)
+
+
+class RequestIdTable(Table[bytes, bytes]):
+    """The table; records which of its partitions this worker owns once they are recovered."""
+
+    on_assigned: Callable[[set[int]], None] | None = None
+
+    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
+        await super().on_recovery_completed(active_tps, standby_tps)
+        if self.on_assigned is not None:
+            self.on_assigned({tp.partition for tp in active_tps})
+
+
+class RequestIds:
+    """request id -> its first record, for the partitions of `requests` this worker reads."""
+
+    def __init__(self, app: faust.App, partitions: int) -> None:
+        self.partitions = partitions
+        self.owned: set[int] = set()
+        self.table = cast(
+            RequestIdTable,
+            app.tables.add(
+                RequestIdTable(
+                    app,
+                    name="request-ids",
+                    partitions=partitions,
+                    key_type=bytes,
+                    value_type=bytes,
+                    use_partitioner=True,
+                    help="request_id -> its first record (pipeline/worker/request_ids.py)",
+                ),
+            ),
+        )
+        self.table.on_assigned = self._assigned
+
+    def _assigned(self, partitions: set[int]) -> None:
+        self.owned = partitions
+
+    def first(self, request_id: bytes) -> FirstRecord | None:
+        raw = self.table.get(request_id)
+        return FirstRecord.decode(raw) if raw else None
+
+    async def remember(self, request_id: bytes, first: FirstRecord) -> None:
+        """Store ``first`` and wait until the broker has its changelog record, so a restart
+        cannot forget an id whose record was already acted on."""
+        raw = first.encode()
+        # table[key] = raw does not let us wait for the write: set the store and send the
+        # changelog record ourselves (the same two steps, with the send awaited).
+        self.table.data[request_id] = raw
+        await self.table.send_changelog(None, request_id, raw)
+
+    def purge(self, horizon_ms: int) -> int:
+        """Forget the owned ids first seen before ``horizon_ms``; how many there were."""
+        old = [
+            bytes(key)
+            for key, raw in self.table.items()
+            if partition_for(bytes(key), self.partitions) in self.owned
+            and FirstRecord.decode(raw).at_ms < horizon_ms
+        ]
+        for key in old:
+            del self.table[key]
+        return len(old)
