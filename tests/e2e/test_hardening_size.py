@@ -34,6 +34,7 @@ from tests.harness import (
     eventually,
     produce_raw,
     read_topic,
+    signed,
 )
 
 pytestmark = pytest.mark.e2e
@@ -175,20 +176,22 @@ async def test_a_document_that_nfc_triples_past_the_limit_ends_with_input_too_la
 def test_oversized_records_on_requests_end_their_requests_and_keep_a_dead_letter(
     stack: Stack,
 ) -> None:
-    too_large, unknown_tier = str(ULID()), str(ULID())
-    produce_raw(BOOTSTRAP, stack.topics.requests, too_large.encode(), oversized_request(too_large))
-    value = oversized_request(unknown_tier, tier="platinum")
-    produce_raw(BOOTSTRAP, stack.topics.requests, unknown_tier.encode(), value)
+    too_large, unsigned = str(ULID()), str(ULID())
+    valid = oversized_request(too_large)
+    produce_raw(BOOTSTRAP, stack.topics.requests, too_large.encode(), valid, headers=signed(valid))
+    # Not signed: refused for its identity, dead-lettered, and its request still ends.
+    value = oversized_request(unsigned)
+    produce_raw(BOOTSTRAP, stack.topics.requests, unsigned.encode(), value)
 
     # A valid request whose job cannot fit a record ends REJECTED instead of being dropped.
     rejected = result_of(stack, too_large)
     assert rejected["status"] == "REJECTED"
     assert rejected["error"] is not None and rejected["error"]["code"] == "input_too_large"
     # A record the stage dead-letters is kept, truncated to fit `dlq`, and its request ends.
-    dead = result_of(stack, unknown_tier)
+    dead = result_of(stack, unsigned)
     assert dead["status"] == "REJECTED"
-    assert dead["error"] is not None and dead["error"]["code"] == "unknown_tier"
-    key = unknown_tier.encode()
+    assert dead["error"] is not None and dead["error"]["code"] == "unauthenticated_producer"
+    key = unsigned.encode()
     records = read_topic(BOOTSTRAP, stack.topics.dlq, lambda rs: any(r.key == key for r in rs))
     [raw] = [r.value for r in records if r.key == key]
     assert len(raw) <= MAX_RECORD_BYTES
