@@ -193,10 +193,17 @@ class Scrape:
         return out
 
 
+# Labels Prometheus attaches to every series of a target at scrape time (deploy/prometheus.yml),
+# so no process exports them itself.
+TARGET_LABELS = frozenset({"instance", "job"})
+
+
 def missing(need: Needs, scrape: Scrape) -> list[str]:
     """What ``need`` reads that ``scrape`` lacks, as readable lines (empty: nothing)."""
     out = [f"metric {m}" for m in sorted(need.metrics - scrape.names())]
     for metric, label in sorted(need.labels):
+        if label in TARGET_LABELS:
+            continue
         if metric in scrape.samples and label not in scrape.labels(metric):
             out.append(f"label {label} on {metric} (has {sorted(scrape.labels(metric))})")
     for metric, label, value in sorted(need.equal):

@@ -34,6 +34,7 @@ from tests.harness import (
     eventually_async,
     produce_raw,
     running_stack,
+    signed,
     sse_events,
     write_tiers,
 )
@@ -137,7 +138,7 @@ async def _model_list(stack: Stack) -> None:
             "created_at": now_ms(),
         }
         value = codec().encode("SummarizeRequest", record)
-        produce_raw(BOOTSTRAP, topics.requests, request_id.encode(), value)
+        produce_raw(BOOTSTRAP, topics.requests, request_id.encode(), value, headers=signed(value))
         rejected = await result_of(client, url, "key-fay", request_id)
     assert rejected["status"] == "REJECTED"
     assert rejected["error"]["code"] == "model_not_allowed"
