@@ -87,6 +87,8 @@ async def start_systems(plan: Plan, st: stack.Stack, run_id: str) -> Bench:
             "llm_sim_url": sim_url,
             "bootstrap_servers": settings.bootstrap_servers,
             "max_streams": str(plan.max_streams),
+            # The workers read the same keys: a user's tier comes from the server's table.
+            "keys_file": str(keys_file),
         }
         worker = st.spawn_cli(
             "worker", ["worker", "--metrics-port", "0"], stack.sumstream_env(st.run_dir, **common)
@@ -95,7 +97,7 @@ async def start_systems(plan: Plan, st: stack.Stack, run_id: str) -> Bench:
         gateway = st.spawn_cli(
             "gateway",
             ["gateway", "--host", "127.0.0.1", "--port", str(port)],
-            stack.sumstream_env(st.run_dir, keys_file=str(keys_file), **common),
+            stack.sumstream_env(st.run_dir, **common),
         )
         await st.wait_http(gateway, f"http://127.0.0.1:{port}/readyz", 90)
         pids["worker"], pids["gateway"] = worker.pid, gateway.pid

@@ -137,7 +137,7 @@ class Stack:
             proc.log.close()
         self.procs.clear()
         if self.broker_settings is not None:
-            from pipeline import broker
+            from pipeline.ops import broker
 
             broker.stop(self.broker_settings)
             self.broker_settings = None
@@ -151,7 +151,7 @@ def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 
 def ensure_broker(stack: Stack, bootstrap: str) -> bool:
     """Start the local broker when none answers at ``bootstrap``; True when this run started it."""
-    from pipeline import broker
+    from pipeline.ops import broker
 
     if broker.is_reachable(bootstrap, timeout_s=3.0):
         return False
@@ -165,7 +165,7 @@ def ensure_broker(stack: Stack, bootstrap: str) -> bool:
 
 async def create_topics(settings: KafkaSettings) -> list[str]:
     """The declared topics for this run's prefix (idempotent)."""
-    from pipeline import admin
+    from pipeline.kafka import admin
 
     names: list[str] = await admin.ensure_topics(settings)
     return names
