@@ -87,6 +87,14 @@ class GatewaySettings(KafkaSettings):
     result_grace_s: float = Field(default=2.0, gt=0)
     result_timeout_s: float = Field(default=60.0, gt=0)
     reader_idle_timeout_s: float = Field(default=300.0, gt=0)
+    # Looking up an id the gateway does not hold in memory reads its partitions from the time
+    # in the id, and no further than these windows after it (docs/architecture.md, "The
+    # gateway"): a request record is written when its id is minted, a result before the
+    # request's deadline. An id older than the results' retention, or from the future, is
+    # unknown without reading anything, so a forged id cannot make the gateway scan a log.
+    lookup_request_window_s: float = Field(default=300.0, gt=0)
+    lookup_result_window_s: float = Field(default=6 * 3600.0, gt=0)
+    lookup_max_age_s: float = Field(default=30 * 24 * 3600.0, gt=0)
     idempotency_window_s: float = Field(default=24 * 3600.0, gt=0)
     max_index_entries: int = Field(default=100_000, ge=1)
     log_level: str = "INFO"

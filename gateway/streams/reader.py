@@ -38,10 +38,11 @@ async def _records(
 
 
 def read_requests(
-    connection: ConnectionConfig, topic: str, request_id: str
+    connection: ConnectionConfig, topic: str, request_id: str, *, until_ms: int | None = None
 ) -> AsyncGenerator[SummarizeRequest, None]:
-    """The SummarizeRequest records of ``request_id`` written so far (normally one)."""
-    records = _records(connection, topic, request_id, "SummarizeRequest")
+    """The SummarizeRequest records of ``request_id`` written so far (normally one), looking
+    no further than records stamped ``until_ms``."""
+    records = _records(connection, topic, request_id, "SummarizeRequest", until_ms=until_ms)
     # The codec has checked each record against the SummarizeRequest schema.
     return cast(AsyncGenerator[SummarizeRequest, None], records)
 
@@ -53,14 +54,17 @@ def read_results(
     *,
     follow: bool,
     idle_timeout_s: float,
+    until_ms: int | None = None,
 ) -> AsyncGenerator[SummaryResult, None]:
-    """The SummaryResult of ``request_id``; with ``follow``, waiting up to ``idle_timeout_s``."""
+    """The SummaryResult of ``request_id``; with ``follow``, waiting up to ``idle_timeout_s``;
+    without, looking no further than records stamped ``until_ms``."""
     records = _records(
         connection,
         topic,
         request_id,
         "SummaryResult",
         follow=follow,
+        until_ms=until_ms,
         idle_timeout_s=idle_timeout_s,
         stop_at_terminal=False,
     )

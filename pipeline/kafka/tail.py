@@ -40,16 +40,20 @@ async def read_request_records(
     schema: str,
     follow: bool = False,
     since_ms: int | None = None,
+    until_ms: int | None = None,
     idle_timeout_s: float = 30.0,
     stop_at_terminal: bool = True,
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield the decoded records keyed ``request_id`` in ``topic``, in log order.
 
-    Without ``follow`` it stops at the partition's end as of the call; with it, it keeps
-    reading until a terminal TokenEvent (when ``stop_at_terminal``) or ``idle_timeout_s``
-    passes without any record of this request. Undecodable records are skipped: their stage
-    has already sent them to the dead-letter topic.
+    Without ``follow`` it stops at the partition's end as of the call, or at the first record
+    stamped after ``until_ms`` (allowing for clock skew): a look-up of an id can be bounded to
+    the time its records can have been written. With ``follow`` it keeps reading until a
+    terminal TokenEvent (when ``stop_at_terminal``) or ``idle_timeout_s`` passes without any
+    record of this request. Undecodable records are skipped: their stage has already sent
+    them to the dead-letter topic.
     """
+    stop_after_ms = None if follow or until_ms is None else until_ms + CLOCK_SKEW_MS
     key = request_id.encode()
     start_ms = since_ms if since_ms is not None else id_time_ms(request_id)
     tail = PartitionTail(
@@ -71,6 +75,8 @@ async def read_request_records(
         async for batch in tail.rounds():
             for msg in batch.get(tp, []):
                 if not follow and msg.offset >= end:
+                    return
+                if stop_after_ms is not None and msg.timestamp > stop_after_ms:
                     return
                 if msg.key != key:
                     continue
