@@ -24,19 +24,13 @@ from pipeline.kafka.admin import create_topics
 from pipeline.llm.extractive import summarize
 from pipeline.ops import broker
 from tests.e2e.documents import document
-from tests.e2e.faults import Clients, fresh_broker
+from tests.e2e.faults import Clients
 from tests.harness import Stack
 
 pytestmark = pytest.mark.e2e
 
 STREAMS = 20
 MAX_TOKENS = 200  # the whole summary (~83 tokens)
-
-
-@pytest.fixture(scope="module")
-def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerSettings]:
-    with fresh_broker(tmp_path_factory.mktemp("broker")) as settings:
-        yield settings
 
 
 @contextlib.contextmanager

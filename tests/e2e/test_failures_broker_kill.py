@@ -26,19 +26,12 @@ from pipeline.kafka.admin import create_topics
 from pipeline.ops import broker
 from pipeline.ops.broker_install import BrokerPaths
 from tests.e2e.documents import document
-from tests.e2e.faults import fresh_broker
 from tests.e2e.test_backpressure import tiers_file
 from tests.harness import Stack, auth, eventually_async
 
 pytestmark = pytest.mark.e2e
 
 SHORT = 30  # output tokens per request
-
-
-@pytest.fixture(scope="module")
-def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerSettings]:
-    with fresh_broker(tmp_path_factory.mktemp("broker")) as settings:
-        yield settings
 
 
 @contextlib.contextmanager
