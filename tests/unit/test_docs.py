@@ -28,7 +28,10 @@ def citations() -> list[tuple[Path, str]]:
             if path.suffix not in {".py", ".md", ".yml", ".toml"} or path == THIS:
                 continue
             text = path.read_text(errors="replace")
-            found += [(path, " ".join(m.group(1).split())) for m in CITATION.finditer(text)]
+            found += [
+                (path, " ".join(m.group(1).replace("#", " ").split()))
+                for m in CITATION.finditer(text)
+            ]
     return found
 
 

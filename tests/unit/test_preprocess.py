@@ -13,15 +13,15 @@ from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens, document_of, summarize
 from pipeline.worker.dlq import DeadLetterQueue, Origin
-from pipeline.worker.preprocess import (
+from pipeline.worker.prepare import (
     CHUNK_PLACEHOLDER,
-    PreprocessStage,
     Rejection,
     prepare,
     rejection_event,
     split_into_chunks,
     truncate_to_tokens,
 )
+from pipeline.worker.preprocess import PreprocessStage
 
 NOW = 1_750_000_000_000
 TIERS = {

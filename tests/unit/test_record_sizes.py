@@ -21,7 +21,8 @@ from pipeline.core.topics import declared_topics
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.worker.agents import process
 from pipeline.worker.dlq import DeadLetterQueue, Origin, encode_within
-from pipeline.worker.preprocess import MAX_INSTRUCTIONS_CHARS, PreprocessStage
+from pipeline.worker.prepare import MAX_INSTRUCTIONS_CHARS
+from pipeline.worker.preprocess import PreprocessStage
 
 NOW = 1_750_000_000_000
 RECORD_LIMITS = st.integers(min_value=MIN_RECORD_BYTES, max_value=64 * 1024 * 1024)

@@ -24,7 +24,7 @@ from pipeline.llm.client import Finished, UpstreamAttemptError
 from pipeline.worker.inference.retry import backoff_delay
 from pipeline.worker.inference.runs import Continuation, Holding, Run
 from pipeline.worker.inference.upstream import Upstream
-from pipeline.worker.preprocess import CHUNK_PLACEHOLDER
+from pipeline.worker.prepare import CHUNK_PLACEHOLDER
 
 logger = logging.getLogger("sumstream.inference")
 
