@@ -151,16 +151,7 @@ class Admission:
         """
         tier = self.tiers[tier_name]
         now = self._clock()
-        if self.inflight >= self.max_inflight:
-            ADMISSION.labels("inflight_bound").inc()
-            raise Overloaded("too many requests in flight at this gateway", retry_after_s=1.0)
-        if self._per_user[user_id] >= self.max_user_inflight:
-            ADMISSION.labels("user_inflight_bound").inc()
-            raise RateLimited(
-                f"{self.max_user_inflight} requests of this user are in flight at this gateway",
-                retry_after_s=1.0,
-                extra={"limit": "inflight"},
-            )
+        self._check_inflight(user_id)
         user = UserView(self._per_user[user_id], self.behind(user_id, tier.weight))
         decision = self.estimator.decide(tier, now, user=user)
         ESTIMATED_WAIT.set(decision.estimated_wait_s)
@@ -203,6 +194,19 @@ class Admission:
             queue_position=decision.queue_position,
             estimated_wait_s=round(decision.estimated_wait_s, 3),
         )
+
+    def _check_inflight(self, user_id: str) -> None:
+        """503 beyond this process's in-flight bound, 429 beyond one user's share of it."""
+        if self.inflight >= self.max_inflight:
+            ADMISSION.labels("inflight_bound").inc()
+            raise Overloaded("too many requests in flight at this gateway", retry_after_s=1.0)
+        if self._per_user[user_id] >= self.max_user_inflight:
+            ADMISSION.labels("user_inflight_bound").inc()
+            raise RateLimited(
+                f"{self.max_user_inflight} requests of this user are in flight at this gateway",
+                retry_after_s=1.0,
+                extra={"limit": "inflight"},
+            )
 
     def behind(self, user_id: str, weight: int) -> float:
         """Requests in flight here that the fair scheduler serves after a new one of ``user_id``.

@@ -276,6 +276,8 @@ async def summary_events(
     link: ClientLink | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """The SSE events of one request, from ``after_seq`` on, to its terminal event."""
+    # One loop past ~60 lines: the source, the progress and the lifetime are the state of one
+    # stream, and the ``finally`` that closes it must see all three.
     progress = _Progress(after_seq)
     source: StreamSource | None = None
     loop = asyncio.get_running_loop()

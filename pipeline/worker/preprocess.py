@@ -16,7 +16,7 @@ from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
 from pipeline.core.metrics import RECORDS_PROCESSED
 from pipeline.core.producers import Headers
-from pipeline.core.records import SummarizeRequest
+from pipeline.core.records import InferenceJob, SummarizeRequest
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.worker.admission import TopicAdmission
@@ -95,17 +95,11 @@ class PreprocessStage:
             return
         job = b""
         if not isinstance(outcome, Rejection):
-            outcome["trace"]["preprocess_end"] = self._now_ms()
-            job = codec().encode("InferenceJob", outcome)
-            # Measured, not estimated: normalisation can triple a document's UTF-8 size, and
-            # a job the producer refuses would leave its client waiting (docs/architecture.md,
-            # "Record sizes").
-            if len(job) > self.settings.max_record_bytes:
-                outcome = rejected(
-                    "input_too_large",
-                    f"the prepared request is {len(job)} bytes; records are limited to "
-                    f"{self.settings.max_record_bytes}",
-                )
+            encoded = self._encoded(outcome)
+            if isinstance(encoded, Rejection):
+                outcome = encoded
+            else:
+                job = encoded
         if not isinstance(outcome, Rejection) and self.admission and vouched:
             # After the size check: an oversized job reserves nothing.
             refused = await self.admission.refusal(outcome, vouched.producer)
@@ -134,6 +128,20 @@ class PreprocessStage:
                 "truncated": outcome["truncated"],
             },
         )
+
+    def _encoded(self, job: InferenceJob) -> bytes | Rejection:
+        """The job's record, or a rejection when it would not fit one: measured, not estimated,
+        since normalisation can triple a document's UTF-8 size and a job the producer refuses
+        would leave its client waiting (docs/architecture.md, "Record sizes")."""
+        job["trace"]["preprocess_end"] = self._now_ms()
+        value = codec().encode("InferenceJob", job)
+        if len(value) > self.settings.max_record_bytes:
+            return rejected(
+                "input_too_large",
+                f"the prepared request is {len(value)} bytes; records are limited to "
+                f"{self.settings.max_record_bytes}",
+            )
+        return value
 
     async def abandon(self, value: bytes | None, exc: BaseException) -> None:
         """End the stream of a request the stage gave up on (dead-lettered after retries), so
