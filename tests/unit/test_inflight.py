@@ -158,8 +158,8 @@ async def test_a_rebalance_while_the_breaker_is_open_keeps_it_open_and_the_budge
         work.on_assigned({0, 1})
 
         engine = work.engine
-        assert engine is not first_engine  # a new assignment gets a new engine...
-        assert engine.upstream is upstream  # ...on the same upstream
+        assert engine is first_engine  # the engine outlives the rebalance...
+        assert engine.upstream is upstream  # ...and so does its upstream
         assert engine.breaker.state is BreakerState.OPEN
         assert engine.budget.available == 0
     finally:

@@ -5,7 +5,8 @@ The Faust agent submits jobs and publishes what the engine emits; the engine kee
 the ``tokens`` topic does not also hold, so another worker can resume any request from there.
 Each job is one task that owns its whole life (queued, running, retrying, ending), so a cancel or
 a deadline is a plain task cancellation that closes the upstream HTTP stream on its way out.
-An engine lives for one partition assignment; the upstream's health (``Upstream``) outlives it.
+An engine lives as long as the worker: a rebalance releases only the runs whose partitions moved
+(docs/architecture.md, "Rebalances"); the upstream's health (``Upstream``) is shared as well.
 """
 
 from __future__ import annotations
@@ -104,6 +105,24 @@ class InferenceEngine:
         for run in list(self._runs.values()):
             self._release(run)
         self._runs.clear()
+
+    async def release(self, request_ids: set[str]) -> None:
+        """Stop these runs WITHOUT a terminal event (their partitions moved to another worker,
+        which resumes them from Kafka); every other run goes on untouched."""
+        runs = [run for rid, run in list(self._runs.items()) if rid in request_ids]
+        tasks: list[asyncio.Task[None]] = []
+        for run in runs:
+            run.interrupt = Interrupt.SHUTDOWN
+            if run.task is not None:
+                run.task.cancel()
+                tasks.append(run.task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for run in runs:
+            self._release(run)
+
+    def request_ids(self) -> set[str]:
+        """The requests queued or running here."""
+        return {rid for rid, run in self._runs.items() if not run.closed}
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -45,6 +45,11 @@ from pipeline.worker.jobs import (
 
 log = logging.getLogger("sumstream.worker")
 
+
+class PartitionMoved(Exception):
+    """An emit for a request whose partition another worker owns now: it is not sent."""
+
+
 # How many requests the resume after a rebalance reads back from `tokens` at once.
 RESUME_CONCURRENCY = 8
 # A resume that fails (broker unreachable) is retried with this backoff while we own the job.
@@ -97,6 +102,16 @@ class InflightWork:
         # it may have been run by the previous owner; the ones after cannot have been.
         self._replay_until: dict[int, int] = {}
         self._boundaries = asyncio.Event()
+        # Closed from a revoke until the next assignment: emits wait, so nothing reaches
+        # `tokens` for a partition that may be moving (docs/architecture.md, "Rebalances").
+        self._open = asyncio.Event()
+        self._open.set()
+        self._sending = 0
+        self._sent = asyncio.Event()
+        self._sent.set()
+        # Requests whose partition moved to another worker: their emits are refused.
+        self._moved: set[str] = set()
+        self._release_task: asyncio.Future[None] | None = None
 
     # -- lifecycle
 
@@ -118,22 +133,44 @@ class InflightWork:
         return self._engine
 
     async def _emit(self, event: TokenEvent) -> None:
-        # One key per request => one partition, and sends keep call order, so a request's
-        # events stay in seq order in `tokens` (the idempotent producer keeps it on retries).
-        await self._tokens_topic.send(
-            key=event["request_id"].encode(), value=codec().encode("TokenEvent", event)
-        )
+        if not self._open.is_set():
+            await self._open.wait()
+        if event["request_id"] in self._moved:
+            raise PartitionMoved(event["request_id"])
+        self._sending += 1
+        self._sent.clear()
+        try:
+            # One key per request => one partition, and sends keep call order, so a request's
+            # events stay in seq order in `tokens` (the idempotent producer keeps it on retries).
+            await self._tokens_topic.send(
+                key=event["request_id"].encode(), value=codec().encode("TokenEvent", event)
+            )
+        finally:
+            self._sending -= 1
+            if not self._sending:
+                self._sent.set()
 
     # -- ownership (rebalance)
 
     def on_assigned(self, partitions: set[int]) -> None:
-        """Called once the table's partitions are recovered: resume what was in flight."""
+        """Called once the table's partitions are recovered: release what moved away, go on
+        with what stayed, resume what was in flight in the partitions that came to us."""
         self._generation += 1
         self.entries.owned = set(partitions)
+        here = (self._engine.request_ids() if self._engine else set()) | set(self._waiting)
+        self._moved = {rid for rid in here if not self.entries.owns(rid.encode())}
+        self._open.set()
+        if self._moved:
+            self._release_task = asyncio.ensure_future(self._release_moved(set(self._moved)))
         snapshot = self.entries.owned_entries()
         log.info(
             "inflight partitions assigned",
-            extra={"partitions": sorted(partitions), "entries": len(snapshot)},
+            extra={
+                "partitions": sorted(partitions),
+                "entries": len(snapshot),
+                "kept_running": len(here) - len(self._moved),
+                "released": len(self._moved),
+            },
         )
         if self._resume_task is not None:
             self._resume_task.cancel()
@@ -145,22 +182,34 @@ class InflightWork:
         )
 
     async def on_revoked(self) -> None:
-        """Stop every job without emitting: the partitions' next owner resumes them.
+        """Hold every job's emits until the next assignment says which partitions stay.
 
-        Kafka's eager rebalancing revokes all partitions of a member at once, so this stops
-        everything; partitions that come back are resumed from the table like any other.
+        Kafka's eager rebalancing revokes all partitions of a member at once, but Faust's
+        assignor is sticky: most come back. So the runs go on (their upstream streams stay
+        open) while nothing they emit reaches `tokens`; ``on_assigned`` releases the ones whose
+        partition moved and lets the rest go on, so a rebalance costs no upstream call for an
+        untouched partition (docs/architecture.md, "Rebalances").
         """
         if not self.entries.owned and not self._waiting:
             return  # nothing can be running: jobs only start in owned partitions
         self._generation += 1
         self.entries.owned = set()
-        await self._release_all()
-        self._engine = self._new_engine()
-        await self._engine.start()
-        # Whatever the stopped jobs emitted reaches `tokens` before the new owner reads it.
+        self._open.clear()
+        await self._stop_resuming()
+        # Whatever was emitted before the hold reaches `tokens` before a new owner reads it.
+        await self._sent.wait()
         await self.app.producer.flush()
 
-    async def _release_all(self) -> None:
+    async def _release_moved(self, request_ids: set[str]) -> None:
+        for rid in request_ids:
+            fut = self._waiting.get(rid)
+            if fut is not None:
+                fut.cancel()
+        if self._engine is not None:
+            await self._engine.release(request_ids)
+        log.info("released requests whose partition moved", extra={"count": len(request_ids)})
+
+    async def _stop_resuming(self) -> None:
         if self._resume_task is not None:
             self._resume_task.cancel()
             with suppress(asyncio.CancelledError):
@@ -169,6 +218,12 @@ class InflightWork:
         self._resuming.clear()
         self._replay_until = {}
         self._boundaries.set()  # release an agent waiting for them; unknown ones fall back
+
+    async def _release_all(self) -> None:
+        await self._stop_resuming()
+        # Held emits are refused, not sent: the next owner resumes these requests.
+        self._moved = (self._engine.request_ids() if self._engine else set()) | set(self._waiting)
+        self._open.set()
         for fut in list(self._waiting.values()):
             fut.cancel()
         if self._engine is not None:
