@@ -10,7 +10,8 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -21,6 +22,7 @@ from anthropic import AsyncAnthropic
 
 from pipeline.core.errors import UpstreamError
 from pipeline.core.settings import WorkerSettings
+from pipeline.llm.sse import Frame, SseDecoder
 
 logger = logging.getLogger("sumstream.upstream")
 
@@ -172,19 +174,25 @@ class UpstreamStream:
     Yields :class:`Delta` per text delta, then one :class:`Finished`. Leaving the ``async with``
     early (break, cancellation, deadline) closes the HTTP stream at once, so the upstream stops
     generating (and billing). ``input_tokens``/``output_tokens`` are live, for usage of calls
-    that end early.
+    that end early. The SDK sends the request and raises its status errors; the body is read
+    raw and decoded by pipeline/llm/sse.py (docs/architecture.md, "The lean upstream path").
     """
 
     def __init__(self, client: AsyncAnthropic, params: dict[str, Any], request_id: str) -> None:
         self._client = client
         self._params = params
         self._request_id = request_id
-        self._stream: anthropic.AsyncStream[anthropic.types.RawMessageStreamEvent] | None = None
+        self._response: AbstractAsyncContextManager[Any] | None = None
+        self._chunks: AsyncIterator[bytes] | None = None
+        self._decoder = SseDecoder()
+        self._pending: list[Frame] = []
         self._finished = False
         self._stop_reason: str | None = None
         self.tokens_received = 0
         self.input_tokens = 0
         self._reported_output = 0
+        # The response's headers (rate-limit figures, request id), once the call is answered.
+        self.headers: Mapping[str, str] = {}
 
     @property
     def output_tokens(self) -> int:
@@ -192,14 +200,18 @@ class UpstreamStream:
         return max(self._reported_output, self.tokens_received)
 
     async def __aenter__(self) -> Self:
+        response = self._client.messages.with_streaming_response.create(
+            **self._params,
+            stream=True,
+            extra_headers={REQUEST_ID_HEADER: self._request_id},
+        )
         try:
-            self._stream = await self._client.messages.create(
-                **self._params,
-                stream=True,
-                extra_headers={REQUEST_ID_HEADER: self._request_id},
-            )
+            raw = await response.__aenter__()
         except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
             raise map_error(exc) from exc
+        self._response = response
+        self.headers = raw.headers
+        self._chunks = raw.http_response.aiter_raw()
         return self
 
     async def __aexit__(
@@ -212,10 +224,11 @@ class UpstreamStream:
 
     async def aclose(self) -> None:
         """Close the HTTP stream (idempotent)."""
-        stream, self._stream = self._stream, None
-        if stream is not None:
+        response, self._response = self._response, None
+        self._chunks = None
+        if response is not None:
             try:
-                await stream.close()
+                await response.__aexit__(None, None, None)
             except (anthropic.AnthropicError, httpx2.HTTPError):
                 # Closing a broken connection may fail; it is closed either way.
                 logger.debug("closing the upstream stream failed", exc_info=True)
@@ -226,11 +239,17 @@ class UpstreamStream:
     async def __anext__(self) -> Delta | Finished:
         if self._finished:
             raise StopAsyncIteration
-        if self._stream is None:
+        if self._chunks is None:
             raise RuntimeError("use the stream inside `async with`")
         while True:
+            while self._pending:
+                item = self._on_frame(self._pending.pop(0))
+                if item is not None:
+                    return item
             try:
-                event = await self._stream.__anext__()
+                chunk = await self._chunks.__anext__()
+                # ValueError: an SSE frame whose data is not JSON.
+                self._pending = self._decoder.feed(chunk)
             except StopAsyncIteration:
                 # The body ended without message_stop: the connection was cut.
                 raise self._error(
@@ -241,24 +260,34 @@ class UpstreamStream:
                     )
                 ) from None
             except (anthropic.AnthropicError, httpx2.HTTPError, ValueError) as exc:
-                # ValueError: an SSE frame whose data is not JSON.
                 raise self._error(exc) from exc
-            if event.type == "content_block_delta":
-                if event.delta.type == "text_delta" and event.delta.text:
-                    self.tokens_received += 1
-                    return Delta(event.delta.text)
-            elif event.type == "message_start":
-                usage = event.message.usage
-                self.input_tokens = usage.input_tokens
-                self._reported_output = usage.output_tokens
-            elif event.type == "message_delta":
-                self._stop_reason = event.delta.stop_reason
-                self._reported_output = event.usage.output_tokens
-                if event.usage.input_tokens is not None:
-                    self.input_tokens = event.usage.input_tokens
-            elif event.type == "message_stop":
-                self._finished = True
-                return Finished(self._stop_reason, self.input_tokens, self.output_tokens)
+
+    def _on_frame(self, frame: Frame) -> Delta | Finished | None:
+        """What one event means for the caller (None: nothing to hand on)."""
+        data = frame.data if isinstance(frame.data, dict) else {}
+        kind = frame.event
+        if kind == "content_block_delta":
+            delta = data.get("delta") or {}
+            text = delta.get("text")
+            if delta.get("type") == "text_delta" and text:
+                self.tokens_received += 1
+                return Delta(text)
+        elif kind == "message_start":
+            usage = (data.get("message") or {}).get("usage") or {}
+            self.input_tokens = int(usage.get("input_tokens") or 0)
+            self._reported_output = int(usage.get("output_tokens") or 0)
+        elif kind == "message_delta":
+            self._stop_reason = (data.get("delta") or {}).get("stop_reason")
+            usage = data.get("usage") or {}
+            self._reported_output = int(usage.get("output_tokens") or 0)
+            if usage.get("input_tokens") is not None:
+                self.input_tokens = int(usage["input_tokens"])
+        elif kind == "message_stop":
+            self._finished = True
+            return Finished(self._stop_reason, self.input_tokens, self.output_tokens)
+        elif kind == "error":
+            raise self._error(_stream_error(data))
+        return None
 
     def _error(self, exc: BaseException) -> UpstreamAttemptError:
         if isinstance(exc, UpstreamAttemptError):
@@ -272,6 +301,20 @@ class UpstreamStream:
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
         )
+
+
+def _stream_error(data: Mapping[str, Any]) -> UpstreamAttemptError:
+    """An ``event: error`` inside a 200 stream: its type says what the status would be."""
+    error = data.get("error") or {}
+    body_type = error.get("type")
+    error_type = body_type if body_type in ERROR_TYPE_STATUS else "api_error"
+    status = ERROR_TYPE_STATUS[error_type]
+    return UpstreamAttemptError(
+        str(error.get("message") or error_type),
+        retriable=retriable_status(status),
+        status=status,
+        error_type=error_type,
+    )
 
 
 class UpstreamClient:
