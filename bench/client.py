@@ -328,14 +328,20 @@ class _Exchange(asyncio.Protocol):
 
 @dataclass(frozen=True)
 class Target:
-    """A system under test: where to POST, and the API keys of its users."""
+    """A system under test: where to POST (several gateways take turns by request index),
+    and the API keys of its users."""
 
     name: str
     url: str
     api_keys: tuple[str, ...] = ("bench",)
+    more_urls: tuple[str, ...] = ()
 
     def key(self, user: int) -> str:
         return self.api_keys[user % len(self.api_keys)]
+
+    def url_for(self, index: int) -> str:
+        urls = (self.url, *self.more_urls)
+        return urls[index % len(urls)]
 
 
 def _request_bytes(url: httpx.URL, api_key: str, body: bytes) -> bytes:
@@ -353,7 +359,7 @@ def _request_bytes(url: httpx.URL, api_key: str, body: bytes) -> bytes:
 
 async def connect(target: Target, rec: StreamRecord) -> _Exchange:
     """Open the connection for one stream (before its start signal, for bursts)."""
-    url = httpx.URL(target.url)
+    url = httpx.URL(target.url_for(rec.index))
     loop = asyncio.get_running_loop()
     _, exchange = await loop.create_connection(lambda: _Exchange(rec), url.host, url.port or 80)
     return exchange
@@ -374,7 +380,7 @@ async def run_stream(
     Times start at the request's write: connecting is not part of what is measured.
     """
     body = json.dumps({"document": document, "max_output_tokens": max_output_tokens}).encode()
-    data = _request_bytes(httpx.URL(target.url), target.key(user), body)
+    data = _request_bytes(httpx.URL(target.url_for(rec.index)), target.key(user), body)
     try:
         if exchange is None:
             exchange = await connect(target, rec)

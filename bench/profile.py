@@ -70,21 +70,22 @@ def machine_ticks() -> tuple[int, int]:
 
 @dataclass
 class CpuMeter:
-    """CPU used by each named process, and by the whole machine, between start and stop."""
+    """CPU used by each named group of processes (say every worker), and by the whole machine,
+    between start and stop."""
 
-    pids: dict[str, int]
+    pids: dict[str, tuple[int, ...]]
 
     def start(self) -> None:
-        self._t0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._t0 = {name: _group_cpu(pids) for name, pids in self.pids.items()}
         self._m0 = machine_ticks()
         self._w0 = _monotonic()
 
     def stop(self) -> dict[str, Any]:
-        """CPU seconds per process, its share of one core, and the machine's busy share."""
+        """CPU seconds per process group, its share of one core, and the machine's busy share."""
         wall = max(_monotonic() - self._w0, 1e-9)
         per: dict[str, dict[str, float]] = {}
-        for name, pid in self.pids.items():
-            before, after = self._t0.get(name), cpu_seconds(pid)
+        for name, pids in self.pids.items():
+            before, after = self._t0.get(name), _group_cpu(pids)
             if before is None or after is None:
                 continue
             used = after - before
@@ -93,6 +94,17 @@ class CpuMeter:
         busy1, total1 = machine_ticks()
         machine_busy = (busy1 - busy0) / max(total1 - total0, 1)
         return {"wall_s": round(wall, 2), "processes": per, "machine_busy": round(machine_busy, 3)}
+
+
+def _group_cpu(pids: tuple[int, ...]) -> float | None:
+    """The CPU seconds of every process of a group; None when one of them is gone."""
+    total = 0.0
+    for pid in pids:
+        used = cpu_seconds(pid)
+        if used is None:
+            return None
+        total += used
+    return total
 
 
 def _monotonic() -> float:

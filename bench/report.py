@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench import analysis, plots, stats
+from bench import analysis, plots, stats, targets
 
 NA = "-"
 
@@ -64,6 +64,7 @@ def render(results: dict[str, Any], image_dir: str = ".") -> str:
             "",
         ]
     lines += _targets(a, systems, plan)
+    lines += _cost_targets(results, a, systems)
     busy = [p["cpu"]["machine_busy"] for p in results["phases"]]
     lines += [
         "## Machine and setup",
@@ -87,7 +88,8 @@ def render(results: dict[str, Any], image_dir: str = ".") -> str:
         "so neither steals the other's CPU; phases alternate the order (ABBA) against drift.",
         "- Baseline: `bench/baseline.py`, one Starlette endpoint streaming the anthropic SDK's "
         "deltas as SSE (SDK defaults: 2 retries honouring retry-after; no error event).",
-        f"- sumstream: one gateway, one worker (all stages, max_streams {plan['max_streams']}), "
+        f"- sumstream: {plan.get('gateways', 1)} gateway(s), {plan.get('workers', 1)} worker "
+        f"process(es) (all stages, max_streams {plan['max_streams']}), "
         f"{plan['users']} users of tier `{plan['tier']}` (each concurrent client is its own user), "
         "random topic prefix and app id for the run.",
         "- Times: TTFT = POST written to first `token` event read; inter-token = gap between "
@@ -100,6 +102,7 @@ def render(results: dict[str, Any], image_dir: str = ".") -> str:
     lines += _bursts(a, systems)
     lines += _throughput(a, systems, img)
     lines += _rate_limited(a, systems)
+    lines += _scale(results, a, systems)
     lines += _where(results, a, systems)
     return "\n".join(lines) + "\n"
 
@@ -157,6 +160,97 @@ def _targets(a: dict[str, Any], systems: list[str], plan: dict[str, Any]) -> lis
         "cannot flatter sumstream.",
         "",
     ]
+
+
+def _cost_targets(results: dict[str, Any], a: dict[str, Any], systems: list[str]) -> list[str]:
+    if sorted(systems) != ["baseline", "sumstream"]:
+        return []
+    rows = [
+        [r["target"], r["goal"], r["measured"], _verdict(r["ok"])]
+        for r in targets.evaluate(results, a)
+    ]
+    return [
+        "## Cost and scale targets (sumstream against the baseline, same run)",
+        "",
+        *_table(["target", "goal", "measured", "verdict"], rows),
+    ]
+
+
+def _scale(results: dict[str, Any], a: dict[str, Any], systems: list[str]) -> list[str]:
+    lines: list[str] = []
+    rows = []
+    for r in targets.scaling(results, analysis.summarize, analysis.group(results["streams"])):
+        cpu = r["cpu_ms"]
+        rows.append(
+            [
+                str(r["workers"]),
+                str(r["gateways"]),
+                f"{r['correct']}/{r['n']}",
+                _p50_p99(r["ttft"]),
+                _f(r["gap"].get("p99")),
+                _f(r["tokens_per_s"], 0),
+                *(_f(cpu.get(k), 0) for k in ("gateway", "worker", "broker", "total")),
+            ]
+        )
+    if rows:
+        lines += [
+            "## 6. Scaling: worker processes and gateways",
+            "",
+            "A fresh sumstream per row (the run's main one idles meanwhile), the same closed loop:",
+            "",
+            *_table(
+                [
+                    "workers",
+                    "gateways",
+                    "correct",
+                    "TTFT p50 / p99 ms",
+                    "gap p99 ms",
+                    "tokens/s",
+                    "CPU ms/request: gateway",
+                    "worker",
+                    "broker",
+                    "total",
+                ],
+                rows,
+            ),
+        ]
+    by = analysis.group(results["streams"])
+    long_rows = []
+    for name in sorted({p["name"] for p in results["phases"] if p.get("scenario") == "long"}):
+        for sys_ in systems:
+            if (name, sys_) not in by:
+                continue
+            s = analysis.summarize(by[(name, sys_)])
+            cpu = targets.cpu_per_request(results, name, sys_)
+            long_rows.append(
+                [
+                    name,
+                    sys_,
+                    f"{s['correct']}/{s['n']}",
+                    _p50_p99(s["ttft"]),
+                    _f(s["gap"].get("p99")),
+                    _f(s["tokens_per_s"], 0),
+                    _f(cpu.get("total"), 0),
+                ]
+            )
+    if long_rows:
+        lines += [
+            "## 6. The same corpus at longer summaries",
+            "",
+            *_table(
+                [
+                    "phase",
+                    "system",
+                    "correct",
+                    "TTFT p50 / p99 ms",
+                    "gap p99 ms",
+                    "tokens/s",
+                    "CPU ms/request (all its processes)",
+                ],
+                long_rows,
+            ),
+        ]
+    return lines
 
 
 def _overhead(a: dict[str, Any], systems: list[str], img: str) -> list[str]:

@@ -29,10 +29,13 @@ from bench.scenarios import (
     SYSTEMS,
     Bench,
     Plan,
+    Sumstream,
     bursts,
+    long_summaries,
     overhead,
     profile_sumstream,
     rate_limited,
+    scaling,
     throughput,
 )
 from pipeline.core.settings import REPO_ROOT, KafkaSettings
@@ -41,9 +44,8 @@ RESULTS = REPO_ROOT / "bench" / "results"
 
 
 async def start_systems(plan: Plan, st: stack.Stack, run_id: str) -> Bench:
-    """Broker (if needed), topics, simulator, baseline, worker and gateway; all ready."""
-    settings = KafkaSettings(topic_prefix=f"{run_id}.")
-    pids: dict[str, int] = {}
+    """Broker (if needed), topics, simulator, baseline, workers and gateways; all ready."""
+    pids: dict[str, tuple[int, ...]] = {}
     sim_port = stack.free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
     env = stack.sumstream_env(st.run_dir)
@@ -63,7 +65,7 @@ async def start_systems(plan: Plan, st: stack.Stack, run_id: str) -> Bench:
         env,
     )
     await st.wait_http(sim, f"{sim_url}/healthz", 30)
-    pids["llm-sim"] = sim.pid
+    pids["llm-sim"] = (sim.pid,)
     targets: dict[str, client.Target] = {}
     if "baseline" in plan.systems:
         port = stack.free_port()
@@ -73,46 +75,67 @@ async def start_systems(plan: Plan, st: stack.Stack, run_id: str) -> Bench:
             env,
         )
         await st.wait_http(base, f"http://127.0.0.1:{port}/healthz", 30)
-        pids["baseline"] = base.pid
+        pids["baseline"] = (base.pid,)
         targets["baseline"] = client.Target("baseline", f"http://127.0.0.1:{port}/v1/summaries")
     if "sumstream" in plan.systems:
-        stack.ensure_broker(st, settings.bootstrap_servers)
-        await stack.create_topics(settings)
-        keys = [(secrets.token_urlsafe(18), f"bench-{u:03d}", plan.tier) for u in range(plan.users)]
-        keys_file = st.run_dir / "keys.json"
-        stack.write_keys(keys_file, keys)
-        common = {
-            "topic_prefix": settings.topic_prefix,
-            "app_id": run_id,
-            "llm_sim_url": sim_url,
-            "bootstrap_servers": settings.bootstrap_servers,
-            "max_streams": str(plan.max_streams),
-            # The workers read the same keys: a user's tier comes from the server's table.
-            "keys_file": str(keys_file),
-        }
-        worker = st.spawn_cli(
-            "worker", ["worker", "--metrics-port", "0"], stack.sumstream_env(st.run_dir, **common)
-        )
+        sumstream = await start_sumstream(plan, st, run_id, sim_url, plan.workers, plan.gateways)
+        targets["sumstream"] = sumstream.target
+        pids.update(sumstream.pids)
+    pids["client"] = (os.getpid(),)
+    return Bench(plan, st, sim_url, targets, pids, start_sumstream=start_sumstream)
+
+
+async def start_sumstream(
+    plan: Plan, st: stack.Stack, run_id: str, sim_url: str, workers: int, gateways: int
+) -> Sumstream:
+    """``workers`` worker processes (all stages, splitting the partitions) and ``gateways``
+    gateways (each owning its share of the partitions) on the topics of ``run_id``."""
+    settings = KafkaSettings(topic_prefix=f"{run_id}.")
+    stack.ensure_broker(st, settings.bootstrap_servers)
+    await stack.create_topics(settings)
+    keys = [(secrets.token_urlsafe(18), f"bench-{u:03d}", plan.tier) for u in range(plan.users)]
+    keys_file = st.run_dir / f"keys-{run_id}.json"
+    stack.write_keys(keys_file, keys)
+    common = {
+        "topic_prefix": settings.topic_prefix,
+        "app_id": run_id,
+        "llm_sim_url": sim_url,
+        "bootstrap_servers": settings.bootstrap_servers,
+        "max_streams": str(plan.max_streams),
+        # The workers read the same keys: a user's tier comes from the server's table.
+        "keys_file": str(keys_file),
+    }
+    env = stack.sumstream_env(st.run_dir, **common)
+    procs = [
+        st.spawn_cli(f"{run_id}-worker-{i}", ["worker", "--metrics-port", "0"], env)
+        for i in range(workers)
+    ]
+    urls = []
+    for i in range(gateways):
         port = stack.free_port()
         gateway = st.spawn_cli(
-            "gateway",
-            ["gateway", "--host", "127.0.0.1", "--port", str(port)],
-            stack.sumstream_env(st.run_dir, **common),
+            f"{run_id}-gateway-{i}",
+            [
+                *("gateway", "--host", "127.0.0.1", "--port", str(port)),
+                *("--instance-index", str(i), "--instance-count", str(gateways)),
+            ],
+            env,
         )
         await st.wait_http(gateway, f"http://127.0.0.1:{port}/readyz", 90)
-        pids["worker"], pids["gateway"] = worker.pid, gateway.pid
-        broker_pid = stack.listening_pid(
-            int(settings.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
-        )
-        if broker_pid is not None:
-            pids["broker"] = broker_pid
-        targets["sumstream"] = client.Target(
-            "sumstream",
-            f"http://127.0.0.1:{port}/v1/summaries",
-            tuple(k for k, _, _ in keys),
-        )
-    pids["client"] = os.getpid()
-    return Bench(plan, st, sim_url, targets, pids)
+        procs.append(gateway)
+        urls.append(f"http://127.0.0.1:{port}/v1/summaries")
+    pids = {
+        "worker": tuple(p.pid for p in procs if "-worker-" in p.name),
+        "gateway": tuple(p.pid for p in procs if "-gateway-" in p.name),
+    }
+    broker_port = int(settings.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+    broker_pid = stack.listening_pid(broker_port)
+    if broker_pid is not None:
+        pids["broker"] = (broker_pid,)
+    target = client.Target(
+        "sumstream", urls[0], tuple(k for k, _, _ in keys), more_urls=tuple(urls[1:])
+    )
+    return Sumstream(target, pids, procs)
 
 
 async def warm_up(b: Bench, timeout_s: float = 120.0) -> dict[str, float]:
@@ -185,6 +208,7 @@ async def run_bench(
         meta["ready_s"] = {p.name: p.ready_s for p in st.procs if p.ready_s is not None}
         meta["broker_started_by_bench"] = st.broker_settings is not None
         meta["pids"] = {p.name: p.pid for p in st.procs}
+        meta["processes"] = {"workers": plan.workers, "gateways": plan.gateways}
         meta["warmup_s"] = await warm_up(b)
         log(f"ready in {time.perf_counter() - t_start:.0f} s (warm-up {meta['warmup_s']})")
         prof: dict[str, Any] = {}
@@ -195,6 +219,8 @@ async def run_bench(
             ("bursts", False, lambda: bursts(b)),
             ("throughput", True, lambda: throughput(b)),
             ("rate_limited", False, lambda: rate_limited(b)),
+            ("long_summaries", True, lambda: long_summaries(b)),
+            ("scaling", True, lambda: scaling(b, run_id)),
         ]
         skipped = b.skipped
         for name, optional, step in steps:

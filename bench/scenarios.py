@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,16 @@ class Plan:
     max_streams: int = 256
     users: int = 256
     tier: str = "pro"
+    # sumstream's processes: one worker per core by default (`sumstream up` does the same).
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    gateways: int = 1
+    # 6: the scaling table, (workers, gateways) at `scaling_level` streams; a fresh stack each.
+    scaling: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (1, 2), (2, 2))
+    scaling_level: int = 50
+    scaling_requests: int = 150
+    # 6: the same corpus at longer summaries, at `scaling_level` streams.
+    long_tokens: int = 300
+    long_requests: int = 100
     # Optional steps (throughput beyond scenario 1, profile) are skipped when the run has
     # used this share of its budget, so scenario 4 and the teardown still fit.
     budget_s: float = 600.0
@@ -65,9 +76,25 @@ QUICK = Plan(
     throughput_levels=(),
     rl_clients=16,
     rl_max_concurrent=4,
+    scaling=((1, 1), (2, 1)),
+    scaling_level=10,
+    scaling_requests=20,
+    long_requests=20,
     deadline_s=30.0,
     profile_s=0.0,
 )
+
+
+@dataclass
+class Sumstream:
+    """One started sumstream: where to send requests, its process groups, its processes."""
+
+    target: client.Target
+    pids: dict[str, tuple[int, ...]]
+    procs: list[stack.Proc]
+
+
+StartSumstream = Callable[["Plan", stack.Stack, str, str, int, int], Coroutine[Any, Any, Sumstream]]
 
 
 @dataclass
@@ -78,19 +105,21 @@ class Bench:
     stack: stack.Stack
     sim_url: str
     targets: dict[str, client.Target]
-    pids: dict[str, int]
+    pids: dict[str, tuple[int, ...]]
     streams: list[dict[str, Any]] = field(default_factory=list)
     phases: list[dict[str, Any]] = field(default_factory=list)
     next_index: int = 0
     docs: dict[int, tuple[str, str]] = field(default_factory=dict)
     log: Callable[[str], None] = print
     skipped: list[str] = field(default_factory=list)
+    # Starts another sumstream (scenario 6's scaling table); set by bench/run.py.
+    start_sumstream: StartSumstream | None = None
 
-    def prepare(self, n: int) -> int:
+    def prepare(self, n: int, max_tokens: int | None = None) -> int:
         """Reserve ``n`` fresh documents (computed now, not while streams are timed)."""
         first = self.next_index
         for i in range(first, first + n):
-            self.docs[i] = corpus.request(i, self.plan.max_tokens)
+            self.docs[i] = corpus.request(i, max_tokens or self.plan.max_tokens)
         self.next_index += n
         return first
 
@@ -296,10 +325,10 @@ async def profile_sumstream(b: Bench, out_dir: Path) -> dict[str, Any]:
         )
     )
     await asyncio.sleep(1.5)  # past the ramp-up
-    names = [n for n in ("gateway", "worker") if n in b.pids]
+    names = [n for n in ("gateway", "worker") if b.pids.get(n)]
     files = {n: out_dir / f"pyspy-{n}.txt" for n in names}
     errors = await asyncio.gather(
-        *(profile.record(b.pids[n], p.profile_s, files[n]) for n in names)
+        *(profile.record(b.pids[n][0], p.profile_s, files[n]) for n in names)
     )
     await load
     out: dict[str, Any] = {}
@@ -309,3 +338,99 @@ async def profile_sumstream(b: Bench, out_dir: Path) -> dict[str, Any]:
         else:
             out[name] = profile.summarize_stacks(files[name].read_text(errors="replace"))
     return out
+
+
+async def long_summaries(b: Bench) -> None:
+    """6: the same corpus at ``long_tokens``-token summaries, both systems, ABBA halves."""
+    p = b.plan
+    c = p.scaling_level
+    b.log(f"scenario 6: {p.long_tokens}-token summaries at {c} streams")
+    halves = [p.long_requests // 2, p.long_requests - p.long_requests // 2]
+    for half, order in zip(halves, (b.order(0), b.order(1)), strict=True):
+        for system in order:
+            first = b.prepare(half, p.long_tokens)
+            await b.phase(
+                f"long/c{c}",
+                system,
+                functools.partial(
+                    client.closed_loop,
+                    phase=f"long/c{c}",
+                    docs=b.doc,
+                    concurrency=c,
+                    requests=half,
+                    max_output_tokens=p.long_tokens,
+                    deadline_s=p.deadline_s,
+                    first_index=first,
+                ),
+                scenario="long",
+                concurrency=c,
+                max_tokens=p.long_tokens,
+            )
+
+
+async def scaling(b: Bench, run_id: str) -> None:
+    """6: a fresh sumstream per (workers, gateways), the same closed loop on each."""
+    p = b.plan
+    if b.start_sumstream is None or "sumstream" not in p.systems:
+        return
+    b.log(f"scenario 6: scaling at {p.scaling_level} streams")
+    main = dict(b.pids)
+    try:
+        for workers, gateways in p.scaling:
+            label = f"w{workers}g{gateways}"
+            started = await b.start_sumstream(
+                p, b.stack, f"{run_id}-{label}", b.sim_url, workers, gateways
+            )
+            b.targets["sumstream"] = started.target
+            b.pids = {**main, **started.pids}
+            try:
+                await _warm(b, started.target)
+                first = b.prepare(p.scaling_requests)
+                await b.phase(
+                    f"scaling/{label}",
+                    "sumstream",
+                    functools.partial(
+                        client.closed_loop,
+                        phase=f"scaling/{label}",
+                        docs=b.doc,
+                        concurrency=p.scaling_level,
+                        requests=p.scaling_requests,
+                        max_output_tokens=p.max_tokens,
+                        deadline_s=p.deadline_s,
+                        first_index=first,
+                    ),
+                    scenario="scaling",
+                    concurrency=p.scaling_level,
+                    workers=workers,
+                    gateways=gateways,
+                )
+            finally:
+                b.stack.stop(started.procs)
+    finally:
+        b.pids = main
+
+
+async def _warm(b: Bench, target: client.Target, timeout_s: float = 120.0) -> None:
+    """Until one stream comes back complete (the workers have joined their group), then a
+    few concurrent ones."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        first = b.prepare(1)
+        rec = client.StreamRecord("sumstream", "warmup", first, b.doc(first)[1])
+        await client.run_stream(target, 0, b.doc(first)[0], b.plan.max_tokens, rec, deadline_s=30)
+        if rec.complete:
+            break
+        b.stack.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no correct stream after {timeout_s:.0f} s: {rec.failure}")
+        await asyncio.sleep(1.0)
+    first = b.prepare(20)
+    await client.closed_loop(
+        target,
+        "warmup",
+        b.doc,
+        concurrency=10,
+        requests=20,
+        max_output_tokens=b.plan.max_tokens,
+        first_index=first,
+    )

@@ -120,12 +120,20 @@ class Stack:
                 )
 
     def close(self) -> None:
-        """Stop every started process (SIGTERM to its group, SIGKILL after 15 s), then the
-        broker if this run started it."""
-        for proc in reversed(self.procs):
+        """Stop every started process, then the broker if this run started it."""
+        self.stop(list(self.procs))
+        if self.broker_settings is not None:
+            from pipeline.ops import broker
+
+            broker.stop(self.broker_settings)
+            self.broker_settings = None
+
+    def stop(self, procs: list[Proc]) -> None:
+        """Stop ``procs`` (SIGTERM to each group, SIGKILL after 15 s), last started first."""
+        for proc in reversed(procs):
             if proc.alive():
                 _signal_group(proc.popen, signal.SIGTERM)
-        for proc in reversed(self.procs):
+        for proc in reversed(procs):
             try:
                 proc.popen.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -135,12 +143,8 @@ class Stack:
             # Children it left behind in its group (none expected) go too.
             _signal_group(proc.popen, signal.SIGKILL)
             proc.log.close()
-        self.procs.clear()
-        if self.broker_settings is not None:
-            from pipeline.ops import broker
-
-            broker.stop(self.broker_settings)
-            self.broker_settings = None
+            if proc in self.procs:
+                self.procs.remove(proc)
 
 
 def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:

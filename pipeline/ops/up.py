@@ -1,7 +1,8 @@
 """`sumstream up`: everything a person needs to summarize a document, in one command.
 
 Starts the broker when none is reachable, creates the topics, starts the LLM simulator when
-there is no ANTHROPIC_API_KEY, a worker running every stage, and the gateway. Ctrl-C stops
+there is no ANTHROPIC_API_KEY, one worker process per core (every stage, splitting the
+partitions), and the gateway. Ctrl-C stops
 everything it started, in reverse order.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import secrets
 import signal
 import subprocess
@@ -32,7 +34,12 @@ EXE = [sys.executable, "-m", "pipeline.ops.cli"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="gateway host")
     parser.add_argument("--port", type=int, default=8000, help="gateway port")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (all stages)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes, all stages, splitting the partitions (default: one per core)",
+    )
     parser.add_argument("--sim-port", type=int, default=8088)
     parser.add_argument("--sim-ttft-ms", type=float, default=200.0)
     parser.add_argument("--sim-token-delay-ms", type=float, default=20.0)
@@ -122,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         )
         base = f"http://{args.host}:{args.port}"
         wait_http(f"{base}/readyz", stack, args.ready_timeout)
-        print(_banner(base, dev_key, stack.log_dir, time.monotonic() - t0), flush=True)
+        elapsed = time.monotonic() - t0
+        print(_banner(base, dev_key, stack.log_dir, elapsed, args.workers), flush=True)
         while True:
             stack.check_alive()
             time.sleep(1.0)
@@ -156,11 +164,12 @@ def _start_simulator(args: argparse.Namespace, stack: Stack) -> str:
     return sim_url
 
 
-def _banner(base: str, dev_key: str, log_dir: Path, elapsed_s: float) -> str:
+def _banner(base: str, dev_key: str, log_dir: Path, elapsed_s: float, workers: int) -> str:
     """What a person at the terminal needs: where it runs, the key, a command to try."""
     return (
         f"\nsumstream is up in {elapsed_s:.1f} s\n"
         f"  gateway   {base}  (OpenAPI: {base}/docs)\n"
+        f"  workers   {workers} processes (one per core by default: --workers N)\n"
         f"  API key   {dev_key}\n"
         f"  logs      {log_dir}/\n\n"
         "Summarize a file:\n"
