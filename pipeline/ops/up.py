@@ -2,8 +2,7 @@
 
 Starts the broker when none is reachable, creates the topics, starts the LLM simulator when
 there is no ANTHROPIC_API_KEY, one worker process per core (every stage, splitting the
-partitions), and the gateway. Ctrl-C stops
-everything it started, in reverse order.
+partitions), and the gateway. Ctrl-C stops everything it started, in reverse order.
 """
 
 from __future__ import annotations
