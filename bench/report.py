@@ -71,8 +71,8 @@ def render(results: dict[str, Any], image_dir: str = ".") -> str:
         "",
         f"- {m.get('cores')} cores ({m.get('cpu', '?')}), {m.get('ram_gib', '?')} GiB RAM, "
         f"{m.get('platform')}; Python {m.get('python')}; Apache Kafka {m.get('kafka')} "
-        f"({'started by the bench' if meta.get('broker_started_by_bench') else 'running already'})"
-        ".",
+        f"({'started by the bench' if meta.get('broker_started_by_bench') else 'running already'}"
+        f", {meta.get('broker_jit', 'JIT unknown')}).",
         "- Libraries: "
         + ", ".join(f"{k} {v}" for k, v in sorted((m.get("versions") or {}).items())),
         f"- Load average at start {meta.get('loadavg_start')}, at end {meta.get('loadavg_end')}; "

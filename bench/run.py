@@ -207,6 +207,7 @@ async def run_bench(
         b.log = log
         meta["ready_s"] = {p.name: p.ready_s for p in st.procs if p.ready_s is not None}
         meta["broker_started_by_bench"] = st.broker_settings is not None
+        meta["broker_jit"] = stack.broker_jit()
         meta["pids"] = {p.name: p.pid for p in st.procs}
         meta["processes"] = {"workers": plan.workers, "gateways": plan.gateways}
         meta["warmup_s"] = await warm_up(b)

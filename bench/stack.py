@@ -219,6 +219,19 @@ def write_keys(path: Path, keys: list[tuple[str, str, str]]) -> None:
 # -- what the report says about the machine ---------------------------------------------------
 
 
+def broker_jit() -> str:
+    """Which JIT the running broker uses (from its command line)."""
+    for cmdline_path in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            argv = Path(cmdline_path).read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kafka.Kafka" in argv:
+            c1 = any(a.startswith(b"-XX:TieredStopAtLevel=") for a in argv)
+            return "C1 only (-XX:TieredStopAtLevel=1)" if c1 else "full tiered JIT (C2)"
+    return "unknown"
+
+
 def kafka_version() -> str:
     """The version of the running broker's jars (from its command line), else of the pom."""
     for cmdline_path in glob.glob("/proc/[0-9]*/cmdline"):
