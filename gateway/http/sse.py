@@ -28,6 +28,7 @@ from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from gateway.streams.clients import StreamSource
 from gateway.streams.hub import Item
+from pipeline.core import events as token_events
 from pipeline.core.clock import now_ms
 from pipeline.core.pricing import price_table
 from pipeline.core.records import TERMINAL_KINDS, SummaryResult, TokenEvent
@@ -47,10 +48,12 @@ class ErrorData(TypedDict):
 
 
 class TokenData(TypedDict):
-    """The ``token`` event's data (its SSE id is the seq too)."""
+    """The ``token`` event's data: the text of seqs ``first_seq``..``seq`` (its SSE id is
+    ``seq``, the last seq it covers; docs/architecture.md, "Coalesced token records")."""
 
     text: str
     seq: int
+    first_seq: int
 
 
 def _event(name: str, data: Mapping[str, object], event_id: str | None = None) -> ServerSentEvent:
@@ -222,8 +225,11 @@ class _Progress:
         if event["kind"] in TERMINAL_KINDS:
             self.terminal, self.ended = event, True
         elif event["kind"] == "DELTA" and event["seq"] > self.last_sent:
+            # A range that starts at or before what the client has: only the rest of it.
+            first = max(token_events.first_seq(event), self.last_sent + 1)
+            text = token_events.text_after(event, self.last_sent)
             self.last_sent = int(event["seq"])
-            data: TokenData = {"text": event["text"], "seq": self.last_sent}
+            data: TokenData = {"text": text, "seq": self.last_sent, "first_seq": first}
             return _event("token", data, str(self.last_sent))
         return None
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from aiokafka import TopicPartition
 
+from pipeline.core import events as token_events
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
 from pipeline.core.records import TERMINAL_KINDS
@@ -171,7 +172,9 @@ class StreamHub:
         stream = self.streams.get(request_id)
         if stream is None:
             return None
-        if stream.truncated and (not stream.events or stream.events[0]["seq"] > after_seq):
+        if stream.truncated and (
+            not stream.events or token_events.first_seq(stream.events[0]) > after_seq
+        ):
             return None
         backlog: list[Item] = [
             ("token", ev)
@@ -243,8 +246,14 @@ class StreamHub:
             if event["kind"] == "DELTA" and stream.first_token_at is None:
                 stream.first_token_at = self._clock()
                 self._waiting.discard(stream.request_id)
-            # Streams only need these three fields; the buffer keeps nothing else.
-            event = {"seq": seq, "kind": event["kind"], "text": event.get("text", "")}
+            # Streams only need these fields; the buffer keeps nothing else.
+            event = {
+                "seq": seq,
+                "kind": event["kind"],
+                "text": event.get("text", ""),
+                "first_seq": event.get("first_seq", 0),
+                "cuts": event.get("cuts", []),
+            }
         if len(stream.events) == stream.events.maxlen:
             stream.truncated = True
         stream.events.append(event)
