@@ -188,7 +188,7 @@ def stream_response(
 
 
 @dataclass
-class _Progress:
+class StreamProgress:
     """How far one SSE stream has got, and what it knows of its request's end."""
 
     last_sent: int
@@ -284,7 +284,7 @@ async def summary_events(
     """The SSE events of one request, from ``after_seq`` on, to its terminal event."""
     # One loop past ~60 lines: the source, the progress and the lifetime are the state of one
     # stream, and the ``finally`` that closes it must see all three.
-    progress = _Progress(after_seq)
+    progress = StreamProgress(after_seq)
     source: StreamSource | None = None
     loop = asyncio.get_running_loop()
     ends_at = loop.time() + gateway.settings.max_stream_lifetime_s
