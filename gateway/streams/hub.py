@@ -76,6 +76,17 @@ class Subscriber:
         self._wake.set()
         self._space.set()
 
+    def ready(self) -> list[Item]:
+        """Every item that is queued now, without waiting (none once overflowed: ``get``
+        then says so)."""
+        items = list(self._backlog)
+        self._backlog.clear()
+        if self._live and not self.overflowed:
+            items += self._live
+            self._live.clear()
+            self._space.set()
+        return items
+
     async def get(self) -> Item | None:
         """The next item; None when overflowed (at once) or closed (after the queue drains)."""
         while True:

@@ -11,6 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.sse import SSEParser
 from gateway.http.sse import StreamProgress
 from gateway.streams.hub import StreamHub
 from pipeline.core import events
@@ -57,9 +58,10 @@ def client_view(records: list[TokenEvent], after_seq: int) -> list[dict[str, Any
     while (item := asyncio.run(sub.get())) is not None:
         out = progress.take(item)
         if out is not None:
-            assert out.event == "token"
-            data = json.loads(str(out.data))
-            assert out.id == str(data["seq"])
+            (event,) = SSEParser().feed(out)
+            assert event.event == "token"
+            data = json.loads(event.data)
+            assert event.id == str(data["seq"])
             sent.append(data)
     return sent
 
