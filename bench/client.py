@@ -42,7 +42,10 @@ class StreamRecord:
     t_end: float | None = None
     request_id: str | None = None
     token_times: list[float] = field(default_factory=list)
-    seqs: list[int] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)  # the last seq of each token event
+    first_seqs: list[int] = field(
+        default_factory=list
+    )  # its first (a token event may cover several)
     texts: list[str] = field(default_factory=list)
     event_ids: list[str | None] = field(default_factory=list)
     done: dict[str, Any] | None = None
@@ -109,10 +112,13 @@ class StreamRecord:
 
     @property
     def in_order(self) -> bool:
-        """Token seqs are contiguous and increasing, and each SSE id matches its seq."""
+        """Token seq ranges are contiguous and increasing, and each SSE id is its last seq."""
         if not self.seqs:
             return False
-        contiguous = all(b == a + 1 for a, b in itertools.pairwise(self.seqs))
+        ranges = list(zip(self.first_seqs, self.seqs, strict=True))
+        contiguous = all(f <= s for f, s in ranges) and all(
+            b[0] == a[1] + 1 for a, b in itertools.pairwise(ranges)
+        )
         ids = zip(self.event_ids, self.seqs, strict=True)
         ids_match = all(i is None or i == str(s) for i, s in ids)
         return contiguous and ids_match
@@ -150,7 +156,8 @@ class StreamRecord:
             "accepted_ms": r(self.accepted_ms),
             "ttft_ms": r(self.ttft_ms),
             "total_ms": r(self.total_ms),
-            "tokens": len(self.seqs),
+            "tokens": sum(s - f + 1 for f, s in zip(self.first_seqs, self.seqs, strict=True)),
+            "token_events": len(self.seqs),
             "complete": self.complete,
             "in_order": self.in_order,
             "own": self.own,
@@ -182,7 +189,9 @@ def _on_event(rec: StreamRecord, ev: SSEEvent, now: float) -> bool:
         if rec.t_first_token is None:
             rec.t_first_token = now
         rec.token_times.append(now)
-        rec.seqs.append(int(data.get("seq", -1)))
+        seq = int(data.get("seq", -1))
+        rec.seqs.append(seq)
+        rec.first_seqs.append(int(data.get("first_seq", seq)))
         rec.texts.append(str(data.get("text", "")))
         rec.event_ids.append(ev.id)
     elif ev.event == "accepted":

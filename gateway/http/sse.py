@@ -1,4 +1,9 @@
-"""One request's SSE stream: ``accepted``, ``token`` (id: seq), then ``error``? + ``done``.
+"""One request's SSE stream: ``accepted``, ``token`` (id: the last seq it covers), then
+``error``? + ``done``.
+
+Lean by design (docs/architecture.md, "The lean SSE path"): events are encoded straight to
+bytes with orjson, and every event queued for a client when its stream wakes goes out in one
+write, so a busy stream pays one send, one timer and one task switch per batch, not per token.
 
 A stream never just stops: it ends with ``done`` (after ``error`` for a result that is not
 COMPLETED), or, when the gateway itself must close it (slow client, shutdown, nothing heard
@@ -12,14 +17,14 @@ request is still running.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TypedDict, cast
 
 import anyio
-from sse_starlette import EventSourceResponse, ServerSentEvent
+import orjson
+from sse_starlette import EventSourceResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.http.models import AcceptedOut, ResultBody, result_json
@@ -28,6 +33,7 @@ from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from gateway.streams.clients import StreamSource
 from gateway.streams.hub import Item
+from pipeline.core import events as token_events
 from pipeline.core.clock import now_ms
 from pipeline.core.pricing import price_table
 from pipeline.core.records import TERMINAL_KINDS, SummaryResult, TokenEvent
@@ -47,19 +53,23 @@ class ErrorData(TypedDict):
 
 
 class TokenData(TypedDict):
-    """The ``token`` event's data (its SSE id is the seq too)."""
+    """The ``token`` event's data: the text of seqs ``first_seq``..``seq`` (its SSE id is
+    ``seq``, the last seq it covers; docs/architecture.md, "Coalesced token records")."""
 
     text: str
     seq: int
+    first_seq: int
 
 
-def _event(name: str, data: Mapping[str, object], event_id: str | None = None) -> ServerSentEvent:
-    return ServerSentEvent(
-        json.dumps(data, ensure_ascii=False, separators=(",", ":")), event=name, id=event_id
-    )
+def encode_event(name: str, data: Mapping[str, object], event_id: int | None = None) -> bytes:
+    """One SSE event as the bytes written to the client (its JSON data is one line)."""
+    head = b"event: %b\r\ndata: " % name.encode()
+    if event_id is not None:
+        head = b"id: %d\r\n%b" % (event_id, head)
+    return head + orjson.dumps(data) + b"\r\n\r\n"
 
 
-def closing_error(code: str, message: str, last_seq: int) -> ServerSentEvent:
+def closing_error(code: str, message: str, last_seq: int) -> bytes:
     """The gateway closes a stream that has not finished: resume from ``last_seq``."""
     data: ErrorData = {
         "code": code,
@@ -68,17 +78,19 @@ def closing_error(code: str, message: str, last_seq: int) -> ServerSentEvent:
         "retriable": True,
         "last_seq": last_seq,
     }
-    return _event("error", data)
+    return encode_event("error", data)
 
 
-def lifetime_events(request_id: str, last_seq: int) -> list[ServerSentEvent]:
+def lifetime_events(request_id: str, last_seq: int) -> bytes:
     """``error`` stream_timeout + ``done`` (status running): the stream has lived its longest."""
     error = closing_error(
         "stream_timeout",
         "the stream reached its maximum lifetime; reconnect with Last-Event-ID",
         last_seq,
     )
-    return [error, _event("done", {"id": request_id, "status": "running", "last_seq": last_seq})]
+    return error + encode_event(
+        "done", {"id": request_id, "status": "running", "last_seq": last_seq}
+    )
 
 
 def _result_error(body: ResultBody) -> ErrorData:
@@ -92,14 +104,13 @@ def _result_error(body: ResultBody) -> ErrorData:
     }
 
 
-def final_events(result: SummaryResult) -> list[ServerSentEvent]:
-    """``error`` (unless COMPLETED) then ``done`` for a SummaryResult."""
+def final_events(result: SummaryResult) -> bytes:
+    """``error`` (unless COMPLETED) then ``done`` for a SummaryResult, as one write."""
     body = result_json(result)
-    events = []
-    if body["status"] != "COMPLETED":
-        events.append(_event("error", _result_error(body)))
-    events.append(_event("done", body))
-    return events
+    done = encode_event("done", body)
+    if body["status"] == "COMPLETED":
+        return done
+    return encode_event("error", _result_error(body)) + done
 
 
 def result_from_terminal(event: TokenEvent) -> SummaryResult:
@@ -131,7 +142,7 @@ class SummaryStreamResponse(EventSourceResponse):
 
     def __init__(
         self,
-        content: AsyncIterator[ServerSentEvent],
+        content: AsyncIterator[bytes],
         *,
         link: ClientLink,
         send_timeout_s: float,
@@ -185,7 +196,7 @@ def stream_response(
 
 
 @dataclass
-class _Progress:
+class StreamProgress:
     """How far one SSE stream has got, and what it knows of its request's end."""
 
     last_sent: int
@@ -211,7 +222,7 @@ class _Progress:
             return settings.result_timeout_s
         return None
 
-    def take(self, item: Item) -> ServerSentEvent | None:
+    def take(self, item: Item) -> bytes | None:
         """Note a result or terminal event; a new DELTA becomes a ``token`` event."""
         # The hub carries plain dicts; a "result" item holds a SummaryResult, else a TokenEvent.
         kind, record = item
@@ -222,9 +233,12 @@ class _Progress:
         if event["kind"] in TERMINAL_KINDS:
             self.terminal, self.ended = event, True
         elif event["kind"] == "DELTA" and event["seq"] > self.last_sent:
+            # A range that starts at or before what the client has: only the rest of it.
+            first = max(token_events.first_seq(event), self.last_sent + 1)
+            text = token_events.text_after(event, self.last_sent)
             self.last_sent = int(event["seq"])
-            data: TokenData = {"text": event["text"], "seq": self.last_sent}
-            return _event("token", data, str(self.last_sent))
+            data: TokenData = {"text": text, "seq": self.last_sent, "first_seq": first}
+            return encode_event("token", data, self.last_sent)
         return None
 
     def silence(self, gateway: Gateway, source: StreamSource) -> StreamSource:
@@ -239,7 +253,7 @@ class _Progress:
         self.ended = True
         return source
 
-    def source_closed(self, source: StreamSource) -> ServerSentEvent | None:
+    def source_closed(self, source: StreamSource) -> bytes | None:
         """The feed ended: finish from what is known, or close with a resumable ``error``."""
         sub = source.subscriber
         if sub.overflowed:
@@ -274,50 +288,55 @@ async def summary_events(
     after_seq: int = 0,
     accepted: AcceptedOut | None = None,
     link: ClientLink | None = None,
-) -> AsyncIterator[ServerSentEvent]:
-    """The SSE events of one request, from ``after_seq`` on, to its terminal event."""
+) -> AsyncIterator[bytes]:
+    """The SSE events of one request, from ``after_seq`` on, to its terminal event, as the
+    chunks written to the client (one chunk holds every event that was ready)."""
     # One loop past ~60 lines: the source, the progress and the lifetime are the state of one
     # stream, and the ``finally`` that closes it must see all three.
-    progress = _Progress(after_seq)
+    progress = StreamProgress(after_seq)
     source: StreamSource | None = None
     loop = asyncio.get_running_loop()
     ends_at = loop.time() + gateway.settings.max_stream_lifetime_s
     SSE_CLIENTS.inc()
     try:
         if accepted is not None:
-            yield _event("accepted", accepted.model_dump())
+            yield encode_event("accepted", accepted.model_dump())
         source = gateway.streams.open(request_id, after_seq)
         STREAMS.labels(source.kind).inc()
         while True:
             if progress.result is not None and progress.can_finish():
-                for event in final_events(progress.result):
-                    yield event
+                yield final_events(progress.result)
                 progress.finished, progress.end = True, "done"
                 return
             left_s = ends_at - loop.time()
             if left_s <= 0:
-                for event in lifetime_events(request_id, progress.last_sent):
-                    yield event
+                yield lifetime_events(request_id, progress.last_sent)
                 progress.end = "stream_timeout"
                 return
-            wait_s = progress.wait_s(gateway.settings)
-            try:
-                item = await asyncio.wait_for(
-                    source.subscriber.get(), left_s if wait_s is None else min(wait_s, left_s)
-                )
-            except TimeoutError:
-                if loop.time() < ends_at:
-                    source = progress.silence(gateway, source)
-                continue
-            if item is None:
-                closing = progress.source_closed(source)
-                if closing is None:
+            # Whatever is queued already goes without a wait (no timer, no task switch);
+            # the tail dispatches a fetch at once, so a busy stream rarely waits.
+            items = source.subscriber.ready()
+            if not items:
+                wait_s = progress.wait_s(gateway.settings)
+                try:
+                    item = await asyncio.wait_for(
+                        source.subscriber.get(), left_s if wait_s is None else min(wait_s, left_s)
+                    )
+                except TimeoutError:
+                    if loop.time() < ends_at:
+                        source = progress.silence(gateway, source)
                     continue
-                yield closing
-                return
-            token = progress.take(item)
-            if token is not None:
-                yield token
+                if item is None:
+                    closing = progress.source_closed(source)
+                    if closing is None:
+                        continue
+                    yield closing
+                    return
+                items = [item, *source.subscriber.ready()]
+            # Every event queued for the client goes in one write.
+            chunk = b"".join(token for token in map(progress.take, items) if token is not None)
+            if chunk:
+                yield chunk
     finally:
         if link is not None and link.too_slow:
             progress.end = "send_timeout"

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from aiokafka import TopicPartition
 
+from pipeline.core import events as token_events
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
 from pipeline.core.records import TERMINAL_KINDS
@@ -74,6 +75,17 @@ class Subscriber:
             self.closed_reason = reason
         self._wake.set()
         self._space.set()
+
+    def ready(self) -> list[Item]:
+        """Every item that is queued now, without waiting (none once overflowed: ``get``
+        then says so)."""
+        items = list(self._backlog)
+        self._backlog.clear()
+        if self._live and not self.overflowed:
+            items += self._live
+            self._live.clear()
+            self._space.set()
+        return items
 
     async def get(self) -> Item | None:
         """The next item; None when overflowed (at once) or closed (after the queue drains)."""
@@ -171,7 +183,9 @@ class StreamHub:
         stream = self.streams.get(request_id)
         if stream is None:
             return None
-        if stream.truncated and (not stream.events or stream.events[0]["seq"] > after_seq):
+        if stream.truncated and (
+            not stream.events or token_events.first_seq(stream.events[0]) > after_seq
+        ):
             return None
         backlog: list[Item] = [
             ("token", ev)
@@ -243,8 +257,14 @@ class StreamHub:
             if event["kind"] == "DELTA" and stream.first_token_at is None:
                 stream.first_token_at = self._clock()
                 self._waiting.discard(stream.request_id)
-            # Streams only need these three fields; the buffer keeps nothing else.
-            event = {"seq": seq, "kind": event["kind"], "text": event.get("text", "")}
+            # Streams only need these fields; the buffer keeps nothing else.
+            event = {
+                "seq": seq,
+                "kind": event["kind"],
+                "text": event.get("text", ""),
+                "first_seq": event.get("first_seq", 0),
+                "cuts": event.get("cuts", []),
+            }
         if len(stream.events) == stream.events.maxlen:
             stream.truncated = True
         stream.events.append(event)

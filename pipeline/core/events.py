@@ -1,14 +1,17 @@
-"""The one builder of each TokenEvent kind, and of the ``Usage`` and ``ErrorInfo`` they carry.
+"""The one builder of each TokenEvent kind, and of the ``Usage`` and ``ErrorInfo`` they carry;
+and the one reading of the seq range a coalesced DELTA covers.
 
-Every event of a request's stream repeats the same per-stream metadata (user, tier, model,
-source, replay_of, degraded, created_at); ``StreamMeta.of`` takes it from the job or request
-record in one place, so no producer of token events can drop a field.
+STARTED and terminal events carry the per-stream metadata (user, tier, model, source,
+replay_of, degraded, created_at, trace); ``StreamMeta.of`` takes it from the job or request
+record in one place, so no producer of token events can drop a field. A DELTA carries only
+its request id, its seq range and its text (docs/architecture.md, "Coalesced token records").
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from pipeline.core.records import ErrorInfo, TokenEvent, TokenKind, Trace, Usage
@@ -69,9 +72,26 @@ def started(meta: StreamMeta, *, seq: int, attempt: int, trace: Trace) -> TokenE
     return _event(meta, "STARTED", seq=seq, attempt=attempt, trace=trace)
 
 
-def delta(meta: StreamMeta, *, seq: int, attempt: int, text: str) -> TokenEvent:
-    """A DELTA event: the next piece of the summary text."""
-    return _event(meta, "DELTA", seq=seq, attempt=attempt, text=text)
+def delta(request_id: str, *, first_seq: int, pieces: Sequence[str], attempt: int) -> TokenEvent:
+    """A DELTA covering ``first_seq`` and the seqs after it, one per piece of text; the
+    per-stream metadata stays at the schema's defaults (STARTED and the terminal carry it)."""
+    if not pieces:
+        raise ValueError("a DELTA covers at least one seq")
+    cuts: list[int] = []
+    end = 0
+    for piece in pieces[:-1]:
+        end += len(piece)
+        cuts.append(end)
+    event = _event(
+        replace(DELTA_META, request_id=request_id),
+        "DELTA",
+        seq=first_seq + len(pieces) - 1,
+        attempt=attempt,
+        text="".join(pieces),
+    )
+    event["first_seq"] = first_seq if len(pieces) > 1 else 0
+    event["cuts"] = cuts
+    return event
 
 
 def terminal(
@@ -96,6 +116,67 @@ def terminal(
         stop_reason=stop_reason,
         trace=trace,
     )
+
+
+# What a DELTA leaves in the metadata fields: the schema's defaults.
+DELTA_META = StreamMeta("", "", "", "", 0, DEFAULT_SOURCE, None, None)
+
+
+def first_seq(event: Mapping[str, object]) -> int:
+    """The first seq ``event`` covers (its ``seq`` unless it is a coalesced DELTA)."""
+    seq = int(event["seq"])  # type: ignore[call-overload]
+    first = event.get("first_seq") or 0
+    return first if isinstance(first, int) and 0 < first <= seq else seq
+
+
+def range_error(event: Mapping[str, object]) -> str | None:
+    """Why ``event``'s seq range or cuts cannot be read, or None when they can."""
+    seq, first = event.get("seq"), event.get("first_seq") or 0
+    cuts = event.get("cuts") or []
+    if not isinstance(seq, int) or not isinstance(first, int) or not isinstance(cuts, list):
+        return "seq, first_seq and cuts must be numbers"
+    if first and (first > seq or event.get("kind") != "DELTA"):
+        return f"first_seq {first} must be a DELTA's, at most its seq {seq}"
+    covered = seq - first + 1 if first else 1
+    if len(cuts) != covered - 1:
+        return f"{len(cuts)} cuts for {covered} seqs"
+    bounds = [0, *cuts, len(str(event.get("text") or ""))]
+    if any(b < a for a, b in itertools.pairwise(bounds)):
+        return "cuts must be increasing offsets within the text"
+    return None
+
+
+def pieces(event: Mapping[str, object]) -> list[tuple[int, str]]:
+    """Each seq a DELTA covers with its piece of the text, in seq order (none for other kinds)."""
+    if event.get("kind") != "DELTA":
+        return []
+    text = str(event.get("text") or "")
+    cuts = event.get("cuts") or []
+    bounds = [0, *cuts, len(text)] if isinstance(cuts, list) else [0, len(text)]
+    first = first_seq(event)
+    return [(first + i, text[bounds[i] : bounds[i + 1]]) for i in range(len(bounds) - 1)]
+
+
+def text_after(event: Mapping[str, object], after_seq: int) -> str:
+    """The part of a DELTA's text that follows seq ``after_seq`` (all of it, or nothing)."""
+    text = str(event.get("text") or "")
+    first = first_seq(event)
+    if after_seq < first:
+        return text
+    if after_seq >= int(event["seq"]):  # type: ignore[call-overload]
+        return ""
+    cuts = event.get("cuts") or []
+    return text[cuts[after_seq - first] :] if isinstance(cuts, list) else ""
+
+
+def delta_texts(stream: Iterable[Mapping[str, object]]) -> dict[int, str]:
+    """Each seq's piece of text over a stream's DELTAs in any order, a seq seen twice (a
+    redelivered record) counted once."""
+    texts: dict[int, str] = {}
+    for event in stream:
+        for seq, piece in pieces(event):
+            texts.setdefault(seq, piece)
+    return texts
 
 
 def _event(
@@ -127,6 +208,8 @@ def _event(
         "replay_of": meta.replay_of,
         "degraded": meta.degraded,
         "trace": dict(trace) if trace else {},
+        "first_seq": 0,
+        "cuts": [],
     }
 
 

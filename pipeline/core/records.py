@@ -84,7 +84,12 @@ class InferenceJob(TypedDict):
 
 
 class TokenEvent(TypedDict):
-    """One step of a request's stream on ``tokens``: started, a delta, or its terminal event."""
+    """One step of a request's stream on ``tokens``: started, a delta, or its terminal event.
+
+    A DELTA may cover the seqs ``first_seq``..``seq`` (0: just ``seq``); ``cuts`` are the
+    offsets in ``text`` where each covered seq but the last ends (docs/architecture.md,
+    "Coalesced token records"). Deltas leave the per-stream metadata at its defaults.
+    """
 
     request_id: str
     seq: int
@@ -102,6 +107,8 @@ class TokenEvent(TypedDict):
     replay_of: str | None
     degraded: str | None
     trace: Trace
+    first_seq: int
+    cuts: list[int]
 
 
 class SummaryResult(TypedDict):

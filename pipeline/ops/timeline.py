@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from pipeline.core import events as token_events
 from pipeline.core.errors import CodecError
 from pipeline.core.settings import KafkaSettings
 from pipeline.ops.history import LoggedRecord, format_time
@@ -48,7 +49,9 @@ def essentials(kind: str, rec: dict[str, Any]) -> str:
             + (" truncated" if rec["truncated"] else "")
         )
     if kind == "TokenEvent":
-        line = f"{rec['kind']} seq={rec['seq']} attempt={rec['attempt']}"
+        first = token_events.first_seq(rec)
+        seqs = f"{first}..{rec['seq']}" if first < rec["seq"] else str(rec["seq"])
+        line = f"{rec['kind']} seq={seqs} attempt={rec['attempt']}"
         if rec["text"]:
             line += f" {_clip(rec['text'])}"
         if rec.get("stop_reason"):

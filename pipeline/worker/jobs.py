@@ -22,20 +22,21 @@ def resume_state(stream: Iterable[TokenEvent]) -> ResumeState | None:
     if not by_seq:
         return None
     ordered = [by_seq[s] for s in sorted(by_seq)]
-    deltas = [e for e in ordered if e.get("kind") == "DELTA"]
+    # A DELTA may cover a range of seqs; a redelivered one counts once.
+    texts = events.delta_texts(ordered)
     usage: Usage | None = next((e["usage"] for e in reversed(ordered) if e.get("usage")), None)
     trace: Trace = {}
     for event in ordered:
         trace.update(event.get("trace") or {})
     return ResumeState(
-        text="".join(e.get("text") or "" for e in deltas),
+        text="".join(texts[s] for s in sorted(texts)),
         last_seq=ordered[-1]["seq"],
         attempts=max(
             usage["attempts"] if usage else 0, max(int(e.get("attempt") or 0) for e in ordered)
         ),
         input_tokens=usage["input_tokens"] if usage else 0,
-        # Without a usage record, count a token per streamed delta (what the client saw).
-        output_tokens=(usage["output_tokens"] if usage else 0) or len(deltas),
+        # Without a usage record, count a token per streamed seq (what the client saw).
+        output_tokens=(usage["output_tokens"] if usage else 0) or len(texts),
         trace=trace,
     )
 

@@ -21,6 +21,7 @@ from typing import cast
 
 from ulid import ULID
 
+from pipeline.core import events as token_events
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
 from pipeline.core.metrics import (
@@ -56,21 +57,19 @@ class Assembly:
 
 
 def assemble(events: Iterable[TokenEvent], upto_seq: int | None = None) -> Assembly:
-    """Join the DELTA texts in seq order (duplicates by seq counted once).
+    """Join the DELTA texts in seq order; a DELTA may cover a range of seqs, and a seq seen
+    twice (a redelivered record) counts once.
 
     ``complete`` is true when every seq from 1 to ``upto_seq`` (default: the highest seen) is
     present, i.e. nothing was consumed by another instance or lost to a restart.
     """
-    by_seq: dict[int, TokenEvent] = {}
-    for event in events:
-        by_seq.setdefault(int(event["seq"]), event)
-    last = upto_seq if upto_seq is not None else max(by_seq, default=0)
-    text = "".join(
-        str(by_seq[s].get("text") or "")
-        for s in sorted(by_seq)
-        if s <= last and by_seq[s].get("kind") == "DELTA"
-    )
-    complete = all(s in by_seq for s in range(1, last + 1))
+    events = list(events)
+    texts = token_events.delta_texts(events)
+    seen = set(texts)
+    seen.update(int(event["seq"]) for event in events)
+    last = upto_seq if upto_seq is not None else max(seen, default=0)
+    text = "".join(texts[s] for s in sorted(texts) if s <= last)
+    complete = all(s in seen for s in range(1, last + 1))
     return Assembly(text=text, complete=complete, last_seq=last)
 
 
@@ -82,6 +81,9 @@ def validate_event(record: Mapping[str, object]) -> TokenEvent:
     seq = record.get("seq", 0)
     if not isinstance(seq, int) or seq < 1:
         raise ValidationError(f"seq must be at least 1, got {seq}")
+    problem = token_events.range_error(record)
+    if problem is not None:
+        raise ValidationError(problem)
     # The codec checked every field's type against the schema; the values are checked above.
     return cast(TokenEvent, record)
 

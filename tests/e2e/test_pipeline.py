@@ -7,17 +7,21 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
 
+from pipeline.core import events as token_events
 from pipeline.core.codec import codec
 from pipeline.core.partitioning import partition_for
+from pipeline.core.records import TERMINAL_KINDS, TokenEvent
 from pipeline.core.settings import KafkaSettings
 from pipeline.llm.extractive import summarize
 from pipeline.ops.submit import build_request, produce_request
 from tests.e2e.documents import document
 from tests.harness import BOOTSTRAP, REPO, Stack, auth, collect, read_topic, running_stack
+from tests.harness.topics import Record
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +84,7 @@ async def test_every_result_carries_usage_cost_and_latency_of_every_stage(stack:
         )
         done = result.done
         assert done["usage"]["input_tokens"] > 0
-        assert done["usage"]["output_tokens"] == len(result.of("token"))
+        assert done["usage"]["output_tokens"] == len(result.seqs)
         assert done["usage"]["attempts"] == 1
         assert done["cost"]["micro_usd"] > 0
         assert set(done["latency_ms"]) >= STAGES, done["latency_ms"]
@@ -142,6 +146,75 @@ async def test_a_gateway_that_does_not_own_a_stream_still_serves_it_whole_and_in
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     assert result.done["summary"] == expected(doc)
     assert result.text.strip() == expected(doc)
+
+
+def _token_records(stack: Stack, request_ids: set[str]) -> list[TokenEvent]:
+    """The TokenEvents of ``request_ids`` on `tokens`, once every one has its terminal."""
+    keys = {rid.encode() for rid in request_ids}
+
+    def decoded(records: list[Record]) -> list[TokenEvent]:
+        return [
+            cast(TokenEvent, codec().decode_as(r.value, "TokenEvent"))
+            for r in records
+            if r.key in keys
+        ]
+
+    def all_ended(records: list[Record]) -> bool:
+        ended = {e["request_id"] for e in decoded(records) if e["kind"] in TERMINAL_KINDS}
+        return ended == request_ids
+
+    return decoded(read_topic(BOOTSTRAP, f"{stack.prefix}tokens", all_ended))
+
+
+async def test_under_load_deltas_coalesce_and_clients_still_get_the_exact_summary(
+    stack: Stack,
+) -> None:
+    docs = [document(600 + seed) for seed in range(30)]
+    stack.sim_config(token_delay_ms=1)  # tokens faster than the broker acknowledges them
+    try:
+        async with httpx.AsyncClient(timeout=120) as client:
+
+            async def resumed(doc: str) -> tuple[str, list[int], str]:
+                body = {"document": doc, "max_output_tokens": MAX_TOKENS}
+                url = f"{stack.gateway}/v1/summaries"
+                first = await collect(
+                    client, "POST", url, json=body, headers=auth(), stop_after_tokens=3
+                )
+                rest = await collect(
+                    client,
+                    "GET",
+                    f"{url}/{first.request_id}/events",
+                    headers={**auth(), "Last-Event-ID": str(first.seqs[-1])},
+                )
+                assert rest.done["summary"] == expected(doc)
+                return first.request_id, first.seqs + rest.seqs, first.text + rest.text
+
+            whole = [
+                collect(
+                    client,
+                    "POST",
+                    f"{stack.gateways[i % 2]}/v1/summaries",
+                    json={"document": doc, "max_output_tokens": MAX_TOKENS},
+                    headers=auth(),
+                )
+                for i, doc in enumerate(docs[1:])
+            ]
+            resume, *results = await asyncio.gather(resumed(docs[0]), *whole)
+    finally:
+        stack.sim_config(token_delay_ms=2)
+    for doc, result in zip(docs[1:], results, strict=True):
+        assert_complete_stream(result, doc)
+    rid, seqs, text = resume
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+    assert text.strip() == expected(docs[0])
+    # On the topic: fewer DELTA records than the seqs they carry, and no seq twice.
+    events = _token_records(stack, {rid} | {r.request_id for r in results})
+    deltas = [e for e in events if e["kind"] == "DELTA"]
+    covered = [(e["request_id"], s) for e in deltas for s, _ in token_events.pieces(e)]
+    assert len(set(covered)) == len(covered)
+    assert len(deltas) < len(covered)
+    # Deltas carry no per-stream metadata: STARTED and the terminal do.
+    assert {(e["user_id"], e["model"], e["created_at"]) for e in deltas} == {("", "", 0)}
 
 
 def _consume_result(topic: str, request_id: str, timeout_s: float = 60) -> dict[str, object]:

@@ -43,7 +43,14 @@ class StreamResult:
 
     @property
     def seqs(self) -> list[int]:
-        return [int(e.id) for e in self.of("token") if e.id is not None]
+        """Every seq the token events cover, in order: a token event covers ``first_seq``..its
+        id (docs/architecture.md, "Coalesced token records")."""
+        return [
+            seq
+            for e in self.of("token")
+            if e.id is not None
+            for seq in range(int(e.data.get("first_seq") or e.id), int(e.id) + 1)
+        ]
 
     @property
     def done(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from gateway.http.app import create_app
 from gateway.http.auth import KeyStore, Principal, hash_key
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
+from pipeline.core import events as token_events
 from pipeline.core.codec import codec
 from pipeline.core.partitioning import partition_for
 from pipeline.core.settings import KafkaSettings
@@ -145,6 +146,13 @@ class Worker:
     async def tokens(self, request_id: str, texts: list[str], *, first_seq: int = 1) -> None:
         for i, text in enumerate(texts):
             await self.token(request_id, first_seq + i, "DELTA", text)
+
+    async def coalesced(self, request_id: str, first_seq: int, pieces: list[str]) -> None:
+        """One DELTA record covering a seq per piece, as the worker writes under load."""
+        event = token_events.delta(request_id, first_seq=first_seq, pieces=pieces, attempt=1)
+        await self.producer.send_and_wait(
+            self.topics.tokens, key=request_id.encode(), value=codec().encode("TokenEvent", event)
+        )
 
     async def token(self, request_id: str, seq: int, kind: str, text: str = "") -> None:
         event = {
@@ -426,6 +434,38 @@ async def test_last_event_id_resume_has_no_duplicate_and_no_gap() -> None:
         assert [e.get("id") for e in replay if e["event"] == "token"] == ["6", "7", "8"]
         assert replay[-1]["event"] == "done"
         assert replay[-1]["data"]["summary"] == "".join(f"t{i} " for i in range(1, 9))
+
+
+async def test_last_event_id_inside_a_coalesced_record_resumes_exactly_after_it() -> None:
+    pieces = [f"t{i} " for i in range(1, 9)]
+    async with (
+        topics() as kafka,
+        running_gateway(gateway_settings(kafka)) as gw,
+        Worker(kafka) as worker,
+        gw.client() as client,
+    ):
+        rid = (await post_json(client)).json()["id"]
+        url = f"/v1/summaries/{rid}/events"
+        await worker.coalesced(rid, 1, pieces[:3])  # seqs 1-3 in one record
+        await worker.coalesced(rid, 4, pieces[3:8])  # seqs 4-8 in one record
+        await worker.token(rid, 9, "DONE")
+        await worker.result(rid, "".join(pieces), 9)
+        async with client.stream("GET", url, headers=auth("alice")) as response:
+            whole = [event async for event in sse_events(response)]
+        tokens = [e for e in whole if e["event"] == "token"]
+        assert [(e["data"]["first_seq"], e["id"]) for e in tokens] == [(1, "3"), (4, "8")]
+        assert "".join(e["data"]["text"] for e in tokens) == "".join(pieces)
+        # Resume after seq 5, inside the second record: from memory, then from the log.
+        for forget in (False, True):
+            if forget:
+                gw.gateway.hub.forget(rid)
+            headers = {**auth("alice"), "Last-Event-ID": "5"}
+            async with client.stream("GET", url, headers=headers) as response:
+                rest = [event async for event in sse_events(response)]
+            tokens = [e for e in rest if e["event"] == "token"]
+            assert [(e["data"]["first_seq"], e["id"]) for e in tokens] == [(6, "8")]
+            assert tokens[0]["data"]["text"] == "t6 t7 t8 "
+            assert rest[-1]["event"] == "done"
 
 
 async def test_second_instance_serves_a_stream_it_does_not_own() -> None:

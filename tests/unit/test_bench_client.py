@@ -103,6 +103,17 @@ def test_missing_duplicated_or_foreign_tokens_fail_their_checks() -> None:
     assert foreign.in_order and not foreign.own and not foreign.complete
 
 
+def test_coalesced_token_events_count_every_seq_they_cover() -> None:
+    rec = StreamRecord("s", "p", 0, "A b c.", t_post=10.0, status=200)
+    for i, (text, first, seq) in enumerate([("A", 1, 1), (" b c.", 2, 3)]):
+        data = json.dumps({"text": text, "seq": seq, "first_seq": first})
+        client._on_event(rec, SSEEvent("token", data, str(seq)), 10.2 + i / 100)
+    client._on_event(rec, SSEEvent("done", json.dumps({"status": "COMPLETED"})), 11.5)
+    assert rec.in_order and rec.to_json()["tokens"] == 3
+    rec.first_seqs[1] = 3  # seq 2 missing from the ranges
+    assert not rec.in_order
+
+
 def test_error_then_done_and_no_final_event_outcomes() -> None:
     rec = StreamRecord("s", "p", 0, "x", t_post=0.0, status=200)
     client._on_event(rec, SSEEvent("error", '{"code": "upstream", "partial": false}'), 1.0)

@@ -38,7 +38,6 @@ def test_every_builder_makes_a_valid_token_event_with_the_stream_metadata() -> N
     usage = events.usage(input_tokens=3, output_tokens=2, attempts=1)
     built = [
         events.started(meta, seq=1, attempt=1, trace={"inference_start": 5}),
-        events.delta(meta, seq=2, attempt=1, text="Hi"),
         events.terminal(meta, "DONE", seq=3, attempt=1, usage=usage, stop_reason="end_turn"),
         events.terminal(
             meta,
@@ -50,16 +49,15 @@ def test_every_builder_makes_a_valid_token_event_with_the_stream_metadata() -> N
         ),
     ]
     for event in built:
-        codec().encode("TokenEvent", event)
+        assert codec().decode_as(codec().encode("TokenEvent", event), "TokenEvent") == event
         assert (event["source"], event["replay_of"], event["degraded"]) == (
             "replay",
             "r0",
             "extractive",
         )
-    assert [e["kind"] for e in built] == ["STARTED", "DELTA", "DONE", "ERROR"]
-    assert built[1]["text"] == "Hi" and built[1]["usage"] is None
-    assert built[2]["usage"] == usage and built[2]["stop_reason"] == "end_turn"
-    assert built[3]["error"] == {"code": "e", "message": "m", "retriable": True, "partial": False}
+    assert [e["kind"] for e in built] == ["STARTED", "DONE", "ERROR"]
+    assert built[1]["usage"] == usage and built[1]["stop_reason"] == "end_turn"
+    assert built[2]["error"] == {"code": "e", "message": "m", "retriable": True, "partial": False}
 
 
 def test_a_terminal_event_copies_its_trace() -> None:
@@ -69,3 +67,42 @@ def test_a_terminal_event_copies_its_trace() -> None:
     )
     trace["later"] = 2
     assert event["trace"] == {"received": 1}
+
+
+def test_a_delta_carries_its_range_and_text_and_leaves_the_metadata_at_the_defaults() -> None:
+    event = events.delta("r1", first_seq=4, pieces=["The", " cat", "", " sat"], attempt=2)
+    assert codec().decode_as(codec().encode("TokenEvent", event), "TokenEvent") == event
+    assert (event["first_seq"], event["seq"], event["text"], event["cuts"]) == (
+        4,
+        7,
+        "The cat sat",
+        [3, 7, 7],
+    )
+    assert (event["user_id"], event["tier"], event["model"], event["created_at"]) == ("", "", "", 0)
+    assert (event["source"], event["trace"], event["attempt"]) == ("external", {}, 2)
+    assert events.pieces(event) == [(4, "The"), (5, " cat"), (6, ""), (7, " sat")]
+    assert [events.text_after(event, n) for n in range(2, 9)] == [
+        "The cat sat",
+        "The cat sat",
+        " cat sat",
+        " sat",
+        " sat",
+        "",
+        "",
+    ]
+
+
+def test_a_one_seq_delta_is_written_as_an_old_single_delta() -> None:
+    event = events.delta("r1", first_seq=3, pieces=["Hi"], attempt=1)
+    assert (event["seq"], event["first_seq"], event["cuts"]) == (3, 0, [])
+    assert events.first_seq(event) == 3 and events.pieces(event) == [(3, "Hi")]
+
+
+def test_range_error_names_cuts_that_do_not_fit_the_range_or_the_text() -> None:
+    good = events.delta("r1", first_seq=1, pieces=["a", "b"], attempt=1)
+    assert events.range_error(good) is None
+    assert events.range_error({**good, "cuts": []}) == "0 cuts for 2 seqs"
+    assert events.range_error({**good, "cuts": [5]}) is not None
+    assert events.range_error({**good, "first_seq": 3}) is not None
+    started = events.started(StreamMeta.of(JOB), seq=1, attempt=1, trace={})
+    assert events.range_error({**started, "first_seq": 1}) is not None

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sse_starlette import ServerSentEvent
-
+from bench.sse import SSEEvent, SSEParser
 from gateway.http.auth import KeyStore
 from gateway.http.sse import summary_events
 from gateway.service import Gateway
@@ -52,15 +52,39 @@ def gateway(**overrides: Any) -> Gateway:
     return Gateway(settings, KeyStore(), load_tiers())
 
 
-async def take(events: AsyncIterator[ServerSentEvent], n: int) -> list[ServerSentEvent]:
-    return [await asyncio.wait_for(anext(events), 5) for _ in range(n)]
+class Received:
+    """A stream's chunks parsed back into events (a chunk may hold several)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+        self.parser = SSEParser()
+        self.buffer: deque[SSEEvent] = deque()
+        self.writes = 0
+
+    async def next(self) -> SSEEvent:
+        while not self.buffer:
+            chunk = await asyncio.wait_for(anext(self.chunks), 5)
+            self.writes += 1
+            self.buffer.extend(self.parser.feed(chunk))
+        return self.buffer.popleft()
+
+    async def take(self, n: int) -> list[SSEEvent]:
+        return [await self.next() for _ in range(n)]
+
+    async def rest(self) -> list[SSEEvent]:
+        out = list(self.buffer)
+        self.buffer.clear()
+        async for chunk in self.chunks:
+            self.writes += 1
+            out += self.parser.feed(chunk)
+        return out
 
 
-async def rest(events: AsyncIterator[ServerSentEvent]) -> list[ServerSentEvent]:
-    return [e async for e in events]
+def stream(gw: Gateway, **options: Any) -> Received:
+    return Received(summary_events(gw, RID, "alice", **options))
 
 
-def data(event: ServerSentEvent) -> dict[str, Any]:
+def data(event: SSEEvent) -> dict[str, Any]:
     decoded: dict[str, Any] = json.loads(event.data)
     return decoded
 
@@ -90,12 +114,12 @@ async def test_a_slow_sse_client_gets_an_error_with_its_resume_cursor() -> None:
     gw.hub.register(RID)
     gw.hub.dispatch_token(token(1))
     gw.hub.dispatch_token(token(2))
-    events = summary_events(gw, RID, "alice")
-    first = await take(events, 2)
+    events = stream(gw)
+    first = await events.take(2)
     assert [e.id for e in first] == ["1", "2"]
     for seq in range(3, 30):
         gw.hub.dispatch_token(token(seq))
-    tail = await rest(events)
+    tail = await events.rest()
     assert [e.event for e in tail] == ["error"]
     assert data(tail[0])["code"] == "slow_consumer"
     assert data(tail[0])["last_seq"] == 2
@@ -109,7 +133,7 @@ async def test_memory_replay_after_a_cursor_then_done() -> None:
         gw.hub.dispatch_token(token(seq))
     gw.hub.dispatch_token(token(6, "DONE"))
     gw.hub.dispatch_result(result(6))
-    events = await rest(summary_events(gw, RID, "alice", after_seq=3))
+    events = await stream(gw, after_seq=3).rest()
     assert [e.event for e in events] == ["token", "token", "done"]
     assert [data(e)["seq"] for e in events[:2]] == [4, 5]
     done = data(events[-1])
@@ -147,17 +171,17 @@ async def test_a_result_before_its_last_tokens_waits_for_them() -> None:
     gw = gateway(result_grace_s=5)
     gw.hub.register(RID)
     gw.hub.dispatch_token(token(1))
-    events = summary_events(gw, RID, "alice")
-    assert [e.id for e in await take(events, 1)] == ["1"]
+    events = stream(gw)
+    assert [e.id for e in await events.take(1)] == ["1"]
     gw.hub.dispatch_result(result(3))  # tokens 2 and 3 are still on their way
-    pending = asyncio.ensure_future(anext(events))
+    pending = asyncio.ensure_future(events.next())
     await asyncio.sleep(0.05)
     assert not pending.done()
     gw.hub.dispatch_token(token(2))
     gw.hub.dispatch_token(token(3))
     gw.hub.dispatch_token(token(4, "DONE"))
     assert (await pending).id == "2"
-    tail = await rest(events)
+    tail = await events.rest()
     assert [e.event for e in tail] == ["token", "done"]
 
 
@@ -173,7 +197,7 @@ async def test_a_failed_result_sends_error_then_done() -> None:
         "partial": False,
     }
     gw.hub.dispatch_result(result(2, status="FAILED", error=error))
-    events = await rest(summary_events(gw, RID, "alice"))
+    events = await stream(gw).rest()
     assert [e.event for e in events] == ["token", "error", "done"]
     assert data(events[1])["code"] == "upstream_unavailable"
     assert data(events[1])["partial"] is False
@@ -184,9 +208,9 @@ async def test_a_stopping_gateway_ends_streams_with_a_resumable_error() -> None:
     gw = gateway()
     gw.hub.register(RID)
     gw.hub.dispatch_token(token(1))
-    events = summary_events(gw, RID, "alice")
-    await take(events, 1)
-    pending = asyncio.ensure_future(anext(events))
+    events = stream(gw)
+    await events.take(1)
+    pending = asyncio.ensure_future(events.next())
     await asyncio.sleep(0.01)
     await gw.hub.stop()
     closing = await pending
@@ -198,7 +222,7 @@ async def test_a_stopping_gateway_ends_streams_with_a_resumable_error() -> None:
         "retriable": True,
         "last_seq": 1,
     }
-    assert await rest(events) == []
+    assert await events.rest() == []
 
 
 async def test_finished_streams_are_evicted_after_their_retention() -> None:
@@ -235,3 +259,20 @@ async def test_queued_counts_requests_without_a_first_token() -> None:
     hub.dispatch_result({"request_id": "b", "status": "FAILED", "last_seq": 0})
     hub.forget("c")
     assert hub.queued() == 0
+
+
+async def test_every_event_queued_for_a_client_goes_out_in_one_write() -> None:
+    gw = gateway()
+    gw.hub.register(RID)
+    events = stream(gw)
+    gw.hub.dispatch_token(token(1))
+    assert [e.id for e in await events.take(1)] == ["1"]
+    for seq in range(2, 7):
+        gw.hub.dispatch_token(token(seq))  # five tokens queue while the stream is away
+    gw.hub.dispatch_token(token(7, "DONE"))
+    gw.hub.dispatch_result(result(7))
+    writes = events.writes
+    tail = await events.rest()
+    assert [e.id for e in tail if e.event == "token"] == ["2", "3", "4", "5", "6"]
+    assert tail[-1].event == "done"
+    assert events.writes - writes == 2  # the five tokens in one write, then done

@@ -14,6 +14,7 @@ import anthropic
 import pytest
 from prometheus_client import REGISTRY
 
+from pipeline.core import events as token_events
 from pipeline.core.codec import codec
 from pipeline.core.settings import SimulatorSettings, WorkerSettings
 from pipeline.llm.client import UpstreamClient
@@ -98,7 +99,12 @@ class Recorder:
         return "".join(e["text"] for e in self.events.get(request_id, []) if e["kind"] == "DELTA")
 
     def deltas(self, request_id: str) -> int:
-        return sum(1 for e in self.events.get(request_id, []) if e["kind"] == "DELTA")
+        """The seqs the request's DELTA records cover (a record may cover several)."""
+        return sum(
+            len(token_events.pieces(e))
+            for e in self.events.get(request_id, [])
+            if e["kind"] == "DELTA"
+        )
 
     async def until(self, predicate: Any, timeout: float = 15.0) -> None:
         async with asyncio.timeout(timeout):
@@ -123,8 +129,8 @@ async def poll(predicate: Any, timeout: float = 5.0) -> None:
 
 
 def assert_well_formed(events: list[dict[str, Any]], first_seq: int = 1) -> None:
-    seqs = [e["seq"] for e in events]
-    assert seqs == list(range(first_seq, first_seq + len(events)))
+    seqs = [s for e in events for s in range(token_events.first_seq(e), e["seq"] + 1)]
+    assert seqs == list(range(first_seq, first_seq + len(seqs)))
     kinds = [e["kind"] for e in events]
     assert sum(k in TERMINAL for k in kinds) == 1 and kinds[-1] in TERMINAL
     assert kinds.count("STARTED") <= 1
@@ -199,9 +205,13 @@ async def test_a_stream_is_started_deltas_then_done(sim: LocalSimulator) -> None
     trace = done["trace"]
     assert trace["received"] == job["trace"]["received"]
     assert trace["inference_start"] <= trace["first_token"] <= trace["last_token"]
-    assert {e["user_id"] for e in events} == {"alice"}
-    assert {e["model"] for e in events} == {MODEL}
-    assert {e["created_at"] for e in events} == {job["created_at"]}
+    # The stream's metadata travels in STARTED and the terminal; deltas leave it empty.
+    ends = [events[0], done]
+    assert {e["user_id"] for e in ends} == {"alice"}
+    assert {e["model"] for e in ends} == {MODEL}
+    assert {e["created_at"] for e in ends} == {job["created_at"]}
+    deltas = [e for e in events if e["kind"] == "DELTA"]
+    assert {(e["user_id"], e["model"], e["created_at"]) for e in deltas} == {("", "", 0)}
     assert stats(sim, job["request_id"])["attempts"] == 1
     assert REGISTRY.get_sample_value("sumstream_inference_inflight") == 0
 
@@ -367,7 +377,7 @@ async def test_resume_state_continues_a_crashed_stream(sim: LocalSimulator) -> N
         await engine.submit(job, state)
         done = await rec.terminal(job["request_id"], first_seq=7)
     events = rec.events[job["request_id"]]
-    assert events[0]["seq"] == 7 and "STARTED" not in [e["kind"] for e in events]
+    assert token_events.first_seq(events[0]) == 7 and "STARTED" not in [e["kind"] for e in events]
     assert streamed + rec.text(job["request_id"]) == summary
     assert done["usage"]["attempts"] == 2
     assert done["usage"]["input_tokens"] > 100

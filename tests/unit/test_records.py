@@ -10,7 +10,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 import pytest
 
 import pipeline.core.records as records
-from pipeline.core.codec import SCHEMA_DIR, codec
+from pipeline.core import events
+from pipeline.core.codec import SCHEMA_DIR, Codec, codec
 from pipeline.core.records import RECORD_TYPES, TERMINAL_KINDS
 from tests.avro_data import sample
 
@@ -90,3 +91,13 @@ def test_terminal_kinds_are_token_kinds_and_exclude_started_and_delta() -> None:
     kinds = set(get_args(records.TokenKind))
     assert kinds > TERMINAL_KINDS
     assert kinds - TERMINAL_KINDS == {"STARTED", "DELTA"}
+
+
+def test_a_token_event_of_the_previous_schema_reads_as_a_one_seq_delta() -> None:
+    old = Codec(SCHEMA_DIR / "history" / "v2")
+    record = {**sample("TokenEvent"), "kind": "DELTA", "seq": 9, "text": "abc"}
+    for field in ("first_seq", "cuts"):
+        record.pop(field, None)
+    decoded = codec().decode_as(old.encode("TokenEvent", record), "TokenEvent")
+    assert (decoded["first_seq"], decoded["cuts"]) == (0, [])
+    assert events.pieces(decoded) == [(9, "abc")]

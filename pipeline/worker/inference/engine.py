@@ -256,8 +256,12 @@ class InferenceEngine:
             # in-flight table and is resumed from the tokens topic by the next owner.
             logger.exception("inference job failed", extra=run.log)
         finally:
-            ended = run.ended
-            self._release(run)
+            try:
+                # A stopped run sends no more deltas: the next owner resumes from what is out.
+                await self._publisher.close(run)
+            finally:
+                ended = run.ended
+                self._release(run)
         if ended and self._on_finished is not None:
             try:
                 await self._on_finished(run.request_id)

@@ -1,7 +1,10 @@
 """A run's TokenEvents, built by pipeline/core/events.py and published in seq order.
 
-A cancel never cuts a send in half, so no seq is skipped and a terminal event that was sent is
-known to be out (the run is then ENDED).
+Deltas are coalesced adaptively (docs/architecture.md, "Coalesced token records"): with no send
+of the run under way a delta goes at once; while one is, further deltas wait and go out as one
+record when it is acknowledged. The upstream reading loop never waits for an acknowledgement.
+A cancel never cuts a send in half, so no seq is skipped; the terminal event goes after every
+pending delta, and a terminal event that was sent is known to be out (the run is then ENDED).
 """
 
 from __future__ import annotations
@@ -39,11 +42,57 @@ class RunPublisher:
         )
 
     async def delta(self, run: Run, text: str) -> None:
-        """A DELTA event with the next piece of text."""
+        """The next piece of text as the next seq: sent now, or with the next record when a
+        send of the run is under way. Raises PublishError if an earlier send failed."""
+        box = run.outbox
+        if box.failure is not None:
+            raise PublishError(f"publishing a DELTA of {run.request_id} failed") from box.failure
         run.seq += 1
-        await self._publish(
-            run, events.delta(run.meta, seq=run.seq, attempt=_attempt(run), text=text)
-        )
+        if not box.pending:
+            box.first_seq = run.seq
+        box.pending.append(text)
+        if box.sending is None and not box.closed:
+            box.sending = asyncio.ensure_future(self._drain(run))
+
+    async def close(self, run: Run) -> None:
+        """Send nothing more for ``run`` but the record under way, and wait for that one
+        (a run stopped without an end: the next owner resumes from what is out)."""
+        box = run.outbox
+        box.closed = True
+        while box.sending is not None:
+            await asyncio.shield(box.sending)
+
+    async def _drain(self, run: Run) -> None:
+        # One task per burst of deltas; the run's task never waits for it except to finish.
+        box = run.outbox
+        try:
+            while box.pending and not box.closed:
+                pieces, box.pending = box.pending, []
+                event = events.delta(
+                    run.request_id, first_seq=box.first_seq, pieces=pieces, attempt=_attempt(run)
+                )
+                try:
+                    await self._emit(event)
+                except Exception as exc:
+                    box.failure = exc
+                    logger.warning(
+                        "publishing seqs %d-%d failed: %r",
+                        events.first_seq(event),
+                        event["seq"],
+                        exc,
+                        extra=run.log,
+                    )
+                    return
+        finally:
+            box.sending = None
+
+    async def _flush(self, run: Run) -> None:
+        """Wait until every pending delta is out; PublishError if one could not be sent."""
+        box = run.outbox
+        while box.sending is not None:
+            await asyncio.shield(box.sending)
+        if box.failure is not None:
+            raise PublishError(f"publishing a DELTA of {run.request_id} failed") from box.failure
 
     async def finish(
         self,
@@ -55,6 +104,7 @@ class RunPublisher:
     ) -> None:
         """The terminal event, with the run's usage over all its attempts."""
         run.advance(RunState.FINISHING)
+        await self._flush(run)
         run.seq += 1
         usage = events.usage(
             input_tokens=run.input_tokens, output_tokens=run.output_tokens, attempts=run.attempts

@@ -60,6 +60,18 @@ class Continuation(enum.Enum):
 
 
 @dataclass
+class Outbox:
+    """A run's deltas not sent yet, which go out as one record once the send under way is
+    acknowledged (docs/architecture.md, "Coalesced token records")."""
+
+    pending: list[str] = field(default_factory=list)
+    first_seq: int = 0  # the seq of pending[0]
+    sending: asyncio.Task[None] | None = None
+    failure: Exception | None = None
+    closed: bool = False  # nothing more is sent after the send under way
+
+
+@dataclass
 class ResumeState:
     """What a previous worker already streamed for a request (built from the tokens topic)."""
 
@@ -95,6 +107,7 @@ class Run:
     holding: Holding = Holding.NOTHING
     interrupt: Interrupt = Interrupt.NONE
     cancel_reason: str = ""
+    outbox: Outbox = field(default_factory=Outbox)
     meta: StreamMeta = field(init=False)
 
     def __post_init__(self) -> None:

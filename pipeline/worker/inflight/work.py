@@ -142,9 +142,12 @@ class InflightWork:
         try:
             # One key per request => one partition, and sends keep call order, so a request's
             # events stay in seq order in `tokens` (the idempotent producer keeps it on retries).
-            await self._tokens_topic.send(
+            # Waits for the broker's acknowledgement: while it is outstanding, the run's next
+            # deltas coalesce into one record (docs/architecture.md, "Coalesced token records").
+            sent = await self._tokens_topic.send(
                 key=event["request_id"].encode(), value=codec().encode("TokenEvent", event)
             )
+            await sent
         finally:
             self._sending -= 1
             if not self._sending:

@@ -1,0 +1,117 @@
+"""RunPublisher: adaptive coalescing of a run's deltas, with the old publishing contracts."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from pipeline.core import events
+from pipeline.core.codec import codec
+from pipeline.core.records import TokenEvent
+from pipeline.worker.inference.publishing import PublishError, RunPublisher
+from pipeline.worker.inference.runs import Run, RunState
+
+
+class GatedBroker:
+    """An emit whose acknowledgements the test releases one at a time."""
+
+    def __init__(self) -> None:
+        self.sent: list[TokenEvent] = []
+        self.acked: list[TokenEvent] = []
+        self.gate = asyncio.Semaphore(0)
+        self.arrived = asyncio.Event()
+        self.fail_next = False
+
+    async def emit(self, event: TokenEvent) -> None:
+        codec().encode("TokenEvent", event)
+        self.sent.append(event)
+        self.arrived.set()
+        await self.gate.acquire()
+        if self.fail_next:
+            raise RuntimeError("broker gone")
+        self.acked.append(event)
+
+    async def next_send(self) -> TokenEvent:
+        while not self.arrived.is_set():
+            await self.arrived.wait()
+        self.arrived.clear()
+        return self.sent[-1]
+
+
+def new_run() -> Run:
+    job: Any = {"request_id": "r1", "user_id": "u", "tier": "free", "model": "m", "trace": {}}
+    run = Run(job=job, grant=asyncio.get_running_loop().create_future(), resume=None, deadline_ms=0)
+    run.advance(RunState.RUNNING)
+    return run
+
+
+async def test_a_lone_delta_goes_at_once_and_the_ones_behind_a_send_go_as_one_record() -> None:
+    broker = GatedBroker()
+    publisher, run = RunPublisher(broker.emit), new_run()
+    await publisher.delta(run, "The")  # returns without waiting for the broker
+    first = await broker.next_send()
+    assert (events.first_seq(first), first["seq"], first["text"]) == (1, 1, "The")
+    for piece in [" cat", " sat", " down"]:
+        await publisher.delta(run, piece)
+    assert len(broker.sent) == 1  # the three wait for the first acknowledgement
+    broker.gate.release()
+    second = await broker.next_send()
+    assert (events.first_seq(second), second["seq"], second["text"]) == (2, 4, " cat sat down")
+    assert events.pieces(second) == [(2, " cat"), (3, " sat"), (4, " down")]
+    broker.gate.release()
+    finishing = asyncio.ensure_future(publisher.finish(run, "DONE"))
+    terminal = await broker.next_send()
+    broker.gate.release()
+    await finishing
+    assert (terminal["kind"], terminal["seq"], run.state) == ("DONE", 5, RunState.ENDED)
+
+
+async def test_the_terminal_event_waits_for_every_pending_delta() -> None:
+    broker = GatedBroker()
+    publisher, run = RunPublisher(broker.emit), new_run()
+    await publisher.delta(run, "a")
+    await broker.next_send()
+    await publisher.delta(run, "b")
+    finishing = asyncio.ensure_future(publisher.finish(run, "DONE"))
+    broker.gate.release()
+    assert (await broker.next_send())["text"] == "b"
+    assert not finishing.done()
+    broker.gate.release()
+    assert (await broker.next_send())["kind"] == "DONE"
+    broker.gate.release()
+    await finishing
+    assert [(events.first_seq(e), e["seq"]) for e in broker.acked] == [(1, 1), (2, 2), (3, 3)]
+
+
+async def test_a_failed_send_raises_publish_error_and_sends_nothing_after_it() -> None:
+    broker = GatedBroker()
+    publisher, run = RunPublisher(broker.emit), new_run()
+    await publisher.delta(run, "a")
+    await broker.next_send()
+    await publisher.delta(run, "b")
+    broker.fail_next = True
+    broker.gate.release()
+    with pytest.raises(PublishError):
+        await publisher.finish(run, "DONE")
+    with pytest.raises(PublishError):
+        await publisher.delta(run, "c")
+    assert [e["text"] for e in broker.sent] == ["a"]
+    assert run.state is RunState.FINISHING
+
+
+async def test_close_lets_the_send_under_way_finish_and_drops_what_waits_behind_it() -> None:
+    broker = GatedBroker()
+    publisher, run = RunPublisher(broker.emit), new_run()
+    await publisher.delta(run, "a")
+    await broker.next_send()
+    await publisher.delta(run, "b")
+    closing = asyncio.ensure_future(publisher.close(run))
+    await asyncio.sleep(0)  # let close start waiting
+    assert not closing.done()
+    broker.gate.release()
+    await closing
+    # "b" never went out: the next owner resumes after seq 1, what the log holds.
+    assert [e["text"] for e in broker.acked] == ["a"]
+    assert len(broker.sent) == 1
