@@ -133,6 +133,10 @@ class WorkerSettings(KafkaSettings):
     retry_budget_min: int = Field(default=3, ge=0)
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_read_timeout_s: float = Field(default=60.0, gt=0)
+    # How long the worker's producer waits to fill a batch: more records per produce request,
+    # fewer syscalls; coalescing keeps the text flowing meanwhile (docs/architecture.md,
+    # "Coalesced token records").
+    producer_linger_ms: float = Field(default=0.0, ge=0)
     # Stages and the Faust app (pipeline/worker/app.py, preprocess.py, postprocess.py).
     # Tokens one model call may hold (prompt + output); longer documents are split (map-reduce).
     model_budget_tokens: int = Field(default=150_000, ge=1_000)

@@ -165,7 +165,7 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
         datadir=str(settings.data_dir / "faust" / settings.app_id),
         web_enabled=False,
         producer_acks=-1,
-        producer_linger=0.0,
+        producer_linger=settings.producer_linger_ms / 1000.0,
         # Do not wait for agents to drain on a rebalance: the inference agent may be blocked
         # on a full scheduler, and its work is in the in-flight table anyway.
         stream_wait_empty=False,
