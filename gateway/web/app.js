@@ -72,13 +72,17 @@
     location.reload();
   }
 
-  function usd(x) { return "$" + x.toFixed(x < 0.01 ? 6 : 4); }
+  function usd(x) {
+    if (x >= 100) return "$" + Math.round(x).toLocaleString("en-US");
+    return "$" + x.toFixed(x < 0.01 ? 6 : 4);
+  }
+  function plural(n, word) { return `${n.toLocaleString("en-US")} ${word}${n === 1 ? "" : "s"}`; }
 
   function showUsage(u) {
     if (!u) { $("usage").textContent = ""; return; }
     const budget = u.budget_micro_usd / 1e6;
     $("usage").textContent =
-      `${u.user} (${u.tier}) this month: ${u.requests} requests, ${u.tokens} tokens, ` +
+      `${u.user} (${u.tier}) this month: ${plural(u.requests, "request")}, ${plural(u.tokens, "token")}, ` +
       `${usd(u.cost_usd)} of ${usd(budget)} budget`;
   }
 
@@ -137,7 +141,7 @@
     });
     if (r.status === 429 || r.status === 503) {
       const wait = Number(r.headers.get("Retry-After") || "1");
-      const why = await problemText(r);
+      const why = (r.status === 429 ? "Rate limited: " : "Busy: ") + await problemText(r);
       countdown(wait, why, () => submit(documentText));
       return;
     }
@@ -317,6 +321,15 @@
       e.preventDefault();
       zone.classList.remove("over");
       if (e.dataTransfer.files[0]) readFile(e.dataTransfer.files[0]);
+    });
+    // Offline (a tunnel, a dropped Wi-Fi): an open stream may stall without any error, so the
+    // page lets it go and resumes from the last rendered seq once the browser is back online.
+    window.addEventListener("offline", () => {
+      if (!state.requestId || state.status === "done") return;
+      closeSource();
+      clearTimeout(state.retryTimer);
+      state.status = "reconnecting";
+      setStatus("Offline; the summary resumes when the connection is back.");
     });
     window.addEventListener("online", () => {
       if (state.requestId && state.status !== "done") { clearTimeout(state.retryTimer); follow(0); }
