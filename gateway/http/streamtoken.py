@@ -60,9 +60,10 @@ class StreamTokens:
         """The settings' secret; without one, a random secret of this process (tokens then
         fail at another instance or after a restart, and the page mints a new one)."""
         if settings.stream_token_secret is None:
-            log.warning(
-                "no SUMSTREAM_STREAM_TOKEN_SECRET: stream tokens hold for this process only"
-            )
+            # One gateway: a page whose token fails after a restart just mints a new one.
+            # Several: a token minted at one fails at the others, which deserves a warning.
+            level = logging.WARNING if settings.instance_count > 1 else logging.INFO
+            log.log(level, "no SUMSTREAM_STREAM_TOKEN_SECRET: stream tokens hold for this process")
             secret = secrets.token_bytes(32)
         else:
             secret = settings.stream_token_secret.get_secret_value().encode()
