@@ -114,7 +114,12 @@ class Session:
     async def run(self) -> None:
         """Read commands until the client goes; each answers at once, streams run beside."""
         while not self.closing:
-            message = await self.websocket.receive()
+            try:
+                message = await asyncio.wait_for(self.websocket.receive(), self._idle_limit_s())
+            except TimeoutError:
+                # Like a connection that never sends a complete head (header_timeout_s).
+                await self.websocket.close(1008, "no auth frame in time")
+                return
             if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")
@@ -138,14 +143,21 @@ class Session:
             except GatewayError as exc:
                 await self.send(problem_frame(exc, ref))
 
+    def _idle_limit_s(self) -> float | None:
+        """An unauthenticated socket must authenticate within the head timeout."""
+        return self.gateway.settings.header_timeout_s if self.principal is None else None
+
     async def command(self, frame: dict[str, Any]) -> None:
         kind = frame["type"]
         if kind == "auth":
             self.authenticate(frame)
             assert self.principal is not None
-            await self.send(
-                json.dumps({"type": "authenticated", "user": self.principal.user_id, "ref": None})
-            )
+            reply = {
+                "type": "authenticated",
+                "user": self.principal.user_id,
+                "ref": frame.get("ref"),
+            }
+            await self.send(json.dumps(reply))
             return
         if self.principal is None:
             raise Unauthorized('authenticate first: {"type": "auth", "key": "<API key>"}')

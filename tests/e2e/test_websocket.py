@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from pipeline.llm.extractive import summarize
 from tests.e2e.documents import document
@@ -25,7 +26,12 @@ SECRET = "e2e-stream-token-secret"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    env = {"SUMSTREAM_STREAM_TOKEN_SECRET": SECRET, "SUMSTREAM_CANCEL_GRACE_S": "1"}
+    env = {
+        "SUMSTREAM_STREAM_TOKEN_SECRET": SECRET,
+        "SUMSTREAM_CANCEL_GRACE_S": "1",
+        # An unauthenticated socket gets as long as a connection's head: 2 s here.
+        "SUMSTREAM_HEADER_TIMEOUT_S": "2",
+    }
     with running_stack(tmp_path_factory.mktemp("websocket"), env=env) as s:
         yield s
 
@@ -258,3 +264,12 @@ def test_recent_requests_list_the_callers_own_newest_first(stack: Stack) -> None
     assert stamps == sorted(stamps, reverse=True)
     ben = httpx.get(f"{stack.gateway}/v1/summaries", headers=auth("key-ben")).json()["items"]
     assert not {i["id"] for i in ben} & {i["id"] for i in items}
+
+
+async def test_a_socket_that_never_authenticates_is_closed_with_1008(stack: Stack) -> None:
+    async with socket(stack, key=None) as ws:
+        await ws.send(type="resume", id="01ANY", last_seq=0)
+        assert (await ws.recv())["code"] == "unauthorized"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
