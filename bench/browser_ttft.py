@@ -17,7 +17,6 @@ import asyncio
 import json
 import shutil
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from gateway.http.auth import hash_key
 from tests.e2e.documents import document
-from tests.harness import Stack, collect, running_stack
+from tests.harness import REPO, Stack, collect, running_stack
 
 SIM_TTFT_MS = 200
 SIM_TOKEN_DELAY_MS = 10
@@ -107,6 +106,46 @@ def _summary(users: int, figures: list[float]) -> str:
     )
 
 
+def _measure(args: argparse.Namespace, chromium: str, folder: Path) -> list[str]:
+    """Start the stack and the browser, run the rounds, and give one table row per level."""
+    env = {
+        "SUMSTREAM_KEYS_FILE": str(_keys_file(folder, max([*args.users, args.among]))),
+        "SUMSTREAM_STREAM_TOKEN_SECRET": "bench-browser-ttft",
+    }
+    rows = []
+    with (
+        running_stack(
+            folder, env=env, ttft_ms=SIM_TTFT_MS, token_delay_ms=SIM_TOKEN_DELAY_MS
+        ) as stack,
+        sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=chromium, args=["--disable-gpu"])
+        try:
+            # A warm-up request: the first one pays for connections and schema loads.
+            _round([_open_page(browser, stack, 0)], 0)
+            if args.among:
+                page = _open_page(browser, stack, 0)
+                figures = [
+                    _round_among_others(page, stack, args.among - 1, 5000 + 100 * r)
+                    for r in range(args.rounds)
+                ]
+                rows.append(_summary(args.among, figures))
+                args.users = []
+            for users in args.users:
+                pages = [_open_page(browser, stack, u) for u in range(users)]
+                figures: list[float] = []
+                for r in range(args.rounds):
+                    figures += _round(pages, 1000 * (r + 1) + 100 * users)
+                rows.append(_summary(users, figures))
+                for page in pages:
+                    page.context.close()
+        finally:
+            browser.close()
+    # The processes have stopped: nothing is reading the topics any more.
+    stack.remove_topics()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, nargs="+", default=[1, 50])
@@ -121,42 +160,10 @@ def main() -> int:
     chromium = shutil.which("chromium")
     if chromium is None:
         raise SystemExit("no chromium: run scripts/bootstrap --browser")
-    with tempfile.TemporaryDirectory(prefix="browser-ttft-") as tmp:
-        folder = Path(tmp)
-        env = {
-            "SUMSTREAM_KEYS_FILE": str(_keys_file(folder, max(args.users))),
-            "SUMSTREAM_STREAM_TOKEN_SECRET": "bench-browser-ttft",
-        }
-        rows = []
-        with (
-            running_stack(
-                folder, env=env, ttft_ms=SIM_TTFT_MS, token_delay_ms=SIM_TOKEN_DELAY_MS
-            ) as stack,
-            sync_playwright() as p,
-        ):
-            browser = p.chromium.launch(executable_path=chromium, args=["--disable-gpu"])
-            try:
-                # A warm-up request: the first one pays for connections and schema loads.
-                _round([_open_page(browser, stack, 0)], 0)
-                if args.among:
-                    page = _open_page(browser, stack, 0)
-                    figures = [
-                        _round_among_others(page, stack, args.among - 1, 5000 + 100 * r)
-                        for r in range(args.rounds)
-                    ]
-                    rows.append(_summary(args.among, figures))
-                    args.users = []
-                for users in args.users:
-                    pages = [_open_page(browser, stack, u) for u in range(users)]
-                    figures: list[float] = []
-                    for r in range(args.rounds):
-                        figures += _round(pages, 1000 * (r + 1) + 100 * users)
-                    rows.append(_summary(users, figures))
-                    for page in pages:
-                        page.context.close()
-            finally:
-                browser.close()
-            stack.remove_topics()
+    # Process logs stay behind for a look after the run, as make bench keeps its own.
+    folder = REPO / ".data" / "browser-ttft" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder.mkdir(parents=True)
+    rows = _measure(args, chromium, folder)
     stamp = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
     print(f"browser TTFT (ms), simulator TTFT {SIM_TTFT_MS} ms; {stamp}")
     if args.among:
