@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel
 from pypdf import PdfReader
-from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError
+from pypdf.errors import DependencyError, FileNotDecryptedError
 
 from gateway.http.errors import InvalidRequest, PayloadTooLarge
 from gateway.http.routes import PROBLEM, GatewayDep, PrincipalDep
@@ -153,8 +153,12 @@ def pdf_text(data: bytes) -> tuple[str, int]:
         raise EncryptedDocument(
             "the PDF is encrypted: save an unprotected copy and drop it"
         ) from None
-    except (PdfReadError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        # pypdf raises a handful of types for malformed files; none of them is our bug.
+    except (EncryptedDocument, NoTextLayer):
+        raise
+    except Exception as exc:
+        # pypdf raises many types for malformed input (PdfReadError, ValueError, KeyError,
+        # struct.error, RecursionError...): a file it cannot parse is the user's to fix.
+        log.info("unreadable PDF", extra={"error": type(exc).__name__})
         raise UnreadableDocument(f"the PDF could not be read ({type(exc).__name__})") from None
     text = "\n\n".join(p.strip() for p in pages if p.strip())
     visible = sum(1 for ch in text if not ch.isspace())
@@ -183,6 +187,18 @@ def extract(name: str, content_type: str | None, data: bytes) -> DocumentText:
     "/v1/documents/text",
     response_model=DocumentText,
     responses={401: PROBLEM, 413: PROBLEM, 415: PROBLEM, 422: PROBLEM},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "the file's bytes; its kind comes from ?name= (.txt, .md, .html, "
+            ".pdf), else from Content-Type (text/plain, text/markdown, text/html, "
+            "application/pdf)",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "text/plain": {"schema": {"type": "string"}},
+            },
+        }
+    },
 )
 async def document_text(
     request: Request,
