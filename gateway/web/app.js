@@ -134,6 +134,8 @@
 
   async function submit(documentText) {
     clearTimeout(state.retryTimer);
+    // Set before the first await: whoever waits for "done" never sees the previous request's.
+    state.status = "submitting";
     state.submittedAt = performance.now();
     const body = JSON.stringify({ document: documentText });
     const r = await api("POST", "/v1/summaries", body, {
