@@ -15,13 +15,15 @@
   function closeOpenSyntax(text) {
     const fences = (text.match(/^```/gm) || []).length;
     if (fences % 2 === 1) return text + "\n```";
+    // A "*" or "**" with nothing after it yet is not shown: it opens or closes, and a closing
+    // one is put back below.
+    text = text.replace(/(^|[^*])\*{1,2}$/, "$1");
     const last = text.split(/\n\s*\n/).pop();
     let tail = "";
     if (((last.match(/`/g) || []).length) % 2 === 1) tail += "`";
     const stars = last.replace(/`[^`]*`/g, "");
     if (((stars.match(/\*\*/g) || []).length) % 2 === 1) tail += "**";
-    // A trailing lone "*" or "**" with nothing after it yet is not shown at all.
-    return (text + tail).replace(/(^|[^*])\*{1,2}$/, "$1");
+    return text + tail;
   }
 
   function inline(escaped) {

@@ -224,3 +224,27 @@ def test_a_tab_reloaded_mid_stream_reattaches_to_its_request(stack: Stack, page:
     assert state["id"] == request_id
     assert state["done"]["status"] == "COMPLETED"
     assert_rendered_is_the_summary(state, stack, "key-light-5")
+
+
+MARKDOWN = [
+    # HTML in the summary is text, never markup.
+    ("<img src=x onerror=alert(1)>", "<p>&lt;img src=x onerror=alert(1)&gt;</p>"),
+    # Open syntax at the end is closed for the render: no raw ** or ` flashes.
+    ("A **bold", "<p>A <strong>bold</strong></p>"),
+    ("A **bold**", "<p>A <strong>bold</strong></p>"),
+    ("A **bold** and `co", "<p>A <strong>bold</strong> and <code>co</code></p>"),
+    ("Ends with *", "<p>Ends with</p>"),
+    ("```\ncode <b>", "<pre><code>code &lt;b&gt;</code></pre>"),
+    ("# Title\n- one\n- two", "<h3>Title</h3><ul><li>one</li><li>two</li></ul>"),
+]
+
+
+def test_markdown_is_escaped_and_open_syntax_never_shows_raw_markers(
+    stack: Stack, page: Page
+) -> None:
+    page.goto(stack.gateway + "/")
+    page.wait_for_function("typeof window.renderMarkdown === 'function'")
+    rendered = page.evaluate(
+        "cases => cases.map(t => window.renderMarkdown(t))", [t for t, _ in MARKDOWN]
+    )
+    assert rendered == [html for _, html in MARKDOWN]
