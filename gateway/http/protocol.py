@@ -124,7 +124,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._message_done = True
         if not self.transport.is_closing():
             super().on_message_complete()
-            if self.cycle.response_complete:
+            # No cycle for a WebSocket upgrade: that connection is no longer HTTP.
+            if self.cycle is not None and self.cycle.response_complete:
                 self._next_head()
 
     def on_response_complete(self) -> None:
