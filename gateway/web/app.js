@@ -265,7 +265,9 @@
       `${done.status.toLowerCase()}: ${u.input_tokens} input + ${u.output_tokens} output tokens, ` +
       `${usd(done.cost.usd)}` + (state.ttftMs !== null ? `, first token after ${Math.round(state.ttftMs)} ms` : "");
     if (done.status === "COMPLETED") setStatus("Done.");
+    // The ledger settles a result about a second after it is written: ask again then.
     refreshUsage();
+    setTimeout(refreshUsage, 1500);
     refreshRecent();
   }
 

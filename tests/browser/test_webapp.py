@@ -95,7 +95,10 @@ def test_a_pasted_document_streams_in_and_shows_cost_usage_and_recent_requests(
     stats = page.locator("#request-stats").inner_text()
     assert f"{state['done']['usage']['output_tokens']} output tokens" in stats
     assert "$" in stats
-    page.wait_for_function("document.getElementById('usage').innerText.includes('budget')")
+    # The month's usage counts this request once the ledger has settled it.
+    page.wait_for_function(
+        "!document.getElementById('usage').innerText.includes(' 0 tokens')", timeout=WAIT_MS
+    )
     recent = page.get_by_role("button", name=f"Reopen request {state['id']}")
     recent.wait_for(timeout=WAIT_MS)
     screenshot(page, "3-done")
