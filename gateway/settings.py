@@ -25,6 +25,12 @@ class GatewaySettings(KafkaSettings):
     dev_api_key: SecretStr | None = None
     # When set, GET /metrics needs `Authorization: Bearer <token>` (Prometheus `authorization`).
     metrics_token: SecretStr | None = None
+    # Signs stream tokens, the browser's credential for one request's events
+    # (gateway/http/streamtoken.py); every gateway of a deployment needs the same one.
+    stream_token_secret: SecretStr | None = None
+    stream_token_ttl_s: float = Field(default=300.0, gt=0)
+    # The largest WebSocket message (/v1/ws); a bigger one closes the socket with 1009.
+    max_ws_message_bytes: int | None = Field(default=None, ge=1024)
     tiers_file: Path = DEFAULT_TIERS_FILE
 
     # A lower document limit than the one max_record_bytes implies (pipeline/core/sizes.py);
@@ -133,6 +139,11 @@ class GatewaySettings(KafkaSettings):
     def settle_group(self) -> str:
         """The consumer group in which the gateways settle results (one settler a partition)."""
         return f"{self.topic_prefix}gateway-settle"
+
+    @property
+    def ws_message_limit_bytes(self) -> int:
+        """The largest WebSocket message: a submit carries a document, like a POST body."""
+        return self.max_ws_message_bytes or self.max_body_bytes
 
     @property
     def max_body_bytes(self) -> int:

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.http.auth import KeyStore
+from gateway.http.documents import router as documents_router
 from gateway.http.errors import (
     GatewayError,
     InvalidRequest,
@@ -24,8 +25,12 @@ from gateway.http.errors import (
     PayloadTooLarge,
     problem_response,
 )
+from gateway.http.page import router as page_router
 from gateway.http.routes import router
 from gateway.http.sse import ClientTooSlow
+from gateway.http.streamtoken import StreamTokens
+from gateway.http.webapi import router as webapi_router
+from gateway.http.ws import router as ws_router
 from gateway.metrics import REQUESTS
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
@@ -212,7 +217,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = gateway
+    app.state.stream_tokens = StreamTokens.from_settings(settings)
     app.include_router(router)
+    # The web app and the WebSocket API (docs/architecture.md, "The web app and WebSocket API").
+    for extra in (webapi_router, documents_router, ws_router, page_router):
+        app.include_router(extra)
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -49,6 +49,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_count = 0
         self._parsed_bytes = 0  # of the head, as the parser hands it over
         self._reading_head = True
+        # The request's body has arrived in full (a response may complete before it does).
+        self._message_done = False
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -79,6 +81,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._message_done = False
         self._reading_head = True
         self._head_bytes = 0
         self._head_count = 0
@@ -118,11 +121,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._message_done = True
         if not self.transport.is_closing():
             super().on_message_complete()
+            # No cycle for a WebSocket upgrade: that connection is no longer HTTP.
+            if self.cycle is not None and self.cycle.response_complete:
+                self._next_head()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        # An answer given before the body was read (413 on Content-Length): the rest of the
+        # body is still to come, and it is no head; the next head starts after it.
+        if self._message_done:
+            self._next_head()
+
+    def _next_head(self) -> None:
         # uvicorn's keep-alive timer bounds the idle time before the next request; the head
         # timer starts again with that request's first byte.
         self._reading_head = True

@@ -17,6 +17,7 @@ from gateway.http.auth import Principal
 from gateway.http.errors import InvalidRequest, NotFound, NotReady, Unauthorized, problem_response
 from gateway.http.models import AcceptedOut, RunningOut, SummaryIn, UsageOut, links, result_json
 from gateway.http.sse import stream_response
+from gateway.http.streamtoken import StreamTokens
 from gateway.metrics import OVERHEAD_SECONDS, REQUESTS
 from gateway.service import Gateway
 from pipeline.core.clock import now_ms
@@ -51,8 +52,25 @@ def authenticate(
     return principal
 
 
+def authenticate_stream(
+    request: Request,
+    request_id: str,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    token: Annotated[str | None, Query(description="a stream token for this request")] = None,
+) -> Principal:
+    """The caller of an events route: a stream token bound to ``request_id`` (what a
+    browser's EventSource can send) or the bearer key."""
+    if token is None:
+        return authenticate(request, credentials)
+    tokens: StreamTokens = request.app.state.stream_tokens
+    principal = tokens.verify(token, request_id)
+    request.state.user_id = principal.user_id
+    return principal
+
+
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
+StreamPrincipalDep = Annotated[Principal, Depends(authenticate_stream)]
 
 
 def _overhead_headers(request: Request) -> dict[str, str]:
@@ -68,7 +86,7 @@ def _wants_json(accept: str | None) -> bool:
     return "application/json" in accept and "text/event-stream" not in accept
 
 
-async def _owned_by(gateway: Gateway, request_id: str, principal: Principal) -> None:
+async def owned_by(gateway: Gateway, request_id: str, principal: Principal) -> None:
     """404 unless ``principal`` sent ``request_id``: another user's id looks unknown."""
     if len(request_id) > MAX_ID_CHARS:
         raise NotFound(f"no summary {request_id[:MAX_ID_CHARS]}...")
@@ -162,7 +180,7 @@ async def create_summary(
 async def summary_stream(
     request_id: str,
     gateway: GatewayDep,
-    principal: PrincipalDep,
+    principal: StreamPrincipalDep,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     last_event_id: Annotated[str | None, Query()] = None,
 ) -> EventSourceResponse:
@@ -174,7 +192,7 @@ async def summary_stream(
             after = max(0, int(raw))
         except ValueError:
             raise InvalidRequest("Last-Event-ID must be a token seq (an integer)") from None
-    await _owned_by(gateway, request_id, principal)
+    await owned_by(gateway, request_id, principal)
     return _stream_response(
         gateway, request_id, principal, after_seq=after, accepted=None, headers={}
     )
@@ -188,7 +206,7 @@ async def get_summary(
     request_id: str, gateway: GatewayDep, principal: PrincipalDep
 ) -> JSONResponse:
     """The SummaryResult, or 202 ``{status: running}`` while there is none."""
-    await _owned_by(gateway, request_id, principal)
+    await owned_by(gateway, request_id, principal)
     result = await gateway.lookup.result_of(request_id)
     if result is None:
         running = RunningOut(id=request_id, links=links(request_id))
@@ -205,7 +223,7 @@ async def cancel_summary(
     request_id: str, gateway: GatewayDep, principal: PrincipalDep
 ) -> JSONResponse:
     """Ask the pipeline to cancel: a ControlEvent CANCEL on ``control``."""
-    await _owned_by(gateway, request_id, principal)
+    await owned_by(gateway, request_id, principal)
     await gateway.intake.cancel(request_id, principal.user_id, "client")
     return JSONResponse({"id": request_id, "status": "cancelling"}, status_code=202)
 

@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
                 max_connections=settings.max_connections,
             )
         ),
+        # A frame bigger than a submit's largest body closes its socket (1009).
+        ws_max_size=settings.ws_message_limit_bytes,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,

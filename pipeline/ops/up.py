@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
             env_over["llm_sim_url"] = _start_simulator(args, stack)
         gateway_env = child_env(**env_over)
         dev_key = gateway_env.setdefault("SUMSTREAM_DEV_API_KEY", dev_key)
+        # Signs the web app's stream tokens (docs/architecture.md, "The web app and WebSocket API").
+        gateway_env.setdefault("SUMSTREAM_STREAM_TOKEN_SECRET", secrets.token_urlsafe(32))
         for i in range(args.workers):
             # The workers read the same keys (the dev key's user "dev" and its tier).
             stack.spawn(
@@ -167,6 +169,7 @@ def _banner(base: str, dev_key: str, log_dir: Path, elapsed_s: float, workers: i
     """What a person at the terminal needs: where it runs, the key, a command to try."""
     return (
         f"\nsumstream is up in {elapsed_s:.1f} s\n"
+        f"  web app   {base}/  (sign in with the API key below)\n"
         f"  gateway   {base}  (OpenAPI: {base}/docs)\n"
         f"  workers   {workers} processes (one per core by default: --workers N)\n"
         f"  API key   {dev_key}\n"
