@@ -20,7 +20,6 @@ from typing import Any, cast
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
-from sse_starlette import ServerSentEvent
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from gateway.http.auth import Principal
@@ -68,9 +67,21 @@ def problem_frame(exc: GatewayError, ref: object = None) -> str:
     return json.dumps(body, ensure_ascii=False)
 
 
-def event_frame(request_id: str, event: ServerSentEvent) -> str:
-    """One SSE event of ``request_id`` as a frame; its data is already JSON, kept as is."""
-    return f'{{"type":{json.dumps(event.event)},"id":{json.dumps(request_id)},"data":{event.data}}}'
+def event_frames(request_id: str, chunk: bytes) -> list[tuple[str, str]]:
+    """The SSE events in one chunk of ``summary_events`` as (event name, frame); each event's
+    data is already JSON, kept as is; comments (keep-alives) are dropped."""
+    frames: list[tuple[str, str]] = []
+    for block in chunk.split(b"\r\n\r\n"):
+        name, data = "", b""
+        for line in block.split(b"\r\n"):
+            if line.startswith(b"event: "):
+                name = line[7:].decode()
+            elif line.startswith(b"data: "):
+                data = line[6:]
+        if name:
+            head = f'{{"type":{json.dumps(name)},"id":{json.dumps(request_id)},"data":'
+            frames.append((name, head + data.decode() + "}"))
+    return frames
 
 
 def _request_id(frame: Mapping[str, Any]) -> str:
@@ -282,20 +293,20 @@ class Session:
     ) -> None:
         # An async generator (typed as an iterator): closed here, so its ``finally`` (the
         # disconnect cancel, the metrics) runs when this task is cancelled.
-        events = cast(
-            AsyncGenerator[ServerSentEvent, None],
+        chunks = cast(
+            AsyncGenerator[bytes, None],
             summary_events(
                 self.gateway, request_id, user_id, after_seq=after_seq, accepted=accepted
             ),
         )
         try:
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    frame = event_frame(request_id, event)
-                    if event.event == "accepted" and ref is not None:
-                        # The client learns which submit this id answers.
-                        frame = frame[:-1] + f',"ref":{json.dumps(ref)}}}'
-                    await self.send(frame)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    for name, frame in event_frames(request_id, chunk):
+                        if name == "accepted" and ref is not None:
+                            # The client learns which submit this id answers.
+                            frame = frame[:-1] + f',"ref":{json.dumps(ref)}}}'
+                        await self.send(frame)
                     if self.closing:
                         return
         except (WebSocketDisconnect, RuntimeError, OSError):
