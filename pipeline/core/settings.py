@@ -174,6 +174,11 @@ class SimulatorSettings(BaseSettings):
     fault_kind: Literal["error", "drop"] = "error"
     fault_times: int = Field(default=-1, ge=-1)  # streams that get the fault; -1 means all
     retry_after_s: float = Field(default=1.0, ge=0)
+    # Per-minute buckets like the API's (pipeline/llm/simulator/limits.py); 0 means unlimited.
+    requests_per_minute: int = Field(default=0, ge=0)
+    tokens_per_minute: int = Field(default=0, ge=0)
+    input_tokens_per_minute: int = Field(default=0, ge=0)
+    output_tokens_per_minute: int = Field(default=0, ge=0)
 
     @field_validator("error_status")
     @classmethod
