@@ -129,6 +129,13 @@ class WorkerSettings(KafkaSettings):
     retry_cap_s: float = Field(default=8.0, gt=0)
     retry_budget_window_s: float = Field(default=10.0, gt=0)
     retry_budget_min: int = Field(default=3, ge=0)
+    # The upstream limiter (docs/architecture.md, "Rate limits and adaptive concurrency"):
+    # streams a worker starts with (it doubles per round trip until the first 429), the
+    # limit of the whole fleet split by partition share (0: max_streams per process, unsplit),
+    # and the sources whose jobs the scheduler serves first when both wait.
+    upstream_initial_concurrency: int = Field(default=4, ge=1)
+    upstream_max_concurrency: int = Field(default=0, ge=0)
+    priority_sources: str = "gateway"
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_read_timeout_s: float = Field(default=60.0, gt=0)
     # Stages and the Faust app (pipeline/worker/app.py, preprocess.py, postprocess.py).

@@ -95,6 +95,8 @@ class Run:
     holding: Holding = Holding.NOTHING
     interrupt: Interrupt = Interrupt.NONE
     cancel_reason: str = ""
+    # 0 for the sources served first (WorkerSettings.priority_sources), 1 for the others.
+    priority: int = 1
     meta: StreamMeta = field(init=False)
 
     def __post_init__(self) -> None:

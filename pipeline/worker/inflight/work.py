@@ -130,6 +130,9 @@ class InflightWork:
         """Called once the table's partitions are recovered: resume what was in flight."""
         self._generation += 1
         self.entries.owned = set(partitions)
+        # One limit across processes: this worker's share of the upstream follows its share
+        # of the partitions (docs/architecture.md, "Rate limits and adaptive concurrency").
+        self.upstream.set_share(len(partitions), self.settings.work_partitions)
         snapshot = self.entries.owned_entries()
         log.info(
             "inflight partitions assigned",
