@@ -23,7 +23,24 @@ class FakeClock:
 
 
 def limiter(clock: FakeClock, **kwargs: int) -> UpstreamLimiter:
-    return UpstreamLimiter(ceiling=kwargs.pop("ceiling", 64), initial=4, clock=clock, **kwargs)
+    """A limiter whose every slot is in use (only a limit in use grows)."""
+    limits = UpstreamLimiter(ceiling=kwargs.pop("ceiling", 64), initial=4, clock=clock, **kwargs)
+    limits.in_flight = 1_000
+    return limits
+
+
+def test_a_limit_not_in_use_does_not_grow() -> None:
+    clock = FakeClock()
+    limits = UpstreamLimiter(ceiling=64, initial=4, clock=clock)
+    for _ in range(10):
+        limits.started(CALL)
+        limits.succeeded(clock.now, 0.2)
+        limits.ended()
+    assert limits.allowed == 4
+    for _ in range(3):
+        limits.started(CALL)
+    limits.succeeded(clock.now, 0.2)  # 3 of 4 in use: nearly all
+    assert limits.allowed == 5
 
 
 def test_slow_start_adds_one_per_success_until_the_first_refusal_then_decreases() -> None:

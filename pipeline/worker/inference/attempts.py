@@ -128,6 +128,7 @@ class Attempts:
                 failures = await self._before_retry(run, err, failures)
             finally:
                 INFLIGHT.dec()
+                limiter.ended()
                 if not verdict:
                     breaker.record_abandoned()
 
@@ -234,6 +235,7 @@ class Attempts:
             raise
         finally:
             INFLIGHT.dec()
+            limiter.ended()
             if not verdict:
                 breaker.record_abandoned()
             # Every attempt is billed, including failed and cancelled ones.

@@ -86,6 +86,7 @@ class UpstreamLimiter:
         self.probe_slowdown = probe_slowdown
         self.share = 1.0
         self.paused_until = 0.0
+        self.in_flight = 0
         self.initial = initial
         self.limit = float(min(initial, ceiling))
         self._clock = clock
@@ -173,7 +174,12 @@ class UpstreamLimiter:
         """A call goes out now: it holds its cost until a report counts it. Returns its start."""
         now = self._clock()
         self._held.append(_Held(now, cost))
+        self.in_flight += 1
         return now
+
+    def ended(self) -> None:
+        """A call that ``started`` is over, whatever its outcome."""
+        self.in_flight = max(0, self.in_flight - 1)
 
     def reported(self, limits: RateLimits, started_at: float) -> None:
         """A response of the call started at ``started_at`` reported the buckets."""
@@ -200,7 +206,8 @@ class UpstreamLimiter:
             self._ttfts.append(ttft_s)
             if ttft_s > self.ttft_tolerance * min(self._ttfts) + self.ttft_slack_s:
                 return  # the upstream is slowing down: hold the limit
-        if self.limit >= self.own_ceiling:
+        # Only a limit in use is tested by a success: an idle one must not grow without bound.
+        if self.limit >= self.own_ceiling or self.in_flight < self.allowed - 1:
             return
         if self._refused_at is not None and self._clock() - self._refused_time > REFUSAL_MEMORY_S:
             self._refused_at = None
