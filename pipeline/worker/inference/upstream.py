@@ -7,7 +7,14 @@ client, for the life of the worker, and every engine built for an assignment sha
 
 from __future__ import annotations
 
-from pipeline.core.metrics import UPSTREAM_CONCURRENCY_LIMIT, UPSTREAM_SHARE
+from pipeline.core.metrics import (
+    UPSTREAM_CONCURRENCY_LIMIT,
+    UPSTREAM_PACED,
+    UPSTREAM_PAUSED_SECONDS,
+    UPSTREAM_PAUSES,
+    UPSTREAM_RATE_LIMITED,
+    UPSTREAM_SHARE,
+)
 from pipeline.core.settings import WorkerSettings
 from pipeline.llm.client import UpstreamClient
 from pipeline.worker.inference.breaker import CircuitBreaker
@@ -49,6 +56,12 @@ class Upstream:
             max_queued=settings.max_queued,
         )
         self._limit_changed(self.limiter)
+        # Every series exists from the start (at 0), so dashboards and rates see them.
+        name = client.name
+        for counter in (UPSTREAM_PAUSES, UPSTREAM_PAUSED_SECONDS, UPSTREAM_RATE_LIMITED):
+            counter.labels(upstream=name)
+        for reason in ("pause", "bucket"):
+            UPSTREAM_PACED.labels(upstream=name, reason=reason)
 
     def set_share(self, partitions: int, of: int) -> None:
         """This worker owns ``partitions`` of the ``of`` partitions of ``preprocessed``."""
