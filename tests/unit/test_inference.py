@@ -235,6 +235,27 @@ async def test_failures_before_the_first_token_are_retried(sim: LocalSimulator) 
     assert elapsed >= 0.2
 
 
+async def test_429s_are_retried_past_max_attempts_without_spending_the_retry_budget(
+    sim: LocalSimulator,
+) -> None:
+    sim.app.configure({"fail_next": 4, "error_status": 429, "retry_after_s": 0.05})
+    doc = document(4)
+    job = make_job(doc)
+    async with running_engine(sim, max_attempts=2, retry_budget_ratio=0.0, retry_budget_min=0) as (
+        engine,
+        rec,
+    ):
+        await engine.submit(job)
+        done = await rec.terminal(job["request_id"])
+        limiter = engine.upstream.limiter
+        assert engine.budget.available == 0  # nothing to spend, nothing spent
+        # Each retry-after paused the upstream; the limit went down, to no less than one.
+        assert limiter.paused_until > 0 and limiter.allowed >= 1 and not limiter.slow_start
+    assert done["kind"] == "DONE"
+    assert rec.text(job["request_id"]) == full_summary(doc)
+    assert stats(sim, job["request_id"])["statuses"] == [429, 429, 429, 429, 200]
+
+
 async def test_a_refused_request_fails_at_once(sim: LocalSimulator) -> None:
     job = make_job("", prompt="   ")  # the API rejects an empty message with a 400
     async with running_engine(sim) as (engine, rec):
