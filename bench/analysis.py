@@ -212,8 +212,7 @@ def analyze(results: dict[str, Any]) -> dict[str, Any]:
                 # Refused at the door (503 before acceptance), as opposed to failed later.
                 rl[sys_]["refused"] = rl[sys_]["outcomes"].get("http_503", 0)
                 rl[sys_]["sim"] = {k: v for k, v in (sim or {}).items() if k != "requests"}
-        if rl:
-            out[name] = rl
+        out[name] = rl
     return out
 
 
