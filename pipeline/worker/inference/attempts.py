@@ -146,7 +146,8 @@ class Attempts:
             # whitespace in a prefill, so it is held back and dropped from the continuation.
             prefill = run.text.rstrip()
             limiter = self.upstream.limiter
-            input_tokens = int(run.job.get("input_tokens_estimate") or 0) + len(prefill) // 4
+            estimate = int(run.job.get("input_tokens_estimate") or 0)
+            input_tokens = estimate + len(prefill) // CHARS_PER_TOKEN
             cost = Cost(input_tokens, limiter.expected_output(max(1, remaining)))
             await self._acquire(run, cost)
             run.attempts += 1
