@@ -33,6 +33,7 @@ from pipeline.core.settings import SimulatorSettings
 from pipeline.llm.simulator import admin, asgi, protocol
 from pipeline.llm.simulator.asgi import ClientGone, Receive, Scope, Send
 from pipeline.llm.simulator.limits import RateBuckets
+from pipeline.llm.simulator.pacing import pace
 from pipeline.llm.simulator.protocol import Call, Rejection, Reply
 from pipeline.llm.simulator.stats import RequestRecord, Stats, StreamRecord, append_bounded
 
@@ -283,7 +284,7 @@ class Simulator:
         start = protocol.event("message_start", {"type": "message_start", "message": message})
         await asgi.send_body(send, start + protocol.BLOCK_START + protocol.PING, more=True)
         frames = [protocol.delta_frame(piece) for piece in reply.pieces]
-        await _pace(send, frames[: fault_at or len(frames)], knobs, stream)
+        await pace(send, frames[: fault_at or len(frames)], knobs, stream)
         if fault_at:
             if knobs.fault_kind == "drop":
                 raise _ConnectionDropped
@@ -367,28 +368,6 @@ class Simulator:
 
     async def _get_health(self, scope: Scope, receive: Receive, send: Send) -> None:
         await asgi.send_json(send, 200, {"status": "ok"})
-
-
-async def _pace(
-    send: Send, frames: list[bytes], knobs: SimulatorSettings, stream: StreamRecord
-) -> None:
-    """Send token frames on schedule: the first after ttft, then one every token_delay."""
-    loop = asyncio.get_running_loop()
-    delay = knobs.token_delay_ms / 1000
-    first = loop.time() + knobs.ttft_ms / 1000
-    if not frames:
-        await asyncio.sleep(knobs.ttft_ms / 1000)
-    sent = 0
-    while sent < len(frames):
-        wait = first + sent * delay - loop.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        # Everything due by now goes in one write, so a loaded server catches up on its
-        # schedule instead of drifting behind it one sleep at a time.
-        due = len(frames) if delay == 0 else int((loop.time() - first) / delay) + 1
-        end = min(len(frames), max(sent + 1, due))
-        await asgi.send_body(send, b"".join(frames[sent:end]), more=True)
-        stream.tokens = sent = end
 
 
 def _describe(error: Any) -> str:
