@@ -198,18 +198,21 @@ def analyze(results: dict[str, Any]) -> dict[str, Any]:
             row["gap_p99_overhead"] = entry["overhead"]["gap_p99"]["diff"]
         table.append(row)
     out["throughput"] = {"levels": table, **_throughput_verdict(table, systems)}
-    # 4: rate-limited upstream.
-    rl = phase("rate_limited")
-    for sys_ in systems:
-        if sys_ in rl:
-            sim = _sim_stats(results, "rate_limited", sys_)
-            attempts = int(sim.get("attempts", 0)) if sim else 0
-            done = rl[sys_]["completed"]
-            rl[sys_]["upstream_attempts"] = attempts
-            rl[sys_]["attempts_per_completed"] = _r(stats.ratio(attempts, done))
-            rl[sys_]["success_ratio"] = _r(stats.ratio(done, rl[sys_]["n"]))
-            rl[sys_]["sim"] = {k: v for k, v in (sim or {}).items() if k != "requests"}
-    out["rate_limited"] = rl
+    # 4, 6, 7: rate-limited upstreams (slots, random 429s, a token bucket).
+    for name in ("rate_limited", "random_429", "token_bucket"):
+        rl = phase(name)
+        for sys_ in systems:
+            if sys_ in rl:
+                sim = _sim_stats(results, name, sys_)
+                attempts = int(sim.get("attempts", 0)) if sim else 0
+                done = rl[sys_]["completed"]
+                rl[sys_]["upstream_attempts"] = attempts
+                rl[sys_]["attempts_per_completed"] = _r(stats.ratio(attempts, done))
+                rl[sys_]["success_ratio"] = _r(stats.ratio(done, rl[sys_]["n"]))
+                # Refused at the door (503 before acceptance), as opposed to failed later.
+                rl[sys_]["refused"] = rl[sys_]["outcomes"].get("http_503", 0)
+                rl[sys_]["sim"] = {k: v for k, v in (sim or {}).items() if k != "requests"}
+        out[name] = rl
     return out
 
 

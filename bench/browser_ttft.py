@@ -125,11 +125,11 @@ def _measure(args: argparse.Namespace, chromium: str, folder: Path) -> list[str]
             _round([_open_page(browser, stack, 0)], 0)
             if args.among:
                 page = _open_page(browser, stack, 0)
-                figures = [
+                among = [
                     _round_among_others(page, stack, args.among - 1, 5000 + 100 * r)
                     for r in range(args.rounds)
                 ]
-                rows.append(_summary(args.among, figures))
+                rows.append(_summary(args.among, among))
                 args.users = []
             for users in args.users:
                 pages = [_open_page(browser, stack, u) for u in range(users)]

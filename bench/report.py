@@ -385,43 +385,56 @@ def _throughput(a: dict[str, Any], systems: list[str], img: str) -> list[str]:
     return [*lines, "", f"![tokens per second]({img}-throughput.png)", ""]
 
 
+RATE_LIMIT_SECTIONS = (
+    ("rate_limited", "## 4. Rate-limited upstream (slots)", "clients"),
+    ("random_429", "## 6. Random 429s (retry-after 1 s)", "requests"),
+    ("token_bucket", "## 7. Token bucket of half the offered load", "requests"),
+)
+
+
 def _rate_limited(a: dict[str, Any], systems: list[str]) -> list[str]:
-    rl = a.get("rate_limited") or {}
-    if not rl:
-        return []
-    rows = []
-    for sys_ in systems:
-        e = rl.get(sys_)
-        if not e:
+    """Scenarios 4, 6 and 7: what completed, what was refused at the door, attempts."""
+    lines: list[str] = []
+    for key, title, unit in RATE_LIMIT_SECTIONS:
+        rl = a.get(key) or {}
+        rows = []
+        for sys_ in systems:
+            e = rl.get(sys_)
+            if not e:
+                continue
+            sim = e.get("sim") or {}
+            rows.append(
+                [
+                    sys_,
+                    str(e["n"]),
+                    str(e["completed"]),
+                    str(e.get("refused", 0)),
+                    _f(e.get("success_ratio"), 2),
+                    str(e.get("upstream_attempts")),
+                    _f(e.get("attempts_per_completed"), 2),
+                    str(e["no_final"]),
+                    ", ".join(f"{k} {v}" for k, v in sorted(e["outcomes"].items())),
+                    ", ".join(f"{k}: {v}" for k, v in (sim.get("by_status") or {}).items()),
+                    _f(e["total"]["p99"], 0),
+                ]
+            )
+        if not rows:
             continue
-        sim = e.get("sim") or {}
-        rows.append(
-            [
-                sys_,
-                str(e["n"]),
-                str(e["completed"]),
-                _f(e.get("success_ratio"), 2),
-                str(e.get("upstream_attempts")),
-                _f(e.get("attempts_per_completed"), 2),
-                str(e["no_final"]),
-                ", ".join(f"{k} {v}" for k, v in sorted(e["outcomes"].items())),
-                ", ".join(f"{k}: {v}" for k, v in (sim.get("by_status") or {}).items()),
-                _f(e["total"]["p99"], 0),
-            ]
-        )
-    header = [
-        "system",
-        "clients",
-        "completed",
-        "success ratio",
-        "upstream attempts",
-        "attempts per completed",
-        "ended without a final event",
-        "outcomes",
-        "upstream statuses",
-        "total p99 ms",
-    ]
-    return ["## 4. Rate-limited upstream", "", *_table(header, rows)]
+        header = [
+            "system",
+            unit,
+            "completed",
+            "refused at the door (503)",
+            "success ratio",
+            "upstream attempts",
+            "attempts per completed",
+            "ended without a final event",
+            "outcomes",
+            "upstream statuses",
+            "total p99 ms",
+        ]
+        lines += [title, "", *_table(header, rows)]
+    return lines
 
 
 # latency_ms keys of the result (pipeline/worker/postprocess.py) in the order a request meets them.

@@ -18,6 +18,10 @@ from typing import Any
 import httpx
 
 from bench import analysis, client, corpus, profile, stack
+from pipeline.llm.extractive import count_tokens
+
+# Tokens of a request's prompt beyond its document (instructions, tags, system prompt).
+PROMPT_OVERHEAD_TOKENS = 60
 
 SYSTEMS = ("baseline", "sumstream")
 
@@ -42,6 +46,13 @@ class Plan:
     # 4: clients against an upstream limited to rl_max_concurrent streams.
     rl_clients: int = 64
     rl_max_concurrent: int = 8
+    # 6: 429 on a random share of calls (retry-after 1 s), closed loops.
+    r429_clients: int = 10
+    r429_requests: int = 60
+    r429_share: float = 0.3
+    # 7: open-loop arrivals against a tokens-per-minute bucket of half the offered load.
+    tb_requests: int = 60
+    tb_offered_per_s: float = 4.0
     deadline_s: float = 60.0
     profile_s: float = 8.0
     profile_level: int = 50
@@ -80,6 +91,8 @@ QUICK = Plan(
     scaling_level=10,
     scaling_requests=20,
     long_requests=20,
+    r429_requests=20,
+    tb_requests=16,
     deadline_s=30.0,
     profile_s=0.0,
 )
@@ -302,6 +315,111 @@ async def rate_limited(b: Bench) -> None:
         await asyncio.sleep(1.0)
         b.phases[-1]["sim_stats"] = await b.sim("GET", "/_sim/stats?request_id=-")
     await b.sim("POST", "/_sim/reset")
+
+
+async def random_429(b: Bench) -> None:
+    """6: ``r429_share`` of the calls answered 429 with retry-after 1 s, closed loops."""
+    p = b.plan
+    b.log(
+        f"scenario 6: random {p.r429_share:.0%} 429 (retry-after 1 s), {p.r429_clients} "
+        f"clients, {p.r429_requests} requests"
+    )
+    for system in b.order(0):
+        await b.sim("POST", "/_sim/reset")
+        # One seed for both systems: the same draws, so the attempts compare.
+        knobs = {"error_rate": p.r429_share, "error_status": 429, "retry_after_s": 1.0, "seed": 1}
+        await b.sim("POST", "/_sim/config", knobs)
+        first = b.prepare(p.r429_requests)
+        await b.phase(
+            "random_429",
+            system,
+            functools.partial(
+                client.closed_loop,
+                phase="random_429",
+                docs=b.doc,
+                concurrency=p.r429_clients,
+                requests=p.r429_requests,
+                max_output_tokens=p.max_tokens,
+                first_index=first,
+                deadline_s=p.deadline_s,
+            ),
+            scenario="random_429",
+            concurrency=p.r429_clients,
+        )
+        await asyncio.sleep(1.0)  # retries still under way count too
+        b.phases[-1]["sim_stats"] = await b.sim("GET", "/_sim/stats?request_id=-")
+    await b.sim("POST", "/_sim/reset")
+
+
+async def token_bucket(b: Bench) -> None:
+    """7: a tokens-per-minute bucket that allows half the offered load, drained at the start
+    (another client of the same organisation spent it); requests arrive on a fixed schedule."""
+    p = b.plan
+    first = b.prepare(p.tb_requests)
+    docs = [b.doc(first + i) for i in range(p.tb_requests)]
+    # What the simulator charges a request: its prompt (document + instructions) and summary.
+    cost = sum(count_tokens(d) + count_tokens(e) + PROMPT_OVERHEAD_TOKENS for d, e in docs)
+    per_minute = int(cost / len(docs) * p.tb_offered_per_s * 60 / 2)
+    b.log(
+        f"scenario 7: {p.tb_requests} requests at {p.tb_offered_per_s:g}/s against a "
+        f"{per_minute} tokens-per-minute bucket (half the offered load)"
+    )
+    for i, system in enumerate(b.order(0)):
+        await b.sim("POST", "/_sim/reset")
+        await b.sim("POST", "/_sim/config", {"tokens_per_minute": per_minute})
+        await _drain_bucket(b)
+        # The drain's own calls are not the system's: only what follows is counted.
+        drained = await b.sim("GET", "/_sim/stats?request_id=-")
+        start = first if i == 0 else b.prepare(p.tb_requests)
+
+        async def arrivals(target: client.Target, start: int = start) -> list[client.StreamRecord]:
+            async def one(k: int) -> list[client.StreamRecord]:
+                await asyncio.sleep(k / p.tb_offered_per_s)  # the arrival schedule
+                return await client.burst(
+                    target,
+                    "token_bucket",
+                    b.doc,
+                    users=1,
+                    max_output_tokens=p.max_tokens,
+                    first_index=start + k,
+                    deadline_s=p.deadline_s,
+                )
+
+            batches = await asyncio.gather(*(one(k) for k in range(p.tb_requests)))
+            return [r for batch in batches for r in batch]
+
+        await b.phase("token_bucket", system, arrivals, scenario="token_bucket")
+        await asyncio.sleep(1.0)
+        after = await b.sim("GET", "/_sim/stats?request_id=-")
+        b.phases[-1]["sim_stats"] = _stats_since(drained, after)
+        b.phases[-1]["tokens_per_minute"] = per_minute
+    await b.sim("POST", "/_sim/reset")
+
+
+def _stats_since(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The simulator's attempts and statuses between two reads of its stats."""
+    statuses = {
+        k: v - int(before["by_status"].get(k, 0))
+        for k, v in after["by_status"].items()
+        if v - int(before["by_status"].get(k, 0))
+    }
+    return {**after, "attempts": after["attempts"] - before["attempts"], "by_status": statuses}
+
+
+async def _drain_bucket(b: Bench) -> None:
+    """Spend the token bucket with big prompts, then small ones, each until a 429."""
+    async with httpx.AsyncClient(base_url=b.sim_url, timeout=30.0) as http:
+        for size in (40, 4, 1):
+            prompt = " ".join(corpus.document(10_000 + i) for i in range(size))
+            body = {
+                "model": "claude-haiku-4-5",
+                "max_tokens": 1,
+                "messages": [{"role": "user", "content": prompt}],
+            }
+            for _ in range(200):
+                resp = await http.post("/v1/messages", json=body, headers={"x-api-key": "other"})
+                if resp.status_code == 429:
+                    break
 
 
 async def profile_sumstream(b: Bench, out_dir: Path) -> dict[str, Any]:

@@ -81,6 +81,37 @@ BREAKER_STATE = Gauge(
     "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
     ["upstream"],
 )
+# The upstream limiter (pipeline/worker/inference/limiter.py): per worker process.
+UPSTREAM_CONCURRENCY_LIMIT = Gauge(
+    "sumstream_upstream_concurrency_limit",
+    "Upstream calls this worker may have in flight: the learned limit within its share",
+    ["upstream"],
+)
+UPSTREAM_SHARE = Gauge(
+    "sumstream_upstream_share_ratio",
+    "This worker's share of the upstream's limits (its preprocessed partitions / all)",
+    ["upstream"],
+)
+UPSTREAM_PAUSES = Counter(
+    "sumstream_upstream_pauses_total",
+    "Pauses of every call to the upstream on a retry-after",
+    ["upstream"],
+)
+UPSTREAM_PAUSED_SECONDS = Counter(
+    "sumstream_upstream_paused_seconds_total",
+    "Seconds for which a retry-after paused calls to the upstream",
+    ["upstream"],
+)
+UPSTREAM_PACED = Counter(
+    "sumstream_upstream_paced_calls_total",
+    "Calls held back before they went upstream, by what held them (pause or bucket)",
+    ["upstream", "reason"],
+)
+UPSTREAM_RATE_LIMITED = Counter(
+    "sumstream_upstream_rate_limited_total",
+    "429 answers the limiter did not foresee (retried outside the retry budget)",
+    ["upstream"],
+)
 INFLIGHT = Gauge("sumstream_inference_inflight", "Upstream streams in flight")
 QUEUED = Gauge("sumstream_inference_queued", "Jobs waiting in the fair scheduler")
 # Set by every worker (LagSampler) and by the gateway (gateway/admission/backpressure.py):

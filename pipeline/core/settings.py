@@ -131,6 +131,13 @@ class WorkerSettings(KafkaSettings):
     retry_cap_s: float = Field(default=8.0, gt=0)
     retry_budget_window_s: float = Field(default=10.0, gt=0)
     retry_budget_min: int = Field(default=3, ge=0)
+    # The upstream limiter (docs/architecture.md, "Rate limits and adaptive concurrency"):
+    # streams a worker starts with (it doubles per round trip until the first 429), the
+    # limit of the whole fleet split by partition share (0: max_streams per process, unsplit),
+    # and the sources whose jobs the scheduler serves first when both wait.
+    upstream_initial_concurrency: int = Field(default=4, ge=1)
+    upstream_max_concurrency: int = Field(default=0, ge=0)
+    priority_sources: str = "gateway"
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_read_timeout_s: float = Field(default=60.0, gt=0)
     # How long the worker's producer waits to fill a batch: more records per produce request,
@@ -180,6 +187,11 @@ class SimulatorSettings(BaseSettings):
     fault_kind: Literal["error", "drop"] = "error"
     fault_times: int = Field(default=-1, ge=-1)  # streams that get the fault; -1 means all
     retry_after_s: float = Field(default=1.0, ge=0)
+    # Per-minute buckets like the API's (pipeline/llm/simulator/limits.py); 0 means unlimited.
+    requests_per_minute: int = Field(default=0, ge=0)
+    tokens_per_minute: int = Field(default=0, ge=0)
+    input_tokens_per_minute: int = Field(default=0, ge=0)
+    output_tokens_per_minute: int = Field(default=0, ge=0)
 
     @field_validator("error_status")
     @classmethod

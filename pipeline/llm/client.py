@@ -10,7 +10,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
@@ -45,6 +45,15 @@ ERROR_TYPE_STATUS = {
     "overloaded_error": 529,
 }
 RETRIABLE_STATUSES = frozenset({408, 409, 429})
+
+# Receives the headers of every answer to a call (its rate-limit report; pipeline/llm/ratelimit.py).
+OnHeaders = Callable[[Mapping[str, str]], None]
+
+
+def _report_headers(on_headers: OnHeaders | None, exc: BaseException | None = None) -> None:
+    """Hand an error answer's headers over (the limiter reads them); others have none."""
+    if on_headers is not None and isinstance(exc, anthropic.APIStatusError):
+        on_headers(exc.response.headers)
 
 
 @dataclass(frozen=True)
@@ -178,7 +187,13 @@ class UpstreamStream:
     raw and decoded by pipeline/llm/sse.py (docs/architecture.md, "The lean upstream path").
     """
 
-    def __init__(self, client: AsyncAnthropic, params: dict[str, Any], request_id: str) -> None:
+    def __init__(
+        self,
+        client: AsyncAnthropic,
+        params: dict[str, Any],
+        request_id: str,
+        on_headers: OnHeaders | None = None,
+    ) -> None:
         self._client = client
         self._params = params
         self._request_id = request_id
@@ -186,6 +201,7 @@ class UpstreamStream:
         self._chunks: AsyncIterator[bytes] | None = None
         self._decoder = SseDecoder()
         self._pending: list[Frame] = []
+        self._on_headers = on_headers
         self._finished = False
         self._stop_reason: str | None = None
         self.tokens_received = 0
@@ -208,10 +224,13 @@ class UpstreamStream:
         try:
             raw = await response.__aenter__()
         except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+            _report_headers(self._on_headers, exc)
             raise map_error(exc) from exc
         self._response = response
         self.headers = raw.headers
         self._chunks = raw.http_response.aiter_raw()
+        if self._on_headers is not None:
+            self._on_headers(raw.headers)
         return self
 
     async def __aexit__(
@@ -350,10 +369,11 @@ class UpstreamClient:
         system: str,
         messages: Iterable[Mapping[str, Any]],
         max_tokens: int,
+        on_headers: OnHeaders | None = None,
     ) -> UpstreamStream:
         """A streamed call; use it as ``async with`` (see :class:`UpstreamStream`)."""
         params = _request(model=model, system=system, messages=messages, max_tokens=max_tokens)
-        return UpstreamStream(self._client, params, request_id)
+        return UpstreamStream(self._client, params, request_id, on_headers)
 
     async def complete(
         self,
@@ -363,14 +383,19 @@ class UpstreamClient:
         system: str,
         messages: Iterable[Mapping[str, Any]],
         max_tokens: int,
+        on_headers: OnHeaders | None = None,
     ) -> tuple[str, Finished]:
         """A non-streamed call (a map step of map-reduce): its whole text and usage."""
         params = _request(model=model, system=system, messages=messages, max_tokens=max_tokens)
         try:
-            message = await self._client.messages.create(
+            raw = await self._client.messages.with_raw_response.create(
                 **params, extra_headers={REQUEST_ID_HEADER: request_id}
             )
+            if on_headers is not None:
+                on_headers(raw.headers)
+            message = await raw.parse()
         except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+            _report_headers(on_headers, exc)
             raise map_error(exc) from exc
         text = "".join(block.text for block in message.content if block.type == "text")
         usage = message.usage

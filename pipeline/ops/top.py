@@ -2,7 +2,8 @@
 
 Throughput, latency percentiles and cost come from the `results` records of the last
 window; in flight counts requests with `tokens` records but no result yet; lag comes from
-the stages' consumer groups (pipeline/kafka/lag.py).
+the stages' consumer groups (pipeline/kafka/lag.py); the upstream limiter's figures from the
+workers' /metrics when ``--worker-metrics`` names them (pipeline/ops/upstream_figures.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pipeline.core.topics import TopicNames
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import LagReader
 from pipeline.ops.history import LoggedRecord, format_time, now_ms, scan
+from pipeline.ops.upstream_figures import UpstreamFigures, render_lines, scrape
 
 STAGES = ("preprocess", "inference", "postprocess")
 # A stream silent this long without a result is no longer counted as in flight.
@@ -37,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
     parser.add_argument(
         "--group", default=None, help="consumer group of the stages (default: the worker app id)"
+    )
+    parser.add_argument(
+        "--worker-metrics",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a worker's /metrics URL, for the upstream's learned limit (repeatable)",
     )
 
 
@@ -72,6 +81,7 @@ class Frame:
     # latency_ms key -> (p50, p99)
     latency: dict[str, tuple[float, float]] = field(default_factory=dict)
     lag: dict[str, int] | None = None
+    upstream: UpstreamFigures | None = None
 
     @property
     def throughput(self) -> float:
@@ -181,6 +191,7 @@ def render(frame: Frame, prefix: str) -> str:
             lines.append(f"{label:<12} p50 {_ms(p50)}  p99 {_ms(p99)}")
         else:
             lines.append(f"{label:<12} -")
+    lines += render_lines(frame.upstream)
     statuses = "  ".join(f"{status} {n}" for status, n in sorted(frame.statuses.items()))
     lines.append(f"outcomes     {statuses or '-'}")
     lines += ["", f"{'tier':<12}{'results':>9}{'in tok':>10}{'out tok':>10}{'cost USD':>12}"]
@@ -214,7 +225,13 @@ def lag_reader(settings: KafkaSettings, group: str) -> LagReader:
     return LagReader(settings, dict.fromkeys(STAGES, group))
 
 
-async def snapshot(settings: KafkaSettings, *, window_s: float = 60.0, group: str) -> Frame:
+async def snapshot(
+    settings: KafkaSettings,
+    *,
+    window_s: float = 60.0,
+    group: str,
+    worker_metrics: list[str] | None = None,
+) -> Frame:
     """One frame from the records of the last window (what `top --once` prints)."""
     topics = TopicNames.from_settings(settings)
     view = PipelineView(window_s)
@@ -226,11 +243,19 @@ async def snapshot(settings: KafkaSettings, *, window_s: float = 60.0, group: st
         missing_ok=True,
     ):
         view.feed(logged, topics.results)
-    return view.frame(now_ms(), await stage_lag(lag_reader(settings, group)))
+    frame = view.frame(now_ms(), await stage_lag(lag_reader(settings, group)))
+    frame.upstream = await scrape(worker_metrics or [])
+    return frame
 
 
 async def watch(
-    settings: KafkaSettings, *, window_s: float, interval_s: float, group: str, out: TextIO
+    settings: KafkaSettings,
+    *,
+    window_s: float,
+    interval_s: float,
+    group: str,
+    out: TextIO,
+    worker_metrics: list[str] | None = None,
 ) -> None:
     """Redraw a frame every ``interval_s`` until cancelled, following both topics live."""
     topics = TopicNames.from_settings(settings)
@@ -253,6 +278,7 @@ async def watch(
             if reader.done():
                 reader.result()  # surfaces the reader's error
             frame = view.frame(now_ms(), await stage_lag(lag))
+            frame.upstream = await scrape(worker_metrics or [])
             # Redraw in place on a terminal; elsewhere (a pipe, a log) append frames.
             out.write((CLEAR if out.isatty() else "\n") + render(frame, settings.topic_prefix))
             out.flush()
@@ -267,7 +293,14 @@ def run(args: argparse.Namespace) -> int:
     group = args.group or settings.app_id
     try:
         if args.once:
-            frame = asyncio.run(snapshot(settings, window_s=args.window, group=group))
+            frame = asyncio.run(
+                snapshot(
+                    settings,
+                    window_s=args.window,
+                    group=group,
+                    worker_metrics=args.worker_metrics,
+                )
+            )
             sys.stdout.write(render(frame, settings.topic_prefix))
             return 0
         asyncio.run(
@@ -277,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
                 interval_s=args.interval,
                 group=group,
                 out=sys.stdout,
+                worker_metrics=args.worker_metrics,
             )
         )
     except KeyboardInterrupt:

@@ -165,3 +165,22 @@ async def test_wait_not_open_returns_when_the_breaker_closes_early() -> None:
     assert not waiter.done()
     breaker.record_success()  # e.g. a call started before it opened succeeded
     await asyncio.wait_for(waiter, 1.0)
+
+
+def test_closing_after_an_opening_calls_on_recovered_once() -> None:
+    clock = FakeClock()
+    recovered: list[bool] = []
+    breaker = CircuitBreaker(
+        "t-recovered",
+        failure_threshold=1,
+        reset_s=1.0,
+        clock=clock,
+        on_recovered=lambda: recovered.append(True),
+    )
+    breaker.record_success()  # closed already: nothing recovered
+    breaker.record_failure()
+    clock.now += 1.0
+    assert breaker.allow()  # the probe
+    breaker.record_success()
+    breaker.record_success()
+    assert recovered == [True]

@@ -135,7 +135,7 @@ def test_dashboard_parses_and_every_panel_uses_the_provisioned_datasource() -> N
             needs(target["expr"])  # raises on a PromQL syntax error
 
 
-def test_dashboard_shows_stage_latency_tokens_cost_by_tier_lag_breaker_and_retries() -> None:
+def test_dashboard_shows_latency_tokens_cost_lag_breaker_retries_and_the_upstream_limit() -> None:
     shown = Needs()
     for query in queries():
         if query.where.startswith("dashboard"):
@@ -148,6 +148,15 @@ def test_dashboard_shows_stage_latency_tokens_cost_by_tier_lag_breaker_and_retri
     assert "sumstream_circuit_breaker_state" in shown.metrics
     assert "sumstream_retries_total" in shown.metrics
     assert "sumstream_gateway_overhead_seconds_bucket" in shown.metrics
+    # The upstream limiter: learned limit, share, pauses, paced calls, unforeseen 429s.
+    assert {
+        "sumstream_upstream_concurrency_limit",
+        "sumstream_upstream_share_ratio",
+        "sumstream_upstream_pauses_total",
+        "sumstream_upstream_paused_seconds_total",
+        "sumstream_upstream_paced_calls_total",
+        "sumstream_upstream_rate_limited_total",
+    } <= shown.metrics
 
 
 def test_every_metric_queried_is_declared_by_a_worker_or_the_gateway() -> None:

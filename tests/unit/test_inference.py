@@ -245,6 +245,27 @@ async def test_failures_before_the_first_token_are_retried(sim: LocalSimulator) 
     assert elapsed >= 0.2
 
 
+async def test_429s_are_retried_past_max_attempts_without_spending_the_retry_budget(
+    sim: LocalSimulator,
+) -> None:
+    sim.app.configure({"fail_next": 4, "error_status": 429, "retry_after_s": 0.05})
+    doc = document(4)
+    job = make_job(doc)
+    async with running_engine(sim, max_attempts=2, retry_budget_ratio=0.0, retry_budget_min=0) as (
+        engine,
+        rec,
+    ):
+        await engine.submit(job)
+        done = await rec.terminal(job["request_id"])
+        limiter = engine.upstream.limiter
+        assert engine.budget.available == 0  # nothing to spend, nothing spent
+        # Each retry-after paused the upstream; the limit went down, to no less than one.
+        assert limiter.paused_until > 0 and limiter.allowed >= 1 and not limiter.slow_start
+    assert done["kind"] == "DONE"
+    assert rec.text(job["request_id"]) == full_summary(doc)
+    assert stats(sim, job["request_id"])["statuses"] == [429, 429, 429, 429, 200]
+
+
 async def test_a_refused_request_fails_at_once(sim: LocalSimulator) -> None:
     job = make_job("", prompt="   ")  # the API rejects an empty message with a 400
     async with running_engine(sim) as (engine, rec):
@@ -493,6 +514,26 @@ async def test_streams_are_bounded_and_per_user_capped(sim: LocalSimulator) -> N
             1 for other in heavy if other["started_at"] <= stream["started_at"] < other["ended_at"]
         )
         assert overlapping <= 2
+
+
+async def test_interactive_jobs_start_before_waiting_topic_borne_ones(sim: LocalSimulator) -> None:
+    topic = [
+        {**make_job(document(130 + i), user=f"batch{i}"), "source": "external"} for i in range(4)
+    ]
+    http = [{**make_job(document(140 + i), user=f"web{i}"), "source": "gateway"} for i in range(2)]
+    async with running_engine(
+        sim, max_streams=1, max_streams_per_user=1, breaker_failure_threshold=1
+    ) as (engine, rec):
+        engine.breaker.record_failure()  # open for reset_s: every job queues first
+        for job in topic + http:
+            await engine.submit(job)  # type: ignore[arg-type]
+        for job in topic + http:
+            await rec.terminal(job["request_id"], timeout=30)
+    starts = [rid for rid, kind in rec.order if kind == "STARTED"]
+    http_ids = {j["request_id"] for j in http}
+    # Of the jobs that waited together the interactive ones went first (the dispatcher may have
+    # taken the first topic-borne job before the others arrived); by arrival they were last.
+    assert [i for i, rid in enumerate(starts) if rid in http_ids] in ([0, 1], [1, 2])
 
 
 async def test_fair_queuing_lets_a_light_user_past_a_flood(sim: LocalSimulator) -> None:

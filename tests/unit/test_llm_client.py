@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import pytest
 from pydantic import SecretStr
@@ -161,3 +161,26 @@ def test_parse_retry_after_forms() -> None:
     assert parse_retry_after({"retry-after": "soon"}) is None
     date = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert 25 < (parse_retry_after({"retry-after": date}) or 0) <= 30
+
+
+async def test_every_answer_hands_its_ratelimit_headers_over(
+    sim: LocalSimulator, client: UpstreamClient
+) -> None:
+    sim.app.configure({"requests_per_minute": 2})
+    seen: list[int] = []
+
+    def remaining(headers: Mapping[str, str]) -> None:
+        seen.append(int(headers["anthropic-ratelimit-requests-remaining"]))
+
+    async with client.stream(**call("rl-stream"), on_headers=remaining) as stream:
+        async for _ in stream:
+            pass
+    await client.complete(**call("rl-complete"), on_headers=remaining)
+    with pytest.raises(UpstreamAttemptError) as refused:
+        await client.complete(**call("rl-refused"), on_headers=remaining)
+    assert refused.value.status == 429
+    with pytest.raises(UpstreamAttemptError):
+        async with client.stream(**call("rl-refused-stream"), on_headers=remaining):
+            pass
+    # Two requests took the bucket's two; the refusals say nothing is left.
+    assert seen == [1, 0, 0, 0]

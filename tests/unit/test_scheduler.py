@@ -18,10 +18,11 @@ class Job:
     user_id: str
     weight: int = 1
     request_id: str = ""
+    priority: int = 1
 
     @staticmethod
-    def of(user: str, weight: int = 1) -> Job:
-        return Job(user, weight, f"r{next(_ids)}")
+    def of(user: str, weight: int = 1, priority: int = 1) -> Job:
+        return Job(user, weight, f"r{next(_ids)}", priority)
 
 
 def drain_order(sched: FairScheduler[Job], n: int) -> list[Job]:
@@ -178,3 +179,32 @@ async def test_put_blocks_when_full_and_next_blocks_when_empty() -> None:
     idle.cancel()
     with pytest.raises(asyncio.CancelledError):
         await idle
+
+
+def test_priority_zero_jobs_start_before_waiting_lower_priority_ones() -> None:
+    sched: FairScheduler[Job] = FairScheduler(max_running=1, max_per_user=1, max_queued=100)
+    topic = [Job.of("batch", priority=1) for _ in range(3)]
+    for job in topic:
+        sched.put_nowait(job)
+    http = [Job.of(f"user{i}", priority=0) for i in range(2)]
+    for job in http:
+        sched.put_nowait(job)
+    assert drain_order(sched, 5) == http + topic
+
+
+async def test_resize_lets_waiting_jobs_start_and_bounds_the_queue() -> None:
+    sched: FairScheduler[Job] = FairScheduler(max_running=1, max_per_user=10, max_queued=10)
+    jobs = [Job.of("u") for _ in range(3)]
+    for job in jobs:
+        sched.put_nowait(job)
+    assert sched.next_nowait() is jobs[0] and sched.next_nowait() is None
+    waiter = asyncio.ensure_future(sched.next())
+    await asyncio.sleep(0)
+    sched.resize(max_running=2, max_queued=1)
+    assert await asyncio.wait_for(waiter, 5) is jobs[1]
+    # One job queued: a put now waits for room.
+    put = asyncio.ensure_future(sched.put(Job.of("v")))
+    await asyncio.sleep(0)
+    assert not put.done()
+    sched.remove(jobs[2].request_id)
+    await asyncio.wait_for(put, 5)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,9 +32,18 @@ from pipeline.core.clock import now_ms
 from pipeline.core.settings import SimulatorSettings
 from pipeline.llm.simulator import admin, asgi, protocol
 from pipeline.llm.simulator.asgi import ClientGone, Receive, Scope, Send
+from pipeline.llm.simulator.limits import RateBuckets
+from pipeline.llm.simulator.pacing import pace
 from pipeline.llm.simulator.protocol import Call, Rejection, Reply
 from pipeline.llm.simulator.stats import RequestRecord, Stats, StreamRecord, append_bounded
 
+# Knob -> rate-limit bucket (limits.py).
+BUCKET_KNOBS = {
+    "requests_per_minute": "requests",
+    "tokens_per_minute": "tokens",
+    "input_tokens_per_minute": "input-tokens",
+    "output_tokens_per_minute": "output-tokens",
+}
 # The SimulatorSettings fields that POST /_sim/config may change.
 KNOBS = (
     "ttft_ms",
@@ -47,6 +58,7 @@ KNOBS = (
     "fault_kind",
     "fault_times",
     "retry_after_s",
+    *BUCKET_KNOBS,
 )
 # A bigger body is parsed and summarized on a thread.
 OFF_LOOP_BYTES = 64 * 1024
@@ -108,6 +120,7 @@ class Simulator:
         self._fail_next = self.settings.fail_next
         self._faults_left = self.settings.fault_times
         self._rng = random.Random(self.settings.seed)
+        self.buckets = RateBuckets(self._bucket_sizes(self.settings), time.time())
         self.stats = Stats(self.settings.max_records, peak_concurrent=self.open_streams)
 
     def configure(self, changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,7 +136,12 @@ class Simulator:
             self._faults_left = self.knobs.fault_times
         if "seed" in changes:
             self._rng = random.Random(self.knobs.seed)
+        self.buckets.resize(self._bucket_sizes(self.knobs), time.time())
         return self.config()
+
+    @staticmethod
+    def _bucket_sizes(knobs: SimulatorSettings) -> dict[str, int]:
+        return {bucket: getattr(knobs, knob) for knob, bucket in BUCKET_KNOBS.items()}
 
     def config(self) -> dict[str, Any]:
         """The knobs now in force, with what is left of fail_next and fault_times."""
@@ -170,9 +188,13 @@ class Simulator:
             else:
                 call, reply = protocol.prepare(body)
             self._admit(knobs)
+            self._charge(call, reply)
         except Rejection as rejection:
-            retry_after = rejection.status in (429, 529)
-            extra = [(b"retry-after", f"{knobs.retry_after_s:g}".encode())] if retry_after else []
+            extra = self.buckets.headers(time.time())
+            if rejection.status in (429, 529):
+                wait = rejection.retry_after_s
+                wait = knobs.retry_after_s if wait is None else wait
+                extra.append((b"retry-after", f"{wait:g}".encode()))
             await asgi.send_error(send, rejection.status, rejection.message, extra)
             self._status(stats, record, rejection.status)
             stats.finish(record, "rejected")
@@ -192,6 +214,16 @@ class Simulator:
         if failing or (knobs.error_rate > 0 and self._rng.random() < knobs.error_rate):
             status = knobs.error_status
             raise Rejection(status, protocol.ERROR_MESSAGES.get(status, "Internal server error"))
+
+    def _charge(self, call: Call, reply: Reply) -> None:
+        wait = self.buckets.admit(call.input_tokens, len(reply.pieces), time.time())
+        if wait > 0:
+            # Whole seconds, rounded up, as the API sends them.
+            raise Rejection(
+                429,
+                "This request would exceed the rate limit for your organization",
+                retry_after_s=float(math.ceil(wait)),
+            )
 
     async def _respond(
         self,
@@ -247,12 +279,12 @@ class Simulator:
         message = protocol.message(call, reply, content=[], output_tokens=0)
         message["stop_reason"] = None
         message["stop_sequence"] = None
-        headers = asgi.headers(protocol.SSE_HEADERS)
+        headers = asgi.headers(protocol.SSE_HEADERS) + self.buckets.headers(time.time())
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         start = protocol.event("message_start", {"type": "message_start", "message": message})
         await asgi.send_body(send, start + protocol.BLOCK_START + protocol.PING, more=True)
         frames = [protocol.delta_frame(piece) for piece in reply.pieces]
-        await _pace(send, frames[: fault_at or len(frames)], knobs, stream)
+        await pace(send, frames[: fault_at or len(frames)], knobs, stream)
         if fault_at:
             if knobs.fault_kind == "drop":
                 raise _ConnectionDropped
@@ -280,7 +312,12 @@ class Simulator:
         tokens = len(reply.pieces)
         await asyncio.sleep((knobs.ttft_ms + knobs.token_delay_ms * max(0, tokens - 1)) / 1000)
         content = [{"type": "text", "text": reply.text}]
-        await asgi.send_json(send, 200, protocol.message(call, reply, content, tokens))
+        await asgi.send_json(
+            send,
+            200,
+            protocol.message(call, reply, content, tokens),
+            self.buckets.headers(time.time()),
+        )
         stream.tokens = tokens
         return "completed"
 
@@ -331,28 +368,6 @@ class Simulator:
 
     async def _get_health(self, scope: Scope, receive: Receive, send: Send) -> None:
         await asgi.send_json(send, 200, {"status": "ok"})
-
-
-async def _pace(
-    send: Send, frames: list[bytes], knobs: SimulatorSettings, stream: StreamRecord
-) -> None:
-    """Send token frames on schedule: the first after ttft, then one every token_delay."""
-    loop = asyncio.get_running_loop()
-    delay = knobs.token_delay_ms / 1000
-    first = loop.time() + knobs.ttft_ms / 1000
-    if not frames:
-        await asyncio.sleep(knobs.ttft_ms / 1000)
-    sent = 0
-    while sent < len(frames):
-        wait = first + sent * delay - loop.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        # Everything due by now goes in one write, so a loaded server catches up on its
-        # schedule instead of drifting behind it one sleep at a time.
-        due = len(frames) if delay == 0 else int((loop.time() - first) / delay) + 1
-        end = min(len(frames), max(sent + 1, due))
-        await asgi.send_body(send, b"".join(frames[sent:end]), more=True)
-        stream.tokens = sent = end
 
 
 def _describe(error: Any) -> str:

@@ -30,10 +30,12 @@ ERROR_MESSAGES = {429: "Rate limited", 500: "Internal server error", 529: "Overl
 class Rejection(Exception):
     """A request answered with an error before any token (HTTP status + Anthropic error body)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        # Set when this rejection knows its own wait (a rate-limit bucket), else the knob's.
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from pipeline.core.metrics import (
     INFLIGHT,
@@ -18,9 +18,15 @@ from pipeline.core.metrics import (
     STAGE_SECONDS,
     UPSTREAM_ATTEMPTS,
     UPSTREAM_ERRORS,
+    UPSTREAM_PACED,
+    UPSTREAM_PAUSED_SECONDS,
+    UPSTREAM_PAUSES,
+    UPSTREAM_RATE_LIMITED,
 )
 from pipeline.core.settings import WorkerSettings
-from pipeline.llm.client import Finished, UpstreamAttemptError
+from pipeline.llm import ratelimit
+from pipeline.llm.client import Finished, OnHeaders, UpstreamAttemptError
+from pipeline.worker.inference.limiter import Cost
 from pipeline.worker.inference.retry import backoff_delay
 from pipeline.worker.inference.runs import Continuation, Holding, Run
 from pipeline.worker.inference.upstream import Upstream
@@ -30,6 +36,11 @@ logger = logging.getLogger("sumstream.inference")
 
 # Publishes one piece of streamed text as the run's next DELTA event.
 OnText = Callable[[Run, str], Awaitable[None]]
+
+# Statuses that say "too much load from you" (rate limit, overload): the limiter backs off.
+LOAD_STATUSES = frozenset({429, 529})
+# Rough characters per token, to weigh a map step's chunk before the API counts it.
+CHARS_PER_TOKEN = 4
 
 # For models that refuse an assistant prefill (400): the text so far stays as an assistant turn
 # and this user turn asks for the rest.
@@ -84,33 +95,40 @@ class Attempts:
 
     async def _complete(self, run: Run, chunk: str) -> str:
         breaker = self.upstream.breaker
+        limiter = self.upstream.limiter
         failures = 0
+        max_tokens = int(run.job["max_output_tokens"])
         while True:
-            await self._acquire(run)
+            cost = Cost(len(chunk) // CHARS_PER_TOKEN + 1, limiter.expected_output(max_tokens))
+            await self._acquire(run, cost)
             run.attempts += 1
             UPSTREAM_ATTEMPTS.labels(kind="complete").inc()
             INFLIGHT.inc()
             verdict = False
+            started = limiter.started(cost)
             try:
                 text, finished = await self.upstream.client.complete(
                     request_id=run.request_id,
                     model=str(run.job["model"]),
                     system=str(run.job.get("system") or ""),
                     messages=[{"role": "user", "content": chunk}],
-                    max_tokens=int(run.job["max_output_tokens"]),
+                    max_tokens=max_tokens,
+                    on_headers=self._reporter(started),
                 )
                 breaker.record_success()
+                limiter.succeeded(started, None)
+                limiter.observe_output(finished.output_tokens)
                 verdict = True
                 run.input_tokens += finished.input_tokens
                 run.output_tokens += finished.output_tokens
                 return text
             except UpstreamAttemptError as err:
                 verdict = True
-                self._record_failure(run, err)
-                failures += 1
-                await self._before_retry(run, err, failures)
+                self._record_failure(run, err, started)
+                failures = await self._before_retry(run, err, failures)
             finally:
                 INFLIGHT.dec()
+                limiter.ended()
                 if not verdict:
                     breaker.record_abandoned()
 
@@ -127,15 +145,24 @@ class Attempts:
             # Resume with the text so far as an assistant prefill. The API rejects trailing
             # whitespace in a prefill, so it is held back and dropped from the continuation.
             prefill = run.text.rstrip()
-            await self._acquire(run)
+            limiter = self.upstream.limiter
+            estimate = int(run.job.get("input_tokens_estimate") or 0)
+            input_tokens = estimate + len(prefill) // CHARS_PER_TOKEN
+            cost = Cost(input_tokens, limiter.expected_output(max(1, remaining)))
+            await self._acquire(run, cost)
             run.attempts += 1
             UPSTREAM_ATTEMPTS.labels(kind="stream").inc()
+            started = limiter.started(cost)
             try:
                 return await self._stream_attempt(
-                    run, _messages(run, prompt, prefill), run.text[len(prefill) :], remaining
+                    run,
+                    _messages(run, prompt, prefill),
+                    run.text[len(prefill) :],
+                    remaining,
+                    started,
                 )
             except UpstreamAttemptError as err:
-                self._record_failure(run, err)
+                self._record_failure(run, err, started)
                 if err.tokens_received > 0:
                     failures = 0
                     resumes += 1
@@ -145,11 +172,15 @@ class Attempts:
                     run.continuation = Continuation.PROMPT
                     logger.info("prefill refused, continuing by prompt", extra=run.log)
                     continue
-                failures += 1
-                await self._before_retry(run, err, failures)
+                failures = await self._before_retry(run, err, failures)
 
     async def _stream_attempt(
-        self, run: Run, messages: list[dict[str, str]], overlap: str, remaining: int
+        self,
+        run: Run,
+        messages: list[dict[str, str]],
+        overlap: str,
+        remaining: int,
+        started: float,
     ) -> Finished:
         """One upstream stream; its deltas become DELTA events. Raises UpstreamAttemptError."""
         breaker = self.upstream.breaker
@@ -159,10 +190,13 @@ class Attempts:
             system=str(run.job.get("system") or ""),
             messages=messages,
             max_tokens=max(1, remaining),
+            on_headers=self._reporter(started),
         )
         # Leading whitespace of a continuation is held until its first visible character, then
         # the part the client already has (``overlap``) is dropped.
         held: str | None = "" if overlap else None
+        limiter = self.upstream.limiter
+        sent_at = time.monotonic()
         verdict = False
         previous: float | None = None
         INFLIGHT.inc()
@@ -171,8 +205,11 @@ class Attempts:
                 async for item in stream:
                     if not verdict:
                         breaker.record_success()
+                        # The latency signal: time to first token, not total time.
+                        limiter.succeeded(started, time.monotonic() - sent_at)
                         verdict = True
                     if isinstance(item, Finished):
+                        limiter.observe_output(item.output_tokens)
                         return item
                     text = item.text
                     if held is not None:
@@ -199,6 +236,7 @@ class Attempts:
             raise
         finally:
             INFLIGHT.dec()
+            limiter.ended()
             if not verdict:
                 breaker.record_abandoned()
             # Every attempt is billed, including failed and cancelled ones.
@@ -214,17 +252,43 @@ class Attempts:
             STAGE_SECONDS.labels(stage="upstream_ttft").observe(max(0, now_ms - start) / 1000.0)
         run.trace["last_token"] = now_ms
 
-    async def _acquire(self, run: Run) -> None:
-        """Wait for the breaker, unless the dispatcher already got its consent for this run."""
+    async def _acquire(self, run: Run, cost: Cost) -> None:
+        """Wait for room at the upstream (pause, buckets), then for the breaker unless the
+        dispatcher already got its consent for this run."""
+        limiter = self.upstream.limiter
+        name = self.upstream.client.name
+        reason = "pause" if limiter.paused_until > time.time() else "bucket"
+        if await limiter.wait_for_room(cost):
+            UPSTREAM_PACED.labels(upstream=name, reason=reason).inc()
         if run.holding is Holding.SLOT_AND_PERMIT:
             run.holding = Holding.SLOT
             return
         await self.upstream.breaker.wait_closed_or_probe()
 
-    def _record_failure(self, run: Run, err: UpstreamAttemptError) -> None:
+    def _reporter(self, started: float) -> OnHeaders:
+        """Hands the rate-limit report of the call started at ``started`` to the limiter."""
+        limiter = self.upstream.limiter
+
+        def report(headers: Mapping[str, str]) -> None:
+            limiter.reported(ratelimit.parse(headers, time.time()), started)
+
+        return report
+
+    def _record_failure(self, run: Run, err: UpstreamAttemptError, started: float) -> None:
         UPSTREAM_ERRORS.labels(error_type=err.error_type).inc()
-        # A refusal (400, 401...) proves the upstream is up; only health failures trip it.
-        if err.retriable:
+        if err.status in LOAD_STATUSES and err.tokens_received == 0:
+            limiter = self.upstream.limiter
+            before = limiter.paused_until
+            limiter.refused(started, err.retry_after_s)
+            if limiter.paused_until > max(before, time.time()):
+                name = self.upstream.client.name
+                UPSTREAM_PAUSES.labels(upstream=name).inc()
+                UPSTREAM_PAUSED_SECONDS.labels(upstream=name).inc(
+                    limiter.paused_until - max(before, time.time())
+                )
+        # A refusal (400, 401...) and a rate limit (429: the limiter's business) prove the
+        # upstream is up; only health failures (5xx, overload, connection) trip the breaker.
+        if err.retriable and err.status != 429:
             self.upstream.breaker.record_failure()
         else:
             self.upstream.breaker.record_success()
@@ -246,25 +310,40 @@ class Attempts:
         logger.info("resuming after a mid-stream failure: %s", err, extra=run.log)
         await asyncio.sleep(self._backoff(resumes, None))
 
-    async def _before_retry(self, run: Run, err: UpstreamAttemptError, failures: int) -> None:
-        """Sleep before retrying a call that failed before its first token, or give up."""
+    async def _before_retry(self, run: Run, err: UpstreamAttemptError, failures: int) -> int:
+        """Sleep before retrying a call that failed before its first token, or give up.
+
+        Returns the failures that count towards ``max_attempts`` and the retry budget: a 429
+        is not one of them (the limiter paused and slowed every call instead, and the retry
+        adds no load beyond what the upstream lets through), so only the deadline bounds it.
+        """
         if not err.retriable:
             raise GiveUp(
                 "upstream_error", f"the upstream refused the request: {err}", retriable=False
             )
+        rate_limited = err.status == 429
+        if not rate_limited:
+            failures += 1
         if failures >= self.settings.max_attempts:
             raise GiveUp(
                 "upstream_unavailable",
                 f"the upstream failed {failures} attempts: {err}",
                 retriable=True,
             )
-        delay = self._backoff(failures, err.retry_after_s)
+        delay = self._backoff(max(1, failures), err.retry_after_s)
         if self._clock() + delay >= run.deadline_ms / 1000.0:
             raise GiveUp(
                 "upstream_unavailable",
                 f"the upstream asks to wait {delay:.1f}s, past the deadline: {err}",
                 retriable=True,
             )
+        if rate_limited:
+            UPSTREAM_RATE_LIMITED.labels(upstream=self.upstream.client.name).inc()
+            RETRIES.labels(reason=err.error_type).inc()
+            # With a retry-after the limiter's pause is the wait (shared, in _acquire).
+            if err.retry_after_s is None:
+                await asyncio.sleep(delay)
+            return failures
         if not self.upstream.budget.try_withdraw():
             RETRY_BUDGET_EXHAUSTED.inc()
             raise GiveUp(
@@ -274,6 +353,7 @@ class Attempts:
             )
         RETRIES.labels(reason=err.error_type).inc()
         await asyncio.sleep(delay)
+        return failures
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         return backoff_delay(

@@ -36,6 +36,7 @@ class CircuitBreaker:
         failure_threshold: int = 5,
         reset_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        on_recovered: Callable[[], None] | None = None,
     ) -> None:
         if failure_threshold < 1:
             raise ValueError("failure_threshold must be at least 1")
@@ -43,6 +44,8 @@ class CircuitBreaker:
         self.failure_threshold = failure_threshold
         self.reset_s = reset_s
         self._clock = clock
+        # Called when it closes after an opening (the upstream limiter relearns its limit).
+        self._on_recovered = on_recovered
         self._state = BreakerState.CLOSED
         self._failures = 0
         self._opened_at = 0.0
@@ -127,6 +130,8 @@ class CircuitBreaker:
             self._opened_at = self._clock()
         if state is BreakerState.CLOSED:
             self._failures = 0
+            if self._on_recovered is not None:
+                self._on_recovered()
         BREAKER_STATE.labels(upstream=self.name).set(_GAUGE_VALUE[state])
         level = logging.WARNING if state is BreakerState.OPEN else logging.INFO
         logger.log(

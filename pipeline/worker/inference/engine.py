@@ -151,6 +151,12 @@ class InferenceEngine:
             await self.breaker.wait_not_open()
             if self._stopping:
                 raise RuntimeError("the inference engine is stopping")
+        if self.upstream.limiter.paused_until > time.time():
+            # A retry-after paused every call: the same, for the same reason.
+            logger.info("upstream paused: not taking jobs", extra={"request_id": request_id})
+            await self.upstream.limiter.wait_unpaused()
+            if self._stopping:
+                raise RuntimeError("the inference engine is stopping")
         if request_id in self._runs:
             logger.info("job already active, ignored", extra={"request_id": request_id})
             return
@@ -213,6 +219,7 @@ class InferenceEngine:
             resume=resume,
             deadline_ms=deadline_ms,
             trace={str(k): int(v) for k, v in (job.get("trace") or {}).items()},
+            priority=self.upstream.priority_of(str(job.get("source") or "")),
         )
 
     async def _dispatch(self) -> None:

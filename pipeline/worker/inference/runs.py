@@ -108,6 +108,8 @@ class Run:
     interrupt: Interrupt = Interrupt.NONE
     cancel_reason: str = ""
     outbox: Outbox = field(default_factory=Outbox)
+    # 0 for the sources served first (WorkerSettings.priority_sources), 1 for the others.
+    priority: int = 1
     meta: StreamMeta = field(init=False)
 
     def __post_init__(self) -> None:

@@ -5,6 +5,10 @@ finish tag ``max(V, user's last finish) + 1 / weight``, and the scheduler runs t
 with the smallest tag, advancing V to it. A backlogged user of weight w therefore gets a w/W share
 of the starts, and a user returning from idle starts at V: idle time earns no credit, so a flood
 cannot starve anybody and a quiet user does not wait behind it.
+
+Above the users, priority classes: a job of priority 0 (interactive HTTP, by default) starts
+before any waiting job of priority 1 (work other systems put on ``requests``); within a class,
+WFQ as above. A user's flow takes the class of the job at its head.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ class Schedulable(Protocol):
 
     @property
     def weight(self) -> int: ...
+
+    @property
+    def priority(self) -> int: ...
 
 
 T = TypeVar("T", bound=Schedulable)
@@ -74,6 +81,13 @@ class FairScheduler(Generic[T]):
 
     def is_queued(self, request_id: str) -> bool:
         return request_id in self._queued
+
+    def resize(self, *, max_running: int, max_queued: int) -> None:
+        """New bounds (the upstream's learned limit changed); running jobs are not stopped."""
+        if min(max_running, max_queued) < 1:
+            raise ValueError("scheduler bounds must be at least 1")
+        self.max_running, self.max_queued = max_running, max_queued
+        self._notify()
 
     async def put(self, job: T) -> None:
         """Queue ``job``; waits while the queue is full (the caller then stops consuming)."""
@@ -147,10 +161,11 @@ class FairScheduler(Generic[T]):
         for flow in self._flows.values():
             if not flow.queue or flow.running >= self.max_per_user:
                 continue
-            if best is None or (flow.head_finish, flow.head_order) < (
-                best.head_finish,
-                best.head_order,
-            ):
+            if best is None or (
+                flow.queue[0][1].priority,
+                flow.head_finish,
+                flow.head_order,
+            ) < (best.queue[0][1].priority, best.head_finish, best.head_order):
                 best = flow
         return best
 

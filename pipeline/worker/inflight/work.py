@@ -165,6 +165,9 @@ class InflightWork:
         self._open.set()
         if self._moved:
             self._release_task = asyncio.ensure_future(self._release_moved(set(self._moved)))
+        # One limit across processes: this worker's share of the upstream follows its share
+        # of the partitions (docs/architecture.md, "Rate limits and adaptive concurrency").
+        self.upstream.set_share(len(partitions), self.settings.work_partitions)
         snapshot = self.entries.owned_entries()
         log.info(
             "inflight partitions assigned",
