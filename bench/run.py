@@ -34,9 +34,11 @@ from bench.scenarios import (
     long_summaries,
     overhead,
     profile_sumstream,
+    random_429,
     rate_limited,
     scaling,
     throughput,
+    token_bucket,
 )
 from pipeline.core.settings import REPO_ROOT, KafkaSettings
 
@@ -220,6 +222,8 @@ async def run_bench(
             ("bursts", False, lambda: bursts(b)),
             ("throughput", True, lambda: throughput(b)),
             ("rate_limited", False, lambda: rate_limited(b)),
+            ("random_429", False, lambda: random_429(b)),
+            ("token_bucket", False, lambda: token_bucket(b)),
             ("long_summaries", True, lambda: long_summaries(b)),
             ("scaling", True, lambda: scaling(b, run_id)),
         ]
