@@ -49,26 +49,40 @@ def codeword(index: int) -> str:
     return f"Unit{index:06d}X"
 
 
-def document(index: int) -> str:
-    """Document ``index``: ``SENTENCES`` sentences of about twenty words about its subject."""
+def document(index: int, clauses: int = 1) -> str:
+    """Document ``index``: ``SENTENCES`` sentences of about ``20 * clauses`` words about its
+    subject (the summarizer keeps whole sentences, so longer summaries need longer ones)."""
     rng = random.Random(index)
     name = codeword(index)
     sentences = []
     for n in range(SENTENCES):
         subject = rng.choice(_SUBJECTS)
-        sentences.append(
+        parts = [
             f"In week {n + 1} the {name} {subject} {rng.choice(_VERBS)} "
-            f"{rng.randint(100, 9999)} {rng.choice(_OBJECTS)} {rng.choice(_DETAILS)}, "
+            f"{rng.randint(100, 9999)} {rng.choice(_OBJECTS)} {rng.choice(_DETAILS)}"
+        ]
+        for _ in range(clauses - 1):
+            parts.append(
+                f"then it {rng.choice(_VERBS)} {rng.randint(100, 9999)} more "
+                f"{rng.choice(_OBJECTS)} {rng.choice(_DETAILS)}"
+            )
+        parts.append(
             f"and {name} reported {rng.randint(2, 99)} exceptions to the {subject} owners."
         )
+        sentences.append(", ".join(parts))
     return " ".join(sentences)
+
+
+def clauses_for(max_tokens: int) -> int:
+    """Clauses per sentence so that the summary fills ``max_tokens`` (1 up to 100 tokens)."""
+    return 1 if max_tokens <= 100 else -(-max_tokens // 75)
 
 
 def expected(index: int, max_tokens: int) -> str:
     """The exact text the simulator streams for document ``index``."""
-    return summarize(document(index), max_tokens)
+    return summarize(document(index, clauses_for(max_tokens)), max_tokens)
 
 
 def request(index: int, max_tokens: int) -> tuple[str, str]:
     """(document, expected summary) for request ``index``."""
-    return document(index), expected(index, max_tokens)
+    return document(index, clauses_for(max_tokens)), expected(index, max_tokens)

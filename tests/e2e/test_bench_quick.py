@@ -38,10 +38,14 @@ async def test_a_tiny_baseline_run_measures_every_scenario_and_cleans_up(tmp_pat
     results = json.loads(md_path.with_suffix(".json").read_text())
     assert results["meta"]["errors"] == []
     streams = results["streams"]
-    measured = [s for s in streams if s["phase"] != "rate_limited"]
+    measured = [s for s in streams if s["phase"].startswith(("overhead/", "burst/"))]
     assert len(measured) == 2 + 8 + 5
     assert all(s["complete"] and s["in_order"] and s["own"] for s in measured)
     assert all(s["tokens"] == plan.max_tokens for s in measured)
+    # The same corpus at longer summaries: every stream complete, each of long_tokens tokens.
+    longer = [s for s in streams if s["phase"].startswith("long/")]
+    assert len(longer) == plan.long_requests
+    assert all(s["complete"] and s["tokens"] == plan.long_tokens for s in longer)
     a = results["analysis"]
     assert a["overhead"]["4"]["baseline"]["correct"] == 8
     assert a["burst"]["5"]["baseline"]["ttft_p99_vs_single"] is not None
