@@ -21,6 +21,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.metrics import CONNECTIONS_REFUSED
 
+# What a connection's transport holds before uvicorn's flow control stops writing to it
+# (asyncio's default: 64 KB). A client that stopped reading holds this much (plus the kernel's
+# send buffer) until the send timeout lets it go (docs/architecture.md, "The lean SSE path").
+WRITE_BUFFER_HIGH_BYTES = 16 * 1024
+
 _STATUS_TEXT = {
     408: b"Request Timeout",
     431: b"Request Header Fields Too Large",
@@ -55,6 +60,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_BYTES)
         if len(self.connections) > self.limits.max_connections:
             # Refused before reading anything: the cheapest answer to a connection flood.
             self._refuse(503, "too_many_connections")

@@ -41,6 +41,10 @@ from pipeline.core.results import build_result
 
 log = logging.getLogger("sumstream.gateway.sse")
 
+# At most this many events in one write: a client that stops reading is found out by the
+# transport's flow control after a bounded write (each event is ~100 bytes or a few tokens).
+EVENTS_PER_WRITE = 8
+
 
 class ErrorData(TypedDict):
     """The ``error`` event's data: what went wrong and where to resume."""
@@ -315,7 +319,7 @@ async def summary_events(
                 return
             # Whatever is queued already goes without a wait (no timer, no task switch);
             # the tail dispatches a fetch at once, so a busy stream rarely waits.
-            items = source.subscriber.ready()
+            items = source.subscriber.ready(EVENTS_PER_WRITE)
             if not items:
                 wait_s = progress.wait_s(gateway.settings)
                 try:
@@ -332,7 +336,7 @@ async def summary_events(
                         continue
                     yield closing
                     return
-                items = [item, *source.subscriber.ready()]
+                items = [item, *source.subscriber.ready(EVENTS_PER_WRITE - 1)]
             # Every event queued for the client goes in one write.
             chunk = b"".join(token for token in map(progress.take, items) if token is not None)
             if chunk:

@@ -76,14 +76,15 @@ class Subscriber:
         self._wake.set()
         self._space.set()
 
-    def ready(self) -> list[Item]:
-        """Every item that is queued now, without waiting (none once overflowed: ``get``
-        then says so)."""
-        items = list(self._backlog)
-        self._backlog.clear()
-        if self._live and not self.overflowed:
-            items += self._live
-            self._live.clear()
+    def ready(self, limit: int) -> list[Item]:
+        """Up to ``limit`` items that are queued now, without waiting (none from the live
+        queue once overflowed: ``get`` then says so)."""
+        items: list[Item] = []
+        while self._backlog and len(items) < limit:
+            items.append(self._backlog.popleft())
+        if self._live and not self.overflowed and len(items) < limit:
+            while self._live and len(items) < limit:
+                items.append(self._live.popleft())
             self._space.set()
         return items
 

@@ -576,7 +576,10 @@ def test_slow_sse_readers_are_cut_off_in_bounded_memory_and_a_fast_client_gets_w
             ]
 
             def slow_ones_ended() -> float:
-                return sum(v for k, v in ends_since(url, before).items() if k != "done")
+                # Streams ended but the fast client's. A reader whose whole stream fit into
+                # the connection's buffers (coalesced token records make streams compact)
+                # ended as `done` from the gateway's side: it holds nothing more there.
+                return sum(ends_since(url, before).values()) - len(fast)
 
             # The fast client starts once every slow reader has reached the gateway (it is
             # open there now, or was already cut off).
@@ -624,7 +627,7 @@ def test_slow_sse_readers_are_cut_off_in_bounded_memory_and_a_fast_client_gets_w
     finally:
         stack.sim_config(token_delay_ms=10)
     rss_after = rss_mb(pid)
-    slow_ends = sum(v for k, v in loaded.ends.items() if k != "done")
+    slow_ends = sum(loaded.ends.values()) - len(loaded.fast)
     figures(
         "slow_clients",
         slow_readers=readers_per_stream * len(long_docs),
@@ -636,9 +639,11 @@ def test_slow_sse_readers_are_cut_off_in_bounded_memory_and_a_fast_client_gets_w
         gateway_rss_mb_after=round(rss_after, 1),
         fast_requests=(len(without.fast), len(loaded.fast)),
     )
-    # Every slow reader was let go (queue overflow: slow_consumer, or the send timeout);
-    # each could have read at most a few KB of its ~120 KB stream.
+    # Every slow reader was let go (queue overflow: slow_consumer, or the send timeout), or
+    # its whole stream went into the connection's bounded buffers (then `done`); each could
+    # have read at most a few KB of its stream.
     assert slow_ends == readers_per_stream * len(long_docs), loaded.ends
+    assert set(loaded.ends) <= {"slow_consumer", "send_timeout", "done"}, loaded.ends
     # The fast client, on the same gateway at the same time, got every one of its streams
     # whole (fast_client checks each text) and in order, and each ended as `done`.
     assert loaded.fast, "the fast client finished no stream while the readers were stuck"
@@ -646,7 +651,7 @@ def test_slow_sse_readers_are_cut_off_in_bounded_memory_and_a_fast_client_gets_w
         seqs = result.seqs
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
         assert result.events[0].event == "accepted" and result.events[-1].event == "done"
-    assert loaded.ends.get("done", 0) == len(loaded.fast)
+    assert loaded.ends.get("done", 0) >= len(loaded.fast)
     # Gateway memory stays bounded: 300 stuck readers hold at most a 256-event queue and a
     # 64 KB transport buffer each (~25 MB); 100 MB leaves room for the allocator.
     assert max(loaded.rss_mb) - without.rss_mb[0] < 100

@@ -274,7 +274,7 @@ async def test_upstream_errors_before_the_first_token_are_retried(env: Env, budg
         assert result.done["usage"]["attempts"] == 2
         assert sim_record(env, result.request_id)["statuses"] == [status, 200]
         # Both attempts are billed; the failed one had no tokens.
-        assert result.done["usage"]["output_tokens"] == len(result.of("token"))
+        assert result.done["usage"]["output_tokens"] == len(result.seqs)
 
 
 # -- 3. errors after the first token: resume ---------------------------------------------------
@@ -309,7 +309,7 @@ async def test_resumes_exhausted_end_with_a_partial_error_and_keep_the_text(env:
     assert done["status"] == "PARTIAL"
     assert done["usage"]["attempts"] == 1 + MAX_RESUMES
     # The text so far is kept in the result, and it is what the client was sent.
-    assert len(result.of("token")) == 10 * (1 + MAX_RESUMES)
+    assert len(result.seqs) == 10 * (1 + MAX_RESUMES)
     assert done["summary"] == result.text.strip()
     assert expected(doc).startswith(done["summary"])
     assert len(done["summary"]) < len(expected(doc))
@@ -391,7 +391,7 @@ async def test_delete_cancels_closes_the_upstream_at_once_and_bills_the_usage(en
                 result.events.append(event)
                 if event.event == "done":
                     break
-                if not deleted and len(result.of("token")) >= 5:
+                if not deleted and len(result.seqs) >= 5:
                     url = f"{env.url}/v1/summaries/{result.request_id}"
                     answer = await client.delete(url, headers=auth())
                     assert answer.status_code == 202, answer.text
@@ -401,7 +401,7 @@ async def test_delete_cancels_closes_the_upstream_at_once_and_bills_the_usage(en
     done = assert_error_then_done(result, "cancelled", partial=True)
     assert late.json()["status"] == "CANCELLED"
     assert late.json()["usage"] == done["usage"]
-    assert_cancelled_upstream(env, result.request_id, done, len(result.of("token")), "client")
+    assert_cancelled_upstream(env, result.request_id, done, len(result.seqs), "client")
 
 
 async def test_a_client_that_disconnects_and_does_not_come_back_is_cancelled(env: Env) -> None:

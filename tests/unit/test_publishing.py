@@ -115,3 +115,18 @@ async def test_close_lets_the_send_under_way_finish_and_drops_what_waits_behind_
     # "b" never went out: the next owner resumes after seq 1, what the log holds.
     assert [e["text"] for e in broker.acked] == ["a"]
     assert len(broker.sent) == 1
+
+
+async def test_a_cancelled_send_fails_the_run_instead_of_leaving_a_gap() -> None:
+    broker = GatedBroker()
+    publisher, run = RunPublisher(broker.emit), new_run()
+    await publisher.delta(run, "a")
+    await broker.next_send()
+    sending = run.outbox.sending
+    assert sending is not None
+    sending.cancel()  # a stopping event loop
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    with pytest.raises(PublishError):
+        await publisher.finish(run, "DONE")
+    assert broker.acked == [] and [e["kind"] for e in broker.sent] == ["DELTA"]

@@ -73,6 +73,14 @@ class RunPublisher:
                 )
                 try:
                     await self._emit(event)
+                except asyncio.CancelledError as exc:
+                    # Only a stopping loop cancels a send: its seqs may not be out, so nothing
+                    # may follow them (the terminal event either).
+                    box.failure = RuntimeError(
+                        f"the send of seqs up to {event['seq']} was cancelled"
+                    )
+                    box.failure.__cause__ = exc
+                    raise
                 except Exception as exc:
                     box.failure = exc
                     logger.warning(
