@@ -51,10 +51,34 @@ def test_slow_start_adds_one_per_success_until_the_first_refusal_then_decreases(
     assert limits.allowed == 9
     limits.refused(clock.now - 0.1, retry_after_s=None)
     assert limits.allowed == 6 and not limits.slow_start  # 9 x 0.7
-    # Congestion avoidance: about one more per round of `limit` successes.
-    for _ in range(7):
+    # Back fast (one per success) to just below where it was refused...
+    for _ in range(2):
         limits.succeeded(clock.now, 0.2)
-    assert limits.allowed == 7
+    assert limits.allowed == 8
+    # ...then congestion avoidance, slowed down past the refused limit.
+    for _ in range(8):
+        limits.succeeded(clock.now, 0.2)
+    assert limits.allowed == 8
+
+
+def test_a_refusal_by_a_drained_bucket_pauses_but_keeps_the_concurrency_limit() -> None:
+    clock = FakeClock()
+    limits = limiter(clock)
+    limits.limit = 20.0
+    started = clock.now
+    clock.now += 0.5
+    # The 429's own report: the token bucket is empty; its refill is the pacing's business.
+    limits.reported(RateLimits(seen_at=clock.now, tokens=Bucket(6_000, 0, clock.now + 30)), started)
+    limits.refused(started, retry_after_s=3.0)
+    assert limits.allowed == 20
+    assert limits.delay_s(CALL) >= 3.0
+    # A refusal while every bucket has room is the upstream's concurrency: it decreases.
+    clock.now += 5.0
+    limits.reported(
+        RateLimits(seen_at=clock.now, tokens=Bucket(6_000, 6_000, clock.now)), clock.now
+    )
+    limits.refused(clock.now, retry_after_s=None)
+    assert limits.allowed == 14
 
 
 def test_refusals_of_calls_started_before_a_decrease_do_not_decrease_again() -> None:

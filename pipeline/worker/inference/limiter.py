@@ -35,6 +35,8 @@ from pipeline.llm.ratelimit import Bucket, RateLimits
 REFUSAL_MEMORY_S = 120.0
 # How many recent first-token times the latency baseline is the best of.
 TTFT_SAMPLES = 50
+# A refusal whose report shows a bucket with less than this share left is the bucket's doing.
+DRAINED = 0.1
 # Calls started more than this long ago no longer count as unreported: every bucket has
 # refilled them by now.
 HELD_FOR_S = 60.0
@@ -213,17 +215,26 @@ class UpstreamLimiter:
             self._refused_at = None
         if self.slow_start:
             step = 1.0
+        elif self._refused_at is not None and self.limit + 1 <= self._refused_at:
+            step = 1.0  # back fast to just below where the upstream last refused
         else:
             step = 1.0 / self.limit
-            if self._refused_at is not None and self.limit + 1 > self._refused_at:
+            if self._refused_at is not None:
                 step /= self.probe_slowdown
         self._set_limit(min(float(self.own_ceiling), self.limit + step))
 
     def refused(self, started_at: float, retry_after_s: float | None) -> None:
-        """A 429 or an overload: pause for ``retry_after_s`` and decrease, once per round trip."""
+        """A 429 or an overload: pause for ``retry_after_s`` and decrease, once per round trip.
+
+        A refusal whose own report shows a drained bucket is the bucket's doing: the pause and
+        the pacing deal with it, and the concurrency limit stays (it would only have to climb
+        back once the bucket refills)."""
         now = self._clock()
         if retry_after_s is not None and retry_after_s > 0:
             self.paused_until = max(self.paused_until, now + retry_after_s)
+        if self._bucket_drained(started_at):
+            self._notify()
+            return
         if started_at >= self._decreased_at:
             self._decreased_at = now
             self.slow_start = False
@@ -247,6 +258,15 @@ class UpstreamLimiter:
                 self._refused_at *= ratio
 
     # -- internals
+
+    def _bucket_drained(self, started_at: float) -> bool:
+        """Did the report of a call started at ``started_at`` (or later) show a bucket below
+        DRAINED of its size?"""
+        report = self._report
+        if report is None or report.seen_at < started_at:
+            return False
+        buckets = (report.requests, report.tokens, report.input_tokens, report.output_tokens)
+        return any(b is not None and b.remaining < DRAINED * b.limit for b in buckets)
 
     def _share_of(self, bucket: Bucket) -> Bucket:
         if self.share >= 1.0:
