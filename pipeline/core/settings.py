@@ -144,6 +144,12 @@ class WorkerSettings(KafkaSettings):
     # fewer syscalls; coalescing keeps the text flowing meanwhile (docs/architecture.md,
     # "Coalesced token records").
     producer_linger_ms: float = Field(default=0.0, ge=0)
+    # Coalescing under load (docs/architecture.md, "Coalesced token records"): up to
+    # `coalesce_light_runs` running requests every delta goes at once; beyond, a run's next
+    # record waits after its previous one, up to `coalesce_max_hold_ms` at `coalesce_full_runs`.
+    coalesce_light_runs: int = Field(default=8, ge=0)
+    coalesce_full_runs: int = Field(default=48, ge=1)
+    coalesce_max_hold_ms: float = Field(default=25.0, ge=0)
     # Stages and the Faust app (pipeline/worker/app.py, preprocess.py, postprocess.py).
     # Tokens one model call may hold (prompt + output); longer documents are split (map-reduce).
     model_budget_tokens: int = Field(default=150_000, ge=1_000)

@@ -10,7 +10,7 @@ import pytest
 from pipeline.core import events
 from pipeline.core.codec import codec
 from pipeline.core.records import TokenEvent
-from pipeline.worker.inference.publishing import PublishError, RunPublisher
+from pipeline.worker.inference.publishing import PublishError, RunPublisher, coalesce_hold_s
 from pipeline.worker.inference.runs import Run, RunState
 
 
@@ -130,3 +130,42 @@ async def test_a_cancelled_send_fails_the_run_instead_of_leaving_a_gap() -> None
     with pytest.raises(PublishError):
         await publisher.finish(run, "DONE")
     assert broker.acked == [] and [e["kind"] for e in broker.sent] == ["DELTA"]
+
+
+class HeldSleep:
+    """A sleep the test ends: records how long the publisher asked to wait."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        await self.release.wait()
+
+
+def test_the_hold_is_none_for_light_load_and_grows_to_its_maximum() -> None:
+    assert coalesce_hold_s(1, 8, 48, 25.0) == 0.0
+    assert coalesce_hold_s(8, 8, 48, 25.0) == 0.0
+    assert coalesce_hold_s(28, 8, 48, 25.0) == pytest.approx(0.0125)
+    assert coalesce_hold_s(200, 8, 48, 25.0) == pytest.approx(0.025)
+    assert coalesce_hold_s(200, 8, 48, 0.0) == 0.0
+
+
+async def test_under_load_a_runs_next_record_waits_the_hold_and_takes_every_delta_meanwhile() -> (
+    None
+):
+    broker, sleep = GatedBroker(), HeldSleep()
+    publisher, run = RunPublisher(broker.emit, hold=lambda: 0.02, sleep=sleep), new_run()
+    await publisher.delta(run, "The")  # the first record goes at once: no added TTFT
+    assert (await broker.next_send())["text"] == "The"
+    broker.gate.release()
+    await publisher.delta(run, " cat")
+    for _ in range(5):  # the drain acknowledges the first send, then waits the hold
+        await asyncio.sleep(0)
+    assert len(sleep.asked) == 1 and 0 < sleep.asked[0] <= 0.02
+    await publisher.delta(run, " sat")
+    sleep.release.set()
+    second = await broker.next_send()
+    assert (events.first_seq(second), second["seq"], second["text"]) == (2, 3, " cat sat")
+    assert len(broker.sent) == 2

@@ -26,7 +26,12 @@ from pipeline.core.records import ErrorInfo, InferenceJob
 from pipeline.core.settings import WorkerSettings
 from pipeline.worker.inference.attempts import Attempts, GiveUp
 from pipeline.worker.inference.breaker import BreakerState, CircuitBreaker
-from pipeline.worker.inference.publishing import Emit, PublishError, RunPublisher
+from pipeline.worker.inference.publishing import (
+    Emit,
+    PublishError,
+    RunPublisher,
+    coalesce_hold_s,
+)
 from pipeline.worker.inference.retry import RetryBudget
 from pipeline.worker.inference.runs import Holding, Interrupt, ResumeState, Run, RunState
 from pipeline.worker.inference.scheduler import FairScheduler
@@ -59,7 +64,7 @@ class InferenceEngine:
         self.upstream = upstream
         self._on_finished = on_finished
         self._clock = clock
-        self._publisher = RunPublisher(emit)
+        self._publisher = RunPublisher(emit, hold=self._coalesce_hold)
         self._attempts = Attempts(
             settings, upstream, self._publisher.delta, clock=clock, rng=rng or random.Random()
         )
@@ -208,6 +213,12 @@ class InferenceEngine:
         return sum(1 for run in self._runs.values() if not run.closed)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _coalesce_hold(self) -> float:
+        s = self.settings
+        return coalesce_hold_s(
+            len(self._runs), s.coalesce_light_runs, s.coalesce_full_runs, s.coalesce_max_hold_ms
+        )
 
     def _new_run(self, job: InferenceJob, resume: ResumeState | None) -> Run:
         deadline_ms = int(job.get("deadline_ms") or 0)

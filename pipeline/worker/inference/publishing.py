@@ -22,6 +22,19 @@ from pipeline.worker.inference.runs import Run, RunState
 logger = logging.getLogger("sumstream.inference")
 
 Emit = Callable[[TokenEvent], Awaitable[None]]
+# Seconds a run's next record waits after its previous one, given the load (0: none).
+Hold = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def coalesce_hold_s(active_runs: int, light_runs: int, full_runs: int, max_hold_ms: float) -> float:
+    """The hold between a run's records: none up to ``light_runs`` runs (a lone user's tokens
+    go at once), rising linearly to ``max_hold_ms`` at ``full_runs``: under load each record
+    carries more deltas, so the cost per token falls as the load grows."""
+    if active_runs <= light_runs or max_hold_ms <= 0:
+        return 0.0
+    share = min(1.0, (active_runs - light_runs) / max(1, full_runs - light_runs))
+    return share * max_hold_ms / 1000.0
 
 
 class PublishError(Exception):
@@ -31,8 +44,10 @@ class PublishError(Exception):
 class RunPublisher:
     """Numbers a run's events and hands them to ``emit``."""
 
-    def __init__(self, emit: Emit) -> None:
+    def __init__(self, emit: Emit, hold: Hold | None = None, sleep: Sleep = asyncio.sleep) -> None:
         self._emit = emit
+        self._hold = hold
+        self._sleep = sleep
 
     async def started(self, run: Run) -> None:
         """The STARTED event, with the run's trace so far."""
@@ -66,7 +81,16 @@ class RunPublisher:
         # One task per burst of deltas; the run's task never waits for it except to finish.
         box = run.outbox
         try:
+            loop = asyncio.get_running_loop()
             while box.pending and not box.closed:
+                if self._hold is not None and box.last_sent_at is not None:
+                    wait = box.last_sent_at + self._hold() - loop.time()
+                    if wait > 0:
+                        # Under load the next record waits a little: more deltas join it.
+                        await self._sleep(wait)
+                        if box.closed:
+                            break
+                box.last_sent_at = loop.time()
                 pieces, box.pending = box.pending, []
                 event = events.delta(
                     run.request_id, first_seq=box.first_seq, pieces=pieces, attempt=_attempt(run)

@@ -69,6 +69,7 @@ class Outbox:
     sending: asyncio.Task[None] | None = None
     failure: Exception | None = None
     closed: bool = False  # nothing more is sent after the send under way
+    last_sent_at: float | None = None  # loop time of the last DELTA record's send
 
 
 @dataclass
