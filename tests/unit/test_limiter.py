@@ -228,3 +228,19 @@ def test_restart_after_an_outage_learns_again_from_the_initial_limit_in_slow_sta
     assert limits.allowed == 4 and limits.slow_start
     limits.succeeded(clock.now, 0.2)
     assert limits.allowed == 5
+
+
+def test_a_refusal_cuts_a_grown_limit_to_what_the_upstream_answered_meanwhile() -> None:
+    clock = FakeClock()
+    limits = limiter(clock)
+    limits.limit = 64.0  # grown while the upstream took everything
+    for _ in range(8):
+        limits.accepted()  # its capacity dropped: 8 streams answered, the rest refused
+    limits.refused(clock.now, retry_after_s=None)
+    assert limits.allowed == 8
+    # Probing past 8 goes slowly: the refusal happened at 9, not at the old 64.
+    for _ in range(8):
+        limits.succeeded(clock.now, 0.2)
+    assert limits.allowed == 8
+    limits.ended(accepted=True)
+    assert limits.accepted_now == 7

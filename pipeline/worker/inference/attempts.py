@@ -200,8 +200,11 @@ class Attempts:
         verdict = False
         previous: float | None = None
         INFLIGHT.inc()
+        entered = False
         try:
             async with stream:
+                entered = True
+                limiter.accepted()
                 async for item in stream:
                     if not verdict:
                         breaker.record_success()
@@ -236,7 +239,7 @@ class Attempts:
             raise
         finally:
             INFLIGHT.dec()
-            limiter.ended()
+            limiter.ended(accepted=entered)
             if not verdict:
                 breaker.record_abandoned()
             # Every attempt is billed, including failed and cancelled ones.

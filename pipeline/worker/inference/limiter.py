@@ -89,6 +89,9 @@ class UpstreamLimiter:
         self.share = 1.0
         self.paused_until = 0.0
         self.in_flight = 0
+        # Calls the upstream answered with a stream (200) that are still running: what it
+        # took while it refused others, the best guess of its capacity.
+        self.accepted_now = 0
         self.initial = initial
         self.limit = float(min(initial, ceiling))
         self._clock = clock
@@ -179,9 +182,15 @@ class UpstreamLimiter:
         self.in_flight += 1
         return now
 
-    def ended(self) -> None:
-        """A call that ``started`` is over, whatever its outcome."""
+    def accepted(self) -> None:
+        """A call that ``started`` was answered with a stream."""
+        self.accepted_now += 1
+
+    def ended(self, accepted: bool = False) -> None:
+        """A call that ``started`` is over, whatever its outcome (``accepted``: it had been)."""
         self.in_flight = max(0, self.in_flight - 1)
+        if accepted:
+            self.accepted_now = max(0, self.accepted_now - 1)
 
     def reported(self, limits: RateLimits, started_at: float) -> None:
         """A response of the call started at ``started_at`` reported the buckets."""
@@ -215,7 +224,7 @@ class UpstreamLimiter:
             self._refused_at = None
         if self.slow_start:
             step = 1.0
-        elif self._refused_at is not None and self.limit + 1 <= self._refused_at:
+        elif self._refused_at is not None and self.limit + 1 < self._refused_at:
             step = 1.0  # back fast to just below where the upstream last refused
         else:
             step = 1.0 / self.limit
@@ -238,8 +247,15 @@ class UpstreamLimiter:
         if started_at >= self._decreased_at:
             self._decreased_at = now
             self.slow_start = False
-            self._refused_at, self._refused_time = self.limit, now
-            self._set_limit(max(1.0, self.limit * self.decrease))
+            limit = self.limit * self.decrease
+            refused_at = self.limit
+            if self.accepted_now:
+                # What the upstream takes is what it answered meanwhile: a limit grown far
+                # beyond that (an upstream whose capacity just dropped) goes straight there.
+                limit = min(limit, float(self.accepted_now))
+                refused_at = min(refused_at, float(self.accepted_now + 1))
+            self._refused_at, self._refused_time = refused_at, now
+            self._set_limit(max(1.0, limit))
         self._notify()
 
     def restart(self) -> None:
