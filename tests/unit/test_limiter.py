@@ -244,3 +244,31 @@ def test_a_refusal_cuts_a_grown_limit_to_what_the_upstream_answered_meanwhile() 
     assert limits.allowed == 8
     limits.ended(accepted=True)
     assert limits.accepted_now == 7
+
+
+def test_an_answer_without_a_report_ends_the_pacing_by_an_old_one() -> None:
+    clock = FakeClock()
+    limits = limiter(clock)
+    # A drained token bucket paces every call...
+    limits.reported(RateLimits(seen_at=clock.now, tokens=Bucket(6_000, 0, clock.now + 60)), 0.0)
+    assert limits.delay_s(CALL) > 0
+    # ...until an answer comes without any rate-limit headers: the buckets are gone.
+    clock.now += 1.0
+    limits.reported(RateLimits(seen_at=clock.now), clock.now)
+    assert limits.delay_s(CALL) == 0.0
+
+
+def test_after_a_calm_spell_without_refusals_the_limit_grows_by_slow_start_again() -> None:
+    clock = FakeClock()
+    limits = limiter(clock)
+    limits.limit = 10.0
+    limits.refused(clock.now, retry_after_s=None)
+    assert limits.allowed == 7 and not limits.slow_start
+    clock.now += 5.0
+    for _ in range(3):  # within the episode: back to just below 10, then probing slowly
+        limits.succeeded(clock.now, 0.2)
+    assert limits.allowed == 9 and not limits.slow_start
+    clock.now += 20.0
+    for _ in range(10):
+        limits.succeeded(clock.now, 0.2)
+    assert limits.slow_start and limits.allowed >= 18

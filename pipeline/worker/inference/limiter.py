@@ -33,6 +33,9 @@ from pipeline.llm.ratelimit import Bucket, RateLimits
 
 # How long the limit at which the upstream refused slows down probing beyond it.
 REFUSAL_MEMORY_S = 120.0
+# After this long without a refusal the limit grows by slow start again: the episode that
+# lowered it is over, and one refusal (cut to what the upstream answered) finds the new level.
+CALM_S = 15.0
 # How many recent first-token times the latency baseline is the best of.
 TTFT_SAMPLES = 50
 # A refusal whose report shows a bucket with less than this share left is the bucket's doing.
@@ -195,6 +198,12 @@ class UpstreamLimiter:
     def reported(self, limits: RateLimits, started_at: float) -> None:
         """A response of the call started at ``started_at`` reported the buckets."""
         if limits.empty:
+            # An answer without a report: the upstream no longer limits by buckets (a limit
+            # lifted, another endpoint); an old report must not pace calls for ever.
+            if self._report is not None and limits.seen_at >= self._report.seen_at:
+                self._report = None
+                self._held.clear()
+                self._notify()
             return
         if self._report is None or limits.seen_at >= self._report.seen_at:
             self._report = limits
@@ -220,7 +229,10 @@ class UpstreamLimiter:
         # Only a limit in use is tested by a success: an idle one must not grow without bound.
         if self.limit >= self.own_ceiling or self.in_flight < self.allowed - 1:
             return
-        if self._refused_at is not None and self._clock() - self._refused_time > REFUSAL_MEMORY_S:
+        now = self._clock()
+        if not self.slow_start and now - self._refused_time > CALM_S:
+            self.slow_start, self._refused_at = True, None
+        if self._refused_at is not None and now - self._refused_time > REFUSAL_MEMORY_S:
             self._refused_at = None
         if self.slow_start:
             step = 1.0
