@@ -39,6 +39,7 @@ from bench.scenarios import (
     scaling,
     throughput,
     token_bucket,
+    warm,
 )
 from pipeline.core.settings import REPO_ROOT, KafkaSettings
 
@@ -146,32 +147,8 @@ async def warm_up(b: Bench, timeout_s: float = 120.0) -> dict[str, float]:
     took: dict[str, float] = {}
     for system, target in b.targets.items():
         t0 = time.perf_counter()
-        while True:
-            first = b.prepare(1)
-            rec = client.StreamRecord(system, "warmup", first, b.doc(first)[1])
-            await client.run_stream(
-                target, 0, b.doc(first)[0], b.plan.max_tokens, rec, deadline_s=30
-            )
-            if rec.complete:
-                break
-            b.stack.check_alive()
-            if time.perf_counter() - t0 > timeout_s:
-                raise RuntimeError(
-                    f"{system}: no correct stream after {timeout_s:.0f} s "
-                    f"(last: {rec.outcome}, {rec.failure or rec.error})"
-                )
-            await asyncio.sleep(1.0)
+        await warm(b, target, timeout_s)
         took[system] = round(time.perf_counter() - t0, 2)
-        first = b.prepare(20)
-        await client.closed_loop(
-            target,
-            "warmup",
-            b.doc,
-            concurrency=10,
-            requests=20,
-            max_output_tokens=b.plan.max_tokens,
-            first_index=first,
-        )
     return took
 
 

@@ -502,7 +502,7 @@ async def scaling(b: Bench, run_id: str) -> None:
             b.targets["sumstream"] = started.target
             b.pids = {**main, **started.pids}
             try:
-                await _warm(b, started.target)
+                await warm(b, started.target)
                 first = b.prepare(p.scaling_requests)
                 await b.phase(
                     f"scaling/{label}",
@@ -528,19 +528,22 @@ async def scaling(b: Bench, run_id: str) -> None:
         b.pids = main
 
 
-async def _warm(b: Bench, target: client.Target, timeout_s: float = 120.0) -> None:
-    """Until one stream comes back complete (the workers have joined their group), then a
-    few concurrent ones."""
+async def warm(b: Bench, target: client.Target, timeout_s: float = 120.0) -> None:
+    """Until one stream comes back complete (the workers have joined their group), then a few
+    concurrent ones so connections and consumer fetch sessions are warm."""
     deadline = time.monotonic() + timeout_s
     while True:
         first = b.prepare(1)
-        rec = client.StreamRecord("sumstream", "warmup", first, b.doc(first)[1])
+        rec = client.StreamRecord(target.name, "warmup", first, b.doc(first)[1])
         await client.run_stream(target, 0, b.doc(first)[0], b.plan.max_tokens, rec, deadline_s=30)
         if rec.complete:
             break
         b.stack.check_alive()
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no correct stream after {timeout_s:.0f} s: {rec.failure}")
+            raise RuntimeError(
+                f"{target.name}: no correct stream after {timeout_s:.0f} s "
+                f"(last: {rec.outcome}, {rec.failure or rec.error})"
+            )
         await asyncio.sleep(1.0)
     first = b.prepare(20)
     await client.closed_loop(
