@@ -584,7 +584,15 @@ async def test_the_breaker_opens_pauses_consumption_probes_and_drains_the_backlo
             results = [await result_of(client, env, i, "key-ben") for i in ids]
     finally:
         env.stack.sim_config(fail_all=False, error_status=529)
-    drained = (await lag.read_async())["inference"]
+    drained_to: list[int] = []
+
+    async def backlog_drained() -> bool:
+        # Offsets are committed every commit interval: the lag follows the results shortly.
+        drained_to.append((await lag.read_async())["inference"])
+        return drained_to[-1] == 0
+
+    await eventually_async(backlog_drained, timeout=30, message="the backlog drained")
+    drained = drained_to[-1]
     log = breaker_log(env)[transitions_before:]
     figures(
         "breaker",
