@@ -179,7 +179,7 @@ def _cost_targets(results: dict[str, Any], a: dict[str, Any], systems: list[str]
 def _scale(results: dict[str, Any], a: dict[str, Any], systems: list[str]) -> list[str]:
     lines: list[str] = []
     rows = []
-    for r in targets.scaling(results, analysis.summarize, analysis.group(results["streams"])):
+    for r in targets.scaling(results):
         cpu = r["cpu_ms"]
         rows.append(
             [

@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from bench import stats
+from bench import analysis, stats
 
 # sumstream's TTFT overhead over the baseline at 50 streams (the long-run goal stays 15 / 50).
 TTFT_P50_OVER_BASELINE_MS = 50.0
@@ -124,13 +124,14 @@ def _n(value: float | None) -> str:
     return f"{value:,.1f}"
 
 
-def scaling(results: dict[str, Any], summarize: Any, group: dict[Any, Any]) -> list[dict[str, Any]]:
+def scaling(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Scenario 6's rows: per (workers, gateways), latency, tokens/s and CPU per request."""
+    group = analysis.group(results["streams"])
     rows = []
     for p in results["phases"]:
         if p.get("scenario") != "scaling":
             continue
-        s = summarize(group[(p["name"], "sumstream")])
+        s = analysis.summarize(group[(p["name"], "sumstream")])
         rows.append(
             {
                 "workers": p["workers"],
