@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 from starlette.responses import JSONResponse, Response
 
+from gateway.admission.intake import Accepted
 from gateway.http.auth import Principal
 from gateway.http.errors import InvalidRequest, NotFound, NotReady, Unauthorized, problem_response
 from gateway.http.models import AcceptedOut, RunningOut, SummaryIn, UsageOut, links, result_json
@@ -151,14 +152,7 @@ async def create_summary(
         principal, body, idempotency_key=idempotency_key, received_ms=received
     )
     REQUESTS.labels("idempotent_replay" if accepted.replay else "accepted").inc()
-    out = AcceptedOut(
-        id=accepted.request_id,
-        queue_position=accepted.queue_position,
-        estimated_wait_s=accepted.estimated_wait_s,
-        max_output_tokens=accepted.max_output_tokens,
-        degraded=accepted.degraded,
-        links=links(accepted.request_id),
-    )
+    out = accepted_out(accepted)
     headers = {
         **_overhead_headers(request),
         "Location": out.links.self,
@@ -289,3 +283,15 @@ async def metrics(
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
             raise Unauthorized("GET /metrics needs Authorization: Bearer <metrics token>")
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def accepted_out(accepted: Accepted) -> AcceptedOut:
+    """What a client is told of a request intake accepted (the 202 body, the ``accepted`` event)."""
+    return AcceptedOut(
+        id=accepted.request_id,
+        queue_position=accepted.queue_position,
+        estimated_wait_s=accepted.estimated_wait_s,
+        max_output_tokens=accepted.max_output_tokens,
+        degraded=accepted.degraded,
+        links=links(accepted.request_id),
+    )

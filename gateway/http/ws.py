@@ -31,8 +31,8 @@ from gateway.http.errors import (
     RateLimited,
     Unauthorized,
 )
-from gateway.http.models import AcceptedOut, SummaryIn, links
-from gateway.http.routes import MAX_ID_CHARS, owned_by
+from gateway.http.models import AcceptedOut, SummaryIn
+from gateway.http.routes import MAX_ID_CHARS, accepted_out, owned_by
 from gateway.http.sse import summary_events
 from gateway.http.streamtoken import StreamTokens
 from gateway.metrics import REQUESTS
@@ -230,15 +230,7 @@ class Session:
             REQUESTS.labels(exc.code).inc()
             raise
         REQUESTS.labels("idempotent_replay" if accepted.replay else "accepted").inc()
-        out = AcceptedOut(
-            id=accepted.request_id,
-            queue_position=accepted.queue_position,
-            estimated_wait_s=accepted.estimated_wait_s,
-            max_output_tokens=accepted.max_output_tokens,
-            degraded=accepted.degraded,
-            links=links(accepted.request_id),
-        )
-        self.follow(accepted.request_id, 0, out, frame.get("ref"))
+        self.follow(accepted.request_id, 0, accepted_out(accepted), frame.get("ref"))
 
     async def resume(self, frame: Mapping[str, Any]) -> None:
         request_id = _request_id(frame)
