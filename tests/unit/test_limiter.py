@@ -207,12 +207,29 @@ def test_expected_output_follows_recent_replies_within_max_tokens() -> None:
 
 async def test_wait_for_room_wakes_when_a_report_makes_room() -> None:
     clock = FakeClock()
-    limits = limiter(clock)
+    limits = UpstreamLimiter(ceiling=64, initial=4, clock=clock)
     limits.reported(RateLimits(seen_at=clock.now, requests=Bucket(1, 0, clock.now + 60)), 0.0)
     waiter = asyncio.create_task(limits.wait_for_room(CALL))
     await asyncio.sleep(0)
     assert not waiter.done()
     limits.reported(RateLimits(seen_at=clock.now + 1, requests=Bucket(1, 1, clock.now)), 0.0)
+    assert await asyncio.wait_for(waiter, 5.0) is True
+    assert await limits.wait_for_room(CALL) is False
+
+
+async def test_a_call_waits_while_the_limit_is_full_and_starts_when_one_ends() -> None:
+    clock = FakeClock()
+    limits = UpstreamLimiter(ceiling=64, initial=4, clock=clock)
+    for _ in range(4):
+        limits.started(CALL)
+    limits.refused(clock.now - 1.0, retry_after_s=None)  # 4 x 0.7: 2 allowed, 4 in flight
+    assert limits.allowed == 2 and limits.full
+    waiter = asyncio.create_task(limits.wait_for_room(CALL))
+    for in_flight in (3, 2):
+        limits.ended()
+        await asyncio.sleep(0)
+        assert limits.in_flight == in_flight and not waiter.done()
+    limits.ended()  # 1 in flight: room for one more under the limit of 2
     assert await asyncio.wait_for(waiter, 5.0) is True
     assert await limits.wait_for_room(CALL) is False
 

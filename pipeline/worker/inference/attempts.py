@@ -260,7 +260,9 @@ class Attempts:
         dispatcher already got its consent for this run."""
         limiter = self.upstream.limiter
         name = self.upstream.client.name
-        reason = "pause" if limiter.paused_until > time.time() else "bucket"
+        reason = (
+            "pause" if limiter.paused_until > time.time() else "limit" if limiter.full else "bucket"
+        )
         if await limiter.wait_for_room(cost):
             UPSTREAM_PACED.labels(upstream=name, reason=reason).inc()
         if run.holding is Holding.SLOT_AND_PERMIT:

@@ -153,14 +153,22 @@ class UpstreamLimiter:
                 wait = max(wait, self._share_of(bucket).wait_s(amount, elapsed, held=promised))
         return wait
 
+    @property
+    def full(self) -> bool:
+        """Are ``allowed`` calls in flight already? After a decrease, jobs that hold a
+        scheduler slot since before it retry only as calls end, not every retry-after."""
+        return self.in_flight >= self.allowed
+
     async def wait_for_room(self, cost: Cost) -> bool:
-        """Wait until a call of ``cost`` may start; True when it had to wait (a paced call)."""
+        """Wait until a call of ``cost`` may start: no pause, room in every bucket and fewer
+        than ``allowed`` calls in flight. True when it had to wait (a paced call)."""
         waited = False
-        while (delay := self.delay_s(cost)) > 0:
+        while (delay := self.delay_s(cost)) > 0 or self.full:
             waited = True
             event = self._changed
             try:
-                async with asyncio.timeout(delay):
+                # No time to wait for a full limit: a call ending or the limit rising wakes us.
+                async with asyncio.timeout(delay if delay > 0 else None):
                     await event.wait()
             except TimeoutError:
                 pass
@@ -194,6 +202,7 @@ class UpstreamLimiter:
         self.in_flight = max(0, self.in_flight - 1)
         if accepted:
             self.accepted_now = max(0, self.accepted_now - 1)
+        self._notify()  # room for a call waiting on a full limit
 
     def reported(self, limits: RateLimits, started_at: float) -> None:
         """A response of the call started at ``started_at`` reported the buckets."""

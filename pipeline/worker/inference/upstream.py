@@ -60,7 +60,7 @@ class Upstream:
         name = client.name
         for counter in (UPSTREAM_PAUSES, UPSTREAM_PAUSED_SECONDS, UPSTREAM_RATE_LIMITED):
             counter.labels(upstream=name)
-        for reason in ("pause", "bucket"):
+        for reason in ("pause", "bucket", "limit"):
             UPSTREAM_PACED.labels(upstream=name, reason=reason)
 
     def set_share(self, partitions: int, of: int) -> None:
