@@ -288,33 +288,58 @@ async def throughput(b: Bench) -> None:
             )
 
 
+Load = Callable[[client.Target, int], Awaitable[list[client.StreamRecord]]]
+
+
+async def _against_limited_upstream(
+    b: Bench, name: str, knobs: dict[str, Any], load: Load, n: int, drain: bool = False, **meta: Any
+) -> None:
+    """One phase of ``n`` requests per system (``load(target, first index)``) against the
+    simulator set to ``knobs``, each with the simulator's counts of its own calls."""
+    for system in b.order(0):
+        await b.sim("POST", "/_sim/reset")
+        await b.sim("POST", "/_sim/config", knobs)
+        if drain:
+            await _drain_bucket(b)
+        # Only what follows is the system's (the drain's own calls are not).
+        before = await b.sim("GET", "/_sim/stats?request_id=-")
+        first = b.prepare(n)
+        await b.phase(
+            name, system, functools.partial(_load_from, load, first), scenario=name, **meta
+        )
+        # Retries still under way count too: give them a moment before reading the counts.
+        await asyncio.sleep(1.0)
+        after = await b.sim("GET", "/_sim/stats?request_id=-")
+        b.phases[-1]["sim_stats"] = _stats_since(before, after)
+    await b.sim("POST", "/_sim/reset")
+
+
+def _load_from(
+    load: Load, first: int, target: client.Target
+) -> Awaitable[list[client.StreamRecord]]:
+    return load(target, first)
+
+
 async def rate_limited(b: Bench) -> None:
     """4: the upstream takes at most ``rl_max_concurrent`` streams (429 beyond)."""
     p = b.plan
     b.log(f"scenario 4: upstream limited to {p.rl_max_concurrent} streams, {p.rl_clients} clients")
-    for system in b.order(0):
-        await b.sim("POST", "/_sim/reset")
-        await b.sim("POST", "/_sim/config", {"max_concurrent": p.rl_max_concurrent})
-        first = b.prepare(p.rl_clients)
-        await b.phase(
+
+    async def everyone_at_once(target: client.Target, first: int) -> list[client.StreamRecord]:
+        return await client.burst(
+            target,
             "rate_limited",
-            system,
-            functools.partial(
-                client.burst,
-                phase="rate_limited",
-                docs=b.doc,
-                users=p.rl_clients,
-                max_output_tokens=p.max_tokens,
-                first_index=first,
-                deadline_s=p.deadline_s,
-            ),
-            scenario="rate_limited",
-            concurrency=p.rl_clients,
+            b.doc,
+            users=p.rl_clients,
+            max_output_tokens=p.max_tokens,
+            first_index=first,
+            deadline_s=p.deadline_s,
         )
-        # Retries still under way count too: give them a moment before reading the counts.
-        await asyncio.sleep(1.0)
-        b.phases[-1]["sim_stats"] = await b.sim("GET", "/_sim/stats?request_id=-")
-    await b.sim("POST", "/_sim/reset")
+
+    knobs = {"max_concurrent": p.rl_max_concurrent}
+    await _against_limited_upstream(
+        b, "rate_limited", knobs, everyone_at_once, p.rl_clients, concurrency=p.rl_clients
+    )
 
 
 async def random_429(b: Bench) -> None:
@@ -324,39 +349,32 @@ async def random_429(b: Bench) -> None:
         f"scenario 6: random {p.r429_share:.0%} 429 (retry-after 1 s), {p.r429_clients} "
         f"clients, {p.r429_requests} requests"
     )
-    for system in b.order(0):
-        await b.sim("POST", "/_sim/reset")
-        # One seed for both systems: the same draws, so the attempts compare.
-        knobs = {"error_rate": p.r429_share, "error_status": 429, "retry_after_s": 1.0, "seed": 1}
-        await b.sim("POST", "/_sim/config", knobs)
-        first = b.prepare(p.r429_requests)
-        await b.phase(
+
+    async def closed_loops(target: client.Target, first: int) -> list[client.StreamRecord]:
+        return await client.closed_loop(
+            target,
             "random_429",
-            system,
-            functools.partial(
-                client.closed_loop,
-                phase="random_429",
-                docs=b.doc,
-                concurrency=p.r429_clients,
-                requests=p.r429_requests,
-                max_output_tokens=p.max_tokens,
-                first_index=first,
-                deadline_s=p.deadline_s,
-            ),
-            scenario="random_429",
+            b.doc,
             concurrency=p.r429_clients,
+            requests=p.r429_requests,
+            max_output_tokens=p.max_tokens,
+            first_index=first,
+            deadline_s=p.deadline_s,
         )
-        await asyncio.sleep(1.0)  # retries still under way count too
-        b.phases[-1]["sim_stats"] = await b.sim("GET", "/_sim/stats?request_id=-")
-    await b.sim("POST", "/_sim/reset")
+
+    # One seed for both systems: the same draws, so the attempts compare.
+    knobs = {"error_rate": p.r429_share, "error_status": 429, "retry_after_s": 1.0, "seed": 1}
+    await _against_limited_upstream(
+        b, "random_429", knobs, closed_loops, p.r429_requests, concurrency=p.r429_clients
+    )
 
 
 async def token_bucket(b: Bench) -> None:
     """7: a tokens-per-minute bucket that allows half the offered load, drained at the start
     (another client of the same organisation spent it); requests arrive on a fixed schedule."""
     p = b.plan
-    first = b.prepare(p.tb_requests)
-    docs = [b.doc(first + i) for i in range(p.tb_requests)]
+    sample = b.prepare(p.tb_requests)
+    docs = [b.doc(sample + i) for i in range(p.tb_requests)]
     # What the simulator charges a request: its prompt (document + instructions) and summary.
     cost = sum(count_tokens(d) + count_tokens(e) + PROMPT_OVERHEAD_TOKENS for d, e in docs)
     per_minute = int(cost / len(docs) * p.tb_offered_per_s * 60 / 2)
@@ -364,36 +382,27 @@ async def token_bucket(b: Bench) -> None:
         f"scenario 7: {p.tb_requests} requests at {p.tb_offered_per_s:g}/s against a "
         f"{per_minute} tokens-per-minute bucket (half the offered load)"
     )
-    for i, system in enumerate(b.order(0)):
-        await b.sim("POST", "/_sim/reset")
-        await b.sim("POST", "/_sim/config", {"tokens_per_minute": per_minute})
-        await _drain_bucket(b)
-        # The drain's own calls are not the system's: only what follows is counted.
-        drained = await b.sim("GET", "/_sim/stats?request_id=-")
-        start = first if i == 0 else b.prepare(p.tb_requests)
 
-        async def arrivals(target: client.Target, start: int = start) -> list[client.StreamRecord]:
-            async def one(k: int) -> list[client.StreamRecord]:
-                await asyncio.sleep(k / p.tb_offered_per_s)  # the arrival schedule
-                return await client.burst(
-                    target,
-                    "token_bucket",
-                    b.doc,
-                    users=1,
-                    max_output_tokens=p.max_tokens,
-                    first_index=start + k,
-                    deadline_s=p.deadline_s,
-                )
+    async def arrivals(target: client.Target, first: int) -> list[client.StreamRecord]:
+        async def one(k: int) -> list[client.StreamRecord]:
+            await asyncio.sleep(k / p.tb_offered_per_s)  # the arrival schedule
+            return await client.burst(
+                target,
+                "token_bucket",
+                b.doc,
+                users=1,
+                max_output_tokens=p.max_tokens,
+                first_index=first + k,
+                deadline_s=p.deadline_s,
+            )
 
-            batches = await asyncio.gather(*(one(k) for k in range(p.tb_requests)))
-            return [r for batch in batches for r in batch]
+        batches = await asyncio.gather(*(one(k) for k in range(p.tb_requests)))
+        return [r for batch in batches for r in batch]
 
-        await b.phase("token_bucket", system, arrivals, scenario="token_bucket")
-        await asyncio.sleep(1.0)
-        after = await b.sim("GET", "/_sim/stats?request_id=-")
-        b.phases[-1]["sim_stats"] = _stats_since(drained, after)
-        b.phases[-1]["tokens_per_minute"] = per_minute
-    await b.sim("POST", "/_sim/reset")
+    knobs = {"tokens_per_minute": per_minute}
+    await _against_limited_upstream(
+        b, "token_bucket", knobs, arrivals, p.tb_requests, drain=True, tokens_per_minute=per_minute
+    )
 
 
 def _stats_since(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

@@ -289,3 +289,40 @@ def test_after_a_calm_spell_without_refusals_the_limit_grows_by_slow_start_again
     for _ in range(10):
         limits.succeeded(clock.now, 0.2)
     assert limits.slow_start and limits.allowed >= 18
+
+
+def _successes_to_grow(limits: UpstreamLimiter, clock: FakeClock) -> int:
+    """Successes (ten a second) until the limit grows by one call."""
+    start, n = limits.allowed, 0
+    while limits.allowed == start:
+        clock.now += 0.1
+        limits.succeeded(clock.now, 0.2)
+        n += 1
+    return n
+
+
+def test_refusals_in_a_row_at_one_level_slow_the_probing_beyond_it_each_time() -> None:
+    clock = FakeClock()
+    limits = limiter(clock)
+    probes = []
+    for _ in range(3):  # a hard limit of 8: every probe to 9 is refused
+        limits.limit = 9.0
+        for _ in range(8):
+            limits.accepted()
+        limits.refused(clock.now, retry_after_s=None)
+        limits.accepted_now = 0
+        assert limits.allowed == 6 and not limits.slow_start  # 9 x 0.7
+        while limits.allowed < 8:  # back fast to just below the refusal at 9
+            limits.succeeded(clock.now, 0.2)
+        probes.append(_successes_to_grow(limits, clock))
+    assert probes[1] >= 2 * probes[0] - 1 and probes[2] >= 2 * probes[1] - 1
+    # A refusal at another level is a new episode: probing at its base pace again.
+    limits.limit = 20.0
+    for _ in range(16):
+        limits.accepted()
+    limits.refused(clock.now, retry_after_s=None)
+    limits.accepted_now = 0
+    assert limits.allowed == 14  # 20 x 0.7, below the 16 answered
+    while limits.allowed < 16:
+        limits.succeeded(clock.now, 0.2)
+    assert _successes_to_grow(limits, clock) <= 2 * 16 * 4

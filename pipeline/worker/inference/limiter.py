@@ -9,7 +9,8 @@ Three signals, one object per upstream and worker:
   while the time to first token stays within ``ttft_tolerance`` x its recent best; a slower
   first token holds the limit where it is. After a decrease the limit climbs back fast to just
   below where it was refused, then probes beyond it ``probe_slowdown`` times more slowly, so a
-  hard limit costs a refused call every few dozen, not every few.
+  hard limit costs a refused call every few dozen, not every few; each refusal in a row at
+  the same level doubles that slowdown again.
 - **Pause.** A ``retry-after`` pauses every new call to the upstream until then, once for
   everybody, instead of each request sleeping on its own.
 - **Pacing.** The last ``anthropic-ratelimit-*`` report, refilled since at the bucket's rate and
@@ -36,6 +37,11 @@ REFUSAL_MEMORY_S = 120.0
 # After this long without a refusal the limit grows by slow start again: the episode that
 # lowered it is over, and one refusal (cut to what the upstream answered) finds the new level.
 CALM_S = 15.0
+# Refusals in a row at about the same level (within one call) say the upstream has a hard
+# limit there: each doubles how slowly the limiter probes beyond it, up to 2**MAX_REPEATS. The
+# calm before slow start stays CALM_S: after a burst of random 429s (refusals at one low level
+# too) the limit must recover in seconds.
+MAX_REPEATS = 4
 # How many recent first-token times the latency baseline is the best of.
 TTFT_SAMPLES = 50
 # A refusal whose report shows a bucket with less than this share left is the bucket's doing.
@@ -106,6 +112,7 @@ class UpstreamLimiter:
         # slowly for REFUSAL_MEMORY_S, then at the usual pace, since limits get raised.
         self._refused_at: float | None = None
         self._refused_time = 0.0
+        self._repeats = 0
         self._ttfts: deque[float] = deque(maxlen=TTFT_SAMPLES)
         self._report: RateLimits | None = None
         self._held: deque[_Held] = deque()
@@ -240,9 +247,9 @@ class UpstreamLimiter:
             return
         now = self._clock()
         if not self.slow_start and now - self._refused_time > CALM_S:
-            self.slow_start, self._refused_at = True, None
+            self.slow_start, self._refused_at, self._repeats = True, None, 0
         if self._refused_at is not None and now - self._refused_time > REFUSAL_MEMORY_S:
-            self._refused_at = None
+            self._refused_at, self._repeats = None, 0
         if self.slow_start:
             step = 1.0
         elif self._refused_at is not None and self.limit + 1 < self._refused_at:
@@ -250,7 +257,7 @@ class UpstreamLimiter:
         else:
             step = 1.0 / self.limit
             if self._refused_at is not None:
-                step /= self.probe_slowdown
+                step /= self.probe_slowdown * 2**self._repeats
         self._set_limit(min(float(self.own_ceiling), self.limit + step))
 
     def refused(self, started_at: float, retry_after_s: float | None) -> None:
@@ -275,6 +282,8 @@ class UpstreamLimiter:
                 # beyond that (an upstream whose capacity just dropped) goes straight there.
                 limit = min(limit, float(self.accepted_now))
                 refused_at = min(refused_at, float(self.accepted_now + 1))
+            again = self._refused_at is not None and abs(refused_at - self._refused_at) <= 1
+            self._repeats = min(self._repeats + 1, MAX_REPEATS) if again else 0
             self._refused_at, self._refused_time = refused_at, now
             self._set_limit(max(1.0, limit))
         self._notify()
@@ -282,7 +291,7 @@ class UpstreamLimiter:
     def restart(self) -> None:
         """Learn the limit afresh (after an outage, whose refusals said nothing about it)."""
         self.slow_start = True
-        self._refused_at = None
+        self._refused_at, self._repeats = None, 0
         self._set_limit(float(max(1, min(self.initial, self.own_ceiling))))
 
     def set_share(self, share: float) -> None:
