@@ -7,7 +7,7 @@ its job and Faust's co-partitioning hands both to the same worker.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import faust
@@ -82,11 +82,15 @@ class InflightEntries:
 
     async def put_acked(self, key: bytes, entry: Entry) -> None:
         """Write ``entry`` and wait until the broker has the changelog record."""
+        await self.put_soon(key, entry)
+
+    def put_soon(self, key: bytes, entry: Entry) -> Awaitable[object]:
+        """Write ``entry``; the result resolves once the broker has the changelog record."""
         raw = entry.encode()
         # table[key] = raw would not let us wait for the write: set the store and send the
         # changelog record ourselves (the same two steps, with the send's future kept).
         self.table.data[key] = raw
-        await self.table.send_changelog(None, key, raw)
+        return self.table.send_changelog(None, key, raw)
 
     def purge(self, horizon_ms: int) -> int:
         """Delete the owned entries that are stale at ``horizon_ms``; how many were."""

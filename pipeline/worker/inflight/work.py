@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from contextlib import suppress
 from typing import Any, cast
 
@@ -111,6 +111,9 @@ class InflightWork:
         self._sent.set()
         # Requests whose partition moved to another worker: their emits are refused.
         self._moved: set[str] = set()
+        # Table entries of admitted jobs on their way to the broker, by request id: a run's
+        # first emit waits for its own, so no token is in `tokens` before its entry is durable.
+        self._durable: dict[str, Awaitable[object]] = {}
         self._release_task: asyncio.Future[None] | None = None
 
     # -- lifecycle
@@ -133,6 +136,9 @@ class InflightWork:
         return self._engine
 
     async def _emit(self, event: TokenEvent) -> None:
+        durable = self._durable.pop(event["request_id"], None)
+        if durable is not None:
+            await durable
         if not self._open.is_set():
             await self._open.wait()
         if event["request_id"] in self._moved:
@@ -208,6 +214,7 @@ class InflightWork:
 
     async def _release_moved(self, request_ids: set[str]) -> None:
         for rid in request_ids:
+            self._durable.pop(rid, None)
             fut = self._waiting.get(rid)
             if fut is not None:
                 fut.cancel()
@@ -237,6 +244,7 @@ class InflightWork:
             await engine.stop()
 
     async def _on_finished(self, request_id: str) -> None:
+        self._durable.pop(request_id, None)
         self.entries.put(request_id.encode(), done(now_ms()))
 
     def purge_done(self) -> int:
@@ -291,13 +299,21 @@ class InflightWork:
         # owner to resume (a replay without it would start the stream again at seq 1).
         fresh = Entry(EntryState.RUNNING, now_ms(), bytes(event.message.value or b""))
         replay = await self._maybe_replayed(event)
-        await self.entries.put_acked(key, fresh)
         if replay:
+            await self.entries.put_acked(key, fresh)
             # Maybe a finished request whose done marker is gone (purged, or a new group
             # replaying the log): let its stream in `tokens` decide: skip, go on or start.
             await self._resume_one(key, fresh, self._generation)
-        else:
+            return
+        # The agent goes on to the next job at once; the run's first emit waits for the entry
+        # instead (after the model's first token, so it is long there), and Faust flushes the
+        # producer before it commits this record's offset (docs/architecture.md, "The stages").
+        self._durable[job["request_id"]] = self.entries.put_soon(key, fresh)
+        try:
             await self._submit(job, None)
+        except BaseException:
+            self._durable.pop(job["request_id"], None)
+            raise
 
     async def _maybe_replayed(self, event: EventT[Any]) -> bool:
         """Could another consumer already have run this job? Only records of the backlog found
