@@ -106,7 +106,7 @@ class RequestIdentity:
             )
         if first is None:
             # Claimed before the other checks: an id is its first record's, even a refused one.
-            await self.ids.remember(
+            self.ids.remember(
                 key, FirstRecord(request["user_id"], origin.partition, origin.offset, now_ms())
             )
         producer = self.producers.verify(headers, value)

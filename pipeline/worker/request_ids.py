@@ -83,14 +83,19 @@ class RequestIds:
         raw = self.table.get(request_id)
         return FirstRecord.decode(raw) if raw else None
 
-    async def remember(self, request_id: bytes, first: FirstRecord) -> None:
-        """Store ``first`` and wait until the broker has its changelog record, so a restart
-        cannot forget an id whose record was already acted on."""
+    def remember(self, request_id: bytes, first: FirstRecord) -> None:
+        """Store ``first`` and send its changelog record.
+
+        Not awaited, since a broker round trip per record serialised the agent: Faust flushes
+        the producer before it commits an offset, so once the claiming record's offset is
+        committed its changelog record is durable; before that, a restart processes the
+        claiming record again, in partition order, ahead of any later record with the id.
+        Either way a restart cannot forget an id whose record was already acted on.
+        """
         raw = first.encode()
-        # table[key] = raw does not let us wait for the write: set the store and send the
-        # changelog record ourselves (the same two steps, with the send awaited).
+        # The changelog record goes to the key's partition, as the other co-partitioned tables.
         self.table.data[request_id] = raw
-        await self.table.send_changelog(None, request_id, raw)
+        self.table.send_changelog(None, request_id, raw)
 
     def purge(self, horizon_ms: int) -> int:
         """Forget the owned ids first seen before ``horizon_ms``; how many there were."""

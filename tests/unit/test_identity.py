@@ -53,7 +53,7 @@ class Ids:
     def first(self, key: bytes) -> FirstRecord | None:
         return self.data.get(key)
 
-    async def remember(self, key: bytes, first: FirstRecord) -> None:
+    def remember(self, key: bytes, first: FirstRecord) -> None:
         self.data[key] = first
 
 
