@@ -11,15 +11,13 @@ reads a partition of `requests` owns the same partition of the table. Entries li
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import cast
 
 import faust
-from faust.tables.table import Table
-from faust.types import TP
 
 from pipeline.core.partitioning import partition_for
+from pipeline.worker.tables import OwnedTable, delete, write
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,15 +41,8 @@ class FirstRecord:
         return (self.partition, self.offset) == (partition, offset)
 
 
-class RequestIdTable(Table[bytes, bytes]):
+class RequestIdTable(OwnedTable):
     """The table; records which of its partitions this worker owns once they are recovered."""
-
-    on_assigned: Callable[[set[int]], None] | None = None
-
-    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
-        await super().on_recovery_completed(active_tps, standby_tps)
-        if self.on_assigned is not None:
-            self.on_assigned({tp.partition for tp in active_tps})
 
 
 class RequestIds:
@@ -92,10 +83,7 @@ class RequestIds:
         claiming record again, in partition order, ahead of any later record with the id.
         Either way a restart cannot forget an id whose record was already acted on.
         """
-        raw = first.encode()
-        # The changelog record goes to the key's partition, as the other co-partitioned tables.
-        self.table.data[request_id] = raw
-        self.table.send_changelog(None, request_id, raw)
+        write(self.table, self.partitions, request_id, first.encode())
 
     def purge(self, horizon_ms: int) -> int:
         """Forget the owned ids first seen before ``horizon_ms``; how many there were."""
@@ -106,5 +94,5 @@ class RequestIds:
             and FirstRecord.decode(raw).at_ms < horizon_ms
         ]
         for key in old:
-            del self.table[key]
+            delete(self.table, self.partitions, key)
         return len(old)

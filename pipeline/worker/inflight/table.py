@@ -7,28 +7,18 @@ its job and Faust's co-partitioning hands both to the same worker.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import cast
 
 import faust
-from faust.tables.table import Table
-from faust.types import TP
 
 from pipeline.core.partitioning import partition_for
 from pipeline.worker.inflight.entries import Entry, is_stale
+from pipeline.worker.tables import OnAssigned, OwnedTable, delete, write
 
-OnAssigned = Callable[[set[int]], None]
 
-
-class InflightTable(Table[bytes, bytes]):
+class InflightTable(OwnedTable):
     """The `inflight` table; tells its owner when its partitions are recovered."""
-
-    on_assigned: OnAssigned | None = None
-
-    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
-        await super().on_recovery_completed(active_tps, standby_tps)
-        if self.on_assigned is not None:
-            self.on_assigned({tp.partition for tp in active_tps})
 
 
 class InflightEntries:
@@ -78,7 +68,7 @@ class InflightEntries:
     def put(self, key: bytes, entry: Entry) -> None:
         """Write ``entry`` if this worker owns its partition (else its new owner decides)."""
         if self.owns(key):
-            self.table[key] = entry.encode()
+            write(self.table, self.partitions, key, entry.encode())
 
     async def put_acked(self, key: bytes, entry: Entry) -> None:
         """Write ``entry`` and wait until the broker has the changelog record."""
@@ -86,15 +76,11 @@ class InflightEntries:
 
     def put_soon(self, key: bytes, entry: Entry) -> Awaitable[object]:
         """Write ``entry``; the result resolves once the broker has the changelog record."""
-        raw = entry.encode()
-        # table[key] = raw would not let us wait for the write: set the store and send the
-        # changelog record ourselves (the same two steps, with the send's future kept).
-        self.table.data[key] = raw
-        return self.table.send_changelog(None, key, raw)
+        return write(self.table, self.partitions, key, entry.encode())
 
     def purge(self, horizon_ms: int) -> int:
         """Delete the owned entries that are stale at ``horizon_ms``; how many were."""
         old = [key for key, entry in self.owned_entries() if is_stale(entry, horizon_ms)]
         for key in old:
-            del self.table[key]
+            delete(self.table, self.partitions, key)
         return len(old)
