@@ -25,7 +25,7 @@ from pathlib import Path
 from confluent_kafka import KafkaException
 
 from pipeline.core.errors import BrokerToolingError
-from pipeline.core.settings import BrokerSettings, kafka_settings
+from pipeline.core.settings import BrokerSettings, KafkaSettings, kafka_settings
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.ops.broker_install import (
     LOG4J2,
@@ -76,13 +76,16 @@ def local_bootstrap(settings: BrokerSettings) -> str:
     return ",".join(node.bootstrap for node in cluster_nodes(settings))
 
 
-def is_reachable(bootstrap: str, timeout_s: float = 2.0) -> bool:
+def is_reachable(
+    bootstrap: str, timeout_s: float = 2.0, settings: KafkaSettings | None = None
+) -> bool:
     """True when a broker at ``bootstrap`` answers a metadata request (DescribeCluster).
 
-    The security options are the process's settings (``SUMSTREAM_*``); the address is given.
+    The security options are ``settings``' (default: the process's ``SUMSTREAM_*``); the
+    address is given.
     """
     connection = dataclasses.replace(
-        ConnectionConfig.from_settings(kafka_settings()), bootstrap_servers=bootstrap
+        ConnectionConfig.from_settings(settings or kafka_settings()), bootstrap_servers=bootstrap
     )
     # log_level 0: a refused connection is the expected answer here, not worth a log line.
     client = connection.admin_client({"log_level": 0})
@@ -186,7 +189,11 @@ def start(settings: BrokerSettings, wait_s: float = 60.0) -> bool:
     with locked(root / ".start.lock"):
         pids = {node.node_id: _read_pid(BrokerPaths.of(settings, node.node_id)) for node in nodes}
         missing = [node for node in nodes if pids[node.node_id] is None]
-        if len(nodes) == 1 and missing and is_reachable(nodes[0].bootstrap, timeout_s=1.0):
+        if (
+            len(nodes) == 1
+            and missing
+            and is_reachable(nodes[0].bootstrap, timeout_s=1.0, settings=settings)
+        ):
             return False  # someone else's broker on our port
         if missing:
             java = find_java(settings)
@@ -197,7 +204,7 @@ def start(settings: BrokerSettings, wait_s: float = 60.0) -> bool:
             for node in nodes:
                 pid = pids[node.node_id]
                 assert pid is not None
-                _wait_ready(node, BrokerPaths.of(settings, node.node_id), pid, wait_s)
+                _wait_ready(settings, node, pid, wait_s)
         except BrokerToolingError:
             if missing:
                 stop(settings)
@@ -226,7 +233,8 @@ def _launch(java: Path, settings: BrokerSettings, node: ClusterNode) -> int:
     return proc.pid
 
 
-def _wait_ready(node: ClusterNode, paths: BrokerPaths, pid: int, wait_s: float) -> None:
+def _wait_ready(settings: BrokerSettings, node: ClusterNode, pid: int, wait_s: float) -> None:
+    paths = BrokerPaths.of(settings, node.node_id)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if not _alive(pid, paths):
@@ -234,7 +242,7 @@ def _wait_ready(node: ClusterNode, paths: BrokerPaths, pid: int, wait_s: float) 
                 f"the broker exited during start; last lines of {paths.log_file}:\n"
                 f"{_log_tail(paths)}"
             )
-        if is_reachable(node.bootstrap, timeout_s=1.0):
+        if is_reachable(node.bootstrap, timeout_s=1.0, settings=settings):
             return
         time.sleep(0.2)
     raise BrokerToolingError(
@@ -303,7 +311,7 @@ def status(settings: BrokerSettings, node_id: int = 1) -> BrokerStatus:
     paths = BrokerPaths.of(settings, node_id)
     return BrokerStatus(
         bootstrap=node.bootstrap,
-        reachable=is_reachable(node.bootstrap, timeout_s=2.0),
+        reachable=is_reachable(node.bootstrap, timeout_s=2.0, settings=settings),
         pid=_read_pid(paths),
         log_file=paths.log_file,
         data_dir=paths.root,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
 
-from pipeline.core.settings import BrokerSettings, kafka_settings
+from pipeline.core.settings import BrokerSettings
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.ops import broker
 from pipeline.ops.broker_install import cluster_nodes
@@ -64,7 +64,7 @@ def cluster_status(settings: BrokerSettings, timeout_s: float = 5.0) -> ClusterS
     if not answering:
         return ClusterStatus(nodes, None, [])
     connection = dataclasses.replace(
-        ConnectionConfig.from_settings(kafka_settings()), bootstrap_servers=",".join(answering)
+        ConnectionConfig.from_settings(settings), bootstrap_servers=",".join(answering)
     )
     client = connection.admin_client({"log_level": 0})
     try:
