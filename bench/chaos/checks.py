@@ -21,6 +21,8 @@ class ClientStream:
     request_id: str | None = None
     http_status: int | None = None
     seqs: list[int] = field(default_factory=list)
+    # Seqs of the stream's other events (a resumed attempt's STARTED takes one): not gaps.
+    other_seqs: list[int] = field(default_factory=list)
     text: str = ""
     done: dict[str, Any] | None = None
     resumes: int = 0
@@ -42,6 +44,8 @@ class Verdict:
     text_mismatches: list[str]
     billed_micro_usd: int
     served_micro_usd: int
+    # Requests whose billed cost differs from what the simulator served: id, billed, served.
+    billing_mismatches: list[tuple[str, int, int]]
     billed_unaccepted: list[str]
     ledger_disagreements: list[str]
     unexpected_dlq: int
@@ -79,33 +83,48 @@ class Verdict:
         return {**asdict(self), "billing_diff": self.billing_diff, "ok": self.ok}
 
 
-def served_micro_usd(
+def served_by_request(
     sim_requests: Mapping[str, Any], results: Mapping[str, Any], prices: PriceTable
-) -> int:
-    """What the simulator served, priced per request as the worker prices it: every attempt's
+) -> dict[str, int]:
+    """What the simulator served per request, priced as the worker prices it: every attempt's
     prompt and output tokens summed, then priced once (pipeline/core/results.py)."""
-    total = 0
+    out: dict[str, int] = {}
     for request_id, record in sim_requests.items():
         streams = record.get("streams", [])
         if not streams:
             continue
         model = results.get(request_id, {}).get("model") or streams[0].get("model", "")
-        total += prices.micro_usd(
+        out[request_id] = prices.micro_usd(
             model,
             sum(int(s.get("input_tokens", 0)) for s in streams),
             sum(int(s.get("tokens", 0)) for s in streams),
         )
-    return total
+    return out
 
 
-def token_faults(stream: ClientStream) -> tuple[int, int]:
-    """Missing and duplicated token seqs of one stream (seqs 1.. up to the last one seen)."""
-    if not stream.seqs:
+def token_faults(stream: ClientStream, written: set[int] | None = None) -> tuple[int, int]:
+    """Missing and duplicated token seqs of one stream. Missing: the DELTA seqs ``written`` to
+    `tokens` for the request that the client never received; without them, the gaps in 1..the
+    last seq seen (a seq another event took is not a gap)."""
+    if not stream.seqs and not written:
         return 0, 0
     counts = Counter(stream.seqs)
     duplicated = sum(n - 1 for n in counts.values())
-    missing = len(set(range(1, max(counts) + 1)) - set(counts))
+    if written is not None:
+        return len(written - set(counts)), duplicated
+    missing = len(set(range(1, max(counts) + 1)) - set(counts) - set(stream.other_seqs))
     return missing, duplicated
+
+
+def delta_seqs(token_events: Iterable[dict[str, Any]]) -> dict[str, set[int]]:
+    """The seqs every DELTA on `tokens` covers, per request (a coalesced DELTA covers
+    ``first_seq``..``seq``; ``first_seq`` 0 means just ``seq``)."""
+    out: dict[str, set[int]] = defaultdict(set)
+    for event in token_events:
+        if event.get("kind") == "DELTA":
+            seq = int(event["seq"])
+            out[str(event["request_id"])].update(range(int(event.get("first_seq") or seq), seq + 1))
+    return dict(out)
 
 
 def evaluate(
@@ -118,6 +137,7 @@ def evaluate(
     poison: set[tuple[int, int]],
     usage_by_gateway: Mapping[str, Mapping[str, int]],
     maybe: set[str] | None = None,
+    written: Mapping[str, set[int]] | None = None,
 ) -> Verdict:
     """Every check of the run; see :class:`Verdict` for what each figure means. ``maybe``:
     records produced straight whose write was not acknowledged (they may have landed)."""
@@ -129,7 +149,8 @@ def evaluate(
     missing = duplicated = 0
     mismatched: list[str] = []
     for s in accepted_streams:
-        m, d = token_faults(s)
+        seen = written.get(str(s.request_id), set()) if written is not None else None
+        m, d = token_faults(s, seen if s.done is not None else None)
         missing, duplicated = missing + m, duplicated + d
         done = s.done or {}
         if (
@@ -141,6 +162,13 @@ def evaluate(
     unseen = sorted(i for i in results if i not in accepted and i not in (maybe or set()))
     billed_unaccepted = unseen if len(unseen) > in_doubt else []
     ledgers = _ledger_disagreements(results, usage_by_gateway)
+    served = served_by_request(sim_requests, results, prices)
+    billed = {i: int(r["usage"]["cost_micro_usd"]) for i, r in results.items()}
+    mismatches = sorted(
+        (i, billed.get(i, 0), served.get(i, 0))
+        for i in set(served) | set(billed)
+        if billed.get(i, 0) != served.get(i, 0)
+    )
     dlq = list(dlq)
     from_poison = [
         d
@@ -155,8 +183,9 @@ def evaluate(
         missing_tokens=missing,
         duplicated_tokens=duplicated,
         text_mismatches=mismatched,
-        billed_micro_usd=sum(int(r["usage"]["cost_micro_usd"]) for r in results.values()),
-        served_micro_usd=served_micro_usd(sim_requests, results, prices),
+        billed_micro_usd=sum(billed.values()),
+        served_micro_usd=sum(served.values()),
+        billing_mismatches=mismatches,
         billed_unaccepted=billed_unaccepted,
         ledger_disagreements=ledgers,
         unexpected_dlq=len(dlq) - len(from_poison),

@@ -149,7 +149,9 @@ class Client:
                             tokens += 1
                             if hang_up_after is not None and tokens >= hang_up_after:
                                 return Segment(done=False, broken=False)
-                        elif event.event == "done" and data.get("status") != "running":
+                        elif event.id is not None and event.id.isdigit():
+                            stream.other_seqs.append(int(event.id))
+                        if event.event == "done" and data.get("status") != "running":
                             stream.done = data
                             return Segment(done=True, broken=False)
         except httpx.ConnectError:

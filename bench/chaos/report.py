@@ -53,6 +53,8 @@ def markdown(data: dict[str, Any], verdict: Verdict) -> str:
         f"| texts differing from the result | {len(f['text_mismatches'])} |",
         f"| billed (results) micro-USD | {f['billed_micro_usd']} |",
         f"| served (simulator) micro-USD | {f['served_micro_usd']} |",
+        f"| requests billed differently from served | {len(f['billing_mismatches'])} "
+        f"{f['billing_mismatches'][:5]} |",
         f"| billed for unaccepted requests | {len(f['billed_unaccepted'])} |",
         f"| quota ledger disagreements | {len(f['ledger_disagreements'])} |",
         f"| dlq: poison injected / found / other | {f['poison_injected']} / "

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from bench.chaos import cluster as kafka
-from bench.chaos.checks import TERMINAL, ClientStream, Verdict, evaluate
+from bench.chaos.checks import TERMINAL, ClientStream, Verdict, delta_seqs, evaluate
 from bench.chaos.load import USERS, Client, document
 from bench.chaos.report import write_report
 from bench.chaos.schedule import Fault, plan
@@ -245,6 +245,8 @@ async def chaos(run: Run, clients: int) -> Verdict:
     dlq_topic = TopicNames.from_settings(run.settings).dlq
     dlq = await asyncio.to_thread(kafka.read_all, run.settings, dlq_topic, "DeadLetter")
     served = await sim_records(run)
+    tokens_topic = TopicNames.from_settings(run.settings).tokens
+    tokens = await asyncio.to_thread(kafka.read_all, run.settings, tokens_topic, "TokenEvent")
     return evaluate(
         run.streams,
         run.produced,
@@ -255,6 +257,7 @@ async def chaos(run: Run, clients: int) -> Verdict:
         run.poison,
         usage,
         maybe=set(run.maybe_produced),
+        written=delta_seqs(tokens),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from bench.chaos.checks import ClientStream, evaluate, token_faults
+from bench.chaos.checks import ClientStream, delta_seqs, evaluate, token_faults
 from bench.chaos.schedule import KINDS, plan
 from pipeline.core.pricing import ModelPrice, PriceTable
 
@@ -48,7 +48,9 @@ def served(*attempts: tuple[int, int]) -> dict[str, Any]:
 
 def test_a_clean_run_is_exact_and_its_last_line_says_so() -> None:
     streams = [
-        ClientStream("ann", "a", 200, [1, 2], "x y", {"status": "COMPLETED", "summary": "x y"}),
+        ClientStream(
+            "ann", "a", 200, seqs=[1, 2], text="x y", done={"status": "COMPLETED", "summary": "x y"}
+        ),
         ClientStream("ann", None, 429),  # refused: never billed
     ]
     # "a": two attempts (a resume), priced once on their sums: (10+5)*1 + (2+1)*5 = 30.
@@ -71,7 +73,12 @@ def test_a_clean_run_is_exact_and_its_last_line_says_so() -> None:
 def test_every_broken_promise_is_counted() -> None:
     streams = [
         ClientStream(
-            "ann", "a", 200, [1, 1, 2], "x x y", {"status": "COMPLETED", "summary": "x y"}
+            "ann",
+            "a",
+            200,
+            seqs=[1, 1, 2],
+            text="x x y",
+            done={"status": "COMPLETED", "summary": "x y"},
         ),
         ClientStream("ann", "lost", 200),
     ]
@@ -96,3 +103,18 @@ def test_every_broken_promise_is_counted() -> None:
     assert verdict.ledger_disagreements == ["g1: ann ledger 31 != results 32"]
     assert verdict.unexpected_dlq == 1
     assert verdict.last_line().endswith("1 lost, 1 duplicated tokens, billing off by 2 micro-USD")
+
+
+def test_missing_tokens_are_the_written_deltas_a_finished_client_never_received() -> None:
+    written = delta_seqs(
+        [
+            {"request_id": "a", "kind": "STARTED", "seq": 0},
+            {"request_id": "a", "kind": "DELTA", "seq": 3, "first_seq": 1},
+            {"request_id": "a", "kind": "STARTED", "seq": 4},  # a resumed attempt
+            {"request_id": "a", "kind": "DELTA", "seq": 5, "first_seq": 0},
+            {"request_id": "a", "kind": "DELTA", "seq": 7, "first_seq": 6},
+        ]
+    )
+    assert written == {"a": {1, 2, 3, 5, 6, 7}}
+    assert token_faults(ClientStream("u", seqs=[1, 2, 3, 5, 6, 7]), written["a"]) == (0, 0)
+    assert token_faults(ClientStream("u", seqs=[1, 2, 3, 3, 7]), written["a"]) == (2, 1)
