@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -87,6 +88,31 @@ def kill(run: Run, proc: Proc, sig: signal.Signals = signal.SIGKILL) -> None:
         proc.popen.wait()
         proc.log.close()
         run.stack.procs.remove(proc)
+
+
+def last_assignment(proc: Proc) -> set[int] | None:
+    """The in-flight partitions a worker logged last (None before its first assignment)."""
+    found: set[int] | None = None
+    for line in proc.log_path.read_text(errors="replace").splitlines():
+        if '"inflight partitions assigned"' in line:
+            with contextlib.suppress(ValueError, KeyError):
+                found = set(json.loads(line)["partitions"])
+    return found
+
+
+async def settled(run: Run, timeout_s: float = 180.0) -> None:
+    """Wait until the workers' group has settled: each holds a share, together all, no overlap.
+    The load starts after, so the group's first formation is not among the faults."""
+    deadline = time.monotonic() + timeout_s
+    partitions = set(range(run.settings.work_partitions))
+    while time.monotonic() < deadline:
+        run.stack.check_alive()
+        shares = [last_assignment(w) or set() for w in run.workers]
+        every = [p for share in shares for p in share]
+        if all(shares) and sorted(every) == sorted(partitions):
+            return
+        await asyncio.sleep(0.5)
+    raise TimeoutError("the workers' group did not settle")
 
 
 async def inject(run: Run, fault: Fault) -> None:
@@ -213,6 +239,7 @@ async def chaos(run: Run, clients: int) -> Verdict:
     for i in range(2):
         port = free_port()
         run.gateways.append((await start_gateway(run, i, port), port))
+    await settled(run)
     run.note("pipeline up")
 
     faults = plan(run.seed, run.duration_s, SESSION_TIMEOUT_S)
