@@ -37,6 +37,6 @@ bench: bootstrap
 # A seeded chaos run on a 3-node cluster of its own (at most 10 minutes; SEED=n, DURATION=s):
 # the report goes to .data/chaos/, its last line is the verdict (docs/operations.md, "Chaos").
 SEED ?= 1
-DURATION ?= 300
+DURATION ?= 240
 chaos: bootstrap
 	$(VENV)/python -m bench.chaos --seed $(SEED) --duration $(DURATION)

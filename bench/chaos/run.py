@@ -262,12 +262,13 @@ async def chaos(run: Run, clients: int) -> Verdict:
         await asyncio.gather(*injected)
         stop.set()
         run.note("load stops; clients finish their requests")
-        _, pending = await asyncio.wait(load, timeout=120)
+        # Bounded (with the drain below) so that a whole run stays within 10 minutes.
+        _, pending = await asyncio.wait(load, timeout=90)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         run.note("clients done", still_waiting=len(pending))
-    results = await drain(run, timeout_s=120)
+    results = await drain(run, timeout_s=90)
     usage = await ledgers(run, results)
     dlq_topic = TopicNames.from_settings(run.settings).dlq
     dlq = await asyncio.to_thread(kafka.read_all, run.settings, dlq_topic, "DeadLetter")
@@ -291,7 +292,7 @@ async def chaos(run: Run, clients: int) -> Verdict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--duration", type=float, default=300.0, help="seconds of load")
+    parser.add_argument("--duration", type=float, default=240.0, help="seconds of load")
     parser.add_argument("--short", action="store_true", help="75 s of load (CI)")
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--base-port", type=int, default=19120, help="the cluster's 6 ports")
