@@ -1,5 +1,5 @@
 # sumstream: the everyday commands. `make up` runs the service, `make test` the tests.
-.PHONY: up test check lint types layers broker broker-stop bench bootstrap
+.PHONY: up test check lint types layers broker broker-stop bench chaos bootstrap
 
 VENV := .venv/bin
 
@@ -33,3 +33,10 @@ broker-stop: bootstrap
 
 bench: bootstrap
 	$(VENV)/python -m bench.run
+
+# A seeded chaos run on a 3-node cluster of its own (at most 10 minutes; SEED=n, DURATION=s):
+# the report goes to .data/chaos/, its last line is the verdict (docs/operations.md, "Chaos").
+SEED ?= 1
+DURATION ?= 240
+chaos: bootstrap
+	$(VENV)/python -m bench.chaos --seed $(SEED) --duration $(DURATION)

@@ -63,6 +63,11 @@ class KafkaSettings(BaseSettings):
     # The largest encoded record value; every other size limit derives from it
     # (pipeline/core/sizes.py, docs/architecture.md "Record sizes").
     max_record_bytes: int = Field(default=DEFAULT_MAX_RECORD_BYTES, ge=MIN_RECORD_BYTES)
+    # Replicas of every topic sumstream and Faust create, and the replicas a write with
+    # acks=all must reach (None: the broker's default). A 3-node cluster takes 3 and 2
+    # (docs/architecture.md, "Production Kafka").
+    replication_factor: int = Field(default=1, ge=1)
+    min_insync_replicas: int | None = Field(default=None, ge=1)
 
     @property
     def sizes(self) -> RecordSizes:
@@ -75,6 +80,9 @@ class BrokerSettings(KafkaSettings):
 
     broker_port: int = 9092
     controller_port: int = 9093
+    # Nodes of the local cluster (combined broker+controller roles); node i listens on
+    # broker_port + 2i and controller_port + 2i (pipeline/ops/broker_install.py).
+    broker_nodes: int = Field(default=1, ge=1, le=9)
     broker_heap: str = "512m"
     java_home: Path | None = None
     # Not package data: `sumstream broker` outside a checkout needs SUMSTREAM_KAFKA_POM.

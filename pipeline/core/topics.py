@@ -54,6 +54,8 @@ def declared_topics(settings: KafkaSettings) -> list[TopicSpec]:
     largest = str(settings.sizes.topic_message_bytes)
     for spec in specs:
         spec.config["max.message.bytes"] = largest
+        if settings.min_insync_replicas is not None:
+            spec.config["min.insync.replicas"] = str(settings.min_insync_replicas)
     return specs
 
 

@@ -70,8 +70,12 @@ def create_topics(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> list
     by_name = {spec.name(settings.topic_prefix): spec for spec in specs}
     client = admin_client(settings)
     new = [
-        # replication_factor -1 takes the broker's default.replication.factor.
-        NewTopic(name, num_partitions=spec.partitions, replication_factor=-1, config=spec.config)
+        NewTopic(
+            name,
+            num_partitions=spec.partitions,
+            replication_factor=settings.replication_factor,
+            config=spec.config,
+        )
         for name, spec in by_name.items()
     ]
     futures = client.create_topics(new, request_timeout=timeout_s, operation_timeout=timeout_s)

@@ -1,4 +1,5 @@
-"""`sumstream broker`: a local Apache Kafka 4.x (KRaft, one node) run from Maven Central jars.
+"""`sumstream broker`: a local Apache Kafka 4.x (KRaft) run from Maven Central jars: one node,
+or a replicated cluster of ``--nodes`` (docs/architecture.md, "Production Kafka").
 
 For development, tests and CI. The jars are fetched once by Maven into ``<data_dir>/kafka/jars``;
 the broker logs to ``<data_dir>/kafka/logs/broker.log`` and records its pid beside it. Production
@@ -24,16 +25,18 @@ from pathlib import Path
 from confluent_kafka import KafkaException
 
 from pipeline.core.errors import BrokerToolingError
-from pipeline.core.settings import BrokerSettings, kafka_settings
+from pipeline.core.settings import BrokerSettings, KafkaSettings, kafka_settings
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.ops.broker_install import (
-    HOST,
     LOG4J2,
     BrokerPaths,
+    ClusterNode,
+    cluster_nodes,
     ensure_jars,
     find_java,
     java_command,
     locked,
+    scram_format_args,
     server_properties,
 )
 
@@ -69,16 +72,20 @@ class BrokerStatus:
 
 
 def local_bootstrap(settings: BrokerSettings) -> str:
-    return f"{HOST}:{settings.broker_port}"
+    """Every node's client address, comma-separated."""
+    return ",".join(node.bootstrap for node in cluster_nodes(settings))
 
 
-def is_reachable(bootstrap: str, timeout_s: float = 2.0) -> bool:
+def is_reachable(
+    bootstrap: str, timeout_s: float = 2.0, settings: KafkaSettings | None = None
+) -> bool:
     """True when a broker at ``bootstrap`` answers a metadata request (DescribeCluster).
 
-    The security options are the process's settings (``SUMSTREAM_*``); the address is given.
+    The security options are ``settings``' (default: the process's ``SUMSTREAM_*``); the
+    address is given.
     """
     connection = dataclasses.replace(
-        ConnectionConfig.from_settings(kafka_settings()), bootstrap_servers=bootstrap
+        ConnectionConfig.from_settings(settings or kafka_settings()), bootstrap_servers=bootstrap
     )
     # log_level 0: a refused connection is the expected answer here, not worth a log line.
     client = connection.admin_client({"log_level": 0})
@@ -97,6 +104,17 @@ def _kafka_uuid() -> str:
             return text
 
 
+def _cluster_id(settings: BrokerSettings) -> str:
+    """One id for every node of a cluster, kept beside the nodes' directories."""
+    if settings.broker_nodes == 1:
+        return _kafka_uuid()
+    path = settings.data_dir / "kafka" / "cluster.id"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_kafka_uuid() + "\n")
+    return path.read_text().strip()
+
+
 def _format_storage(java: Path, settings: BrokerSettings, paths: BrokerPaths) -> None:
     if (paths.data / "meta.properties").exists():
         return
@@ -105,9 +123,10 @@ def _format_storage(java: Path, settings: BrokerSettings, paths: BrokerPaths) ->
         STORAGE_TOOL,
         "format",
         "-t",
-        _kafka_uuid(),
+        _cluster_id(settings),
         "-c",
         str(paths.config),
+        *scram_format_args(settings),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     if out.returncode != 0:
@@ -161,44 +180,61 @@ def _log_tail(paths: BrokerPaths, lines: int = 30) -> str:
 
 
 def start(settings: BrokerSettings, wait_s: float = 60.0) -> bool:
-    """Start the broker and wait until it answers; False when one was already reachable."""
-    paths = BrokerPaths.of(settings)
-    bootstrap = local_bootstrap(settings)
-    with locked(paths.root / ".start.lock"):
-        pid = _read_pid(paths)
-        if pid is None and is_reachable(bootstrap, timeout_s=1.0):
-            return False
-        if pid is not None:
-            _wait_ready(settings, paths, pid, wait_s)
-            return False
-        java = find_java(settings)
-        ensure_jars(settings)
-        for directory in (paths.data, paths.logs):
-            directory.mkdir(parents=True, exist_ok=True)
-        paths.config.write_text(server_properties(settings, paths))
-        paths.log4j.write_text(LOG4J2)
-        _format_storage(java, settings, paths)
-        with paths.log_file.open("ab") as log:
-            proc = subprocess.Popen(
-                [*java_command(java, settings, paths), MAIN_CLASS, str(paths.config)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=paths.root,
-                start_new_session=True,  # Ctrl-C in the starting terminal must not kill it
-            )
-        _children[proc.pid] = proc
-        paths.pid_file.write_text(f"{proc.pid}\n")
+    """Start every node that is not running and wait until all answer; False when all were.
+
+    A cluster's nodes start together: the controller quorum needs a majority of them.
+    """
+    nodes = cluster_nodes(settings)
+    root = settings.data_dir / "kafka"
+    with locked(root / ".start.lock"):
+        pids = {node.node_id: _read_pid(BrokerPaths.of(settings, node.node_id)) for node in nodes}
+        missing = [node for node in nodes if pids[node.node_id] is None]
+        if (
+            len(nodes) == 1
+            and missing
+            and is_reachable(nodes[0].bootstrap, timeout_s=1.0, settings=settings)
+        ):
+            return False  # someone else's broker on our port
+        if missing:
+            java = find_java(settings)
+            ensure_jars(settings)
+            for node in missing:
+                pids[node.node_id] = _launch(java, settings, node)
         try:
-            _wait_ready(settings, paths, proc.pid, wait_s)
+            for node in nodes:
+                pid = pids[node.node_id]
+                assert pid is not None
+                _wait_ready(settings, node, pid, wait_s)
         except BrokerToolingError:
-            stop(settings)
+            if missing:
+                stop(settings)
             raise
-        return True
+        return bool(missing)
 
 
-def _wait_ready(settings: BrokerSettings, paths: BrokerPaths, pid: int, wait_s: float) -> None:
-    bootstrap = local_bootstrap(settings)
+def _launch(java: Path, settings: BrokerSettings, node: ClusterNode) -> int:
+    paths = BrokerPaths.of(settings, node.node_id)
+    for directory in (paths.data, paths.logs):
+        directory.mkdir(parents=True, exist_ok=True)
+    paths.config.write_text(server_properties(settings, paths, node))
+    paths.log4j.write_text(LOG4J2)
+    _format_storage(java, settings, paths)
+    with paths.log_file.open("ab") as log:
+        proc = subprocess.Popen(
+            [*java_command(java, settings, paths), MAIN_CLASS, str(paths.config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=paths.root,
+            start_new_session=True,  # Ctrl-C in the starting terminal must not kill it
+        )
+    _children[proc.pid] = proc
+    paths.pid_file.write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _wait_ready(settings: BrokerSettings, node: ClusterNode, pid: int, wait_s: float) -> None:
+    paths = BrokerPaths.of(settings, node.node_id)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if not _alive(pid, paths):
@@ -206,27 +242,45 @@ def _wait_ready(settings: BrokerSettings, paths: BrokerPaths, pid: int, wait_s: 
                 f"the broker exited during start; last lines of {paths.log_file}:\n"
                 f"{_log_tail(paths)}"
             )
-        if is_reachable(bootstrap, timeout_s=1.0):
+        if is_reachable(node.bootstrap, timeout_s=1.0, settings=settings):
             return
         time.sleep(0.2)
     raise BrokerToolingError(
-        f"the broker did not answer at {bootstrap} within {wait_s:.0f} s; "
+        f"the broker did not answer at {node.bootstrap} within {wait_s:.0f} s; "
         f"see {paths.log_file}:\n{_log_tail(paths)}"
     )
 
 
 def stop(settings: BrokerSettings) -> bool:
-    """Stop the broker sumstream started (SIGTERM, then SIGKILL); False when none was running."""
-    paths = BrokerPaths.of(settings)
+    """Stop every node sumstream started (SIGTERM, then SIGKILL); False when none was running."""
+    running = [
+        (paths, pid)
+        for paths in (BrokerPaths.of(settings, n.node_id) for n in cluster_nodes(settings))
+        if (pid := _read_pid(paths)) is not None
+    ]
+    # All at once: a node that stops alone would wait for its partitions to move elsewhere.
+    for _, pid in running:
+        _signal(pid, signal.SIGTERM)
+    for paths, pid in running:
+        if not _wait_exit(pid, paths, settings.broker_stop_timeout_s):
+            _signal(pid, signal.SIGKILL)
+            _wait_exit(pid, paths, 10.0)
+        _children.pop(pid, None)
+        paths.pid_file.unlink(missing_ok=True)
+    return bool(running)
+
+
+def kill_node(settings: BrokerSettings, node_id: int, sig: signal.Signals = signal.SIGKILL) -> bool:
+    """Send ``sig`` to one node (fault injection); SIGKILL also reaps it. False when not running."""
+    paths = BrokerPaths.of(settings, node_id)
     pid = _read_pid(paths)
     if pid is None:
         return False
-    _signal(pid, signal.SIGTERM)
-    if not _wait_exit(pid, paths, settings.broker_stop_timeout_s):
-        _signal(pid, signal.SIGKILL)
+    _signal(pid, sig)
+    if sig == signal.SIGKILL:
         _wait_exit(pid, paths, 10.0)
-    _children.pop(pid, None)
-    paths.pid_file.unlink(missing_ok=True)
+        _children.pop(pid, None)
+        paths.pid_file.unlink(missing_ok=True)
     return True
 
 
@@ -251,13 +305,13 @@ def _wait_exit(pid: int, paths: BrokerPaths, timeout_s: float) -> bool:
     return False
 
 
-def status(settings: BrokerSettings) -> BrokerStatus:
-    """Whether the local broker answers, and the process sumstream started for it if any."""
-    paths = BrokerPaths.of(settings)
-    bootstrap = local_bootstrap(settings)
+def status(settings: BrokerSettings, node_id: int = 1) -> BrokerStatus:
+    """Whether one local node answers, and the process sumstream started for it if any."""
+    node = cluster_nodes(settings)[node_id - 1]
+    paths = BrokerPaths.of(settings, node_id)
     return BrokerStatus(
-        bootstrap=bootstrap,
-        reachable=is_reachable(bootstrap, timeout_s=2.0),
+        bootstrap=node.bootstrap,
+        reachable=is_reachable(node.bootstrap, timeout_s=2.0, settings=settings),
         pid=_read_pid(paths),
         log_file=paths.log_file,
         data_dir=paths.root,
@@ -267,6 +321,13 @@ def status(settings: BrokerSettings) -> BrokerStatus:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["start", "stop", "status", "restart"])
     parser.add_argument(
+        "--nodes",
+        type=int,
+        choices=range(1, 10),
+        metavar="N",
+        help="nodes of the local cluster (default: SUMSTREAM_BROKER_NODES, else as started)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for the broker to answer"
     )
     parser.add_argument(
@@ -275,11 +336,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = BrokerSettings()
+    # Imported here: the status report builds on this module.
+    from pipeline.ops.cluster import chosen_settings, cluster_status, record_nodes
+
+    settings = chosen_settings(args.nodes)
     bootstrap = local_bootstrap(settings)
     try:
         if args.action == "status":
-            st = status(settings)
+            st = cluster_status(settings)
             if not args.quiet:
                 print(st.describe())
             return 0 if st.reachable else 3
@@ -289,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
             if args.action == "stop":
                 return 0
         t0 = time.monotonic()
+        record_nodes(settings)
         started = start(settings, wait_s=args.timeout)
     except BrokerToolingError as exc:
         print(f"sumstream broker {args.action}: {exc}", file=sys.stderr)
@@ -298,6 +363,11 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"broker {bootstrap}: started in {time.monotonic() - t0:.1f} s (log {paths.log_file})"
         )
+        if settings.broker_nodes >= 3:
+            print(
+                "  topics: SUMSTREAM_BOOTSTRAP_SERVERS="
+                f"{bootstrap} SUMSTREAM_REPLICATION_FACTOR=3 SUMSTREAM_MIN_INSYNC_REPLICAS=2"
+            )
     else:
         print(f"broker {bootstrap}: already running")
     return 0

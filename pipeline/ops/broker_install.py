@@ -23,8 +23,37 @@ from pipeline.core.settings import BrokerSettings
 MIN_JAVA = 17
 HOST = "127.0.0.1"
 DOCKER_HINT = (
-    "or run Kafka in Docker instead: docker compose -f docker-compose.kafka.yml up -d kafka"
+    "or run Kafka in Docker instead: "
+    "docker compose -f docker-compose.kafka.yml up -d kafka kafka-2 kafka-3"
 )
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    """One node of the local cluster: its id and its client and controller ports."""
+
+    node_id: int
+    port: int
+    controller_port: int
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+def cluster_nodes(settings: BrokerSettings) -> list[ClusterNode]:
+    """Every node of the local cluster; node i (from 0) listens on the base ports + 2i."""
+    return [
+        ClusterNode(i + 1, settings.broker_port + 2 * i, settings.controller_port + 2 * i)
+        for i in range(settings.broker_nodes)
+    ]
+
+
+def cluster_replication(nodes: int) -> tuple[int, int]:
+    """Replication factor and min.insync.replicas for a cluster of ``nodes``: 3 and 2 from
+    three nodes on, so a write with acks=all survives the loss of any one node."""
+    factor = min(3, nodes)
+    return factor, max(1, factor - 1)
 
 
 @dataclass(frozen=True)
@@ -41,12 +70,15 @@ class BrokerPaths:
     pid_file: Path
 
     @classmethod
-    def of(cls, settings: BrokerSettings) -> BrokerPaths:
-        root = settings.data_dir / "kafka"
+    def of(cls, settings: BrokerSettings, node_id: int = 1) -> BrokerPaths:
+        """A single node keeps its files in ``<data_dir>/kafka``; node N of a cluster in
+        ``<data_dir>/kafka/node-N``; the jars are shared."""
+        base = settings.data_dir / "kafka"
+        root = base if settings.broker_nodes == 1 else base / f"node-{node_id}"
         logs = root / "logs"
         return cls(
             root=root,
-            jars=settings.jars_dir or root / "jars",
+            jars=settings.jars_dir or base / "jars",
             data=root / "data",
             logs=logs,
             log_file=logs / "broker.log",
@@ -139,29 +171,41 @@ def ensure_jars(settings: BrokerSettings) -> Path:
     return jars
 
 
-def server_properties(settings: BrokerSettings, paths: BrokerPaths) -> str:
-    """A combined broker+controller tuned for one developer machine and fast tests."""
-    port, ctrl = settings.broker_port, settings.controller_port
+def server_properties(
+    settings: BrokerSettings, paths: BrokerPaths, node: ClusterNode | None = None
+) -> str:
+    """A combined broker+controller tuned for one developer machine and fast tests; with
+    ``broker_nodes`` > 1, one node of a replicated cluster (docs/architecture.md,
+    "Production Kafka")."""
+    nodes = cluster_nodes(settings)
+    node = node or nodes[0]
+    port, ctrl = node.port, node.controller_port
+    factor, min_isr = (str(n) for n in cluster_replication(len(nodes)))
+    listener = _client_listener(settings)
     props = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@{HOST}:{ctrl}",
-        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{ctrl}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "node.id": str(node.node_id),
+        "controller.quorum.voters": ",".join(
+            f"{n.node_id}@{HOST}:{n.controller_port}" for n in nodes
+        ),
+        "listeners": f"{listener}://{HOST}:{port},CONTROLLER://{HOST}:{ctrl}",
+        "advertised.listeners": f"{listener}://{HOST}:{port}",
         "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": listener,
+        "listener.security.protocol.map": f"{listener}:{listener},CONTROLLER:PLAINTEXT",
         "log.dirs": str(paths.data),
         "num.partitions": "1",
-        "default.replication.factor": "1",
-        "min.insync.replicas": "1",
-        "offsets.topic.replication.factor": "1",
+        "default.replication.factor": factor,
+        "min.insync.replicas": min_isr,
+        # A replica that fell out of sync never becomes leader: that would drop acked writes.
+        "unclean.leader.election.enable": "false",
+        "offsets.topic.replication.factor": factor,
         "offsets.topic.num.partitions": "4",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.replication.factor": factor,
+        "transaction.state.log.min.isr": min_isr,
         "transaction.state.log.num.partitions": "4",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": factor,
+        "share.coordinator.state.topic.min.isr": min_isr,
         # Consumers join at once instead of waiting 3 s for more members.
         "group.initial.rebalance.delay.ms": "0",
         # Two cores are shared by every process on the machine.
@@ -174,7 +218,60 @@ def server_properties(settings: BrokerSettings, paths: BrokerPaths) -> str:
         "log.segment.bytes": str(64 * 1024 * 1024),
         "log.retention.check.interval.ms": "60000",
     }
+    if len(nodes) > 1:
+        # A killed node is fenced (and its partitions led elsewhere) after 6 s, not 9 s.
+        props["broker.heartbeat.interval.ms"] = "1000"
+        props["broker.session.timeout.ms"] = "6000"
+    props.update(_sasl_properties(settings, listener))
     return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def _client_listener(settings: BrokerSettings) -> str:
+    """The security protocol of the local broker's client listener: the clients' own."""
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        raise BrokerToolingError(
+            "the local broker serves PLAINTEXT or SASL_PLAINTEXT; for TLS use a managed "
+            f"cluster or a broker of your own; {DOCKER_HINT}"
+        )
+    if settings.security_protocol == "SASL_PLAINTEXT" and (
+        settings.sasl_mechanism == "OAUTHBEARER" or not settings.sasl_username
+    ):
+        raise BrokerToolingError(
+            "the local broker's SASL listener takes PLAIN or SCRAM with SUMSTREAM_SASL_USERNAME"
+        )
+    return settings.security_protocol
+
+
+def _sasl_properties(settings: BrokerSettings, listener: str) -> dict[str, str]:
+    """The SASL listener's one user: the clients' username and password (inter-broker too)."""
+    if listener != "SASL_PLAINTEXT":
+        return {}
+    mechanism = settings.sasl_mechanism
+    user = settings.sasl_username or ""
+    password = settings.sasl_password.get_secret_value() if settings.sasl_password else ""
+    if mechanism == "PLAIN":
+        module = "org.apache.kafka.common.security.plain.PlainLoginModule"
+        users = f'user_{user}="{password}"'
+        jaas = f'{module} required username="{user}" password="{password}" {users};'
+    else:  # SCRAM: the credential itself is written into the storage at format time
+        module = "org.apache.kafka.common.security.scram.ScramLoginModule"
+        jaas = f'{module} required username="{user}" password="{password}";'
+    return {
+        "sasl.enabled.mechanisms": mechanism,
+        "sasl.mechanism.inter.broker.protocol": mechanism,
+        f"listener.name.sasl_plaintext.{mechanism.lower()}.sasl.jaas.config": jaas,
+    }
+
+
+def scram_format_args(settings: BrokerSettings) -> list[str]:
+    """The storage tool's arguments that create the SCRAM user of a SASL_PLAINTEXT broker."""
+    if settings.security_protocol != "SASL_PLAINTEXT" or not settings.sasl_mechanism.startswith(
+        "SCRAM"
+    ):
+        return []
+    password = settings.sasl_password.get_secret_value() if settings.sasl_password else ""
+    credential = f"{settings.sasl_mechanism}=[name={settings.sasl_username},password={password}]"
+    return ["--add-scram", credential]
 
 
 LOG4J2 = """\

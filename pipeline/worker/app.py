@@ -178,6 +178,8 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
         # tables), so workers running different stages can share the consumer group.
         table_standby_replicas=1,
         topic_partitions=settings.work_partitions,
+        # Faust's own topics (in-flight changelog, assignor) are replicated like ours.
+        topic_replication_factor=settings.replication_factor,
         consumer_auto_offset_reset="earliest",
         worker_redirect_stdouts=False,
     )

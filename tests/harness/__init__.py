@@ -3,7 +3,7 @@ integration and end-to-end tests."""
 
 from __future__ import annotations
 
-from tests.harness.ports import free_port
+from tests.harness.ports import free_port, free_port_block
 from tests.harness.procs import (
     BOOTSTRAP,
     KEYS,
@@ -36,6 +36,7 @@ __all__ = [
     "eventually",
     "eventually_async",
     "free_port",
+    "free_port_block",
     "produce_raw",
     "read_topic",
     "running_stack",

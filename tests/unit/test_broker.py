@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.errors import BrokerToolingError
-from pipeline.core.settings import BrokerSettings
-from pipeline.ops import broker
+from pipeline.core.settings import BrokerSettings, KafkaSettings
+from pipeline.core.topics import declared_topics
+from pipeline.ops import broker, cluster
 
 
 def settings_in(tmp_path: Path, **fields: object) -> BrokerSettings:
@@ -94,3 +95,78 @@ def test_a_stale_pid_file_is_ignored(tmp_path: Path) -> None:
     assert broker.status(settings).pid is None
     assert not paths.pid_file.exists()
     assert broker.stop(settings) is False
+
+
+def props_of(settings: BrokerSettings, node_id: int = 1) -> dict[str, str]:
+    node = broker.cluster_nodes(settings)[node_id - 1]
+    text = broker.server_properties(settings, broker.BrokerPaths.of(settings, node_id), node)
+    return dict(line.split("=", 1) for line in text.splitlines())
+
+
+def test_three_nodes_share_one_quorum_and_replicate_three_times(tmp_path: Path) -> None:
+    settings = settings_in(tmp_path, broker_nodes=3)
+    voters = "1@127.0.0.1:29093,2@127.0.0.1:29095,3@127.0.0.1:29097"
+    for node_id, port in ((1, 29092), (2, 29094), (3, 29096)):
+        props = props_of(settings, node_id)
+        assert props["node.id"] == str(node_id)
+        assert props["controller.quorum.voters"] == voters
+        assert props["advertised.listeners"] == f"PLAINTEXT://127.0.0.1:{port}"
+        assert props["log.dirs"] == str(tmp_path / "kafka" / f"node-{node_id}" / "data")
+        assert props["default.replication.factor"] == "3"
+        assert props["min.insync.replicas"] == "2"
+        assert props["offsets.topic.replication.factor"] == "3"
+        assert props["unclean.leader.election.enable"] == "false"
+    assert broker.local_bootstrap(settings) == "127.0.0.1:29092,127.0.0.1:29094,127.0.0.1:29096"
+    single = props_of(settings_in(tmp_path))
+    assert (single["default.replication.factor"], single["min.insync.replicas"]) == ("1", "1")
+
+
+def test_cluster_nodes_keep_their_files_apart_and_share_the_jars(tmp_path: Path) -> None:
+    settings = settings_in(tmp_path, broker_nodes=3)
+    roots = {broker.BrokerPaths.of(settings, n).root for n in (1, 2, 3)}
+    assert roots == {tmp_path / "kafka" / f"node-{n}" for n in (1, 2, 3)}
+    assert {broker.BrokerPaths.of(settings, n).jars for n in (1, 2, 3)} == {
+        tmp_path / "kafka" / "jars"
+    }
+
+
+def test_a_sasl_broker_serves_the_clients_own_user(tmp_path: Path) -> None:
+    plain = settings_in(
+        tmp_path, security_protocol="SASL_PLAINTEXT", sasl_username="app", sasl_password="pw"
+    )
+    props = props_of(plain)
+    assert props["listeners"].startswith("SASL_PLAINTEXT://127.0.0.1:29092,")
+    assert props["inter.broker.listener.name"] == "SASL_PLAINTEXT"
+    assert props["sasl.enabled.mechanisms"] == "PLAIN"
+    jaas = props["listener.name.sasl_plaintext.plain.sasl.jaas.config"]
+    assert 'username="app" password="pw" user_app="pw";' in jaas
+    assert broker.scram_format_args(plain) == []
+
+    scram = plain.model_copy(update={"sasl_mechanism": "SCRAM-SHA-256"})
+    assert props_of(scram)["sasl.mechanism.inter.broker.protocol"] == "SCRAM-SHA-256"
+    credential = "SCRAM-SHA-256=[name=app,password=pw]"
+    assert broker.scram_format_args(scram) == ["--add-scram", credential]
+
+
+def test_the_local_broker_refuses_tls_and_saying_so(tmp_path: Path) -> None:
+    with pytest.raises(BrokerToolingError, match="PLAINTEXT or SASL_PLAINTEXT"):
+        props_of(settings_in(tmp_path, security_protocol="SSL"))
+
+
+def test_broker_commands_remember_the_node_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SUMSTREAM_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("SUMSTREAM_BROKER_NODES", raising=False)
+    assert cluster.chosen_settings(None).broker_nodes == 1
+    cluster.record_nodes(cluster.chosen_settings(3))
+    assert cluster.chosen_settings(None).broker_nodes == 3
+    assert cluster.chosen_settings(1).broker_nodes == 1
+    monkeypatch.setenv("SUMSTREAM_BROKER_NODES", "2")
+    assert cluster.chosen_settings(None).broker_nodes == 2
+
+
+def test_topics_require_the_settings_in_sync_replicas_only_when_set() -> None:
+    replicated = KafkaSettings(replication_factor=3, min_insync_replicas=2)
+    assert all(s.config["min.insync.replicas"] == "2" for s in declared_topics(replicated))
+    assert all("min.insync.replicas" not in s.config for s in declared_topics(KafkaSettings()))

@@ -257,3 +257,14 @@ def test_needs_lists_names_grouping_labels_and_exact_matches() -> None:
         ("up", "job"),
     }
     assert need.equal == {("a_bucket", "stage", "x"), ("up", "job", "w")}
+
+
+def test_compose_kafka_is_three_replicating_nodes_of_one_quorum() -> None:
+    services = load_yaml(COMPOSE)["services"]
+    nodes = [services[name]["environment"] for name in ("kafka", "kafka-2", "kafka-3")]
+    assert sorted(env["KAFKA_NODE_ID"] for env in nodes) == [1, 2, 3]
+    assert len({env["CLUSTER_ID"] for env in nodes}) == 1
+    assert all(env["KAFKA_CONTROLLER_QUORUM_VOTERS"].count("@") == 3 for env in nodes)
+    assert all(env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == 3 for env in nodes)
+    assert all(env["KAFKA_MIN_INSYNC_REPLICAS"] == 2 for env in nodes)
+    assert all(env["KAFKA_UNCLEAN_LEADER_ELECTION_ENABLE"] == "false" for env in nodes)

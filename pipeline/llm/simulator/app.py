@@ -241,7 +241,11 @@ class Simulator:
             fault_at = knobs.fault_at_token
             self._faults_left = max(-1, self._faults_left - 1)
         stream = StreamRecord(
-            started_at=now_ms(), streaming=call.stream, prefill_chars=len(call.prefill)
+            started_at=now_ms(),
+            streaming=call.stream,
+            prefill_chars=len(call.prefill),
+            model=call.model,
+            input_tokens=call.input_tokens,
         )
         append_bounded(record.streams, stream)
         self._status(stats, record, 200)

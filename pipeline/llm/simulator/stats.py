@@ -22,6 +22,9 @@ class StreamRecord:
     ended_at: int | None = None
     ended: str | None = None
     tokens: int = 0
+    # What the attempt is billed by: its model and prompt size (``tokens`` is its output).
+    model: str = ""
+    input_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -94,6 +97,8 @@ def _record_json(record: RequestRecord) -> dict[str, Any]:
             "tokens": s.tokens,
             "streaming": s.streaming,
             "prefill_chars": s.prefill_chars,
+            "model": s.model,
+            "input_tokens": s.input_tokens,
         }
         for s in record.streams
     ]
