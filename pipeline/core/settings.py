@@ -193,6 +193,8 @@ class SimulatorSettings(BaseSettings):
     fault_kind: Literal["error", "drop"] = "error"
     fault_times: int = Field(default=-1, ge=-1)  # streams that get the fault; -1 means all
     retry_after_s: float = Field(default=1.0, ge=0)
+    # Every model's context window in tokens (0: each model's own, 200k); beyond it 400.
+    context_window_tokens: int = Field(default=0, ge=0)
     # Per-minute buckets like the API's (pipeline/llm/simulator/limits.py); 0 means unlimited.
     requests_per_minute: int = Field(default=0, ge=0)
     tokens_per_minute: int = Field(default=0, ge=0)
