@@ -153,6 +153,9 @@ async def test_results_are_settled_into_usage_even_when_their_gateway_is_gone() 
     assert figures["cost_usd"] == pytest.approx(0.001334)
     assert figures["remaining_micro_usd"] == 100_000_000 - 1_334
     assert figures["limits"] == {"rpm": 120, "tpm": 400_000}
+    # The tier's context allocation (docs/architecture.md, "Long documents").
+    assert figures["documents"] == table["pro"].limits()
+    assert figures["documents"]["long_documents"] is True
     assert figures["period_start"].endswith("T00:00:00Z")
     assert unauthenticated.status_code == 401
 
