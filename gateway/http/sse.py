@@ -234,6 +234,9 @@ class StreamProgress:
             self.result = cast(SummaryResult, record)
             return None
         event = cast(TokenEvent, record)
+        if event["kind"] == "PROGRESS":
+            # A long document's plan or progress (docs/architecture.md, "Long documents").
+            return encode_event("progress", orjson.loads(event.get("text") or "{}"))
         if event["kind"] in TERMINAL_KINDS:
             self.terminal, self.ended = event, True
         elif event["kind"] == "DELTA" and event["seq"] > self.last_sent:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Literal, TypedDict
 
-TokenKind = Literal["STARTED", "DELTA", "DONE", "ERROR", "CANCELLED"]
+TokenKind = Literal["STARTED", "DELTA", "DONE", "ERROR", "CANCELLED", "PROGRESS"]
+ChunkKind = Literal["PLAN", "SUMMARY", "FAILED"]
 ResultStatus = Literal["COMPLETED", "PARTIAL", "FAILED", "CANCELLED", "REJECTED"]
 ControlAction = Literal["CANCEL"]
 QuotaKind = Literal["RESERVE", "SETTLE", "RELEASE", "UNKNOWN"]
@@ -81,6 +82,8 @@ class InferenceJob(TypedDict):
     replay_of: str | None
     created_at: int
     trace: Trace
+    # A long document's final reduce: the usage of its map and collapse calls.
+    base_usage: Usage | None
 
 
 class TokenEvent(TypedDict):
@@ -177,6 +180,24 @@ class QuotaEvent(TypedDict):
     trace: Trace
 
 
+class ChunkSummary(TypedDict):
+    """A long document's record on ``chunks`` (docs/architecture.md, "Long documents")."""
+
+    request_id: str
+    kind: ChunkKind
+    level: int
+    index: int
+    text: str
+    usage: Usage | None
+    error: ErrorInfo | None
+    levels: list[int]
+    group_size: int
+    job: bytes
+    plan: str
+    created_at: int
+    trace: Trace
+
+
 # Schema name -> its TypedDict; tests/unit/test_records.py checks the two agree.
 RECORD_TYPES: dict[str, type] = {
     "Usage": Usage,
@@ -188,4 +209,5 @@ RECORD_TYPES: dict[str, type] = {
     "ControlEvent": ControlEvent,
     "DeadLetter": DeadLetter,
     "QuotaEvent": QuotaEvent,
+    "ChunkSummary": ChunkSummary,
 }

@@ -22,6 +22,7 @@ from pipeline.core.tiers import Tier
 from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
 from pipeline.worker.identity import IdentityError, RequestIdentity
+from pipeline.worker.longdoc.split import LongJob
 from pipeline.worker.prepare import (
     Rejection,
     prepare,
@@ -50,6 +51,7 @@ class PreprocessStage:
         dlq: DeadLetterQueue,
         identity: RequestIdentity | None = None,
         admission: TopicAdmission | None = None,
+        send_chunk: Send | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -59,6 +61,7 @@ class PreprocessStage:
         self.admission = admission
         self._send_job = send_job
         self._send_token = send_token
+        self._send_chunk = send_chunk
         self._dlq = dlq
         self._clock = clock
 
@@ -94,7 +97,15 @@ class PreprocessStage:
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
             return
         job = b""
-        if not isinstance(outcome, Rejection):
+        maps: list[bytes] = []
+        if isinstance(outcome, LongJob):
+            encoded_maps = [self._encoded(m) for m in outcome.maps]
+            refusal = next((e for e in encoded_maps if isinstance(e, Rejection)), None)
+            if refusal is not None:
+                outcome = refusal
+            else:
+                maps = [e for e in encoded_maps if isinstance(e, bytes)]
+        elif not isinstance(outcome, Rejection):
             encoded = self._encoded(outcome)
             if isinstance(encoded, Rejection):
                 outcome = encoded
@@ -102,7 +113,8 @@ class PreprocessStage:
                 job = encoded
         if not isinstance(outcome, Rejection) and self.admission and vouched:
             # After the size check: an oversized job reserves nothing.
-            refused = await self.admission.refusal(outcome, vouched.producer)
+            reserved = outcome.final if isinstance(outcome, LongJob) else outcome
+            refused = await self.admission.refusal(reserved, vouched.producer)
             outcome = rejected(*refused) if refused else outcome
         if isinstance(outcome, Rejection):
             if outcome.dead_letter:
@@ -115,6 +127,9 @@ class PreprocessStage:
                 )
             await self._reject(request, outcome, now_ms=now, enqueued_ms=timestamp_ms)
             return
+        if isinstance(outcome, LongJob):
+            await self._send_long(outcome, maps)
+            return
         await self._send_job(request["request_id"].encode(), job)
         # Stage latencies are observed once per request by postprocess, from the trace.
         RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
@@ -126,6 +141,29 @@ class PreprocessStage:
                 "input_tokens_estimate": outcome["input_tokens_estimate"],
                 "chunks": len(outcome["chunks"]),
                 "truncated": outcome["truncated"],
+            },
+        )
+
+    async def _send_long(self, long: LongJob, maps: list[bytes]) -> None:
+        """A long document: its PLAN record first (the reduce step's state starts there), the
+        plan's ``progress`` event, then every map job keyed by its own id, so the calls spread
+        over the partitions (docs/architecture.md, "Long documents")."""
+        parent = long.final["request_id"]
+        if self._send_chunk is None:
+            raise RuntimeError("a long document needs the chunks topic")
+        await self._send_chunk(parent.encode(), codec().encode("ChunkSummary", long.plan_record))
+        await self._send_token(parent.encode(), codec().encode("TokenEvent", long.progress))
+        for job, value in zip(long.maps, maps, strict=True):
+            await self._send_job(job["request_id"].encode(), value)
+        RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
+        log.info(
+            "long document planned",
+            extra={
+                "request_id": parent,
+                "tier": long.final["tier"],
+                "chunks": long.plan.chunks,
+                "levels": len(long.plan.levels),
+                "input_tokens_estimate": long.plan.input_tokens,
             },
         )
 

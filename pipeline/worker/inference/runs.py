@@ -123,6 +123,13 @@ class Run:
             self.output_tokens = self.resume.output_tokens
             self.streamed = self.resume.output_tokens
             self.trace.update(self.resume.trace)
+        # A long document's final reduce bills its map and collapse calls with it; a resumed
+        # run counted them already (its usage came from an event that included them).
+        base = self.job.get("base_usage")
+        if base and (self.resume is None or not self.resume.input_tokens):
+            self.input_tokens += base["input_tokens"]
+            self.output_tokens += base["output_tokens"]
+            self.attempts += base["attempts"]
 
     def advance(self, state: RunState) -> None:
         """Move to ``state``; a transition the lifecycle does not have is a bug."""
