@@ -82,6 +82,8 @@ class InferenceJob(TypedDict):
     replay_of: str | None
     created_at: int
     trace: Trace
+    # A long document's chunk call: at most this many of its parent's calls at once (0: any).
+    group_concurrency: int
     # A long document's final reduce: the usage of its map and collapse calls.
     base_usage: Usage | None
 

@@ -200,6 +200,7 @@ def prepare(
         "replay_of": request.get("replay_of"),
         "created_at": created_at,
         "trace": trace,
+        "group_concurrency": 0,
         "base_usage": None,
     }
     if not long:

@@ -208,3 +208,23 @@ async def test_resize_lets_waiting_jobs_start_and_bounds_the_queue() -> None:
     assert not put.done()
     sched.remove(jobs[2].request_id)
     await asyncio.wait_for(put, 5)
+
+
+@dataclass(frozen=True)
+class ChunkJob(Job):
+    group: tuple[str, int] | None = None
+
+
+def test_a_groups_cap_bounds_its_jobs_at_once_and_other_users_go_on() -> None:
+    sched: FairScheduler[Job] = FairScheduler(max_running=10, max_per_user=10, max_queued=100)
+    chunks = [ChunkJob("ann", 1, f"doc~0.{i}", 1, ("doc", 2)) for i in range(5)]
+    for job in chunks:
+        sched.put_nowait(job)
+    short = Job.of("bob")
+    sched.put_nowait(short)
+    started = [sched.next_nowait(), sched.next_nowait(), sched.next_nowait()]
+    # Two of the document's calls at once and the other user's job; the third call waits.
+    assert set(started) == {chunks[0], chunks[1], short}
+    assert sched.next_nowait() is None
+    sched.done(chunks[0])
+    assert sched.next_nowait() == chunks[2]

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.core.events import StreamMeta
+from pipeline.core.longdoc import parent_of
 from pipeline.core.records import InferenceJob, Trace
 
 
@@ -157,6 +158,12 @@ class Run:
     @property
     def weight(self) -> int:
         return int(self.job.get("weight") or 1)
+
+    @property
+    def group(self) -> tuple[str, int] | None:
+        """A long document's chunk call: (its parent, the parent's cap on calls at once)."""
+        cap = int(self.job.get("group_concurrency") or 0)
+        return (parent_of(self.request_id), cap) if cap > 0 else None
 
     @property
     def log(self) -> dict[str, str]:

@@ -9,6 +9,10 @@ cannot starve anybody and a quiet user does not wait behind it.
 Above the users, priority classes: a job of priority 0 (interactive HTTP, by default) starts
 before any waiting job of priority 1 (work other systems put on ``requests``); within a class,
 WFQ as above. A user's flow takes the class of the job at its head.
+
+A job may belong to a group with a cap (a long document's chunk calls: at most its tier's
+``map_concurrency`` at once, docs/architecture.md "Long documents"); a flow whose head's
+group is at its cap waits, like a user at its own cap.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class FairScheduler(Generic[T]):
         self._flows: dict[str, _Flow[T]] = {}
         self._queued: dict[str, T] = {}  # request_id -> job, for remove()
         self._running = 0
+        self._groups: dict[str, int] = {}  # group -> jobs of it running
         self._vtime = 0.0
         self._order = itertools.count()
         self._changed = asyncio.Event()
@@ -128,6 +133,13 @@ class FairScheduler(Generic[T]):
             raise ValueError(f"request {job.request_id} holds no slot")
         flow.running -= 1
         self._running -= 1
+        group = _group(job)
+        if group is not None:
+            left = self._groups.get(group[0], 0) - 1
+            if left > 0:
+                self._groups[group[0]] = left
+            else:
+                self._groups.pop(group[0], None)
         self._forget_if_idle(job.user_id, flow)
         self._notify()
 
@@ -161,6 +173,9 @@ class FairScheduler(Generic[T]):
         for flow in self._flows.values():
             if not flow.queue or flow.running >= self.max_per_user:
                 continue
+            group = _group(flow.queue[0][1])
+            if group is not None and self._groups.get(group[0], 0) >= group[1]:
+                continue
             if best is None or (
                 flow.queue[0][1].priority,
                 flow.head_finish,
@@ -174,6 +189,9 @@ class FairScheduler(Generic[T]):
         del self._queued[job.request_id]
         flow.running += 1
         self._running += 1
+        group = _group(job)
+        if group is not None:
+            self._groups[group[0]] = self._groups.get(group[0], 0) + 1
         self._vtime = max(self._vtime, flow.head_finish)
         if flow.queue:
             self._tag_head(flow)
@@ -189,3 +207,9 @@ class FairScheduler(Generic[T]):
         QUEUED.set(len(self._queued))
         self._changed.set()
         self._changed = asyncio.Event()
+
+
+def _group(job: Schedulable) -> tuple[str, int] | None:
+    """The job's capped group, if it has one (jobs of other kinds have no ``group``)."""
+    group: tuple[str, int] | None = getattr(job, "group", None)
+    return group

@@ -64,7 +64,8 @@ class LongDocReducer:
             if raw is None:
                 tier = self.tiers.get(codec().decode_as(record["job"], "InferenceJob")["tier"])
                 summary_tokens = tier.reduce_output_tokens if tier else 512
-                self.table[parent] = on_plan(record, summary_tokens).encode()
+                concurrency = tier.map_concurrency if tier else 0
+                self.table[parent] = on_plan(record, summary_tokens, concurrency).encode()
             return
         if raw is None:
             log.warning("chunk summary without a plan", extra={"request_id": record["request_id"]})

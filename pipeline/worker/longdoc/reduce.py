@@ -39,6 +39,7 @@ class DocState:
     group_size: int
     job: bytes  # the final reduce InferenceJob, encoded
     summary_tokens: int
+    concurrency: int = 0  # the tier's map_concurrency, for the collapse calls
     level: int = 0
     summaries: dict[int, str] = field(default_factory=dict)  # index -> text, this level
     failed: list[int] = field(default_factory=list)  # indices of this level
@@ -90,13 +91,14 @@ class Step:
     changed: bool = False
 
 
-def on_plan(record: ChunkSummary, summary_tokens: int) -> DocState:
+def on_plan(record: ChunkSummary, summary_tokens: int, concurrency: int = 0) -> DocState:
     """The state a PLAN record starts."""
     return DocState(
         levels=list(record["levels"]),
         group_size=max(2, record["group_size"]),
         job=record["job"],
         summary_tokens=summary_tokens,
+        concurrency=concurrency,
     )
 
 
@@ -176,6 +178,7 @@ def _collapse_job(
         "request_id": longdoc.chunk_id(final["request_id"], state.level, index),
         "prompt": prompt,
         "max_output_tokens": state.summary_tokens,
+        "group_concurrency": state.concurrency,
         "input_tokens_estimate": count_tokens(SYSTEM_PROMPT) + count_tokens(prompt),
         "trace": dict(final["trace"]),
     }

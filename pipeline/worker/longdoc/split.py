@@ -81,6 +81,7 @@ def long_job(
                 "prompt": prompt,
                 "chunks": [],
                 "max_output_tokens": tier.reduce_output_tokens,
+                "group_concurrency": tier.map_concurrency,
                 "input_tokens_estimate": count_tokens(SYSTEM_PROMPT) + count_tokens(prompt),
                 "trace": dict(template["trace"]),
             }
