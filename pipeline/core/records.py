@@ -84,7 +84,9 @@ class InferenceJob(TypedDict):
     trace: Trace
     # A long document's chunk call: at most this many of its parent's calls at once (0: any).
     group_concurrency: int
-    # A long document's final reduce: the usage of its map and collapse calls.
+    # A long document's final reduce: the parts (from 1) no summary covers, and the usage of
+    # its map and collapse calls.
+    missing_sections: list[int]
     base_usage: Usage | None
 
 

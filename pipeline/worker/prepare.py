@@ -201,6 +201,7 @@ def prepare(
         "created_at": created_at,
         "trace": trace,
         "group_concurrency": 0,
+        "missing_sections": [],
         "base_usage": None,
     }
     if not long:

@@ -264,3 +264,13 @@ def test_a_cancel_names_every_outstanding_call_and_ends_the_parent_once() -> Non
     assert terminal["usage"]["input_tokens"] == 10  # type: ignore[index]
     assert on_cancel(state, "client") == ([], None)
     assert on_summary(state, summary(0, 1)).jobs == []
+
+
+def test_the_final_reduce_names_the_sections_whose_call_failed() -> None:
+    out, state = planned(90)
+    assert out.plan.levels == (out.plan.chunks, 1) and out.plan.chunks >= 3
+    for i in range(out.plan.chunks):
+        step = on_summary(state, summary(0, i, kind="FAILED" if i == 1 else "SUMMARY"))
+    (final,) = step.jobs
+    assert final["missing_sections"] == [2]
+    assert "summary 0.1." not in final["prompt"] and "summary 0.2." in final["prompt"]

@@ -363,6 +363,20 @@ class InferenceEngine:
             )
             await self._publisher.finish(run, "ERROR", error=error)
             return
+        missing = [int(n) for n in run.job.get("missing_sections") or []]
+        if missing:
+            # A long document some of whose parts no summary covers: the summary of the rest,
+            # as PARTIAL, naming what is missing (docs/architecture.md, "Long documents").
+            names = ", ".join(str(n) for n in missing)
+            error = events.error_info(
+                "sections_missing",
+                f"parts {names} of the document could not be summarized; the summary covers "
+                "the rest",
+                retriable=False,
+                partial=True,
+            )
+            await self._publisher.finish(run, "ERROR", error=error)
+            return
         await self._publisher.finish(run, "DONE", stop_reason=finished.stop_reason)
 
     def _cancel_error(self, run: Run) -> ErrorInfo:

@@ -190,6 +190,7 @@ def _final_job(state: DocState, final: InferenceJob, texts: list[str]) -> Infere
         **final,
         "prompt": prompt,
         "input_tokens_estimate": count_tokens(SYSTEM_PROMPT) + count_tokens(prompt),
+        "missing_sections": [i + 1 for i in state.missing],
         "base_usage": state.total_usage(),
     }
 
