@@ -93,13 +93,18 @@ def split_into_chunks(text: str, budget: int) -> list[str]:
     """Split ``text`` at paragraph, sentence, then word boundaries into ``budget``-token chunks."""
     chunks: list[str] = []
     current = ""
+    current_tokens = 0
     for piece, joiner in _units(text, budget):
-        candidate = f"{current}{joiner}{piece}" if current else piece
-        if current and count_tokens(candidate) > budget:
+        # Pieces are joined by whitespace, which count_tokens splits on: the count of the
+        # joined text is the sum of the counts, so each piece is counted once (a long
+        # document's plan must come quickly).
+        tokens = count_tokens(piece)
+        if current and current_tokens + tokens > budget:
             chunks.append(current)
-            current = piece
+            current, current_tokens = piece, tokens
         else:
-            current = candidate
+            current = f"{current}{joiner}{piece}" if current else piece
+            current_tokens += tokens
     if current:
         chunks.append(current)
     return chunks
