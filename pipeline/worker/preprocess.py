@@ -114,7 +114,8 @@ class PreprocessStage:
         if not isinstance(outcome, Rejection) and self.admission and vouched:
             # After the size check: an oversized job reserves nothing.
             reserved = outcome.final if isinstance(outcome, LongJob) else outcome
-            refused = await self.admission.refusal(reserved, vouched.producer)
+            cost = outcome.plan.cost_micro_usd if isinstance(outcome, LongJob) else None
+            refused = await self.admission.refusal(reserved, vouched.producer, plan_cost=cost)
             outcome = rejected(*refused) if refused else outcome
         if isinstance(outcome, Rejection):
             if outcome.dead_letter:
