@@ -198,6 +198,7 @@ class ChunkSummary(TypedDict):
     group_size: int
     job: bytes
     plan: str
+    reuse_key: str
     created_at: int
     trace: Trace
 

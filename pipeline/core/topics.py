@@ -42,6 +42,9 @@ def declared_topics(settings: KafkaSettings) -> list[TopicSpec]:
         # A long document's plan and chunk summaries, keyed by the parent request and
         # co-partitioned with `requests` (docs/architecture.md, "Long documents").
         TopicSpec("chunks", "ChunkSummary", work, {"retention.ms": str(DAY_MS)}),
+        # Chunk summaries kept for reuse, keyed by user and document hash (read back by key
+        # within `chunk_reuse_window_s`).
+        TopicSpec("reuse", "ChunkSummary", work, {"retention.ms": str(DAY_MS)}),
         # The per-user quota ledger (gateway/admission/quota.py). The broker stamps the time so
         # every reader evaluates with one clock per partition; 35 d covers a month's budget replay.
         # Its partition count must never change: a user's records must stay in one partition.
@@ -72,6 +75,7 @@ class TopicNames:
     dlq: str
     quota: str
     chunks: str
+    reuse: str
 
     @classmethod
     def from_settings(cls, settings: KafkaSettings) -> TopicNames:
@@ -88,6 +92,7 @@ class TopicNames:
                     "dlq",
                     "quota",
                     "chunks",
+                    "reuse",
                 )
             )
         )

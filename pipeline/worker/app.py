@@ -51,7 +51,7 @@ from pipeline.worker.dlq import DeadLetterQueue
 from pipeline.worker.identity import RequestIdentity
 from pipeline.worker.inference.upstream import Upstream
 from pipeline.worker.inflight import InflightWork
-from pipeline.worker.longdoc.agent import add_reduce
+from pipeline.worker.longdoc.agent import add_reduce, reuse_reader
 from pipeline.worker.postprocess import PostprocessStage, tail_reread
 from pipeline.worker.preprocess import PreprocessStage
 from pipeline.worker.request_ids import RequestIds
@@ -234,6 +234,7 @@ def _add_preprocess(
         identity=identity,
         admission=TopicAdmission(ledger),
         send_chunk=sender(raw_topic(app, topics.chunks)),
+        reuse=reuse_reader(settings, topics.reuse),
     )
 
     async def on_request(event: EventT[Any]) -> None:

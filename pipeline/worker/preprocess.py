@@ -12,11 +12,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import cast
 
+from pipeline.core import events
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
 from pipeline.core.metrics import RECORDS_PROCESSED
 from pipeline.core.producers import Headers
-from pipeline.core.records import InferenceJob, SummarizeRequest
+from pipeline.core.records import ChunkSummary, InferenceJob, SummarizeRequest
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.worker.admission import TopicAdmission
@@ -34,6 +35,8 @@ from pipeline.worker.prepare import (
 log = logging.getLogger("sumstream.preprocess")
 
 Send = Callable[[bytes, bytes], Awaitable[None]]
+# Reads the chunk summaries kept under a reuse key (pipeline/worker/longdoc/agent.py).
+ReuseReader = Callable[[str], Awaitable[list[ChunkSummary]]]
 
 STAGE = "preprocess"
 
@@ -52,6 +55,7 @@ class PreprocessStage:
         identity: RequestIdentity | None = None,
         admission: TopicAdmission | None = None,
         send_chunk: Send | None = None,
+        reuse: ReuseReader | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -62,6 +66,7 @@ class PreprocessStage:
         self._send_job = send_job
         self._send_token = send_token
         self._send_chunk = send_chunk
+        self._reuse = reuse
         self._dlq = dlq
         self._clock = clock
 
@@ -154,8 +159,18 @@ class PreprocessStage:
             raise RuntimeError("a long document needs the chunks topic")
         await self._send_chunk(parent.encode(), codec().encode("ChunkSummary", long.plan_record))
         await self._send_token(parent.encode(), codec().encode("TokenEvent", long.progress))
-        for job, value in zip(long.maps, maps, strict=True):
-            await self._send_job(job["request_id"].encode(), value)
+        reused = await self._reused(long)
+        for index, (job, value) in enumerate(zip(long.maps, maps, strict=True)):
+            if index in reused:
+                # The same user's same document, summarized within the window: no call.
+                kept: ChunkSummary = {
+                    **reused[index],
+                    "request_id": parent,
+                    "usage": events.usage(input_tokens=0, output_tokens=0, attempts=0),
+                }
+                await self._send_chunk(parent.encode(), codec().encode("ChunkSummary", kept))
+            else:
+                await self._send_job(job["request_id"].encode(), value)
         RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
         log.info(
             "long document planned",
@@ -165,8 +180,25 @@ class PreprocessStage:
                 "chunks": long.plan.chunks,
                 "levels": len(long.plan.levels),
                 "input_tokens_estimate": long.plan.input_tokens,
+                "reused_chunks": len(reused),
             },
         )
+
+    async def _reused(self, long: LongJob) -> dict[int, ChunkSummary]:
+        """Map summaries kept for this user's same document within the window, by index."""
+        if self._reuse is None:
+            return {}
+        try:
+            kept = await self._reuse(long.reuse_key)
+        except Exception as exc:
+            # Reuse saves money; it never stops a request.
+            log.warning("chunk summaries not read for reuse", extra={"error": repr(exc)})
+            return {}
+        return {
+            r["index"]: r
+            for r in kept
+            if r["kind"] == "SUMMARY" and r["level"] == 0 and 0 <= r["index"] < len(long.maps)
+        }
 
     def _encoded(self, job: InferenceJob) -> bytes | Rejection:
         """The job's record, or a rejection when it would not fit one: measured, not estimated,

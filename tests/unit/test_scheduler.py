@@ -228,3 +228,15 @@ def test_a_groups_cap_bounds_its_jobs_at_once_and_other_users_go_on() -> None:
     assert sched.next_nowait() is None
     sched.done(chunks[0])
     assert sched.next_nowait() == chunks[2]
+
+
+async def test_grouped_jobs_do_not_fill_the_queue_for_other_jobs() -> None:
+    sched: FairScheduler[Job] = FairScheduler(max_running=1, max_per_user=1, max_queued=2)
+    for i in range(5):
+        await asyncio.wait_for(sched.put(ChunkJob("ann", 1, f"doc~0.{i}", 1, ("doc", 1))), 1)
+    await asyncio.wait_for(sched.put(Job.of("bob")), 1)
+    await asyncio.wait_for(sched.put(Job.of("cy")), 1)
+    blocked = asyncio.ensure_future(sched.put(Job.of("dee")))
+    await asyncio.sleep(0)
+    assert not blocked.done() and sched.queued == 7
+    blocked.cancel()

@@ -12,7 +12,9 @@ WFQ as above. A user's flow takes the class of the job at its head.
 
 A job may belong to a group with a cap (a long document's chunk calls: at most its tier's
 ``map_concurrency`` at once, docs/architecture.md "Long documents"); a flow whose head's
-group is at its cap waits, like a user at its own cap.
+group is at its cap waits, like a user at its own cap. Grouped jobs do not count against
+``max_queued``: a document's calls waiting for their turn must not stop the agent from taking
+other users' jobs (they are bounded by the document's size instead).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class FairScheduler(Generic[T]):
         self._queued: dict[str, T] = {}  # request_id -> job, for remove()
         self._running = 0
         self._groups: dict[str, int] = {}  # group -> jobs of it running
+        self._grouped_queued = 0  # queued jobs that belong to a group
         self._vtime = 0.0
         self._order = itertools.count()
         self._changed = asyncio.Event()
@@ -96,7 +99,7 @@ class FairScheduler(Generic[T]):
 
     async def put(self, job: T) -> None:
         """Queue ``job``; waits while the queue is full (the caller then stops consuming)."""
-        while len(self._queued) >= self.max_queued:
+        while _group(job) is None and len(self._queued) - self._grouped_queued >= self.max_queued:
             await self._changed.wait()
         self.put_nowait(job)
 
@@ -109,6 +112,7 @@ class FairScheduler(Generic[T]):
             flow = self._flows[job.user_id] = _Flow()
         flow.queue.append((next(self._order), job))
         self._queued[job.request_id] = job
+        self._grouped_queued += _group(job) is not None
         if len(flow.queue) == 1:
             self._tag_head(flow)
         self._notify()
@@ -148,6 +152,7 @@ class FairScheduler(Generic[T]):
         job = self._queued.pop(request_id, None)
         if job is None:
             return None
+        self._grouped_queued -= _group(job) is not None
         flow = self._flows[job.user_id]
         was_head = flow.queue[0][1] is job
         flow.queue = deque(entry for entry in flow.queue if entry[1] is not job)
@@ -187,6 +192,7 @@ class FairScheduler(Generic[T]):
     def _start(self, flow: _Flow[T]) -> T:
         _, job = flow.queue.popleft()
         del self._queued[job.request_id]
+        self._grouped_queued -= _group(job) is not None
         flow.running += 1
         self._running += 1
         group = _group(job)

@@ -12,6 +12,7 @@ import faust
 from faust.tables.table import Table
 from faust.types import EventT, StreamT, TopicT
 
+from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
 from pipeline.core.metrics import RECORDS_PROCESSED
@@ -19,9 +20,12 @@ from pipeline.core.records import ChunkSummary, ControlEvent
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
+from pipeline.kafka.tail import read_request_records
 from pipeline.worker.agents import events, on_record, process, raw_topic, sender
 from pipeline.worker.dlq import DeadLetterQueue, Origin
 from pipeline.worker.longdoc.reduce import DocState, Step, on_cancel, on_plan, on_summary
+from pipeline.worker.preprocess import ReuseReader
 
 log = logging.getLogger("sumstream.longdoc")
 
@@ -40,6 +44,7 @@ class LongDocReducer:
         send_job: Send,
         send_token: Send,
         send_control: Send,
+        send_reuse: Send,
         dlq: DeadLetterQueue,
     ) -> None:
         self.table = table
@@ -47,6 +52,7 @@ class LongDocReducer:
         self._send_job = send_job
         self._send_token = send_token
         self._send_control = send_control
+        self._send_reuse = send_reuse
         self._dlq = dlq
 
     async def on_chunk(
@@ -102,6 +108,9 @@ class LongDocReducer:
         # sends again has the same id, which the inference stage runs once.
         for job in step.jobs:
             await self._send_job(job["request_id"].encode(), codec().encode("InferenceJob", job))
+        for record in step.keep:
+            # Kept for the same user's same document (docs/architecture.md, "Long documents").
+            await self._send_reuse(state.reuse_key.encode(), codec().encode("ChunkSummary", record))
         if step.progress is not None:
             await self._send_token(parent, codec().encode("TokenEvent", step.progress))
         if step.terminal is not None:
@@ -109,6 +118,23 @@ class LongDocReducer:
         if step.changed:
             self.table[parent] = state.encode()
         RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
+
+
+def reuse_reader(settings: WorkerSettings, topic: str) -> ReuseReader | None:
+    """Reads the chunk summaries kept under a key within ``chunk_reuse_window_s`` (None: off):
+    one partition of the `reuse` topic, from the window's start (pipeline/kafka/tail.py)."""
+    window_ms = int(settings.chunk_reuse_window_s * 1000)
+    if window_ms <= 0:
+        return None
+    connection = ConnectionConfig.from_settings(settings)
+
+    async def read(key: str) -> list[ChunkSummary]:
+        records = read_request_records(
+            connection, topic, key, schema="ChunkSummary", since_ms=now_ms() - window_ms
+        )
+        return [cast(ChunkSummary, r) async for r in records]
+
+    return read
 
 
 def add_reduce(
@@ -143,6 +169,7 @@ def add_reduce(
         send_job=sender(raw_topic(app, topics.preprocessed)),
         send_token=sender(tokens),
         send_control=sender(raw_topic(app, topics.control)),
+        send_reuse=sender(raw_topic(app, topics.reuse)),
         dlq=dlq,
     )
     on_chunk = on_record(reducer.on_chunk)

@@ -24,6 +24,7 @@ def chunk_summary(result: SummaryResult, parent: str, level: int, index: int) ->
         "group_size": 2,
         "job": b"",
         "plan": "",
+        "reuse_key": "",
         "created_at": result["created_at"],
         "trace": dict(result["trace"]),
     }

@@ -40,6 +40,8 @@ class DocState:
     job: bytes  # the final reduce InferenceJob, encoded
     summary_tokens: int
     concurrency: int = 0  # the tier's map_concurrency, for the collapse calls
+    reuse_key: str = ""  # where the map summaries are kept for reuse ("" : not kept)
+    reused: int = 0  # map summaries taken from an earlier request, not called again
     level: int = 0
     summaries: dict[int, str] = field(default_factory=dict)  # index -> text, this level
     failed: list[int] = field(default_factory=list)  # indices of this level
@@ -86,6 +88,8 @@ class Step:
     """What one record makes the reduce step do."""
 
     jobs: list[InferenceJob] = field(default_factory=list)
+    # Map summaries to keep for reuse (on the `reuse` topic, under the state's reuse_key).
+    keep: list[ChunkSummary] = field(default_factory=list)
     progress: TokenEvent | None = None
     terminal: TokenEvent | None = None
     changed: bool = False
@@ -99,6 +103,7 @@ def on_plan(record: ChunkSummary, summary_tokens: int, concurrency: int = 0) -> 
         job=record["job"],
         summary_tokens=summary_tokens,
         concurrency=concurrency,
+        reuse_key=record.get("reuse_key") or "",
     )
 
 
@@ -115,14 +120,23 @@ def on_summary(state: DocState, record: ChunkSummary) -> Step:
         phase[1] += usage["output_tokens"]
         phase[2] += usage["attempts"]
         phase[3] += usage["cost_micro_usd"]
+    keep: list[ChunkSummary] = []
     if record["kind"] == "SUMMARY":
         state.summaries[index] = record["text"]
+        called = bool(usage and usage["attempts"])
+        if level == 0 and not called:
+            state.reused += 1
+        elif level == 0 and state.reuse_key:
+            keep.append(record)
     else:
         state.failed.append(index)
     state.done_calls += 1
     if len(state.summaries) + len(state.failed) < state.levels[level]:
-        return Step(progress=_progress(state, "map" if level == 0 else "collapse"), changed=True)
-    return _level_complete(state)
+        stage = "map" if level == 0 else "collapse"
+        return Step(keep=keep, progress=_progress(state, stage), changed=True)
+    step = _level_complete(state)
+    step.keep.extend(keep)
+    return step
 
 
 def _level_complete(state: DocState) -> Step:
@@ -238,5 +252,6 @@ def _progress(state: DocState, stage: str) -> TokenEvent:
             for phase, u in state.usage.items()
         },
         "missing_sections": [i + 1 for i in state.missing],
+        "reused_chunks": state.reused,
     }
     return events.progress(events.StreamMeta.of(state.final), payload)

@@ -3,6 +3,7 @@ the PLAN record and the plan's ``progress`` event (docs/architecture.md, "Long d
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -31,6 +32,10 @@ class LongJob:
     plan_record: ChunkSummary
     progress: TokenEvent
 
+    @property
+    def reuse_key(self) -> str:
+        return self.plan_record["reuse_key"]
+
 
 def with_overlap(parts: list[str], overlap: int) -> list[str]:
     """Each part after the first starts with the end of the one before it: its last whole
@@ -46,6 +51,16 @@ def with_overlap(parts: list[str], overlap: int) -> list[str]:
             tail = sentences[1]  # from the first sentence that starts inside the tail
         out.append(f"{tail}\n\n{part}")
     return out
+
+
+def reuse_key(template: InferenceJob, maps: list[InferenceJob]) -> str:
+    """``<user>/<hash>``: the same user, model and map prompts (so the same document, chunks
+    and summary length) give the same key, whatever the request."""
+    digest = hashlib.sha256()
+    for part in (template["model"], template["system"], *(m["prompt"] for m in maps)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return f"{template['user_id']}/{digest.hexdigest()}"
 
 
 def long_job(
@@ -104,6 +119,7 @@ def long_job(
         "group_size": longdoc.group_size(tier),
         "job": codec().encode("InferenceJob", final),
         "plan": json.dumps(plan_json, separators=(",", ":"), sort_keys=True),
+        "reuse_key": reuse_key(template, maps),
         "created_at": template["created_at"],
         "trace": dict(template["trace"]),
     }
