@@ -22,7 +22,7 @@ from tests.harness.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
-# The enterprise tier (user ann) with small calls, so a 65k-token document makes 18 map
+# The pro and enterprise tiers with small calls, so a 65k-token document makes 18 map
 # calls, a collapse level of 2 and the final reduce.
 LONG_TIER = """
 max_input_tokens = 4_000
@@ -57,20 +57,29 @@ DOCUMENT = stdlib_document(62_000)
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("longdoc")
-    tiers = DEFAULT_TIERS_FILE.read_text()
-    head, sep, rest = tiers.partition("[enterprise]\n")
-    # The enterprise table's own values of those keys give way to the test's.
-    kept = "\n".join(
-        line for line in rest.splitlines() if line.split("=")[0].strip() not in OVERRIDDEN
-    )
-    (tmp / "tiers.toml").write_text(f"{head}{sep}{LONG_TIER}{kept}\n")
+    # The pro and enterprise tables' own values of those keys give way to the test's.
+    lines: list[str] = []
+    section = ""
+    for line in DEFAULT_TIERS_FILE.read_text().splitlines():
+        if line.startswith("["):
+            section = line
+            lines.append(line)
+            if section in ("[pro]", "[enterprise]"):
+                lines.append(LONG_TIER)
+        elif (
+            section not in ("[pro]", "[enterprise]") or line.split("=")[0].strip() not in OVERRIDDEN
+        ):
+            lines.append(line)
+    (tmp / "tiers.toml").write_text("\n".join(lines) + "\n")
     env = {"SUMSTREAM_TIERS_FILE": str(tmp / "tiers.toml")}
     with running_stack(tmp, env=env, ttft_ms=5, token_delay_ms=1) as s:
         yield s
 
 
 async def follow(
-    stack: Stack, on_event: Callable[[StreamResult, SseEvent], Any] | None = None
+    stack: Stack,
+    on_event: Callable[[StreamResult, SseEvent], Any] | None = None,
+    key: str = "key-ann",
 ) -> StreamResult:
     """POST the document and read its stream to ``done``; ``on_event`` sees every event."""
     result = StreamResult(0)
@@ -80,7 +89,7 @@ async def follow(
             "POST",
             f"{stack.gateway}/v1/summaries",
             json={"document": DOCUMENT, "max_output_tokens": MAX_OUTPUT},
-            headers=auth(),
+            headers=auth(key),
         ) as response,
     ):
         result.status_code = response.status_code
@@ -151,7 +160,8 @@ async def test_a_worker_killed_in_the_middle_of_the_map_costs_no_chunk_call_twic
             stack.start_worker()
 
     try:
-        result = await follow(stack, kill_mid_map)
+        # Another user than the first test's: its chunk summaries are not reused.
+        result = await follow(stack, kill_mid_map, key="key-ben")
     finally:
         stack.sim_config(token_delay_ms=1)
     assert killed == [5]
@@ -180,12 +190,12 @@ async def test_a_cancel_stops_every_chunk_call(stack: Stack) -> None:
         eventually(calls_running, timeout=30, message="the first chunk calls to start")
         async with httpx.AsyncClient(timeout=10) as client:
             url = f"{stack.gateway}/v1/summaries/{result.request_id}"
-            answer = await client.delete(url, headers=auth())
+            answer = await client.delete(url, headers=auth("key-flood"))
         assert answer.status_code == 202, answer.text
         cancelled.append(result.request_id)
 
     try:
-        result = await follow(stack, cancel_while_calls_run)
+        result = await follow(stack, cancel_while_calls_run, key="key-flood")
 
         def every_call_ended() -> bool:
             calls = calls_of(stack, result.request_id)
@@ -202,3 +212,16 @@ async def test_a_cancel_stops_every_chunk_call(stack: Stack) -> None:
     # freed slot before its own cancel arrived was closed as well.
     assert {s["ended"] for s in streams} == {"client_closed"}
     assert 4 <= len(streams) < 18
+
+
+async def test_the_same_document_again_reuses_its_chunk_summaries(stack: Stack) -> None:
+    # ann summarized DOCUMENT in the first test (within the reuse window): its map calls are
+    # not made again; the collapse and final calls are.
+    result = await follow(stack)
+    plan, *progress = [e.data for e in result.of("progress")]
+    assert plan["chunks"] == 18
+    assert progress[-1]["reused_chunks"] == 18
+    assert result.done["status"] == "COMPLETED"
+    calls = calls_of(stack, result.request_id)
+    assert sorted(longdoc.parse_chunk_id(rid)[1] for rid in calls if "~" in rid) == [1, 1]
+    assert result.done["usage"]["attempts"] == 3

@@ -240,3 +240,17 @@ async def test_grouped_jobs_do_not_fill_the_queue_for_other_jobs() -> None:
     await asyncio.sleep(0)
     assert not blocked.done() and sched.queued == 7
     blocked.cancel()
+
+
+def test_grouped_jobs_together_hold_at_most_half_the_slots() -> None:
+    sched: FairScheduler[Job] = FairScheduler(max_running=4, max_per_user=4, max_queued=100)
+    for doc in ("a", "b"):
+        for i in range(3):
+            sched.put_nowait(ChunkJob(f"user-{doc}", 1, f"{doc}~0.{i}", 1, (doc, 3)))
+    started = [sched.next_nowait(), sched.next_nowait()]
+    assert all(isinstance(j, ChunkJob) for j in started)
+    # Two slots left, but only for jobs outside any group.
+    assert sched.next_nowait() is None
+    short = Job.of("bob")
+    sched.put_nowait(short)
+    assert sched.next_nowait() == short

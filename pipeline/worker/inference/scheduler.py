@@ -14,7 +14,9 @@ A job may belong to a group with a cap (a long document's chunk calls: at most i
 ``map_concurrency`` at once, docs/architecture.md "Long documents"); a flow whose head's
 group is at its cap waits, like a user at its own cap. Grouped jobs do not count against
 ``max_queued``: a document's calls waiting for their turn must not stop the agent from taking
-other users' jobs (they are bounded by the document's size instead).
+other users' jobs (they are bounded by the document's size instead). Grouped jobs together
+take at most ``GROUPED_SHARE`` of the running slots: they are long batch calls, and a slot
+they hold is one an interactive request waits for.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Schedulable(Protocol):
 
 
 T = TypeVar("T", bound=Schedulable)
+
+# The share of the running slots that grouped (batch) jobs may hold together.
+GROUPED_SHARE = 0.5
 
 
 @dataclass
@@ -175,11 +180,12 @@ class FairScheduler(Generic[T]):
 
     def _pick(self) -> _Flow[T] | None:
         best: _Flow[T] | None = None
+        grouped_full = sum(self._groups.values()) >= max(1, int(self.max_running * GROUPED_SHARE))
         for flow in self._flows.values():
             if not flow.queue or flow.running >= self.max_per_user:
                 continue
             group = _group(flow.queue[0][1])
-            if group is not None and self._groups.get(group[0], 0) >= group[1]:
+            if group is not None and (grouped_full or self._groups.get(group[0], 0) >= group[1]):
                 continue
             if best is None or (
                 flow.queue[0][1].priority,
