@@ -185,7 +185,7 @@ async def test_a_cancel_stops_every_chunk_call(stack: Stack) -> None:
 
         def calls_running() -> bool:
             streams = [s for r in calls_of(stack, result.request_id).values() for s in r["streams"]]
-            return len(streams) >= 4
+            return sum(1 for s in streams if s["ended"] is None) >= 2
 
         eventually(calls_running, timeout=30, message="the first chunk calls to start")
         async with httpx.AsyncClient(timeout=10) as client:
@@ -208,10 +208,10 @@ async def test_a_cancel_stops_every_chunk_call(stack: Stack) -> None:
     assert result.of("error")[-1].data["code"] == "cancelled"
     streams = [s for r in calls_of(stack, result.request_id).values() for s in r["streams"]]
     # The running calls were closed by the worker (the simulator's client) and none
-    # completed; the tier's cap (4 at once) held most of the 18 back, and a call that took a
-    # freed slot before its own cancel arrived was closed as well.
+    # completed; the caps held most of the 18 back (a call that took a freed slot before its
+    # own cancel arrived was closed as well).
     assert {s["ended"] for s in streams} == {"client_closed"}
-    assert 4 <= len(streams) < 18
+    assert 2 <= len(streams) < 18
 
 
 async def test_the_same_document_again_reuses_its_chunk_summaries(stack: Stack) -> None:

@@ -274,3 +274,21 @@ def test_the_final_reduce_names_the_sections_whose_call_failed() -> None:
     (final,) = step.jobs
     assert final["missing_sections"] == [2]
     assert "summary 0.1." not in final["prompt"] and "summary 0.2." in final["prompt"]
+
+
+def test_map_summaries_from_calls_are_kept_for_reuse_and_reused_ones_counted() -> None:
+    out, state = planned()
+    assert out.reuse_key.startswith("alice/") and state.reuse_key == out.reuse_key
+    called = on_summary(state, summary(0, 0))
+    assert [r["index"] for r in called.keep] == [0]
+    reused = summary(0, 1, tokens=0)
+    reused["usage"] = {"input_tokens": 0, "output_tokens": 0, "attempts": 0, "cost_micro_usd": 0}
+    step = on_summary(state, reused)
+    assert step.keep == [] and state.reused == 1
+    assert json.loads(step.progress["text"])["reused_chunks"] == 1  # type: ignore[index]
+    # The same document for another user has another key (with the same document hash).
+    other = prepare(
+        {**request(document(300)), "user_id": "bob"}, {"pro": LONG}, WorkerSettings(), now_ms=NOW
+    )
+    assert isinstance(other, LongJob) and other.reuse_key != out.reuse_key
+    assert other.reuse_key.split("/")[1] == out.reuse_key.split("/")[1]
