@@ -141,6 +141,16 @@ async def test_a_long_document_streams_its_plan_progress_and_the_final_summary(
     assert all(completed_streams(r) == 1 for r in calls.values())
     assert done["usage"]["attempts"] == 21
     assert stack.sim_stats()["peak_concurrent"] <= 4  # the tier's map_concurrency
+    # done breaks the bill down: map, collapse, and the final reduce.
+    phases = done["usage_by_phase"]
+    assert set(phases) == {"map", "collapse", "reduce"}
+    for key, total in (
+        ("input_tokens", done["usage"]["input_tokens"]),
+        ("output_tokens", done["usage"]["output_tokens"]),
+        ("cost_micro_usd", done["cost"]["micro_usd"]),
+    ):
+        assert sum(p[key] for p in phases.values()) == total
+        assert all(p[key] > 0 for p in phases.values())
     assert done["usage"]["input_tokens"] >= count_tokens(DOCUMENT)
 
 

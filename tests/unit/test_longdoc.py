@@ -292,3 +292,21 @@ def test_map_summaries_from_calls_are_kept_for_reuse_and_reused_ones_counted() -
     )
     assert isinstance(other, LongJob) and other.reuse_key != out.reuse_key
     assert other.reuse_key.split("/")[1] == out.reuse_key.split("/")[1]
+
+
+def test_done_bills_the_final_reduce_as_the_rest_of_the_total() -> None:
+    from gateway.http.sse import usage_by_phase
+
+    body: Any = {
+        "usage": {"input_tokens": 1_000, "output_tokens": 300, "attempts": 5},
+        "cost": {"micro_usd": 2_500, "usd": 0.0025},
+    }
+    phases = {
+        "map": {"input_tokens": 700, "output_tokens": 200, "cost_micro_usd": 1_700},
+        "collapse": {"input_tokens": 200, "output_tokens": 50, "cost_micro_usd": 450},
+    }
+    assert usage_by_phase(body, phases)["reduce"] == {
+        "input_tokens": 100,
+        "output_tokens": 50,
+        "cost_micro_usd": 350,
+    }
