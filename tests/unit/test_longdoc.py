@@ -310,3 +310,16 @@ def test_done_bills_the_final_reduce_as_the_rest_of_the_total() -> None:
         "output_tokens": 50,
         "cost_micro_usd": 350,
     }
+
+
+def test_a_finished_documents_stored_state_drops_its_summaries_and_ignores_what_comes() -> None:
+    out, state = planned(90)
+    for i in range(out.plan.chunks):
+        on_summary(state, summary(0, i))
+    assert state.final_emitted
+    stored = DocState.decode(state.stored())
+    assert stored.summaries == {} and stored.job == b""
+    assert len(state.stored()) < 1_000
+    assert on_summary(stored, summary(0, 0)) == on_summary(stored, summary(1, 0))
+    assert not on_summary(stored, summary(0, 0)).changed
+    assert on_cancel(stored, "client") == ([], None)

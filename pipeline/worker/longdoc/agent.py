@@ -98,7 +98,7 @@ class LongDocReducer:
             cancel: ControlEvent = {**control, "request_id": call}
             await self._send_control(call.encode(), codec().encode("ControlEvent", cancel))
         await self._send_token(parent, codec().encode("TokenEvent", terminal))
-        self.table[parent] = state.encode()
+        self.table[parent] = state.stored()
         log.info(
             "long document cancelled", extra={"request_id": parent.decode(), "calls": len(calls)}
         )
@@ -116,7 +116,7 @@ class LongDocReducer:
         if step.terminal is not None:
             await self._send_token(parent, codec().encode("TokenEvent", step.terminal))
         if step.changed:
-            self.table[parent] = state.encode()
+            self.table[parent] = state.stored()
         RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from pipeline.core import events, longdoc
@@ -51,6 +51,13 @@ class DocState:
     done_calls: int = 0
     final_emitted: bool = False
     ended: bool = False
+
+    def stored(self) -> bytes:
+        """The table's value: once the final reduce is sent (or the request ended) only the
+        marker that makes every later record a no-op, not the summaries and the job."""
+        if self.final_emitted or self.ended:
+            return replace(self, summaries={}, job=b"").encode()
+        return self.encode()
 
     def encode(self) -> bytes:
         raw = {**self.__dict__, "job": base64.b64encode(self.job).decode()}
