@@ -177,6 +177,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "short_beside_long": b,
         "ttft_p99_ratio": b["p99"] / a["p99"] if a["p99"] else float("nan"),
         "long_wall_s": round(long_wall, 1),
+        # When the slowest first tokens beside the long documents were asked for (s after
+        # the long documents were sent): a burst at the start or a steady cost.
+        "worst_beside": sorted(
+            (
+                (round(r.ttft_ms or 0.0), round(r.t_post - t0, 1))
+                for r in beside
+                if r.ttft_ms is not None
+            ),
+            reverse=True,
+        )[:5],
         "long": [
             {
                 "status": (r.done or {}).get("status"),
@@ -204,6 +214,8 @@ def main() -> None:
             f"({figures['complete']} complete)"
         )
     print(f"p99 ratio: {result['ttft_p99_ratio']:.2f}")
+    worst = ", ".join(f"{ms} ms at +{at} s" for ms, at in result["worst_beside"])
+    print(f"slowest beside: {worst}")
     print(f"long documents: all done in {result['long_wall_s']} s")
     for i, doc in enumerate(result["long"]):
         usage = doc["usage"] or {}
