@@ -62,7 +62,9 @@ def stdlib_documents(count: int, tokens: int) -> list[str]:
     raise RuntimeError(f"the stdlib has fewer than {count} documents of {tokens} tokens")
 
 
-async def start(st: stack.Stack, run_id: str, users: int, long_users: int) -> dict[str, Any]:
+async def start(
+    st: stack.Stack, run_id: str, users: int, long_users: int, extra_env: dict[str, str]
+) -> dict[str, Any]:
     """Simulator, worker and gateway; the keys of the short and the long users."""
     settings = KafkaSettings(topic_prefix=f"{run_id}.")
     stack.ensure_broker(st, settings.bootstrap_servers)
@@ -89,6 +91,7 @@ async def start(st: stack.Stack, run_id: str, users: int, long_users: int) -> di
         bootstrap_servers=settings.bootstrap_servers,
         keys_file=str(keys_file),
         tiers_file=str(tiers_file),
+        **extra_env,
     )
     st.spawn_cli("worker", ["worker", "--metrics-port", "0"], env)
     port = stack.free_port()
@@ -119,7 +122,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     docs = {i: corpus.request(i, args.max_tokens) for i in range(args.requests * 4)}
     long_docs = stdlib_documents(args.long, args.long_tokens)
     try:
-        targets = await start(st, run_id, args.users, args.long)
+        extra = {}
+        if args.initial_concurrency:
+            extra["upstream_initial_concurrency"] = str(args.initial_concurrency)
+        targets = await start(st, run_id, args.users, args.long, extra)
         short, long = targets["short"], targets["long"]
         # Warm: the worker joins its group before anything is timed.
         await client.closed_loop(
@@ -206,6 +212,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--long", type=int, default=5)
     parser.add_argument("--long-tokens", type=int, default=100_000)
+    parser.add_argument(
+        "--initial-concurrency",
+        type=int,
+        default=0,
+        help="the worker's upstream_initial_concurrency (0: its default)",
+    )
     result = asyncio.run(run(parser.parse_args()))
     a, b = result["short_alone"], result["short_beside_long"]
     for name, figures in (("alone (before and after)", a), ("beside the long ones", b)):
