@@ -109,21 +109,7 @@ class PreprocessStage:
             await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
             return
-        job = b""
-        maps: list[bytes] = []
-        if isinstance(outcome, LongJob):
-            encoded_maps = [self._encoded(m) for m in outcome.maps]
-            refusal = next((e for e in encoded_maps if isinstance(e, Rejection)), None)
-            if refusal is not None:
-                outcome = refusal
-            else:
-                maps = [e for e in encoded_maps if isinstance(e, bytes)]
-        elif not isinstance(outcome, Rejection):
-            encoded = self._encoded(outcome)
-            if isinstance(encoded, Rejection):
-                outcome = encoded
-            else:
-                job = encoded
+        outcome, values = self._encode_outcome(outcome)
         if not isinstance(outcome, Rejection) and self.admission and vouched:
             # After the size check: an oversized job reserves nothing.
             reserved = outcome.final if isinstance(outcome, LongJob) else outcome
@@ -142,9 +128,9 @@ class PreprocessStage:
             await self._reject(request, outcome, now_ms=now, enqueued_ms=timestamp_ms)
             return
         if isinstance(outcome, LongJob):
-            await self._send_long(outcome, maps)
+            await self._send_long(outcome, values)
             return
-        await self._send_job(request["request_id"].encode(), job)
+        await self._send_job(request["request_id"].encode(), values[0])
         # Stage latencies are observed once per request by postprocess, from the trace.
         RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
         log.info(
@@ -157,6 +143,20 @@ class PreprocessStage:
                 "truncated": outcome["truncated"],
             },
         )
+
+    def _encode_outcome(
+        self, outcome: InferenceJob | LongJob | Rejection
+    ) -> tuple[InferenceJob | LongJob | Rejection, list[bytes]]:
+        """The records to produce (the job, or a long document's map jobs), or the rejection
+        of one that does not fit a record."""
+        if isinstance(outcome, Rejection):
+            return outcome, []
+        jobs = outcome.maps if isinstance(outcome, LongJob) else [outcome]
+        encoded = [self._encoded(job) for job in jobs]
+        refusal = next((e for e in encoded if isinstance(e, Rejection)), None)
+        if refusal is not None:
+            return refusal, []
+        return outcome, [e for e in encoded if isinstance(e, bytes)]
 
     async def _send_long(self, long: LongJob, maps: list[bytes]) -> None:
         """A long document: its PLAN record first (the reduce step's state starts there), the
