@@ -127,6 +127,7 @@ class Gateway:
             hub=self.hub,
             spawn=self.spawn,
             running=self._running,
+            budget_left=self._budget_left,
         )
         self.lookup = RequestLookup(settings, self.connection, self.topics, self.index, self.hub)
         self.streams = ClientStreams(
@@ -284,6 +285,12 @@ class Gateway:
         if not self.ledger.ready:
             raise NotReady("the quota ledger is not ready")
         return self.ledger.usage(principal.user_id, principal.tier)
+
+    def _budget_left(self, user_id: str, tier: str) -> int | None:
+        """Micro-USD left of the user's monthly budget, None before the ledger is read."""
+        if not self.ledger.ready:
+            return None
+        return self.ledger.usage(user_id, tier).remaining_micro_usd
 
     def _on_result(self, result: Mapping[str, Any]) -> None:
         self.admission.finished(result["request_id"])

@@ -22,6 +22,7 @@ from gateway.admission.idempotency import RequestIndex, body_sha256
 from gateway.http.auth import Principal
 from gateway.http.errors import (
     BrokerUnavailable,
+    BudgetExceeded,
     EmptyDocument,
     IdempotencyKeyReused,
     ModelNotAllowed,
@@ -35,8 +36,10 @@ from gateway.settings import GatewaySettings
 from gateway.streams.clients import Spawn
 from gateway.streams.hub import StreamHub
 from gateway.streams.ids import mint_request_id
+from pipeline.core import longdoc
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
+from pipeline.core.pricing import price_table
 from pipeline.core.producers import ProducerTable
 from pipeline.core.prompt import normalize_document
 from pipeline.core.records import ControlEvent, SummarizeRequest
@@ -86,8 +89,12 @@ class Intake:
         hub: StreamHub,
         spawn: Spawn,
         running: Callable[[], bool],
+        budget_left: Callable[[str, str], int | None] | None = None,
     ) -> None:
         self.settings = settings
+        # (user, tier) -> micro-USD left this month (None: not known yet), for a long
+        # document's plan (docs/architecture.md, "Long documents").
+        self._budget_left = budget_left
         self.tiers = tiers
         self.topics = topics
         self.index = index
@@ -142,6 +149,9 @@ class Intake:
             if existing is not None:
                 return self._found_again(existing, output_tokens)
         input_tokens = await self._input_tokens(principal, tier, body.document)
+        if longdoc.is_long(input_tokens, tier):
+            # Reserve the whole plan, and refuse up front what the budget cannot pay for.
+            input_tokens = self._plan_tokens(principal, tier, body, input_tokens, output_tokens)
         input_tokens += prompt_overhead_tokens(body.instructions, output_tokens)
         producer = self._producer
         if not self._running() or producer is None:
@@ -185,6 +195,29 @@ class Intake:
             admitted.degraded,
         )
 
+    def _plan_tokens(
+        self, principal: Principal, tier: Tier, body: SummaryIn, document_tokens: int, output: int
+    ) -> int:
+        """The input tokens of a long document's whole plan; 429 ``budget_exceeded`` when its
+        estimated cost is above what the month's budget has left."""
+        model = body.model or tier.default_model or ""
+        plan = longdoc.plan(
+            document_tokens,
+            tier,
+            max_output_tokens=output,
+            overhead_tokens=prompt_overhead_tokens(body.instructions, output),
+            price=price_table().price_for(model),
+        )
+        left = self._budget_left(principal.user_id, principal.tier) if self._budget_left else None
+        if left is not None and plan.cost_micro_usd > left:
+            raise BudgetExceeded(
+                f"the document's plan ({plan.calls} calls, ~{plan.tokens} tokens) is estimated "
+                f"at {plan.cost_micro_usd} micro-USD; the month's budget has {left} left",
+                retriable=False,
+                extra={"plan": plan.as_json(), "remaining_micro_usd": left},
+            )
+        return plan.input_tokens - prompt_overhead_tokens(body.instructions, output)
+
     async def _input_tokens(self, principal: Principal, tier: Tier, document: str) -> int:
         """The document's tokens as the tier bills them; 413 when the tier refuses its size,
         422 ``empty_document`` when it normalises to nothing."""
@@ -203,13 +236,13 @@ class Intake:
                 "are removed"
             )
         input_tokens = measured
-        if input_tokens > tier.max_input_tokens:
+        limit = tier.document_limit
+        if input_tokens > limit:
             if tier.on_input_too_large == "reject":
                 raise PayloadTooLarge(
-                    f"document is ~{input_tokens} tokens; the {principal.tier} tier allows "
-                    f"{tier.max_input_tokens}"
+                    f"document is ~{input_tokens} tokens; the {principal.tier} tier allows {limit}"
                 )
-            input_tokens = tier.max_input_tokens  # preprocess truncates it
+            input_tokens = limit  # preprocess truncates it
         return input_tokens
 
     async def _produce_request(

@@ -62,6 +62,11 @@ class UsageOut(BaseModel):
     window: dict[str, int] = Field(
         description="requests and tokens counted in the current one-minute window"
     )
+    documents: dict[str, int | bool] = Field(
+        default_factory=dict,
+        description="the tier's context allocation: max_input_tokens (one call), "
+        "long_documents, max_document_tokens, chunk_tokens, map_concurrency, reduce_output_tokens",
+    )
 
 
 class RunningOut(BaseModel):

@@ -253,6 +253,7 @@ async def get_usage(gateway: GatewayDep, principal: PrincipalDep) -> UsageOut:
         remaining_micro_usd=u.remaining_micro_usd,
         limits={"rpm": u.rpm, "tpm": u.tpm},
         window={"requests": u.window_requests, "tokens": u.window_tokens},
+        documents=tier.limits() if (tier := gateway.tiers.get(u.tier)) else {},
     )
 
 

@@ -108,13 +108,40 @@ def _result_error(body: ResultBody) -> ErrorData:
     }
 
 
-def final_events(result: SummaryResult) -> bytes:
-    """``error`` (unless COMPLETED) then ``done`` for a SummaryResult, as one write."""
+def final_events(result: SummaryResult, phases: Phases | None = None) -> bytes:
+    """``error`` (unless COMPLETED) then ``done`` for a SummaryResult, as one write.
+
+    ``phases``: a long document's usage of its map and collapse calls (its last ``progress``
+    event); ``done`` then breaks its usage down into map, collapse and the final reduce.
+    """
     body = result_json(result)
-    done = encode_event("done", body)
+    data: dict[str, object] = dict(body)
+    if phases:
+        data["usage_by_phase"] = usage_by_phase(body, phases)
+    done = encode_event("done", data)
     if body["status"] == "COMPLETED":
         return done
     return encode_event("error", _result_error(body)) + done
+
+
+# phase -> input_tokens, output_tokens, cost_micro_usd
+Phases = dict[str, dict[str, int]]
+
+
+def usage_by_phase(body: ResultBody, phases: Phases) -> Phases:
+    """The map and collapse phases as reported, and the final reduce: the rest of the total
+    (docs/architecture.md, "Long documents")."""
+    total = {
+        "input_tokens": body["usage"]["input_tokens"],
+        "output_tokens": body["usage"]["output_tokens"],
+        "cost_micro_usd": body["cost"]["micro_usd"],
+    }
+    out: Phases = {name: dict(figures) for name, figures in phases.items()}
+    out["reduce"] = {
+        key: max(0, value - sum(p.get(key, 0) for p in phases.values()))
+        for key, value in total.items()
+    }
+    return out
 
 
 def result_from_terminal(event: TokenEvent) -> SummaryResult:
@@ -210,6 +237,8 @@ class StreamProgress:
     result: SummaryResult | None = None
     finished: bool = False
     end: str = "disconnect"
+    # A long document's usage by phase so far, from its latest ``progress`` event.
+    phases: Phases | None = None
 
     def can_finish(self) -> bool:
         """The result is known and every token before it was sent (or the stream ended)."""
@@ -234,6 +263,12 @@ class StreamProgress:
             self.result = cast(SummaryResult, record)
             return None
         event = cast(TokenEvent, record)
+        if event["kind"] == "PROGRESS":
+            # A long document's plan or progress (docs/architecture.md, "Long documents").
+            payload = orjson.loads(event.get("text") or "{}")
+            if isinstance(payload, dict) and isinstance(payload.get("usage_by_phase"), dict):
+                self.phases = payload["usage_by_phase"]
+            return encode_event("progress", payload)
         if event["kind"] in TERMINAL_KINDS:
             self.terminal, self.ended = event, True
         elif event["kind"] == "DELTA" and event["seq"] > self.last_sent:
@@ -309,7 +344,7 @@ async def summary_events(
         STREAMS.labels(source.kind).inc()
         while True:
             if progress.result is not None and progress.can_finish():
-                yield final_events(progress.result)
+                yield final_events(progress.result, progress.phases)
                 progress.finished, progress.end = True, "done"
                 return
             left_s = ends_at - loop.time()

@@ -115,6 +115,9 @@ class RequestStream:
     truncated: bool = False
     last_seq: int = 0
     first_token_at: float | None = None
+    # A long document's latest plan or progress event (seq 0, outside the seq stream): a
+    # client that subscribes late still gets it first.
+    progress: dict[str, Any] | None = None
     terminal: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     finished_at: float | None = None
@@ -188,7 +191,8 @@ class StreamHub:
             not stream.events or token_events.first_seq(stream.events[0]) > after_seq
         ):
             return None
-        backlog: list[Item] = [
+        backlog: list[Item] = [("token", stream.progress)] if stream.progress else []
+        backlog += [
             ("token", ev)
             for ev in stream.events
             if ev["seq"] > after_seq and ev["kind"] not in TERMINAL_KINDS
@@ -247,6 +251,10 @@ class StreamHub:
         if stream is None:
             return
         seq = int(event["seq"])
+        if event["kind"] == "PROGRESS":
+            stream.progress = {"seq": 0, "kind": "PROGRESS", "text": event.get("text", "")}
+            self._fan_out(stream, ("token", stream.progress))
+            return
         if event["kind"] in TERMINAL_KINDS:
             if stream.terminal is not None:
                 return

@@ -209,6 +209,7 @@
     state.source = source;
     source.addEventListener("open", () => { if (state.status === "reconnecting") setStatus("Streaming…"); });
     source.addEventListener("token", (e) => onToken(JSON.parse(e.data)));
+    source.addEventListener("progress", (e) => onProgress(JSON.parse(e.data)));
     source.addEventListener("done", (e) => onDone(JSON.parse(e.data)));
     source.addEventListener("error", (e) => {
       if (source !== state.source) return;
@@ -227,6 +228,19 @@
     const delay = Math.min(5000, 250 * 2 ** Math.min(attempt, 5));
     clearTimeout(state.retryTimer);
     state.retryTimer = setTimeout(() => follow(attempt + 1), navigator.onLine ? delay : 60000);
+  }
+
+  function onProgress(data) {
+    // A long document's plan, then its parts as they are summarized (before any token).
+    if (state.status === "streaming" || state.status === "done") return;
+    const usd = (micro) => `$${(micro / 1e6).toFixed(4)}`;
+    if (data.stage === "plan") {
+      setStatus(`Long document: ${data.chunks} parts, ${data.calls} calls, about ` +
+        `${Math.round(data.estimated_seconds)} s and ${usd(data.estimated_cost_micro_usd)}.`);
+    } else {
+      const missing = data.missing_sections.length ? `; parts ${data.missing_sections.join(", ")} failed` : "";
+      setStatus(`Summarized ${data.done} of ${data.total} parts so far (${usd(data.cost_micro_usd)})${missing}.`);
+    }
   }
 
   function onToken(data) {

@@ -10,6 +10,7 @@ its request id, its seq range and its text (docs/architecture.md, "Coalesced tok
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -92,6 +93,13 @@ def delta(request_id: str, *, first_seq: int, pieces: Sequence[str], attempt: in
     event["first_seq"] = first_seq if len(pieces) > 1 else 0
     event["cuts"] = cuts
     return event
+
+
+def progress(meta: StreamMeta, payload: Mapping[str, object]) -> TokenEvent:
+    """A PROGRESS event: a long document's plan or progress (JSON in ``text``), seq 0, outside
+    the seq stream (docs/architecture.md, "Long documents")."""
+    text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
+    return _event(meta, "PROGRESS", seq=0, attempt=0, text=text)
 
 
 def terminal(

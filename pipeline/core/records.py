@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Literal, TypedDict
 
-TokenKind = Literal["STARTED", "DELTA", "DONE", "ERROR", "CANCELLED"]
+TokenKind = Literal["STARTED", "DELTA", "DONE", "ERROR", "CANCELLED", "PROGRESS"]
+ChunkKind = Literal["PLAN", "SUMMARY", "FAILED"]
 ResultStatus = Literal["COMPLETED", "PARTIAL", "FAILED", "CANCELLED", "REJECTED"]
 ControlAction = Literal["CANCEL"]
 QuotaKind = Literal["RESERVE", "SETTLE", "RELEASE", "UNKNOWN"]
@@ -81,6 +82,12 @@ class InferenceJob(TypedDict):
     replay_of: str | None
     created_at: int
     trace: Trace
+    # A long document's chunk call: at most this many of its parent's calls at once (0: any).
+    group_concurrency: int
+    # A long document's final reduce: the parts (from 1) no summary covers, and the usage of
+    # its map and collapse calls.
+    missing_sections: list[int]
+    base_usage: Usage | None
 
 
 class TokenEvent(TypedDict):
@@ -177,6 +184,25 @@ class QuotaEvent(TypedDict):
     trace: Trace
 
 
+class ChunkSummary(TypedDict):
+    """A long document's record on ``chunks`` (docs/architecture.md, "Long documents")."""
+
+    request_id: str
+    kind: ChunkKind
+    level: int
+    index: int
+    text: str
+    usage: Usage | None
+    error: ErrorInfo | None
+    levels: list[int]
+    group_size: int
+    job: bytes
+    plan: str
+    reuse_key: str
+    created_at: int
+    trace: Trace
+
+
 # Schema name -> its TypedDict; tests/unit/test_records.py checks the two agree.
 RECORD_TYPES: dict[str, type] = {
     "Usage": Usage,
@@ -188,4 +214,5 @@ RECORD_TYPES: dict[str, type] = {
     "ControlEvent": ControlEvent,
     "DeadLetter": DeadLetter,
     "QuotaEvent": QuotaEvent,
+    "ChunkSummary": ChunkSummary,
 }

@@ -161,6 +161,9 @@ class WorkerSettings(KafkaSettings):
     # Stages and the Faust app (pipeline/worker/app.py, preprocess.py, postprocess.py).
     # Tokens one model call may hold (prompt + output); longer documents are split (map-reduce).
     model_budget_tokens: int = Field(default=150_000, ge=1_000)
+    # A long document summarized again by the same user within this many seconds reuses its
+    # chunk summaries (docs/architecture.md, "Long documents"); 0 turns reuse off.
+    chunk_reuse_window_s: float = Field(default=3600.0, ge=0)
     # A killed worker's partitions move after this long without heartbeats
     # (Faust's default is 60 s).
     session_timeout_s: float = Field(default=10.0, gt=0)
@@ -201,6 +204,8 @@ class SimulatorSettings(BaseSettings):
     fault_kind: Literal["error", "drop"] = "error"
     fault_times: int = Field(default=-1, ge=-1)  # streams that get the fault; -1 means all
     retry_after_s: float = Field(default=1.0, ge=0)
+    # Every model's context window in tokens (0: each model's own, 200k); beyond it 400.
+    context_window_tokens: int = Field(default=0, ge=0)
     # Per-minute buckets like the API's (pipeline/llm/simulator/limits.py); 0 means unlimited.
     requests_per_minute: int = Field(default=0, ge=0)
     tokens_per_minute: int = Field(default=0, ge=0)

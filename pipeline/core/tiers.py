@@ -36,6 +36,35 @@ class Tier:
     # The models a request of this tier may name, its default first. Empty only for tiers
     # built in code (tests): the tier file requires a list, so a model name stays bounded.
     models: tuple[str, ...] = ()
+    # Long documents (docs/architecture.md, "Long documents"): whether a document beyond
+    # max_input_tokens (one call's allocation) is summarized by map-reduce, up to
+    # max_document_tokens (0: max_input_tokens), in chunks of chunk_tokens, at most
+    # map_concurrency chunk calls of one request at once, each chunk or collapse summary at
+    # most reduce_output_tokens long.
+    long_documents: bool = False
+    max_document_tokens: int = 0
+    chunk_tokens: int = 8_000
+    map_concurrency: int = 4
+    reduce_output_tokens: int = 512
+
+    @property
+    def document_limit(self) -> int:
+        """The most tokens a document may have before on_input_too_large applies."""
+        if not self.long_documents:
+            return self.max_input_tokens
+        return max(self.max_document_tokens, self.max_input_tokens)
+
+    def limits(self) -> dict[str, int | bool]:
+        """The tier's context allocation, as ``GET /v1/usage`` shows it."""
+        return {
+            "max_input_tokens": self.max_input_tokens,
+            "max_output_tokens": self.max_output_tokens,
+            "long_documents": self.long_documents,
+            "max_document_tokens": self.document_limit,
+            "chunk_tokens": self.chunk_tokens,
+            "map_concurrency": self.map_concurrency,
+            "reduce_output_tokens": self.reduce_output_tokens,
+        }
 
     @property
     def monthly_budget_micro_usd(self) -> int:
@@ -53,12 +82,20 @@ class Tier:
 
 _INT_FIELDS = ("rpm", "tpm", "max_input_tokens", "max_output_tokens", "weight")
 _FLOAT_FIELDS = ("monthly_budget_usd", "max_queue_wait_s")
+# Optional, with the defaults of Tier; a tier without them takes no long documents.
+_LONG_DOCUMENT_INTS = (
+    "max_document_tokens",
+    "chunk_tokens",
+    "map_concurrency",
+    "reduce_output_tokens",
+)
 
 
 def _tier(name: str, raw: Any, source: Path) -> Tier:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [{name}] must be a table")
-    unknown = set(raw) - {*_INT_FIELDS, *_FLOAT_FIELDS, "on_input_too_large", "models"}
+    known = {*_INT_FIELDS, *_FLOAT_FIELDS, *_LONG_DOCUMENT_INTS, "long_documents"}
+    unknown = set(raw) - {*known, "on_input_too_large", "models"}
     if unknown:
         raise ConfigError(f"{source}: [{name}] has unknown keys {sorted(unknown)}")
     values: dict[str, Any] = {}
@@ -87,7 +124,29 @@ def _tier(name: str, raw: Any, source: Path) -> Tier:
             f"{source}: [{name}] models must be a non-empty list of distinct model names "
             "(the first is the tier's default)"
         )
-    return Tier(name=name, on_input_too_large=policy, models=tuple(models), **values)
+    for key in _LONG_DOCUMENT_INTS:
+        if key not in raw:
+            continue
+        value = raw[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{source}: [{name}] {key} must be a positive integer")
+        values[key] = value
+    long_documents = raw.get("long_documents", False)
+    if not isinstance(long_documents, bool):
+        raise ConfigError(f"{source}: [{name}] long_documents must be true or false")
+    tier = Tier(
+        name=name,
+        on_input_too_large=policy,
+        models=tuple(models),
+        long_documents=long_documents,
+        **values,
+    )
+    if tier.reduce_output_tokens * 2 > tier.chunk_tokens:
+        # A collapse level must shrink the summaries, or the tree would never end.
+        raise ConfigError(
+            f"{source}: [{name}] reduce_output_tokens must be at most chunk_tokens / 2"
+        )
+    return tier
 
 
 def load_tiers(path: Path = DEFAULT_TIERS_FILE) -> dict[str, Tier]:

@@ -39,6 +39,12 @@ def declared_topics(settings: KafkaSettings) -> list[TopicSpec]:
         ),
         TopicSpec("control", "ControlEvent", work, {"retention.ms": str(DAY_MS)}),
         TopicSpec("dlq", "DeadLetter", 1, {"retention.ms": str(30 * DAY_MS)}),
+        # A long document's plan and chunk summaries, keyed by the parent request and
+        # co-partitioned with `requests` (docs/architecture.md, "Long documents").
+        TopicSpec("chunks", "ChunkSummary", work, {"retention.ms": str(DAY_MS)}),
+        # Chunk summaries kept for reuse, keyed by user and document hash (read back by key
+        # within `chunk_reuse_window_s`).
+        TopicSpec("reuse", "ChunkSummary", work, {"retention.ms": str(DAY_MS)}),
         # The per-user quota ledger (gateway/admission/quota.py). The broker stamps the time so
         # every reader evaluates with one clock per partition; 35 d covers a month's budget replay.
         # Its partition count must never change: a user's records must stay in one partition.
@@ -70,6 +76,8 @@ class TopicNames:
     control: str
     dlq: str
     quota: str
+    chunks: str
+    reuse: str
 
     @classmethod
     def from_settings(cls, settings: KafkaSettings) -> TopicNames:
@@ -85,6 +93,8 @@ class TopicNames:
                     "control",
                     "dlq",
                     "quota",
+                    "chunks",
+                    "reuse",
                 )
             )
         )

@@ -27,7 +27,8 @@ CLOCK_SKEW_MS = 10_000
 def id_time_ms(request_id: str) -> int | None:
     """Epoch ms encoded in a ULID request id, or None for ids minted by other systems."""
     try:
-        return int(ULID.from_str(request_id).milliseconds)
+        # A long document's chunk call (``<parent>~<level>.<index>``) has its parent's time.
+        return int(ULID.from_str(request_id.partition("~")[0]).milliseconds)
     except (ValueError, TypeError):
         return None
 

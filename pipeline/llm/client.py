@@ -401,6 +401,20 @@ class UpstreamClient:
         usage = message.usage
         return text, Finished(message.stop_reason, usage.input_tokens, usage.output_tokens)
 
+    async def count_tokens(
+        self, *, model: str, system: str, messages: Iterable[Mapping[str, Any]]
+    ) -> int:
+        """The upstream's own count of a prompt's input tokens (``/v1/messages/count_tokens``)."""
+        try:
+            result = await self._client.messages.count_tokens(
+                model=model,
+                system=system,
+                messages=list(messages),  # type: ignore[arg-type]
+            )
+        except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+            raise map_error(exc) from exc
+        return result.input_tokens
+
     async def close(self) -> None:
         """Close the connection pool."""
         await self._client.close()

@@ -29,7 +29,7 @@ from pipeline.kafka.partition_tail import PartitionTail, partition_ids
 from pipeline.kafka.tail import CLOCK_SKEW_MS, id_time_ms
 
 # The order of the pipeline, used to break timestamp ties between topics.
-STAGE_ORDER = ("requests", "preprocessed", "tokens", "results", "control", "dlq")
+STAGE_ORDER = ("requests", "preprocessed", "tokens", "chunks", "results", "control", "dlq")
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 MISSING_RETRIES = 10
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

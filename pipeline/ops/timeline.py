@@ -70,6 +70,11 @@ def essentials(kind: str, rec: dict[str, Any]) -> str:
         return line
     if kind == "ControlEvent":
         return f"{rec['action']} reason={rec['reason']}"
+    if kind == "ChunkSummary":
+        if rec["kind"] == "PLAN":
+            return f"PLAN levels={rec['levels']}"
+        line = f"{rec['kind']} level={rec['level']} index={rec['index']}"
+        return line + (f" {_usage(rec['usage'])}" if rec.get("usage") else "")
     if kind == "DeadLetter":
         return (
             f"stage={rec['stage']} error={rec['error_type']}: {_clip(rec['error'])} "

@@ -9,17 +9,27 @@ produced: the same rpm, tpm and monthly budget hold however a request arrives
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pipeline.core.producers import ProducerIdentity
 from pipeline.core.records import InferenceJob
-from pipeline.quota.state import Verdict
+from pipeline.quota.state import UsageSummary, Verdict
 
 
 class Reserver(Protocol):
     """What admission needs of the quota ledger (pipeline/quota/ledger.py ``QuotaLedger``)."""
 
     async def reserve(self, user_id: str, tier: str, request_id: str, tokens: int) -> Verdict: ...
+
+
+@runtime_checkable
+class BudgetReader(Protocol):
+    """A ledger that can say what is left of a user's monthly budget (QuotaLedger)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def usage(self, user_id: str, tier: str | None = None) -> UsageSummary: ...
 
 
 class TopicAdmission:
@@ -29,14 +39,24 @@ class TopicAdmission:
         self.ledger = ledger
 
     async def refusal(
-        self, job: InferenceJob, producer: ProducerIdentity
+        self, job: InferenceJob, producer: ProducerIdentity, *, plan_cost: int | None = None
     ) -> tuple[str, str] | None:
         """None when the job may run; else the (code, message) of its terminal ERROR.
 
-        Raises the ledger's QuotaUnavailableError when it cannot answer (retried by the agent).
+        ``plan_cost``: a long document's estimated cost, refused before any call when the
+        month's budget has less left (docs/architecture.md, "Long documents"). Raises the
+        ledger's QuotaUnavailableError when it cannot answer (retried by the agent).
         """
         if producer.reserves:
             return None
+        if plan_cost is not None and isinstance(self.ledger, BudgetReader) and self.ledger.ready:
+            left = self.ledger.usage(job["user_id"], job["tier"]).remaining_micro_usd
+            if plan_cost > left:
+                return (
+                    "budget_exceeded",
+                    f"the document's plan is estimated at {plan_cost} micro-USD; the month's "
+                    f"budget has {left} left",
+                )
         tokens = job["input_tokens_estimate"] + job["max_output_tokens"]
         verdict = await self.ledger.reserve(job["user_id"], job["tier"], job["request_id"], tokens)
         if verdict.granted:

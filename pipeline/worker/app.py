@@ -51,6 +51,7 @@ from pipeline.worker.dlq import DeadLetterQueue
 from pipeline.worker.identity import RequestIdentity
 from pipeline.worker.inference.upstream import Upstream
 from pipeline.worker.inflight import InflightWork
+from pipeline.worker.longdoc.agent import add_reduce, reuse_reader
 from pipeline.worker.postprocess import PostprocessStage, tail_reread
 from pipeline.worker.preprocess import PreprocessStage
 from pipeline.worker.request_ids import RequestIds
@@ -196,6 +197,7 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
         runtime.quota = _add_preprocess(app, settings, topics, tokens, dlq)
     if "inference" in wanted:
         runtime.inflight = _add_inference(app, settings, topics, tokens, dlq)
+        add_reduce(app, settings, topics, tokens, dlq, load_tiers(settings.tiers_file))
     if "postprocess" in wanted:
         _add_postprocess(app, settings, connection, topics, tokens, dlq)
     return app
@@ -233,6 +235,8 @@ def _add_preprocess(
         dlq=dlq,
         identity=identity,
         admission=TopicAdmission(ledger),
+        send_chunk=sender(raw_topic(app, topics.chunks)),
+        reuse=reuse_reader(settings, topics.reuse),
     )
 
     async def on_request(event: EventT[Any]) -> None:
@@ -315,6 +319,7 @@ def _add_postprocess(
         send_result=sender(raw_topic(app, topics.results)),
         dlq=dlq,
         reread=tail_reread(connection, topics.tokens),
+        send_chunk=sender(raw_topic(app, topics.chunks)),
     )
     on_token = on_record(postprocess.handle)
 

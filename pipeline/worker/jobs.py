@@ -18,7 +18,8 @@ def resume_state(stream: Iterable[TokenEvent]) -> ResumeState | None:
 
     None when nothing was streamed yet (the job simply starts again, seq 1).
     """
-    by_seq = {int(e["seq"]): e for e in stream}
+    # A long document's PROGRESS events (seq 0) are outside the seq stream.
+    by_seq = {int(e["seq"]): e for e in stream if e["kind"] != "PROGRESS"}
     if not by_seq:
         return None
     ordered = [by_seq[s] for s in sorted(by_seq)]

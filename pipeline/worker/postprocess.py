@@ -24,6 +24,7 @@ from ulid import ULID
 from pipeline.core import events as token_events
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
+from pipeline.core.longdoc import parse_chunk_id
 from pipeline.core.metrics import (
     COST_MICRO_USD,
     INPUT_TOKENS,
@@ -39,6 +40,7 @@ from pipeline.core.settings import WorkerSettings
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import read_request_records
 from pipeline.worker.dlq import DeadLetterQueue, Origin
+from pipeline.worker.longdoc.records import chunk_summary
 
 log = logging.getLogger("sumstream.postprocess")
 
@@ -123,9 +125,11 @@ class PostprocessStage:
         send_result: Send,
         dlq: DeadLetterQueue,
         reread: Reread,
+        send_chunk: Send | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self._send_chunk = send_chunk
         self.prices = prices
         self._send_result = send_result
         self._dlq = dlq
@@ -146,7 +150,12 @@ class PostprocessStage:
     ) -> None:
         """Process one record of `tokens`; never raises for a bad record (it is dead-lettered)."""
         try:
-            event = validate_event(codec().decode_as(value, "TokenEvent"))
+            decoded = codec().decode_as(value, "TokenEvent")
+            if decoded.get("kind") == "PROGRESS":
+                # A long document's plan or progress: for its client, nothing to assemble.
+                RECORDS_PROCESSED.labels(stage=STAGE, outcome="progress").inc()
+                return
+            event = validate_event(decoded)
         except (CodecError, ValidationError) as exc:
             await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
@@ -186,6 +195,14 @@ class PostprocessStage:
                 extra={"request_id": request_id, "complete": assembly.complete},
             )
         result = build_result(terminal, assembly.text, self.prices, result_ms=result_ms)
+        chunk = parse_chunk_id(request_id)
+        if chunk is not None and self._send_chunk is not None:
+            # A long document's chunk call: its summary goes to the reduce step, not to
+            # `results` (the parent's result bills it; docs/architecture.md, "Long documents").
+            record = chunk_summary(result, *chunk)
+            await self._send_chunk(chunk[0].encode(), codec().encode("ChunkSummary", record))
+            self._finished[request_id] = None
+            return
         await self._send_result(request_id.encode(), codec().encode("SummaryResult", result))
         self._finished[request_id] = None
         while len(self._finished) > self.settings.postprocess_max_open:

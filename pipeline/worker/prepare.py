@@ -7,9 +7,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from decimal import Decimal
 
-from pipeline.core import events
+from pipeline.core import events, longdoc
 from pipeline.core.errors import ValidationError
+from pipeline.core.pricing import ModelPrice, price_table
 from pipeline.core.prompt import (
     CHUNK_INSTRUCTIONS,
     DEFAULT_INSTRUCTIONS,
@@ -23,6 +25,7 @@ from pipeline.core.records import InferenceJob, SummarizeRequest, TokenEvent, Tr
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
+from pipeline.worker.longdoc.split import LongJob, long_job, with_overlap
 
 # The engine replaces this literal in a map-reduce job's prompt with the chunk summaries.
 CHUNK_PLACEHOLDER = "{chunk_summaries}"
@@ -90,13 +93,18 @@ def split_into_chunks(text: str, budget: int) -> list[str]:
     """Split ``text`` at paragraph, sentence, then word boundaries into ``budget``-token chunks."""
     chunks: list[str] = []
     current = ""
+    current_tokens = 0
     for piece, joiner in _units(text, budget):
-        candidate = f"{current}{joiner}{piece}" if current else piece
-        if current and count_tokens(candidate) > budget:
+        # Pieces are joined by whitespace, which count_tokens splits on: the count of the
+        # joined text is the sum of the counts, so each piece is counted once (a long
+        # document's plan must come quickly).
+        tokens = count_tokens(piece)
+        if current and current_tokens + tokens > budget:
             chunks.append(current)
-            current = piece
+            current, current_tokens = piece, tokens
         else:
-            current = candidate
+            current = f"{current}{joiner}{piece}" if current else piece
+            current_tokens += tokens
     if current:
         chunks.append(current)
     return chunks
@@ -113,6 +121,9 @@ def validate_request(request: SummarizeRequest) -> None:
         raise ValidationError("request_id is empty")
     if len(request_id) > MAX_REQUEST_ID_CHARS or any(c.isspace() for c in request_id):
         raise ValidationError("request_id must be at most 200 characters without whitespace")
+    if longdoc.CHUNK_SEPARATOR in request_id:
+        # Reserved for a long document's chunk calls (docs/architecture.md, "Long documents").
+        raise ValidationError(f"request_id must not contain {longdoc.CHUNK_SEPARATOR!r}")
 
 
 def prepare(
@@ -122,8 +133,9 @@ def prepare(
     *,
     now_ms: int,
     enqueued_ms: int | None = None,
-) -> InferenceJob | Rejection:
-    """Turn a SummarizeRequest into an InferenceJob, or say why it is rejected.
+) -> InferenceJob | LongJob | Rejection:
+    """Turn a SummarizeRequest into an InferenceJob (a LongJob for a document its tier
+    map-reduces: docs/architecture.md, "Long documents"), or say why it is rejected.
 
     Raises ``ValidationError`` when the request has no usable id (nothing can be answered).
     ``now_ms`` stamps preprocess_start; the caller stamps preprocess_end when it produces.
@@ -149,15 +161,33 @@ def prepare(
     instructions = normalize_text(request.get("instructions") or "")[:MAX_INSTRUCTIONS_CHARS]
     if not instructions:
         instructions = DEFAULT_INSTRUCTIONS.format(max_tokens=max_output)
-    prompt, chunks, estimate = _prompt(document, instructions, max_output, settings)
+    document_tokens = count_tokens(document)
+    long = longdoc.is_long(document_tokens, tier)
+    if long:
+        # The final reduce's prompt; the reduce step puts the summaries in its placeholder.
+        prompt = user_message(CHUNK_PLACEHOLDER, f"{REDUCE_PREAMBLE} {instructions}")
+        chunks: list[str] = []
+        estimate = 0
+    else:
+        prompt, chunks, estimate = _prompt(document, instructions, max_output, settings)
 
     created_at = int(request.get("created_at") or 0) or enqueued_ms or now_ms
+    allowance_s = settings.default_deadline_s
+    if long:
+        # A tree of calls takes longer than one: its own estimate on top.
+        allowance_s += longdoc.plan(
+            document_tokens,
+            tier,
+            max_output_tokens=max_output,
+            overhead_tokens=0,
+            price=ModelPrice(Decimal(0), Decimal(0)),
+        ).seconds
     deadline_ms = request.get("deadline_ms") or int(
-        created_at + (tier.max_queue_wait_s + settings.default_deadline_s) * 1000
+        created_at + (tier.max_queue_wait_s + allowance_s) * 1000
     )
     trace = _trace(request, created_at, enqueued_ms)
     trace["preprocess_start"] = now_ms
-    return {
+    job: InferenceJob = {
         "request_id": request["request_id"],
         "user_id": request["user_id"],
         "tier": tier.name,
@@ -175,7 +205,22 @@ def prepare(
         "replay_of": request.get("replay_of"),
         "created_at": created_at,
         "trace": trace,
+        "group_concurrency": 0,
+        "missing_sections": [],
+        "base_usage": None,
     }
+    if not long:
+        return job
+    overlap = longdoc.overlap_tokens(tier)
+    parts = with_overlap(split_into_chunks(document, tier.chunk_tokens - overlap), overlap)
+    return long_job(
+        job,
+        parts,
+        tier,
+        price_table(settings.prices_file).price_for(model),
+        document_tokens=document_tokens,
+        overhead_tokens=count_tokens(SYSTEM_PROMPT) + count_tokens(CHUNK_INSTRUCTIONS),
+    )
 
 
 def _check(request: SummarizeRequest, tiers: Mapping[str, Tier]) -> tuple[Tier, str] | Rejection:
@@ -197,15 +242,15 @@ def _check(request: SummarizeRequest, tiers: Mapping[str, Tier]) -> tuple[Tier, 
 def _fit(document: str, tier: Tier) -> tuple[str, bool] | Rejection:
     """The document within the tier's input limit (and whether it was cut), or a rejection."""
     doc_tokens = count_tokens(document)
-    if doc_tokens <= tier.max_input_tokens:
+    limit = tier.document_limit
+    if doc_tokens <= limit:
         return document, False
     if tier.on_input_too_large == "reject":
         return rejected(
             "input_too_large",
-            f"document has ~{doc_tokens} tokens; the {tier.name} tier allows "
-            f"{tier.max_input_tokens}",
+            f"document has ~{doc_tokens} tokens; the {tier.name} tier allows {limit}",
         )
-    return truncate_to_tokens(document, tier.max_input_tokens), True
+    return truncate_to_tokens(document, limit), True
 
 
 def _prompt(

@@ -7,21 +7,25 @@ that is turned away here still ends for its client: the stage writes a terminal 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import cast
 
+from pipeline.core import events
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
 from pipeline.core.metrics import RECORDS_PROCESSED
 from pipeline.core.producers import Headers
-from pipeline.core.records import InferenceJob, SummarizeRequest
+from pipeline.core.records import ChunkSummary, InferenceJob, SummarizeRequest
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
 from pipeline.worker.identity import IdentityError, RequestIdentity
+from pipeline.worker.longdoc.split import LongJob
 from pipeline.worker.prepare import (
     Rejection,
     prepare,
@@ -33,8 +37,12 @@ from pipeline.worker.prepare import (
 log = logging.getLogger("sumstream.preprocess")
 
 Send = Callable[[bytes, bytes], Awaitable[None]]
+# Reads the chunk summaries kept under a reuse key (pipeline/worker/longdoc/agent.py).
+ReuseReader = Callable[[str], Awaitable[list[ChunkSummary]]]
 
 STAGE = "preprocess"
+# Records larger than this are prepared on a thread (a long document takes ~1 ms per 1k tokens).
+PREPARE_IN_THREAD_BYTES = 64 * 1024
 
 
 class PreprocessStage:
@@ -50,6 +58,8 @@ class PreprocessStage:
         dlq: DeadLetterQueue,
         identity: RequestIdentity | None = None,
         admission: TopicAdmission | None = None,
+        send_chunk: Send | None = None,
+        reuse: ReuseReader | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -59,6 +69,8 @@ class PreprocessStage:
         self.admission = admission
         self._send_job = send_job
         self._send_token = send_token
+        self._send_chunk = send_chunk
+        self._reuse = reuse
         self._dlq = dlq
         self._clock = clock
 
@@ -83,9 +95,13 @@ class PreprocessStage:
                 validate_request(request)
                 vouched = await self.identity.check(request, value, origin, headers)
                 request = vouched.request
-            outcome = prepare(
-                request, self.tiers, self.settings, now_ms=now, enqueued_ms=timestamp_ms
+            prepared = functools.partial(
+                prepare, request, self.tiers, self.settings, now_ms=now, enqueued_ms=timestamp_ms
             )
+            # A big document is normalised, counted and split on a thread, so the streams this
+            # worker is running keep their pace meanwhile.
+            big = len(value or b"") > PREPARE_IN_THREAD_BYTES
+            outcome = await asyncio.to_thread(prepared) if big else prepared()
         except IdentityError as exc:
             await self._refuse(key, value, origin, request, exc, now, timestamp_ms)
             return
@@ -93,16 +109,12 @@ class PreprocessStage:
             await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
             return
-        job = b""
-        if not isinstance(outcome, Rejection):
-            encoded = self._encoded(outcome)
-            if isinstance(encoded, Rejection):
-                outcome = encoded
-            else:
-                job = encoded
+        outcome, values = self._encode_outcome(outcome)
         if not isinstance(outcome, Rejection) and self.admission and vouched:
             # After the size check: an oversized job reserves nothing.
-            refused = await self.admission.refusal(outcome, vouched.producer)
+            reserved = outcome.final if isinstance(outcome, LongJob) else outcome
+            cost = outcome.plan.cost_micro_usd if isinstance(outcome, LongJob) else None
+            refused = await self.admission.refusal(reserved, vouched.producer, plan_cost=cost)
             outcome = rejected(*refused) if refused else outcome
         if isinstance(outcome, Rejection):
             if outcome.dead_letter:
@@ -115,7 +127,10 @@ class PreprocessStage:
                 )
             await self._reject(request, outcome, now_ms=now, enqueued_ms=timestamp_ms)
             return
-        await self._send_job(request["request_id"].encode(), job)
+        if isinstance(outcome, LongJob):
+            await self._send_long(outcome, values)
+            return
+        await self._send_job(request["request_id"].encode(), values[0])
         # Stage latencies are observed once per request by postprocess, from the trace.
         RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
         log.info(
@@ -128,6 +143,70 @@ class PreprocessStage:
                 "truncated": outcome["truncated"],
             },
         )
+
+    def _encode_outcome(
+        self, outcome: InferenceJob | LongJob | Rejection
+    ) -> tuple[InferenceJob | LongJob | Rejection, list[bytes]]:
+        """The records to produce (the job, or a long document's map jobs), or the rejection
+        of one that does not fit a record."""
+        if isinstance(outcome, Rejection):
+            return outcome, []
+        jobs = outcome.maps if isinstance(outcome, LongJob) else [outcome]
+        encoded = [self._encoded(job) for job in jobs]
+        refusal = next((e for e in encoded if isinstance(e, Rejection)), None)
+        if refusal is not None:
+            return refusal, []
+        return outcome, [e for e in encoded if isinstance(e, bytes)]
+
+    async def _send_long(self, long: LongJob, maps: list[bytes]) -> None:
+        """A long document: its PLAN record first (the reduce step's state starts there), the
+        plan's ``progress`` event, then every map job keyed by its own id, so the calls spread
+        over the partitions (docs/architecture.md, "Long documents")."""
+        parent = long.final["request_id"]
+        if self._send_chunk is None:
+            raise RuntimeError("a long document needs the chunks topic")
+        await self._send_chunk(parent.encode(), codec().encode("ChunkSummary", long.plan_record))
+        await self._send_token(parent.encode(), codec().encode("TokenEvent", long.progress))
+        reused = await self._reused(long)
+        for index, (job, value) in enumerate(zip(long.maps, maps, strict=True)):
+            if index in reused:
+                # The same user's same document, summarized within the window: no call.
+                kept: ChunkSummary = {
+                    **reused[index],
+                    "request_id": parent,
+                    "usage": events.usage(input_tokens=0, output_tokens=0, attempts=0),
+                }
+                await self._send_chunk(parent.encode(), codec().encode("ChunkSummary", kept))
+            else:
+                await self._send_job(job["request_id"].encode(), value)
+        RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
+        log.info(
+            "long document planned",
+            extra={
+                "request_id": parent,
+                "tier": long.final["tier"],
+                "chunks": long.plan.chunks,
+                "levels": len(long.plan.levels),
+                "input_tokens_estimate": long.plan.input_tokens,
+                "reused_chunks": len(reused),
+            },
+        )
+
+    async def _reused(self, long: LongJob) -> dict[int, ChunkSummary]:
+        """Map summaries kept for this user's same document within the window, by index."""
+        if self._reuse is None:
+            return {}
+        try:
+            kept = await self._reuse(long.reuse_key)
+        except Exception as exc:
+            # Reuse saves money; it never stops a request.
+            log.warning("chunk summaries not read for reuse", extra={"error": repr(exc)})
+            return {}
+        return {
+            r["index"]: r
+            for r in kept
+            if r["kind"] == "SUMMARY" and r["level"] == 0 and 0 <= r["index"] < len(long.maps)
+        }
 
     def _encoded(self, job: InferenceJob) -> bytes | Rejection:
         """The job's record, or a rejection when it would not fit one: measured, not estimated,

@@ -153,6 +153,9 @@ async def test_results_are_settled_into_usage_even_when_their_gateway_is_gone() 
     assert figures["cost_usd"] == pytest.approx(0.001334)
     assert figures["remaining_micro_usd"] == 100_000_000 - 1_334
     assert figures["limits"] == {"rpm": 120, "tpm": 400_000}
+    # The tier's context allocation (docs/architecture.md, "Long documents").
+    assert figures["documents"] == table["pro"].limits()
+    assert figures["documents"]["long_documents"] is True
     assert figures["period_start"].endswith("T00:00:00Z")
     assert unauthenticated.status_code == 401
 
@@ -244,3 +247,39 @@ async def test_growing_lag_degrades_then_sheds_with_retry_after(
     assert 'sumstream_consumer_lag_records{stage="preprocess"}' in metrics
     assert "sumstream_gateway_estimated_wait_seconds" in metrics
     assert 'sumstream_gateway_admission_total{verdict="degraded"}' in metrics
+
+
+async def test_a_long_documents_plan_over_the_budget_left_is_refused_before_anything_runs() -> None:
+    # Long documents beyond 100 tokens, in 200-token chunks; a budget of 1,000 micro-USD.
+    long_pro = pro(
+        monthly_budget_usd=0.001,
+        max_input_tokens=100,
+        long_documents=True,
+        max_document_tokens=100_000,
+        chunk_tokens=200,
+        reduce_output_tokens=50,
+    )
+    long_doc = " ".join(["Clause seven binds the supplier to deliver on time."] * 600)
+    async with (
+        topics() as kafka,
+        running_gateway(settings_for(kafka), tier_table=tiers(pro=long_pro)) as gw,
+        gw.client() as client,
+    ):
+        await usage(client)  # the ledger is read: the budget left is known
+        refused = await client.post(
+            "/v1/summaries",
+            json={"document": long_doc, "max_output_tokens": 100},
+            headers={**auth("alice"), "Accept": "application/json"},
+        )
+        short = await post_json(
+            client, document="The supplier delivered on time in May.", max_output_tokens=20
+        )
+        records = await read_topic(kafka, kafka.topic_prefix + "requests", "SummarizeRequest")
+    assert refused.status_code == 429, refused.text
+    body = refused.json()
+    assert body["code"] == "budget_exceeded"
+    assert body["remaining_micro_usd"] == 1_000
+    assert body["plan"]["mode"] == "map_reduce" and body["plan"]["chunks"] >= 20
+    assert body["plan"]["estimated_cost_micro_usd"] > 1_000
+    assert short.status_code == 202
+    assert [r["request_id"] for r in records] == [short.json()["id"]]

@@ -660,3 +660,27 @@ async def test_a_failed_publish_leaves_the_request_to_the_next_owner(
     assert [e["kind"] for e in rec.events[broken["request_id"]]] == ["STARTED"]
     assert broken["request_id"] not in rec.finished
     assert "inference job failed" in caplog.text
+
+
+async def test_a_final_reduce_with_missing_sections_ends_partial_and_bills_the_earlier_calls(
+    sim: LocalSimulator,
+) -> None:
+    doc = document(3)
+    job = make_job(doc)
+    job["missing_sections"] = [2, 5]
+    job["base_usage"] = {
+        "input_tokens": 1_000,
+        "output_tokens": 100,
+        "attempts": 7,
+        "cost_micro_usd": 0,
+    }
+    async with running_engine(sim) as (engine, rec):
+        await engine.submit(job)
+        end = await rec.terminal(job["request_id"])
+    assert end["kind"] == "ERROR"
+    assert end["error"]["code"] == "sections_missing" and end["error"]["partial"] is True
+    assert "parts 2, 5" in end["error"]["message"]
+    assert rec.text(job["request_id"]) == summarize(doc, 400)
+    assert end["usage"]["attempts"] == 7 + 1
+    assert end["usage"]["input_tokens"] > 1_000
+    assert end["usage"]["output_tokens"] == 100 + rec.deltas(job["request_id"])

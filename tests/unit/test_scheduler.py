@@ -208,3 +208,49 @@ async def test_resize_lets_waiting_jobs_start_and_bounds_the_queue() -> None:
     assert not put.done()
     sched.remove(jobs[2].request_id)
     await asyncio.wait_for(put, 5)
+
+
+@dataclass(frozen=True)
+class ChunkJob(Job):
+    group: tuple[str, int] | None = None
+
+
+def test_a_groups_cap_bounds_its_jobs_at_once_and_other_users_go_on() -> None:
+    sched: FairScheduler[Job] = FairScheduler(max_running=10, max_per_user=10, max_queued=100)
+    chunks = [ChunkJob("ann", 1, f"doc~0.{i}", 1, ("doc", 2)) for i in range(5)]
+    for job in chunks:
+        sched.put_nowait(job)
+    short = Job.of("bob")
+    sched.put_nowait(short)
+    started = [sched.next_nowait(), sched.next_nowait(), sched.next_nowait()]
+    # Two of the document's calls at once and the other user's job; the third call waits.
+    assert set(started) == {chunks[0], chunks[1], short}
+    assert sched.next_nowait() is None
+    sched.done(chunks[0])
+    assert sched.next_nowait() == chunks[2]
+
+
+async def test_grouped_jobs_do_not_fill_the_queue_for_other_jobs() -> None:
+    sched: FairScheduler[Job] = FairScheduler(max_running=1, max_per_user=1, max_queued=2)
+    for i in range(5):
+        await asyncio.wait_for(sched.put(ChunkJob("ann", 1, f"doc~0.{i}", 1, ("doc", 1))), 1)
+    await asyncio.wait_for(sched.put(Job.of("bob")), 1)
+    await asyncio.wait_for(sched.put(Job.of("cy")), 1)
+    blocked = asyncio.ensure_future(sched.put(Job.of("dee")))
+    await asyncio.sleep(0)
+    assert not blocked.done() and sched.queued == 7
+    blocked.cancel()
+
+
+def test_grouped_jobs_together_hold_at_most_half_the_slots() -> None:
+    sched: FairScheduler[Job] = FairScheduler(max_running=4, max_per_user=4, max_queued=100)
+    for doc in ("a", "b"):
+        for i in range(3):
+            sched.put_nowait(ChunkJob(f"user-{doc}", 1, f"{doc}~0.{i}", 1, (doc, 3)))
+    started = [sched.next_nowait(), sched.next_nowait()]
+    assert all(isinstance(j, ChunkJob) for j in started)
+    # Two slots left, but only for jobs outside any group.
+    assert sched.next_nowait() is None
+    short = Job.of("bob")
+    sched.put_nowait(short)
+    assert sched.next_nowait() == short

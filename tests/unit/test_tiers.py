@@ -124,3 +124,49 @@ def test_missing_or_broken_file(tmp_path: Path) -> None:
         load_tiers(write(tmp_path, "[free\nrpm ="))
     with pytest.raises(ConfigError, match="no tiers"):
         load_tiers(write(tmp_path, ""))
+
+
+def test_long_document_allocation_is_optional_and_off_by_default(tmp_path: Path) -> None:
+    basic = load_tiers(write(tmp_path, VALID))["basic"]
+    assert basic.long_documents is False
+    assert basic.document_limit == basic.max_input_tokens == 500
+    assert basic.limits()["chunk_tokens"] == 8_000
+
+
+def test_long_document_allocation_is_read(tmp_path: Path) -> None:
+    text = VALID + (
+        "long_documents = true\nmax_document_tokens = 9_000\nchunk_tokens = 1_000\n"
+        "map_concurrency = 3\nreduce_output_tokens = 200\n"
+    )
+    basic = load_tiers(write(tmp_path, text))["basic"]
+    assert basic.limits() == {
+        "max_input_tokens": 500,
+        "max_output_tokens": 100,
+        "long_documents": True,
+        "max_document_tokens": 9_000,
+        "chunk_tokens": 1_000,
+        "map_concurrency": 3,
+        "reduce_output_tokens": 200,
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("long_documents = 1\n", "long_documents must be true or false"),
+        ("chunk_tokens = 0\n", "chunk_tokens must be a positive integer"),
+        ("map_concurrency = true\n", "map_concurrency must be a positive integer"),
+        ("chunk_tokens = 100\nreduce_output_tokens = 60\n", "at most chunk_tokens / 2"),
+    ],
+)
+def test_bad_long_document_allocation_is_refused(tmp_path: Path, extra: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_tiers(write(tmp_path, VALID + extra))
+
+
+def test_shipped_tiers_allocate_long_documents_to_pro_and_enterprise() -> None:
+    tiers = load_tiers(DEFAULT_TIERS_FILE)
+    assert not tiers["free"].long_documents
+    assert tiers["pro"].long_documents and tiers["enterprise"].long_documents
+    # An enterprise document of a million tokens is taken whole.
+    assert tiers["enterprise"].document_limit >= 1_000_000

@@ -8,7 +8,7 @@ import pytest
 from pydantic import SecretStr
 
 from pipeline.core.producers import ProducerIdentity
-from pipeline.quota.state import Verdict
+from pipeline.quota.state import UsageSummary, Verdict
 from pipeline.worker.admission import TopicAdmission
 
 JOB: Any = {
@@ -59,3 +59,26 @@ async def test_a_refused_reservation_names_its_limit(reason: Any, code: str) -> 
         JOB, producer(reserves=False)
     )
     assert refusal is not None and refusal[0] == code
+
+
+class BudgetLedger(Ledger):
+    """A ledger that also tells what is left of the month's budget."""
+
+    ready = True
+
+    def __init__(self, verdict: Verdict, left: int) -> None:
+        super().__init__(verdict)
+        self.left = left
+
+    def usage(self, user_id: str, tier: str | None = None) -> UsageSummary:
+        return UsageSummary(user_id, tier or "", 0, 0, 0, 0, 0, 0, 0, 10_000, self.left, 1, 1, 0, 0)
+
+
+async def test_a_long_documents_plan_above_the_budget_left_is_refused_before_reserving() -> None:
+    ledger = BudgetLedger(Verdict(True), left=500)
+    refusal = await TopicAdmission(ledger).refusal(JOB, producer(reserves=False), plan_cost=501)
+    assert refusal is not None and refusal[0] == "budget_exceeded"
+    assert "501" in refusal[1] and "500 left" in refusal[1]
+    assert ledger.reserved == []
+    fits = await TopicAdmission(ledger).refusal(JOB, producer(reserves=False), plan_cost=500)
+    assert fits is None and len(ledger.reserved) == 1

@@ -58,6 +58,7 @@ KNOBS = (
     "fault_kind",
     "fault_times",
     "retry_after_s",
+    "context_window_tokens",
     *BUCKET_KNOBS,
 )
 # A bigger body is parsed and summarized on a thread.
@@ -104,6 +105,7 @@ class Simulator:
         )
         self._routes: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
             ("POST", "/v1/messages"): self._messages,
+            ("POST", "/v1/messages/count_tokens"): self._count_tokens,
             ("GET", "/_sim/config"): self._get_config,
             ("POST", "/_sim/config"): self._post_config,
             ("GET", "/_sim/stats"): self._get_stats,
@@ -183,10 +185,11 @@ class Simulator:
             body = await asgi.read_body(receive)
             # A big document is parsed and summarized on a thread (once: the summary is
             # cached), so the streams already open keep their pace meanwhile.
+            window = knobs.context_window_tokens
             if len(body) > OFF_LOOP_BYTES:
-                call, reply = await asyncio.to_thread(protocol.prepare, body)
+                call, reply = await asyncio.to_thread(protocol.prepare, body, window)
             else:
-                call, reply = protocol.prepare(body)
+                call, reply = protocol.prepare(body, window)
             self._admit(knobs)
             self._charge(call, reply)
         except Rejection as rejection:
@@ -203,6 +206,25 @@ class Simulator:
             stats.finish(record, "client_closed")
             return
         await self._respond(call, reply, knobs, stats, record, receive, send)
+
+    async def _count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/messages/count_tokens``: the prompt's input tokens, as the API counts them
+        (free, and outside the rate-limit buckets, as there)."""
+        headers = dict(scope["headers"])
+        try:
+            if not headers.get(b"x-api-key") and not headers.get(b"authorization", b"").startswith(
+                b"Bearer "
+            ):
+                raise Rejection(401, "x-api-key header is required")
+            body = await asgi.read_body(receive)
+            count = await asyncio.to_thread(protocol.parse_count, body)
+        except Rejection as rejection:
+            await asgi.send_error(send, rejection.status, rejection.message)
+            return
+        except ClientGone:
+            return
+        self.stats.counts += 1
+        await asgi.send_json(send, 200, {"input_tokens": count})
 
     def _admit(self, knobs: SimulatorSettings) -> None:
         if knobs.max_concurrent and self.open_streams >= knobs.max_concurrent:

@@ -25,6 +25,10 @@ ERROR_TYPES = {
     529: "overloaded_error",
 }
 ERROR_MESSAGES = {429: "Rate limited", 500: "Internal server error", 529: "Overloaded"}
+# Context windows in tokens, as the API documents them; a model not listed gets the default.
+# The ``context_window_tokens`` knob overrides them all (tests shrink it).
+CONTEXT_WINDOWS = {"claude-sonnet-4-5": 200_000, "claude-opus-4-5": 200_000}
+DEFAULT_CONTEXT_WINDOW = 200_000
 
 
 class Rejection(Exception):
@@ -145,9 +149,39 @@ def parse_call(body: bytes) -> Call:
     return Call(model, max_tokens, stream, prompt, prefill, input_tokens, tuple(stop_sequences))
 
 
-def prepare(body: bytes) -> tuple[Call, Reply]:
+def context_window(model: str, override: int = 0) -> int:
+    """The context window of ``model`` in tokens (``override`` when it is set)."""
+    return override or CONTEXT_WINDOWS.get(model, DEFAULT_CONTEXT_WINDOW)
+
+
+def check_context(call: Call, window: int) -> None:
+    """Refuse a call over the context window with the real API's 400 and message."""
+    if call.input_tokens > window:
+        raise _invalid(f"prompt is too long: {call.input_tokens} tokens > {window} maximum")
+    if call.input_tokens + call.max_tokens > window:
+        raise _invalid(
+            f"input length and `max_tokens` exceed context limit: {call.input_tokens} + "
+            f"{call.max_tokens} > {window}, decrease input length or `max_tokens` and try again"
+        )
+
+
+def prepare(body: bytes, window_override: int = 0) -> tuple[Call, Reply]:
+    """The call in ``body`` and its answer, or the Rejection the API would give it."""
     call = parse_call(body)
+    check_context(call, context_window(call.model, window_override))
     return call, reply_to(call)
+
+
+def parse_count(body: bytes) -> int:
+    """The ``input_tokens`` of a ``count_tokens`` body (model, messages, optional system)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise _invalid("There was an error parsing the body of your request as JSON") from None
+    if not isinstance(data, dict):
+        raise _invalid("body: Input should be an object")
+    # The same validation as a Messages call; max_tokens is not part of a count.
+    return parse_call(json_bytes({**data, "max_tokens": 1})).input_tokens
 
 
 def _text_of(content: object, where: str) -> tuple[str, bool]:

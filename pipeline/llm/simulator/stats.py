@@ -49,6 +49,7 @@ class Stats:
         self.by_status: Counter[int] = Counter()
         self.by_outcome: Counter[str] = Counter()
         self.peak_concurrent = peak_concurrent
+        self.counts = 0  # POST /v1/messages/count_tokens answered
         self.records: OrderedDict[str, RequestRecord] = OrderedDict()
         self._max_records = max_records
 
@@ -83,6 +84,7 @@ class Stats:
             "by_outcome": dict(sorted(self.by_outcome.items())),
             "open_streams": open_streams,
             "peak_concurrent": self.peak_concurrent,
+            "count_tokens_calls": self.counts,
             "requests": {i: _record_json(self.records[i]) for i in ids if i in self.records},
         }
 

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Self
 
 from pipeline.core import events
+from pipeline.core.longdoc import parse_chunk_id
 from pipeline.core.metrics import STAGE_SECONDS
 from pipeline.core.records import ErrorInfo, InferenceJob
 from pipeline.core.settings import WorkerSettings
@@ -43,6 +44,8 @@ logger = logging.getLogger("sumstream.inference")
 
 OnFinished = Callable[[str], Awaitable[None]]
 
+# The scheduler's class of work that waits behind interactive requests (upstream.py).
+BATCH_PRIORITY = 1
 # Cancels that arrive before their job (control and preprocessed are different topics).
 EARLY_CANCELS_KEPT = 10_000
 
@@ -230,8 +233,15 @@ class InferenceEngine:
             resume=resume,
             deadline_ms=deadline_ms,
             trace={str(k): int(v) for k, v in (job.get("trace") or {}).items()},
-            priority=self.upstream.priority_of(str(job.get("source") or "")),
+            priority=self._priority(job),
         )
+
+    def _priority(self, job: InferenceJob) -> int:
+        """The scheduler's class of a job: a long document's chunk calls are batch work and
+        wait behind interactive requests (docs/architecture.md, "Long documents")."""
+        if parse_chunk_id(str(job["request_id"])) is not None:
+            return BATCH_PRIORITY
+        return self.upstream.priority_of(str(job.get("source") or ""))
 
     async def _dispatch(self) -> None:
         try:
@@ -360,6 +370,20 @@ class InferenceEngine:
                 f"inference failed: {exc!r}",
                 retriable=True,
                 partial=bool(run.text),
+            )
+            await self._publisher.finish(run, "ERROR", error=error)
+            return
+        missing = [int(n) for n in run.job.get("missing_sections") or []]
+        if missing:
+            # A long document some of whose parts no summary covers: the summary of the rest,
+            # as PARTIAL, naming what is missing (docs/architecture.md, "Long documents").
+            names = ", ".join(str(n) for n in missing)
+            error = events.error_info(
+                "sections_missing",
+                f"parts {names} of the document could not be summarized; the summary covers "
+                "the rest",
+                retriable=False,
+                partial=True,
             )
             await self._publisher.finish(run, "ERROR", error=error)
             return

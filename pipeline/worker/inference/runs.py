@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.core.events import StreamMeta
+from pipeline.core.longdoc import parent_of
 from pipeline.core.records import InferenceJob, Trace
 
 
@@ -123,6 +124,13 @@ class Run:
             self.output_tokens = self.resume.output_tokens
             self.streamed = self.resume.output_tokens
             self.trace.update(self.resume.trace)
+        # A long document's final reduce bills its map and collapse calls with it; a resumed
+        # run counted them already (its usage came from an event that included them).
+        base = self.job.get("base_usage")
+        if base and (self.resume is None or not self.resume.input_tokens):
+            self.input_tokens += base["input_tokens"]
+            self.output_tokens += base["output_tokens"]
+            self.attempts += base["attempts"]
 
     def advance(self, state: RunState) -> None:
         """Move to ``state``; a transition the lifecycle does not have is a bug."""
@@ -150,6 +158,12 @@ class Run:
     @property
     def weight(self) -> int:
         return int(self.job.get("weight") or 1)
+
+    @property
+    def group(self) -> tuple[str, int] | None:
+        """A long document's chunk call: (its parent, the parent's cap on calls at once)."""
+        cap = int(self.job.get("group_concurrency") or 0)
+        return (parent_of(self.request_id), cap) if cap > 0 else None
 
     @property
     def log(self) -> dict[str, str]:

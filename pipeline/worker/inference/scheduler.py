@@ -9,6 +9,14 @@ cannot starve anybody and a quiet user does not wait behind it.
 Above the users, priority classes: a job of priority 0 (interactive HTTP, by default) starts
 before any waiting job of priority 1 (work other systems put on ``requests``); within a class,
 WFQ as above. A user's flow takes the class of the job at its head.
+
+A job may belong to a group with a cap (a long document's chunk calls: at most its tier's
+``map_concurrency`` at once, docs/architecture.md "Long documents"); a flow whose head's
+group is at its cap waits, like a user at its own cap. Grouped jobs do not count against
+``max_queued``: a document's calls waiting for their turn must not stop the agent from taking
+other users' jobs (they are bounded by the document's size instead). Grouped jobs together
+take at most ``GROUPED_SHARE`` of the running slots: they are long batch calls, and a slot
+they hold is one an interactive request waits for.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ class Schedulable(Protocol):
 
 T = TypeVar("T", bound=Schedulable)
 
+# The share of the running slots that grouped (batch) jobs may hold together.
+GROUPED_SHARE = 0.5
+
 
 @dataclass
 class _Flow(Generic[T]):
@@ -63,6 +74,8 @@ class FairScheduler(Generic[T]):
         self._flows: dict[str, _Flow[T]] = {}
         self._queued: dict[str, T] = {}  # request_id -> job, for remove()
         self._running = 0
+        self._groups: dict[str, int] = {}  # group -> jobs of it running
+        self._grouped_queued = 0  # queued jobs that belong to a group
         self._vtime = 0.0
         self._order = itertools.count()
         self._changed = asyncio.Event()
@@ -91,7 +104,7 @@ class FairScheduler(Generic[T]):
 
     async def put(self, job: T) -> None:
         """Queue ``job``; waits while the queue is full (the caller then stops consuming)."""
-        while len(self._queued) >= self.max_queued:
+        while _group(job) is None and len(self._queued) - self._grouped_queued >= self.max_queued:
             await self._changed.wait()
         self.put_nowait(job)
 
@@ -104,6 +117,7 @@ class FairScheduler(Generic[T]):
             flow = self._flows[job.user_id] = _Flow()
         flow.queue.append((next(self._order), job))
         self._queued[job.request_id] = job
+        self._grouped_queued += _group(job) is not None
         if len(flow.queue) == 1:
             self._tag_head(flow)
         self._notify()
@@ -128,6 +142,13 @@ class FairScheduler(Generic[T]):
             raise ValueError(f"request {job.request_id} holds no slot")
         flow.running -= 1
         self._running -= 1
+        group = _group(job)
+        if group is not None:
+            left = self._groups.get(group[0], 0) - 1
+            if left > 0:
+                self._groups[group[0]] = left
+            else:
+                self._groups.pop(group[0], None)
         self._forget_if_idle(job.user_id, flow)
         self._notify()
 
@@ -136,6 +157,7 @@ class FairScheduler(Generic[T]):
         job = self._queued.pop(request_id, None)
         if job is None:
             return None
+        self._grouped_queued -= _group(job) is not None
         flow = self._flows[job.user_id]
         was_head = flow.queue[0][1] is job
         flow.queue = deque(entry for entry in flow.queue if entry[1] is not job)
@@ -158,8 +180,12 @@ class FairScheduler(Generic[T]):
 
     def _pick(self) -> _Flow[T] | None:
         best: _Flow[T] | None = None
+        grouped_full = sum(self._groups.values()) >= max(1, int(self.max_running * GROUPED_SHARE))
         for flow in self._flows.values():
             if not flow.queue or flow.running >= self.max_per_user:
+                continue
+            group = _group(flow.queue[0][1])
+            if group is not None and (grouped_full or self._groups.get(group[0], 0) >= group[1]):
                 continue
             if best is None or (
                 flow.queue[0][1].priority,
@@ -172,8 +198,12 @@ class FairScheduler(Generic[T]):
     def _start(self, flow: _Flow[T]) -> T:
         _, job = flow.queue.popleft()
         del self._queued[job.request_id]
+        self._grouped_queued -= _group(job) is not None
         flow.running += 1
         self._running += 1
+        group = _group(job)
+        if group is not None:
+            self._groups[group[0]] = self._groups.get(group[0], 0) + 1
         self._vtime = max(self._vtime, flow.head_finish)
         if flow.queue:
             self._tag_head(flow)
@@ -189,3 +219,9 @@ class FairScheduler(Generic[T]):
         QUEUED.set(len(self._queued))
         self._changed.set()
         self._changed = asyncio.Event()
+
+
+def _group(job: Schedulable) -> tuple[str, int] | None:
+    """The job's capped group, if it has one (jobs of other kinds have no ``group``)."""
+    group: tuple[str, int] | None = getattr(job, "group", None)
+    return group

@@ -1,0 +1,127 @@
+"""Preprocess's half of a long document: chunks with a small overlap, the plan, the map jobs,
+the PLAN record and the plan's ``progress`` event (docs/architecture.md, "Long documents")."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+
+from pipeline.core import events, longdoc
+from pipeline.core.codec import codec
+from pipeline.core.longdoc import Plan
+from pipeline.core.pricing import ModelPrice
+from pipeline.core.prompt import CHUNK_INSTRUCTIONS, SYSTEM_PROMPT, user_message
+from pipeline.core.records import ChunkSummary, InferenceJob, TokenEvent
+from pipeline.core.tiers import Tier
+from pipeline.llm.extractive import count_tokens
+
+# Where a sentence starts inside an overlap's words: after . ! or ? and a space.
+_SENTENCE_START = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True, slots=True)
+class LongJob:
+    """What preprocess produces for a long document instead of one InferenceJob."""
+
+    plan: Plan
+    final: InferenceJob  # the final reduce, its prompt holding the summaries' placeholder
+    maps: list[InferenceJob]
+    plan_record: ChunkSummary
+    progress: TokenEvent
+
+    @property
+    def reuse_key(self) -> str:
+        return self.plan_record["reuse_key"]
+
+
+def with_overlap(parts: list[str], overlap: int) -> list[str]:
+    """Each part after the first starts with the end of the one before it: its last whole
+    sentences within ``overlap`` tokens (else its last ``overlap`` words)."""
+    if overlap <= 0:
+        return list(parts)
+    out = [parts[0]] if parts else []
+    for before, part in itertools.pairwise(parts):
+        words = before.split()[-overlap:]
+        tail = " ".join(words)
+        sentences = _SENTENCE_START.split(tail, maxsplit=1)
+        if len(sentences) == 2 and sentences[1]:
+            tail = sentences[1]  # from the first sentence that starts inside the tail
+        out.append(f"{tail}\n\n{part}")
+    return out
+
+
+def reuse_key(template: InferenceJob, maps: list[InferenceJob]) -> str:
+    """``<user>/<hash>``: the same user, model and map prompts (so the same document, chunks
+    and summary length) give the same key, whatever the request."""
+    digest = hashlib.sha256()
+    for part in (template["model"], template["system"], *(m["prompt"] for m in maps)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return f"{template['user_id']}/{digest.hexdigest()}"
+
+
+def long_job(
+    template: InferenceJob,
+    parts: list[str],
+    tier: Tier,
+    price: ModelPrice,
+    *,
+    document_tokens: int,
+    overhead_tokens: int,
+) -> LongJob:
+    """The map jobs, PLAN record and plan event of ``template`` (the final reduce job) over
+    the document ``parts`` (chunk texts, overlap included)."""
+    parent = template["request_id"]
+    plan = longdoc.plan(
+        document_tokens,
+        tier,
+        max_output_tokens=template["max_output_tokens"],
+        overhead_tokens=overhead_tokens,
+        price=price,
+        chunks=len(parts),
+    )
+    maps: list[InferenceJob] = []
+    for index, part in enumerate(parts):
+        instructions = CHUNK_INSTRUCTIONS.format(
+            index=index + 1, count=len(parts), max_tokens=tier.reduce_output_tokens
+        )
+        prompt = user_message(part, instructions)
+        maps.append(
+            {
+                **template,
+                "request_id": longdoc.chunk_id(parent, 0, index),
+                "prompt": prompt,
+                "chunks": [],
+                "max_output_tokens": tier.reduce_output_tokens,
+                "group_concurrency": tier.map_concurrency,
+                "input_tokens_estimate": count_tokens(SYSTEM_PROMPT) + count_tokens(prompt),
+                "trace": dict(template["trace"]),
+            }
+        )
+    # Admission reserves the estimate plus the final output: the whole plan.
+    final: InferenceJob = {
+        **template,
+        "input_tokens_estimate": plan.tokens - template["max_output_tokens"],
+    }
+    plan_json = plan.as_json()
+    record: ChunkSummary = {
+        "request_id": parent,
+        "kind": "PLAN",
+        "level": 0,
+        "index": 0,
+        "text": "",
+        "usage": None,
+        "error": None,
+        "levels": list(plan.levels),
+        "group_size": longdoc.group_size(tier),
+        "job": codec().encode("InferenceJob", final),
+        "plan": json.dumps(plan_json, separators=(",", ":"), sort_keys=True),
+        "reuse_key": reuse_key(template, maps),
+        "created_at": template["created_at"],
+        "trace": dict(template["trace"]),
+    }
+    progress = events.progress(events.StreamMeta.of(final), {"stage": "plan", **plan_json})
+    return LongJob(plan, final, maps, record, progress)
