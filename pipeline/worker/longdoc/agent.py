@@ -26,6 +26,7 @@ from pipeline.worker.agents import events, on_record, process, raw_topic, sender
 from pipeline.worker.dlq import DeadLetterQueue, Origin
 from pipeline.worker.longdoc.reduce import DocState, Step, on_cancel, on_plan, on_summary
 from pipeline.worker.preprocess import ReuseReader
+from pipeline.worker.tables import write
 
 log = logging.getLogger("sumstream.longdoc")
 
@@ -41,6 +42,7 @@ class LongDocReducer:
         table: Table[bytes, bytes],
         tiers: Mapping[str, Tier],
         *,
+        partitions: int,
         send_job: Send,
         send_token: Send,
         send_control: Send,
@@ -49,11 +51,16 @@ class LongDocReducer:
     ) -> None:
         self.table = table
         self.tiers = tiers
+        self.partitions = partitions
         self._send_job = send_job
         self._send_token = send_token
         self._send_control = send_control
         self._send_reuse = send_reuse
         self._dlq = dlq
+
+    def _put(self, parent: bytes, raw: bytes) -> None:
+        # The changelog partition named here, not by Faust (docs/architecture.md, "The stages").
+        write(self.table, self.partitions, parent, raw)
 
     async def on_chunk(
         self, key: bytes | None, value: bytes | None, origin: Origin, timestamp_ms: int | None
@@ -71,7 +78,7 @@ class LongDocReducer:
                 tier = self.tiers.get(codec().decode_as(record["job"], "InferenceJob")["tier"])
                 summary_tokens = tier.reduce_output_tokens if tier else 512
                 concurrency = tier.map_concurrency if tier else 0
-                self.table[parent] = on_plan(record, summary_tokens, concurrency).encode()
+                self._put(parent, on_plan(record, summary_tokens, concurrency).encode())
             return
         if raw is None:
             log.warning("chunk summary without a plan", extra={"request_id": record["request_id"]})
@@ -98,7 +105,7 @@ class LongDocReducer:
             cancel: ControlEvent = {**control, "request_id": call}
             await self._send_control(call.encode(), codec().encode("ControlEvent", cancel))
         await self._send_token(parent, codec().encode("TokenEvent", terminal))
-        self.table[parent] = state.stored()
+        self._put(parent, state.stored())
         log.info(
             "long document cancelled", extra={"request_id": parent.decode(), "calls": len(calls)}
         )
@@ -116,7 +123,7 @@ class LongDocReducer:
         if step.terminal is not None:
             await self._send_token(parent, codec().encode("TokenEvent", step.terminal))
         if step.changed:
-            self.table[parent] = state.stored()
+            self._put(parent, state.stored())
         RECORDS_PROCESSED.labels(stage=STAGE, outcome="ok").inc()
 
 
@@ -166,6 +173,7 @@ def add_reduce(
     reducer = LongDocReducer(
         table,
         tiers,
+        partitions=settings.work_partitions,
         send_job=sender(raw_topic(app, topics.preprocessed)),
         send_token=sender(tokens),
         send_control=sender(raw_topic(app, topics.control)),
