@@ -79,6 +79,8 @@ class UsageBody(TypedDict):
     input_tokens: int
     output_tokens: int
     attempts: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
 
 
 class CostBody(TypedDict):
@@ -105,7 +107,14 @@ class ResultBody(TypedDict):
     completed_at: int | None
 
 
-NO_USAGE: Usage = {"input_tokens": 0, "output_tokens": 0, "attempts": 0, "cost_micro_usd": 0}
+NO_USAGE: Usage = {
+    "input_tokens": 0,
+    "output_tokens": 0,
+    "attempts": 0,
+    "cost_micro_usd": 0,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 0,
+}
 
 
 def result_json(result: SummaryResult) -> ResultBody:
@@ -123,6 +132,8 @@ def result_json(result: SummaryResult) -> ResultBody:
             "input_tokens": int(usage.get("input_tokens", 0)),
             "output_tokens": int(usage.get("output_tokens", 0)),
             "attempts": int(usage.get("attempts", 0)),
+            "cache_creation_input_tokens": int(usage.get("cache_creation_input_tokens", 0)),
+            "cache_read_input_tokens": int(usage.get("cache_read_input_tokens", 0)),
         },
         "cost": {"micro_usd": cost, "usd": cost / 1_000_000},
         "latency_ms": dict(result.get("latency_ms") or {}),

@@ -30,6 +30,9 @@ class Usage(TypedDict):
     output_tokens: int
     attempts: int
     cost_micro_usd: int
+    # Prompt caching (docs/architecture.md, "Prompt caching"): not counted in input_tokens.
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
 
 
 class ErrorInfo(TypedDict):

@@ -87,12 +87,18 @@ def build_result(
     usage_in = terminal.get("usage")
     input_tokens = int(usage_in.get("input_tokens") or 0) if usage_in else 0
     output_tokens = int(usage_in.get("output_tokens") or 0) if usage_in else 0
+    cache_written = int(usage_in.get("cache_creation_input_tokens") or 0) if usage_in else 0
+    cache_read = int(usage_in.get("cache_read_input_tokens") or 0) if usage_in else 0
     model = str(terminal.get("model") or "")
     usage = token_events.usage(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         attempts=int(usage_in.get("attempts") or 0) if usage_in else 0,
-        cost_micro_usd=prices.micro_usd(model, input_tokens, output_tokens),
+        cost_micro_usd=prices.micro_usd(
+            model, input_tokens, output_tokens, cache_written, cache_read
+        ),
+        cache_creation_input_tokens=cache_written,
+        cache_read_input_tokens=cache_read,
     )
     trace: Trace = {str(k): int(v) for k, v in (terminal.get("trace") or {}).items()}
     trace["result"] = result_ms

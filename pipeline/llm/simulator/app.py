@@ -32,6 +32,7 @@ from pipeline.core.clock import now_ms
 from pipeline.core.settings import SimulatorSettings
 from pipeline.llm.simulator import admin, asgi, protocol
 from pipeline.llm.simulator.asgi import ClientGone, Receive, Scope, Send
+from pipeline.llm.simulator.cache import CacheUsage, PromptCache
 from pipeline.llm.simulator.limits import RateBuckets
 from pipeline.llm.simulator.pacing import pace
 from pipeline.llm.simulator.protocol import Call, Rejection, Reply
@@ -58,6 +59,7 @@ KNOBS = (
     "fault_kind",
     "fault_times",
     "retry_after_s",
+    "cache_min_tokens",
     *BUCKET_KNOBS,
 )
 # A bigger body is parsed and summarized on a thread.
@@ -122,6 +124,7 @@ class Simulator:
         self._rng = random.Random(self.settings.seed)
         self.buckets = RateBuckets(self._bucket_sizes(self.settings), time.time())
         self.stats = Stats(self.settings.max_records, peak_concurrent=self.open_streams)
+        self.cache = PromptCache(min_tokens=self.settings.cache_min_tokens)
 
     def configure(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Change knobs (SimulatorSettings names); raises ValueError when one is unknown or bad."""
@@ -137,6 +140,7 @@ class Simulator:
         if "seed" in changes:
             self._rng = random.Random(self.knobs.seed)
         self.buckets.resize(self._bucket_sizes(self.knobs), time.time())
+        self.cache.min_tokens = self.knobs.cache_min_tokens
         return self.config()
 
     @staticmethod
@@ -189,6 +193,8 @@ class Simulator:
                 call, reply = protocol.prepare(body)
             self._admit(knobs)
             self._charge(call, reply)
+            # Only an accepted call reads or writes the cache, as only it is billed.
+            cached = self.cache.account(call.model, call.segments, call.input_tokens, time.time())
         except Rejection as rejection:
             extra = self.buckets.headers(time.time())
             if rejection.status in (429, 529):
@@ -202,7 +208,8 @@ class Simulator:
         except ClientGone:
             stats.finish(record, "client_closed")
             return
-        await self._respond(call, reply, knobs, stats, record, receive, send)
+        stats.cached(cached)
+        await self._respond(call, reply, cached, knobs, stats, record, receive, send)
 
     def _admit(self, knobs: SimulatorSettings) -> None:
         if knobs.max_concurrent and self.open_streams >= knobs.max_concurrent:
@@ -229,6 +236,7 @@ class Simulator:
         self,
         call: Call,
         reply: Reply,
+        cached: CacheUsage,
         knobs: SimulatorSettings,
         stats: Stats,
         record: RequestRecord,
@@ -241,7 +249,11 @@ class Simulator:
             fault_at = knobs.fault_at_token
             self._faults_left = max(-1, self._faults_left - 1)
         stream = StreamRecord(
-            started_at=now_ms(), streaming=call.stream, prefill_chars=len(call.prefill)
+            started_at=now_ms(),
+            streaming=call.stream,
+            prefill_chars=len(call.prefill),
+            cache_read_input_tokens=cached.cache_read_input_tokens,
+            cache_creation_input_tokens=cached.cache_creation_input_tokens,
         )
         append_bounded(record.streams, stream)
         self._status(stats, record, 200)
@@ -251,9 +263,9 @@ class Simulator:
         ended = "error"
         try:
             work = (
-                self._stream(send, call, reply, knobs, fault_at, stream)
+                self._stream(send, call, reply, cached, knobs, fault_at, stream)
                 if call.stream
-                else self._reply(send, call, reply, knobs, stream)
+                else self._reply(send, call, reply, cached, knobs, stream)
             )
             ended = await asgi.unless_disconnected(receive, work) or "client_closed"
         except _ConnectionDropped:
@@ -272,11 +284,12 @@ class Simulator:
         send: Send,
         call: Call,
         reply: Reply,
+        cached: CacheUsage,
         knobs: SimulatorSettings,
         fault_at: int,
         stream: StreamRecord,
     ) -> str:
-        message = protocol.message(call, reply, content=[], output_tokens=0)
+        message = protocol.message(call, reply, content=[], output_tokens=0, cached=cached)
         message["stop_reason"] = None
         message["stop_sequence"] = None
         headers = asgi.headers(protocol.SSE_HEADERS) + self.buckets.headers(time.time())
@@ -296,7 +309,7 @@ class Simulator:
         delta = {
             "type": "message_delta",
             "delta": {"stop_reason": reply.stop_reason, "stop_sequence": reply.stop_sequence},
-            "usage": {"input_tokens": call.input_tokens, "output_tokens": len(frames)},
+            "usage": protocol.usage(call, cached, len(frames)),
         }
         await asgi.send_body(
             send,
@@ -306,7 +319,13 @@ class Simulator:
         return "completed"
 
     async def _reply(
-        self, send: Send, call: Call, reply: Reply, knobs: SimulatorSettings, stream: StreamRecord
+        self,
+        send: Send,
+        call: Call,
+        reply: Reply,
+        cached: CacheUsage,
+        knobs: SimulatorSettings,
+        stream: StreamRecord,
     ) -> str:
         # Generation takes as long as streaming the same tokens would.
         tokens = len(reply.pieces)
@@ -315,7 +334,7 @@ class Simulator:
         await asgi.send_json(
             send,
             200,
-            protocol.message(call, reply, content, tokens),
+            protocol.message(call, reply, content, tokens, cached),
             self.buckets.headers(time.time()),
         )
         stream.tokens = tokens

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.llm.simulator.cache import CacheUsage
 
 MAX_ATTEMPTS_PER_RECORD = 100
+INPUT_KINDS = ("uncached", "cache_creation", "cache_read")
 
 
 @dataclass(slots=True)
@@ -22,6 +26,8 @@ class StreamRecord:
     ended_at: int | None = None
     ended: str | None = None
     tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -46,6 +52,8 @@ class Stats:
         self.by_status: Counter[int] = Counter()
         self.by_outcome: Counter[str] = Counter()
         self.peak_concurrent = peak_concurrent
+        # Input tokens of accepted calls by how they were priced (prompt caching, cache.py).
+        self.input_tokens: Counter[str] = Counter()
         self.records: OrderedDict[str, RequestRecord] = OrderedDict()
         self._max_records = max_records
 
@@ -67,6 +75,11 @@ class Stats:
         self.by_status[status] += 1
         append_bounded(record.statuses, status)
 
+    def cached(self, usage: CacheUsage) -> None:
+        self.input_tokens["uncached"] += usage.input_tokens
+        self.input_tokens["cache_creation"] += usage.cache_creation_input_tokens
+        self.input_tokens["cache_read"] += usage.cache_read_input_tokens
+
     def finish(self, record: RequestRecord, outcome: str) -> None:
         self.by_outcome[outcome] += 1
         append_bounded(record.outcomes, outcome)
@@ -80,6 +93,7 @@ class Stats:
             "by_outcome": dict(sorted(self.by_outcome.items())),
             "open_streams": open_streams,
             "peak_concurrent": self.peak_concurrent,
+            "input_tokens": {k: self.input_tokens[k] for k in INPUT_KINDS},
             "requests": {i: _record_json(self.records[i]) for i in ids if i in self.records},
         }
 
@@ -94,6 +108,8 @@ def _record_json(record: RequestRecord) -> dict[str, Any]:
             "tokens": s.tokens,
             "streaming": s.streaming,
             "prefill_chars": s.prefill_chars,
+            "cache_read_input_tokens": s.cache_read_input_tokens,
+            "cache_creation_input_tokens": s.cache_creation_input_tokens,
         }
         for s in record.streams
     ]

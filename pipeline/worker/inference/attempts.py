@@ -121,6 +121,8 @@ class Attempts:
                 verdict = True
                 run.input_tokens += finished.input_tokens
                 run.output_tokens += finished.output_tokens
+                run.cache_creation_input_tokens += finished.cache_creation_input_tokens
+                run.cache_read_input_tokens += finished.cache_read_input_tokens
                 return text
             except UpstreamAttemptError as err:
                 verdict = True
@@ -245,6 +247,8 @@ class Attempts:
             # Every attempt is billed, including failed and cancelled ones.
             run.input_tokens += stream.input_tokens
             run.output_tokens += stream.output_tokens
+            run.cache_creation_input_tokens += stream.cache_creation_input_tokens
+            run.cache_read_input_tokens += stream.cache_read_input_tokens
             run.streamed += stream.output_tokens
 
     def _mark_token(self, run: Run) -> None:

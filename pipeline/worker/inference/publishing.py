@@ -139,7 +139,11 @@ class RunPublisher:
         await self._flush(run)
         run.seq += 1
         usage = events.usage(
-            input_tokens=run.input_tokens, output_tokens=run.output_tokens, attempts=run.attempts
+            input_tokens=run.input_tokens,
+            output_tokens=run.output_tokens,
+            attempts=run.attempts,
+            cache_creation_input_tokens=run.cache_creation_input_tokens,
+            cache_read_input_tokens=run.cache_read_input_tokens,
         )
         event = events.terminal(
             run.meta,
