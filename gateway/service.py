@@ -39,6 +39,7 @@ from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames, declared_topics
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import STAGE_TOPICS
+from pipeline.memory.store import PreferencesTable
 from pipeline.quota.state import UsageSummary
 
 log = logging.getLogger("sumstream.gateway")
@@ -112,6 +113,8 @@ class Gateway:
         self.index = RequestIndex(
             window_s=settings.idempotency_window_s, max_entries=settings.max_index_entries
         )
+        # The caller's memory (docs/architecture.md, "Context and memory").
+        self.preferences = PreferencesTable(settings, writer=True)
         self.producer: AIOKafkaProducer | None = None
         self.partitions = 0
         self.owned: frozenset[int] = frozenset()
@@ -127,6 +130,7 @@ class Gateway:
             hub=self.hub,
             spawn=self.spawn,
             running=self._running,
+            preferences=self.preferences,
         )
         self.lookup = RequestLookup(settings, self.connection, self.topics, self.index, self.hub)
         self.streams = ClientStreams(
@@ -160,6 +164,7 @@ class Gateway:
             await self.index.start(self.connection, self.topics.requests, requests_partitions)
             # The month so far is replayed from `quota` before the first admission.
             await self.ledger.start()
+            await self.preferences.start()
             await self.settler.start()
             groups = dict.fromkeys(STAGE_TOPICS, s.app_id)
             self.monitor = LagMonitor.from_settings(
@@ -230,6 +235,7 @@ class Gateway:
             self.monitor = None
         await self.settler.stop()
         await self.ledger.stop()
+        await self.preferences.stop()
         await self.hub.stop()
         await self.index.stop()
         self.intake.close()

@@ -43,6 +43,8 @@ from pipeline.core.records import ControlEvent, SummarizeRequest
 from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames
 from pipeline.llm.extractive import count_tokens
+from pipeline.memory.preferences import PREFERENCES_VERSION_HEADER
+from pipeline.memory.store import PreferencesTable
 
 log = logging.getLogger("sumstream.gateway")
 
@@ -86,8 +88,10 @@ class Intake:
         hub: StreamHub,
         spawn: Spawn,
         running: Callable[[], bool],
+        preferences: PreferencesTable | None = None,
     ) -> None:
         self.settings = settings
+        self.preferences = preferences
         self.tiers = tiers
         self.topics = topics
         self.index = index
@@ -229,7 +233,7 @@ class Intake:
                 self.topics.requests,
                 key=request_id.encode(),
                 value=value,
-                headers=self._signer.headers(value),
+                headers=self._signer.headers(value) + self._memory_headers(record),
             )
         except KafkaError as exc:
             # The broker is likely gone: the reservation goes back in the background.
@@ -238,6 +242,13 @@ class Intake:
             raise BrokerUnavailable(
                 "could not write the request to the log", retry_after_s=1
             ) from exc
+
+    def _memory_headers(self, record: SummarizeRequest) -> list[tuple[str, bytes]]:
+        # Which preferences version this gateway knows the caller has: preprocess waits
+        # (briefly) for at least that one, so a PUT is seen by the next request. A hint
+        # about freshness only: the preferences themselves are looked up by the record's user.
+        version = self.preferences.version(record["user_id"]) if self.preferences else 0
+        return [(PREFERENCES_VERSION_HEADER, str(version).encode())] if version else []
 
     def _give_back(self, record: SummarizeRequest, admitted: Admitted) -> None:
         """Undo what ``submit`` took for a request that was not produced."""

@@ -33,6 +33,7 @@ RECORDS = (
     "ControlEvent",
     "DeadLetter",
     "QuotaEvent",
+    "UserPreferences",
 )
 
 

@@ -9,7 +9,7 @@ does not type-check.
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 TokenKind = Literal["STARTED", "DELTA", "DONE", "ERROR", "CANCELLED"]
 ResultStatus = Literal["COMPLETED", "PARTIAL", "FAILED", "CANCELLED", "REJECTED"]
@@ -84,6 +84,7 @@ class InferenceJob(TypedDict):
     replay_of: str | None
     created_at: int
     trace: Trace
+    preferences_version: NotRequired[int | None]
 
 
 class TokenEvent(TypedDict):
@@ -180,6 +181,20 @@ class QuotaEvent(TypedDict):
     trace: Trace
 
 
+class UserPreferences(TypedDict):
+    """How one user likes their summaries (``preferences``, compacted, key user id)."""
+
+    user_id: str
+    version: int
+    length: str | None
+    style: str | None
+    language: str | None
+    audience: str | None
+    guidance: str | None
+    updated_at: int
+    trace: Trace
+
+
 # Schema name -> its TypedDict; tests/unit/test_records.py checks the two agree.
 RECORD_TYPES: dict[str, type] = {
     "Usage": Usage,
@@ -191,4 +206,5 @@ RECORD_TYPES: dict[str, type] = {
     "ControlEvent": ControlEvent,
     "DeadLetter": DeadLetter,
     "QuotaEvent": QuotaEvent,
+    "UserPreferences": UserPreferences,
 }

@@ -36,6 +36,7 @@ from pipeline.kafka.admin import create_topics
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import LagReader, metadata_is_stale
 from pipeline.llm.client import UpstreamClient
+from pipeline.memory.store import PreferencesTable
 from pipeline.quota.ledger import QuotaLedger
 from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.agents import (
@@ -95,12 +96,15 @@ class StageRuntime:
         self.metrics_port: int | None = None
         self._lag: LagSampler | None = None
         self.quota: QuotaLedger | None = None
+        self.preferences: PreferencesTable | None = None
 
     async def start(self) -> None:
         self._start_metrics()
         if self.quota is not None:
             # Before any request is reserved: start-up replays the month's ledger.
             await self.quota.start()
+        if self.preferences is not None:
+            await self.preferences.start()
         if self._metrics_server is not None:
             # Lag of this worker's stages, whole group: a worker fed by other systems (no
             # gateway running) still shows its queue.
@@ -116,6 +120,8 @@ class StageRuntime:
             await self.inflight.stop()
         if self.quota is not None:
             await self.quota.stop()
+        if self.preferences is not None:
+            await self.preferences.stop()
         if self._lag is not None:
             lag, self._lag = self._lag, None
             await lag.stop()
@@ -191,7 +197,8 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
     )
 
     if "preprocess" in wanted:
-        runtime.quota = _add_preprocess(app, settings, topics, tokens, dlq)
+        runtime.preferences = PreferencesTable(settings)
+        runtime.quota = _add_preprocess(app, settings, topics, tokens, dlq, runtime.preferences)
     if "inference" in wanted:
         runtime.inflight = _add_inference(app, settings, topics, tokens, dlq)
     if "postprocess" in wanted:
@@ -205,6 +212,7 @@ def _add_preprocess(
     topics: TopicNames,
     tokens: TopicT,
     dlq: DeadLetterQueue,
+    preferences: PreferencesTable,
 ) -> QuotaLedger:
     """The preprocess agent: `requests` -> `preprocessed`, or a rejection on `tokens`; returns
     the quota ledger it reserves other systems' requests in (the runtime starts it).
@@ -231,6 +239,7 @@ def _add_preprocess(
         dlq=dlq,
         identity=identity,
         admission=TopicAdmission(ledger),
+        preferences=preferences,
     )
 
     async def on_request(event: EventT[Any]) -> None:

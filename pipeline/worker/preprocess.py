@@ -19,9 +19,11 @@ from pipeline.core.producers import Headers
 from pipeline.core.records import InferenceJob, SummarizeRequest
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
+from pipeline.memory.store import PreferencesTable
 from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
 from pipeline.worker.identity import IdentityError, RequestIdentity
+from pipeline.worker.memory.preferences import with_preferences
 from pipeline.worker.prepare import (
     Rejection,
     prepare,
@@ -50,6 +52,7 @@ class PreprocessStage:
         dlq: DeadLetterQueue,
         identity: RequestIdentity | None = None,
         admission: TopicAdmission | None = None,
+        preferences: PreferencesTable | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -57,6 +60,7 @@ class PreprocessStage:
         # None only in tests of the stage's own logic; the worker always checks both.
         self.identity = identity
         self.admission = admission
+        self.preferences = preferences
         self._send_job = send_job
         self._send_token = send_token
         self._dlq = dlq
@@ -94,6 +98,8 @@ class PreprocessStage:
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
             return
         job = b""
+        if not isinstance(outcome, Rejection) and self.preferences is not None:
+            outcome = await with_preferences(outcome, self.preferences, headers)
         if not isinstance(outcome, Rejection):
             encoded = self._encoded(outcome)
             if isinstance(encoded, Rejection):

@@ -60,6 +60,7 @@ KNOBS = (
     "fault_times",
     "retry_after_s",
     "cache_min_tokens",
+    "record_prompts",
     *BUCKET_KNOBS,
 )
 # A bigger body is parsed and summarized on a thread.
@@ -209,6 +210,8 @@ class Simulator:
             stats.finish(record, "client_closed")
             return
         stats.cached(cached)
+        if knobs.record_prompts:
+            stats.prompt(record, "\n".join(segment.text for segment in call.segments))
         await self._respond(call, reply, cached, knobs, stats, record, receive, send)
 
     def _admit(self, knobs: SimulatorSettings) -> None:

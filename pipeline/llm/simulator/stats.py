@@ -38,6 +38,8 @@ class RequestRecord:
     outcomes: list[str] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
     streams: list[StreamRecord] = field(default_factory=list)
+    # Every accepted call's prompt text (system and messages), when record_prompts is on.
+    prompts: list[str] = field(default_factory=list)
 
 
 class Stats:
@@ -80,6 +82,9 @@ class Stats:
         self.input_tokens["cache_creation"] += usage.cache_creation_input_tokens
         self.input_tokens["cache_read"] += usage.cache_read_input_tokens
 
+    def prompt(self, record: RequestRecord, text: str) -> None:
+        append_bounded(record.prompts, text)
+
     def finish(self, record: RequestRecord, outcome: str) -> None:
         self.by_outcome[outcome] += 1
         append_bounded(record.outcomes, outcome)
@@ -113,12 +118,15 @@ def _record_json(record: RequestRecord) -> dict[str, Any]:
         }
         for s in record.streams
     ]
-    return {
+    found: dict[str, Any] = {
         "attempts": record.attempts,
         "outcomes": list(record.outcomes),
         "statuses": list(record.statuses),
         "streams": streams,
     }
+    if record.prompts:
+        found["prompts"] = list(record.prompts)
+    return found
 
 
 def append_bounded(items: list[Any], item: Any) -> None:
