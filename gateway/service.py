@@ -157,7 +157,9 @@ class Gateway:
         try:
             self.partitions, requests_partitions = await self._check_topics(producer)
             self.owned = owned_partitions(s.instance_index, s.instance_count, self.partitions)
-            self.intake.open(producer, self.owned, self.partitions)
+            self.intake.open(
+                producer, self.owned, self.partitions, requests_partitions=requests_partitions
+            )
             await self.hub.start(
                 self.connection, self.topics.tokens, self.topics.results, self.owned
             )

@@ -34,7 +34,7 @@ from gateway.metrics import CANCELS
 from gateway.settings import GatewaySettings
 from gateway.streams.clients import Spawn
 from gateway.streams.hub import StreamHub
-from gateway.streams.ids import mint_request_id
+from gateway.streams.ids import mint_follow_up_id, mint_request_id
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
 from pipeline.core.producers import ProducerTable
@@ -103,14 +103,23 @@ class Intake:
         self._producer: AIOKafkaProducer | None = None
         self._owned: frozenset[int] = frozenset()
         self._partitions = 0
+        self._requests_partitions = 0
         # The identity this gateway signs its requests with (docs/architecture.md, "Identity").
         self._signer = ProducerTable.load(settings.producers_file).get(
             settings.producer or GATEWAY_PRODUCER
         )
 
-    def open(self, producer: AIOKafkaProducer, owned: frozenset[int], partitions: int) -> None:
+    def open(
+        self,
+        producer: AIOKafkaProducer,
+        owned: frozenset[int],
+        partitions: int,
+        *,
+        requests_partitions: int = 0,
+    ) -> None:
         """Write through ``producer``, minting ids on ``owned`` of ``partitions``."""
         self._producer, self._owned, self._partitions = producer, owned, partitions
+        self._requests_partitions = requests_partitions or partitions
 
     def close(self) -> None:
         """Refuse further writes (503 not_ready): the producer is about to stop."""
@@ -177,6 +186,52 @@ class Intake:
             request_id, principal, body, admitted, idempotency_key, created, received_ms
         )
         record["body_sha256"] = fingerprint  # the body the key was first used with
+        await self._produce_request(producer, record, admitted)
+        self.admission.accepted(admitted)
+        _log_accepted(admitted, input_tokens)
+        return Accepted(
+            request_id,
+            False,
+            admitted.queue_position,
+            admitted.estimated_wait_s,
+            admitted.max_output_tokens,
+            admitted.degraded,
+        )
+
+    async def submit_follow_up(
+        self,
+        principal: Principal,
+        session_id: str,
+        message: str,
+        *,
+        input_tokens: int,
+        received_ms: int,
+    ) -> Accepted:
+        """Accept a follow-up question about ``session_id`` (already checked to be the caller's):
+        admitted like a summary, its id on the session's partition of `requests`."""
+        tier = self.tier_of(principal)
+        producer = self._producer
+        if not self._running() or producer is None:
+            raise NotReady("the gateway is starting or stopping")
+        request_id = mint_follow_up_id(
+            self._owned, self._partitions, session_id, self._requests_partitions
+        )
+        admitted = await self.admission.admit(
+            principal.user_id,
+            principal.tier,
+            request_id,
+            input_tokens=input_tokens,
+            max_output_tokens=tier.max_output_tokens,
+            model=None,
+        )
+        self.hub.register(request_id)
+        created = now_ms()
+        self.index.remember(request_id, principal.user_id, principal.tier, created)
+        body = SummaryIn.model_construct(
+            document="", instructions=message, max_output_tokens=None, model=None
+        )
+        record = _request_record(request_id, principal, body, admitted, None, created, received_ms)
+        record["session_of"] = session_id
         await self._produce_request(producer, record, admitted)
         self.admission.accepted(admitted)
         _log_accepted(admitted, input_tokens)

@@ -1,5 +1,5 @@
-"""The caller's memory over HTTP: ``GET/PUT /v1/me/preferences`` (docs/architecture.md,
-"Context and memory").
+"""The caller's memory over HTTP: ``GET/PUT /v1/me/preferences`` and follow-up questions about
+a summary, ``POST /v1/summaries/{id}/messages`` (docs/architecture.md, "Context and memory").
 
 Every namespace is the authenticated principal's user id: no body field or path names a user,
 so a caller can only ever read or change their own memory.
@@ -7,16 +7,28 @@ so a caller can only ever read or change their own memory.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.http.errors import BrokerUnavailable, NotReady
-from gateway.http.routes import PROBLEM, GatewayDep, PrincipalDep
+from gateway.http.errors import BrokerUnavailable, NotReady, SessionBusy, SessionExpired
+from gateway.http.routes import (
+    PROBLEM,
+    SSE_DOC,
+    GatewayDep,
+    PrincipalDep,
+    accepted_out,
+    owned_by,
+    wants_json,
+)
+from gateway.http.sse import stream_response
 from gateway.service import Gateway
 from pipeline.core.clock import now_ms
 from pipeline.core.records import UserPreferences
+from pipeline.kafka.tail import id_time_ms
+from pipeline.llm.extractive import count_tokens
 from pipeline.memory import preferences as prefs
 from pipeline.memory.store import MemoryUnavailableError, PreferencesTable
 
@@ -95,3 +107,73 @@ async def put_preferences(
     except MemoryUnavailableError as exc:
         raise BrokerUnavailable("could not store the preferences", retry_after_s=1) from exc
     return _out(record)
+
+
+MAX_MESSAGE_CHARS = 2_000
+
+
+class MessageIn(BaseModel):
+    """A follow-up question about a summary."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    message: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
+
+
+@router.post(
+    "/v1/summaries/{request_id}/messages",
+    responses={
+        200: SSE_DOC,
+        202: {"description": "with Accept: application/json: the follow-up's id and links"},
+        401: PROBLEM,
+        404: {**PROBLEM, "description": "no such summary, or not yours"},
+        409: {**PROBLEM, "description": "session_busy: the summary has not finished yet"},
+        410: {**PROBLEM, "description": "session_expired: past the tier's session_ttl_s"},
+        422: PROBLEM,
+        429: PROBLEM,
+        503: PROBLEM,
+    },
+)
+async def post_message(
+    request_id: str,
+    body: MessageIn,
+    request: Request,
+    gateway: GatewayDep,
+    principal: PrincipalDep,
+    accept: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Ask a follow-up about summary ``request_id``: streamed like a summary (same events,
+    resumable, cancellable, billed), with the document and the earlier turns as context."""
+    await owned_by(gateway, request_id, principal)
+    tier = gateway.intake.tier_of(principal)
+    born = id_time_ms(request_id) or 0
+    if now_ms() > born + int(tier.session_ttl_s * 1000):
+        raise SessionExpired(f"the conversation about {request_id} has expired")
+    result = await gateway.lookup.result_of(request_id)
+    if result is None:
+        raise SessionBusy("the summary has not finished yet", retry_after_s=1)
+    usage = result["usage"]
+    # The document, the answers so far and the question; settled with what it really used.
+    estimate = (
+        int(usage["input_tokens"])
+        + int(usage.get("cache_creation_input_tokens") or 0)
+        + int(usage.get("cache_read_input_tokens") or 0)
+        + 2 * int(usage["output_tokens"])
+        + count_tokens(body.message)
+    )
+    received = getattr(request.state, "received_ms", now_ms())
+    accepted = await gateway.intake.submit_follow_up(
+        principal, request_id, body.message, input_tokens=estimate, received_ms=received
+    )
+    out = accepted_out(accepted)
+    headers = {"Location": out.links.self, "X-Request-Id": accepted.request_id}
+    if wants_json(accept):
+        return JSONResponse(out.model_dump(), status_code=202, headers=headers)
+    return stream_response(
+        gateway,
+        accepted.request_id,
+        principal.user_id,
+        after_seq=0,
+        accepted=out,
+        headers=headers,
+    )

@@ -82,7 +82,7 @@ def _overhead_headers(request: Request) -> dict[str, str]:
     return {"Server-Timing": f"gateway;dur={ms}", "X-Sumstream-Overhead-Ms": ms}
 
 
-def _wants_json(accept: str | None) -> bool:
+def wants_json(accept: str | None) -> bool:
     accept = (accept or "").lower()
     return "application/json" in accept and "text/event-stream" not in accept
 
@@ -160,7 +160,7 @@ async def create_summary(
     }
     if accepted.replay:
         headers["Idempotent-Replayed"] = "true"
-    if _wants_json(accept):
+    if wants_json(accept):
         return JSONResponse(out.model_dump(), status_code=202, headers=headers)
     return _stream_response(
         gateway, accepted.request_id, principal, after_seq=0, accepted=out, headers=headers

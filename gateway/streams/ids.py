@@ -31,3 +31,19 @@ def mint_request_id(owned: frozenset[int], partitions: int) -> str:
         if partition_for(candidate, partitions) in owned:
             return candidate
     raise RuntimeError(f"no id hashed into partitions {sorted(owned)} of {partitions}")
+
+
+def mint_follow_up_id(
+    owned: frozenset[int], partitions: int, session_id: str, requests_partitions: int
+) -> str:
+    """A new ULID in ``owned`` (of the stream ``partitions``) that also shares the session's
+    partition of `requests`, so the worker holding the session reads the follow-up."""
+    target = partition_for(session_id, requests_partitions)
+    for _ in range(MAX_ATTEMPTS):
+        candidate = str(random_ulid(now_ms()))
+        if (
+            partition_for(candidate, partitions) in owned
+            and partition_for(candidate, requests_partitions) == target
+        ):
+            return candidate
+    raise RuntimeError(f"no id hashed into partitions {sorted(owned)} and {target}")

@@ -62,6 +62,7 @@ class SummarizeRequest(TypedDict):
     degraded: str | None
     created_at: int
     trace: Trace
+    session_of: NotRequired[str | None]
 
 
 class InferenceJob(TypedDict):
@@ -85,6 +86,9 @@ class InferenceJob(TypedDict):
     created_at: int
     trace: Trace
     preferences_version: NotRequired[int | None]
+    session_id: NotRequired[str | None]
+    turns: NotRequired[list[str]]
+    cache_prompt: NotRequired[bool]
 
 
 class TokenEvent(TypedDict):

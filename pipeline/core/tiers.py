@@ -36,6 +36,9 @@ class Tier:
     # The models a request of this tier may name, its default first. Empty only for tiers
     # built in code (tests): the tier file requires a list, so a model name stays bounded.
     models: tuple[str, ...] = ()
+    # Memory (docs/architecture.md, "Context and memory"): how long a conversation about a
+    # summary may go on after the summary was requested.
+    session_ttl_s: float = 3600.0
 
     @property
     def monthly_budget_micro_usd(self) -> int:
@@ -53,12 +56,15 @@ class Tier:
 
 _INT_FIELDS = ("rpm", "tpm", "max_input_tokens", "max_output_tokens", "weight")
 _FLOAT_FIELDS = ("monthly_budget_usd", "max_queue_wait_s")
+# Optional, with the Tier field's default when absent.
+_OPTIONAL_FLOAT_FIELDS = ("session_ttl_s",)
 
 
 def _tier(name: str, raw: Any, source: Path) -> Tier:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [{name}] must be a table")
-    unknown = set(raw) - {*_INT_FIELDS, *_FLOAT_FIELDS, "on_input_too_large", "models"}
+    known = {*_INT_FIELDS, *_FLOAT_FIELDS, *_OPTIONAL_FLOAT_FIELDS, "on_input_too_large", "models"}
+    unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{source}: [{name}] has unknown keys {sorted(unknown)}")
     values: dict[str, Any] = {}
@@ -72,6 +78,13 @@ def _tier(name: str, raw: Any, source: Path) -> Tier:
         value = raw.get(key)
         if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{source}: [{name}] {key} must be a non-negative number")
+        values[key] = float(value)
+    for key in _OPTIONAL_FLOAT_FIELDS:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{source}: [{name}] {key} must be a positive number")
         values[key] = float(value)
     policy = raw.get("on_input_too_large", "reject")
     if policy not in INPUT_POLICIES:

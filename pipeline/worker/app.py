@@ -52,6 +52,7 @@ from pipeline.worker.dlq import DeadLetterQueue
 from pipeline.worker.identity import RequestIdentity
 from pipeline.worker.inference.upstream import Upstream
 from pipeline.worker.inflight import InflightWork
+from pipeline.worker.memory.sessions import Sessions
 from pipeline.worker.postprocess import PostprocessStage, tail_reread
 from pipeline.worker.preprocess import PreprocessStage
 from pipeline.worker.request_ids import RequestIds
@@ -221,6 +222,14 @@ def _add_preprocess(
     assignor hands partition p of both to one worker (see the `control` agent below).
     """
     ids = RequestIds(app, settings.work_partitions)
+    # Co-partitioned with `requests` like `request-ids` (pipeline/worker/memory/sessions.py).
+    sessions = Sessions(
+        app,
+        settings.work_partitions,
+        ConnectionConfig.from_settings(settings),
+        topics,
+        max_message_bytes=settings.sizes.topic_message_bytes,
+    )
     tiers = load_tiers(settings.tiers_file)
     ledger = QuotaLedger(
         settings, tiers, gateway_id=f"worker-{settings.app_id}-{uuid.uuid4().hex[:8]}"
@@ -240,6 +249,7 @@ def _add_preprocess(
         identity=identity,
         admission=TopicAdmission(ledger),
         preferences=preferences,
+        sessions=sessions,
     )
 
     async def on_request(event: EventT[Any]) -> None:
@@ -259,6 +269,11 @@ def _add_preprocess(
     @app.timer(600.0)  # type: ignore[untyped-decorator]
     async def purge_request_ids() -> None:
         ids.purge(now_ms() - retention_ms)
+
+    @app.timer(60.0)  # type: ignore[untyped-decorator]
+    async def purge_sessions() -> None:
+        for session_id in sessions.expired(tiers, now_ms()):
+            await sessions.forget(session_id)
 
     return ledger
 

@@ -24,6 +24,7 @@ from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
 from pipeline.worker.identity import IdentityError, RequestIdentity
 from pipeline.worker.memory.preferences import with_preferences
+from pipeline.worker.memory.sessions import Sessions, conversation
 from pipeline.worker.prepare import (
     Rejection,
     prepare,
@@ -53,6 +54,7 @@ class PreprocessStage:
         identity: RequestIdentity | None = None,
         admission: TopicAdmission | None = None,
         preferences: PreferencesTable | None = None,
+        sessions: Sessions | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -61,6 +63,7 @@ class PreprocessStage:
         self.identity = identity
         self.admission = admission
         self.preferences = preferences
+        self.sessions = sessions
         self._send_job = send_job
         self._send_token = send_token
         self._dlq = dlq
@@ -87,9 +90,7 @@ class PreprocessStage:
                 validate_request(request)
                 vouched = await self.identity.check(request, value, origin, headers)
                 request = vouched.request
-            outcome = prepare(
-                request, self.tiers, self.settings, now_ms=now, enqueued_ms=timestamp_ms
-            )
+            outcome = await self._prepare(request, now, timestamp_ms)
         except IdentityError as exc:
             await self._refuse(key, value, origin, request, exc, now, timestamp_ms)
             return
@@ -134,6 +135,27 @@ class PreprocessStage:
                 "truncated": outcome["truncated"],
             },
         )
+
+    async def _prepare(
+        self, request: SummarizeRequest, now: int, enqueued_ms: int | None
+    ) -> InferenceJob | Rejection:
+        """``prepare``, or for a follow-up: the session's document and turns around it."""
+        tier = self.tiers.get(request.get("tier") or "")
+        session_id = request.get("session_of")
+        if not session_id or self.sessions is None or tier is None:
+            return prepare(request, self.tiers, self.settings, now_ms=now, enqueued_ms=enqueued_ms)
+        found = await self.sessions.follow_up(request, tier, now)
+        if isinstance(found, Rejection):
+            return found
+        expanded, session = found
+        job = prepare(expanded, self.tiers, self.settings, now_ms=now, enqueued_ms=enqueued_ms)
+        if isinstance(job, Rejection):
+            return job
+        if job["chunks"]:
+            return rejected(
+                "session_unavailable", "the document is too long to hold a conversation about"
+            )
+        return conversation(job, session, session_id)
 
     def _encoded(self, job: InferenceJob) -> bytes | Rejection:
         """The job's record, or a rejection when it would not fit one: measured, not estimated,

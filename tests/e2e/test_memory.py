@@ -12,17 +12,30 @@ import pytest
 from pipeline.ops.history import request_history
 from pipeline.ops.timeline import history_lines
 from tests.e2e.documents import document
-from tests.harness import Stack, auth, collect, running_stack
+from tests.harness import REPO, Stack, auth, collect, eventually, running_stack
 
 pytestmark = pytest.mark.e2e
 
 PREFS = "/v1/me/preferences"
 
 
+# fay's tier ends conversations after this long, so one test can see a session expire.
+SHORT_TTL_S = 3
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    env = {"SUMSTREAM_SIM_RECORD_PROMPTS": "true"}
-    with running_stack(tmp_path_factory.mktemp("memory"), env=env) as s:
+    tmp = tmp_path_factory.mktemp("memory")
+    tiers = (REPO / "config" / "tiers.toml").read_text()
+    tiers = tiers.replace("[free]\n", f"[free]\nsession_ttl_s = {SHORT_TTL_S}\n")
+    (tmp / "tiers.toml").write_text(tiers)
+    env = {
+        "SUMSTREAM_SIM_RECORD_PROMPTS": "true",
+        # Test documents are a few hundred tokens: cache them as the API caches longer ones.
+        "SUMSTREAM_SIM_CACHE_MIN_TOKENS": "50",
+        "SUMSTREAM_TIERS_FILE": str(tmp / "tiers.toml"),
+    }
+    with running_stack(tmp, env=env) as s:
         try:
             yield s
         finally:
@@ -32,6 +45,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def prompts_of(stack: Stack, request_id: str) -> list[str]:
     record: dict[str, Any] = stack.sim_stats()["requests"].get(request_id, {})
     return list(record.get("prompts", []))
+
+
+async def follow_up(
+    client: httpx.AsyncClient, stack: Stack, key: str, summary_id: str, message: str
+) -> Any:
+    result = await collect(
+        client,
+        "POST",
+        f"{stack.gateway}/v1/summaries/{summary_id}/messages",
+        json={"message": message},
+        headers=auth(key),
+    )
+    assert result.status_code == 200, result.events
+    assert result.done["status"] == "COMPLETED", result.events
+    return result
 
 
 async def summarize(client: httpx.AsyncClient, stack: Stack, key: str, seed: int) -> Any:
@@ -92,3 +120,75 @@ async def test_preferences_reach_the_owners_prompts_only_and_history_shows_the_v
     records = await request_history(stack.settings, ann.request_id)
     lines = "\n".join(history_lines(records, stack.settings))
     assert f"preferences=v{version}" in lines
+
+
+async def test_follow_ups_carry_the_document_and_earlier_turns_and_read_the_cache(
+    stack: Stack,
+) -> None:
+    async with httpx.AsyncClient(timeout=60) as client:
+        summary = await summarize(client, stack, "key-ben", 11)
+        first = await follow_up(client, stack, "key-ben", summary.request_id, "Q1 only risks?")
+        second = await follow_up(client, stack, "key-ben", summary.request_id, "Q2 and costs?")
+        # Billed and readable like any summary, by its own id.
+        got = (
+            await client.get(
+                f"{stack.gateway}/v1/summaries/{second.request_id}", headers=auth("key-ben")
+            )
+        ).json()
+    assert got["summary"] == second.done["summary"] and got["cost"]["micro_usd"] > 0
+    [prompt] = prompts_of(stack, second.request_id)
+    assert document(11)[:200] in prompt
+    assert "Q1 only risks?" in prompt and first.done["summary"] in prompt
+    assert "Q2 and costs?" in prompt and summary.done["summary"] in prompt
+    # The document block is cached by the first follow-up and read by the second.
+    assert first.done["usage"]["cache_creation_input_tokens"] > 0
+    read = second.done["usage"]["cache_read_input_tokens"]
+    assert read == first.done["usage"]["cache_creation_input_tokens"]
+
+
+async def test_follow_ups_on_unknown_foreign_expired_or_bad_input_are_problems(
+    stack: Stack,
+) -> None:
+    async with httpx.AsyncClient(timeout=60) as client:
+        anns = await summarize(client, stack, "key-ann", 12)
+        url = f"{stack.gateway}/v1/summaries/{{}}/messages"
+        cases = [
+            ("01ARZ3NDEKTSV4RRFFQ69G5FAV", {"message": "hi"}, "key-ann", 404),
+            (anns.request_id, {"message": "hi"}, "key-ben", 404),
+            (anns.request_id, {"message": ""}, "key-ann", 422),
+            (anns.request_id, {"message": 3}, "key-ann", 422),
+            (anns.request_id, {"message": "hi", "user": "ben"}, "key-ann", 422),
+            (anns.request_id, {"message": "x" * 2_001}, "key-ann", 422),
+        ]
+        for summary_id, body, key, status in cases:
+            answer = await client.post(url.format(summary_id), json=body, headers=auth(key))
+            assert answer.status_code == status, (summary_id, body, key, answer.text)
+            assert answer.headers["content-type"].startswith("application/problem+json")
+        fays = await summarize(client, stack, "key-fay", 13)
+
+    def expired() -> bool:
+        answer = httpx.post(
+            url.format(fays.request_id),
+            json={"message": "still there?"},
+            headers=auth("key-fay"),
+            timeout=30,
+        )
+        return answer.status_code == 410 and answer.json()["code"] == "session_expired"
+
+    eventually(expired, timeout=SHORT_TTL_S + 30, message="the session expires")
+
+
+async def test_a_follow_up_after_sigkill_of_the_session_worker_keeps_the_turns(
+    stack: Stack,
+) -> None:
+    async with httpx.AsyncClient(timeout=90) as client:
+        summary = await summarize(client, stack, "key-ann", 14)
+        first = await follow_up(client, stack, "key-ann", summary.request_id, "Q-before-kill?")
+        [worker] = stack.workers
+        worker.kill9()
+        stack.workers.remove(worker)
+        stack.start_worker(name="worker-after-kill")
+        second = await follow_up(client, stack, "key-ann", summary.request_id, "Q-after-kill?")
+    [prompt] = prompts_of(stack, second.request_id)
+    # The first turn was only in the `sessions` table: its changelog brought it back.
+    assert "Q-before-kill?" in prompt and first.done["summary"] in prompt

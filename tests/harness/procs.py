@@ -278,7 +278,12 @@ class Stack:
         internal = [
             f"{app_id}-{name}"
             for app_id in (self.app_id, f"{self.app_id}-replay")
-            for name in ("inflight-changelog", "request-ids-changelog", "__assignor-__leader")
+            for name in (
+                "inflight-changelog",
+                "request-ids-changelog",
+                "sessions-changelog",
+                "__assignor-__leader",
+            )
         ]
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         for future in admin.delete_topics(internal, operation_timeout=10).values():

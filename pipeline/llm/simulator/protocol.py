@@ -46,7 +46,7 @@ class Call:
     model: str
     max_tokens: int
     stream: bool
-    prompt: str  # the last user message's text
+    prompt: str  # the last user message holding a <document>, else the last one
     prefill: str  # the final assistant message's text, "" without one
     input_tokens: int
     stop_sequences: tuple[str, ...] = ()
@@ -136,9 +136,11 @@ def parse_call(body: bytes) -> Call:
     prefill = turns[-1][1] if turns[-1][0] == "assistant" else ""
     if prefill != prefill.rstrip():
         raise _invalid("final assistant content cannot end with trailing whitespace")
-    prompt = next((text for role, text in reversed(turns) if role == "user"), None)
-    if prompt is None:
+    users = [text for role, text in turns if role == "user"]
+    if not users:
         raise _invalid("messages: at least one user message is required")
+    # A conversation about a document (follow-ups) is answered from the document it holds.
+    prompt = next((text for text in reversed(users) if "<document>" in text), users[-1])
     system = data.get("system")
     if system is not None:
         _text_of(system, "system")  # validates it; its blocks are in segments
