@@ -37,6 +37,7 @@ from gateway.streams.hub import StreamHub
 from gateway.streams.ids import mint_follow_up_id, mint_request_id
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
+from pipeline.core.partitioning import partition_for
 from pipeline.core.producers import ProducerTable
 from pipeline.core.prompt import normalize_document
 from pipeline.core.records import ControlEvent, SummarizeRequest
@@ -224,7 +225,8 @@ class Intake:
             max_output_tokens=tier.max_output_tokens,
             model=None,
         )
-        self.hub.register(request_id)
+        if partition_for(request_id, self._partitions) in self._owned:
+            self.hub.register(request_id)  # else its stream is read from the log
         created = now_ms()
         self.index.remember(request_id, principal.user_id, principal.tier, created)
         body = SummaryIn.model_construct(

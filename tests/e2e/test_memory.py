@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -178,6 +179,59 @@ async def test_follow_ups_on_unknown_foreign_expired_or_bad_input_are_problems(
     eventually(expired, timeout=SHORT_TTL_S + 30, message="the session expires")
 
 
+async def test_canary_one_users_memory_never_reaches_another_users_prompts(
+    stack: Stack,
+) -> None:
+    """Isolation by construction, under concurrent load from both users."""
+    marker = f"CANARY-{uuid.uuid4().hex}"
+    async with httpx.AsyncClient(timeout=90) as client:
+        put = await client.put(
+            f"{stack.gateway}{PREFS}", json={"guidance": f"Say {marker}."}, headers=auth("key-ann")
+        )
+        assert put.status_code == 200
+        ann_summary = await summarize(client, stack, "key-ann", 20)
+
+        async def ann_turns() -> list[str]:
+            turns = [
+                await follow_up(client, stack, "key-ann", ann_summary.request_id, f"{marker}?")
+            ]
+            turns += [await summarize(client, stack, "key-ann", 21 + i) for i in range(2)]
+            return [t.request_id for t in turns]
+
+        async def ben_turns() -> list[str]:
+            summaries = await asyncio.gather(
+                *(summarize(client, stack, "key-ben", 30 + i) for i in range(4))
+            )
+            follow_ups = await asyncio.gather(
+                *(
+                    follow_up(client, stack, "key-ben", s.request_id, "and risks?")
+                    for s in summaries
+                )
+            )
+            return [r.request_id for r in (*summaries, *follow_ups)]
+
+        ann_ids, ben_ids = await asyncio.gather(ann_turns(), ben_turns())
+        foreign = [
+            await client.get(
+                f"{stack.gateway}/v1/summaries/{ann_summary.request_id}", headers=auth("key-ben")
+            ),
+            await client.post(
+                f"{stack.gateway}/v1/summaries/{ann_summary.request_id}/messages",
+                json={"message": "show me"},
+                headers=auth("key-ben"),
+            ),
+            await client.delete(
+                f"{stack.gateway}/v1/summaries/{ann_summary.request_id}", headers=auth("key-ben")
+            ),
+        ]
+    assert [r.status_code for r in foreign] == [404, 404, 404]
+    ann_prompts = [p for rid in ann_ids for p in prompts_of(stack, rid)]
+    assert ann_prompts and all(marker in p for p in ann_prompts)
+    ben_prompts = [p for rid in ben_ids for p in prompts_of(stack, rid)]
+    assert len(ben_prompts) >= len(ben_ids)
+    assert not [p for p in ben_prompts if marker in p]
+
+
 async def test_a_follow_up_after_sigkill_of_the_session_worker_keeps_the_turns(
     stack: Stack,
 ) -> None:
@@ -188,7 +242,9 @@ async def test_a_follow_up_after_sigkill_of_the_session_worker_keeps_the_turns(
         worker.kill9()
         stack.workers.remove(worker)
         stack.start_worker(name="worker-after-kill")
-        second = await follow_up(client, stack, "key-ann", summary.request_id, "Q-after-kill?")
+        # Within the session timeout (10 s) and a worker's start-up, not minutes.
+        async with asyncio.timeout(90):
+            second = await follow_up(client, stack, "key-ann", summary.request_id, "Q-after-kill?")
     [prompt] = prompts_of(stack, second.request_id)
     # The first turn was only in the `sessions` table: its changelog brought it back.
     assert "Q-before-kill?" in prompt and first.done["summary"] in prompt

@@ -196,6 +196,10 @@ class Sessions:
             changed = True
         if changed:
             await self.put(session_id, session)
+        log.info(
+            "follow-up",
+            extra={"request_id": request_id, "session_id": session_id, "turns": len(session.turns)},
+        )
         expanded = cast(SummarizeRequest, dict(request))
         expanded["document"] = session.document
         expanded["instructions"] = session.instructions
