@@ -101,7 +101,9 @@ async def put_preferences(
     table = _table(gateway)
     now = now_ms()
     version = prefs.next_version(table.version(user), now)
-    record = prefs.stored(user, body.model_dump(), version=version, now_ms=now)
+    record = prefs.stored(
+        user, body.model_dump(), version=version, now_ms=now, forgotten_at=table.forgotten_at(user)
+    )
     try:
         await table.put(record)
     except MemoryUnavailableError as exc:
@@ -176,4 +178,48 @@ async def post_message(
         after_seq=0,
         accepted=out,
         headers=headers,
+    )
+
+
+class ForgetReceipt(BaseModel):
+    """What ``DELETE /v1/me/memory`` removed, and when."""
+
+    user: str
+    forgotten_at: int = Field(description="epoch ms: memory from before this moment is gone")
+    removed: dict[str, str]
+    kept: dict[str, str]
+    latency_ms: int = Field(description="from the request to the acknowledged write")
+
+
+@router.delete(
+    "/v1/me/memory", response_model=ForgetReceipt, responses={401: PROBLEM, 503: PROBLEM}
+)
+async def forget_memory(gateway: GatewayDep, principal: PrincipalDep) -> ForgetReceipt:
+    """Forget your preferences, your conversations and your past summaries (docs/architecture.md,
+    "Forgetting"); billing and audit figures stay."""
+    started = now_ms()
+    user = principal.user_id
+    table = _table(gateway)
+    had = prefs.has_preferences(table.get(user))
+    record = prefs.forgotten(
+        user, version=prefs.next_version(table.version(user), started), now_ms=started
+    )
+    try:
+        await table.put(record)
+    except MemoryUnavailableError as exc:
+        raise BrokerUnavailable("could not record the forgetting", retry_after_s=1) from exc
+    return ForgetReceipt(
+        user=user,
+        forgotten_at=record["forgotten_at"],
+        removed={
+            "preferences": "removed" if had else "none were set",
+            "sessions": "every conversation about a summary requested before forgotten_at",
+            "history": "summaries requested before forgotten_at: no longer served (404) "
+            "nor used as context",
+        },
+        kept={
+            "billing": "usage and cost per request (results, quota ledger) for invoices",
+            "immutable topics": "records in requests, tokens and results until their retention",
+        },
+        latency_ms=now_ms() - started,
     )

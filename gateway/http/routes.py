@@ -22,6 +22,7 @@ from gateway.http.streamtoken import StreamTokens
 from gateway.metrics import OVERHEAD_SECONDS, REQUESTS
 from gateway.service import Gateway
 from pipeline.core.clock import now_ms
+from pipeline.kafka.tail import id_time_ms
 
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
@@ -95,6 +96,10 @@ async def owned_by(gateway: Gateway, request_id: str, principal: Principal) -> N
         raise NotReady("the gateway is starting or stopping")
     owner = await gateway.lookup.owner_of(request_id)
     if owner is None or owner.user_id != principal.user_id:
+        raise NotFound(f"no summary {request_id}")
+    # A forgotten user's earlier requests are gone for them (docs/architecture.md, "Forgetting").
+    forgotten_at = gateway.preferences.forgotten_at(principal.user_id)
+    if forgotten_at and (id_time_ms(request_id) or 0) <= forgotten_at:
         raise NotFound(f"no summary {request_id}")
 
 

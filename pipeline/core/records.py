@@ -196,6 +196,7 @@ class UserPreferences(TypedDict):
     audience: str | None
     guidance: str | None
     updated_at: int
+    forgotten_at: int
     trace: Trace
 
 

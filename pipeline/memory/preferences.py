@@ -42,6 +42,7 @@ def empty(user_id: str) -> UserPreferences:
         "audience": None,
         "guidance": None,
         "updated_at": 0,
+        "forgotten_at": 0,
         "trace": {},
     }
 
@@ -51,15 +52,36 @@ def next_version(previous: int, now_ms: int) -> int:
     return max(now_ms, previous + 1)
 
 
-def stored(user_id: str, fields: dict[str, Any], *, version: int, now_ms: int) -> UserPreferences:
-    """The record for a validated PUT body (unknown or absent fields are None)."""
+def stored(
+    user_id: str, fields: dict[str, Any], *, version: int, now_ms: int, forgotten_at: int = 0
+) -> UserPreferences:
+    """The record for a validated PUT body (unknown or absent fields are None); it keeps the
+    user's last ``forgotten_at``, so setting preferences never brings back forgotten memory."""
     record = empty(user_id)
     for name in FIELDS:
         value = fields.get(name)
         record[name] = normalize_text(value) or None if isinstance(value, str) else None  # type: ignore[literal-required]
     record["version"] = version
     record["updated_at"] = now_ms
+    record["forgotten_at"] = forgotten_at
     return record
+
+
+def forgotten(user_id: str, *, version: int, now_ms: int) -> UserPreferences:
+    """The record that forgets a user's memory: no preferences, and ``forgotten_at`` set.
+
+    Kept (not a tombstone) so every reader also learns the moment before which the user's
+    sessions and past summaries no longer count (docs/architecture.md, "Forgetting").
+    """
+    record = empty(user_id)
+    record["version"] = version
+    record["updated_at"] = now_ms
+    record["forgotten_at"] = now_ms
+    return record
+
+
+def has_preferences(prefs: UserPreferences | None) -> bool:
+    return prefs is not None and any(prefs[name] for name in FIELDS)  # type: ignore[literal-required]
 
 
 def render(prefs: UserPreferences) -> str:

@@ -58,6 +58,11 @@ class PreferencesTable:
         """The user's preferences as last read (None: none set, or forgotten)."""
         return self._by_user.get(user_id)
 
+    def forgotten_at(self, user_id: str) -> int:
+        """When the user last asked to be forgotten (epoch ms; 0: never)."""
+        found = self._by_user.get(user_id)
+        return found["forgotten_at"] if found else 0
+
     def version(self, user_id: str) -> int:
         found = self._by_user.get(user_id)
         return found["version"] if found else 0

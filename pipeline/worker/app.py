@@ -272,7 +272,7 @@ def _add_preprocess(
 
     @app.timer(60.0)  # type: ignore[untyped-decorator]
     async def purge_sessions() -> None:
-        for session_id in sessions.expired(tiers, now_ms()):
+        for session_id in sessions.expired(tiers, now_ms(), preferences.forgotten_at):
             await sessions.forget(session_id)
 
     return ledger

@@ -144,7 +144,8 @@ class PreprocessStage:
         session_id = request.get("session_of")
         if not session_id or self.sessions is None or tier is None:
             return prepare(request, self.tiers, self.settings, now_ms=now, enqueued_ms=enqueued_ms)
-        found = await self.sessions.follow_up(request, tier, now)
+        forgotten_at = self.preferences.forgotten_at(request["user_id"]) if self.preferences else 0
+        found = await self.sessions.follow_up(request, tier, now, forgotten_at=forgotten_at)
         if isinstance(found, Rejection):
             return found
         expanded, session = found

@@ -18,6 +18,7 @@ from tests.harness import REPO, Stack, auth, collect, eventually, running_stack
 pytestmark = pytest.mark.e2e
 
 PREFS = "/v1/me/preferences"
+KEY = "key-light-1"
 
 
 # fay's tier ends conversations after this long, so one test can see a session expire.
@@ -230,6 +231,50 @@ async def test_canary_one_users_memory_never_reaches_another_users_prompts(
     ben_prompts = [p for rid in ben_ids for p in prompts_of(stack, rid)]
     assert len(ben_prompts) >= len(ben_ids)
     assert not [p for p in ben_prompts if marker in p]
+
+
+async def test_forgetting_removes_preferences_sessions_and_history_but_not_billing(
+    stack: Stack,
+) -> None:
+    # light-1 (pro) has the memory of no other test of this module.
+    async with httpx.AsyncClient(timeout=60) as client:
+        url = stack.gateway
+        usage_url = f"{url}/v1/usage"
+        put = await client.put(f"{url}{PREFS}", json={"guidance": "x"}, headers=auth(KEY))
+        assert put.status_code == 200
+        summary = await summarize(client, stack, KEY, 40)
+        asked = await follow_up(client, stack, KEY, summary.request_id, "more?")
+        costs = [summary.done["cost"]["micro_usd"], asked.done["cost"]["micro_usd"]]
+
+        def settled() -> dict[str, Any] | None:
+            # Both results are settled in the quota ledger (about a second after each).
+            now = httpx.get(usage_url, headers=auth(KEY), timeout=10).json()
+            return now if now["cost_micro_usd"] == sum(costs) else None
+
+        spent = await asyncio.to_thread(eventually, settled, timeout=30, message="settled")
+        receipt = await client.delete(f"{url}/v1/me/memory", headers=auth(KEY))
+        assert receipt.status_code == 200, receipt.text
+        body = receipt.json()
+        print(f"\nFIGURES forget: latency_ms={body['latency_ms']}")
+        assert body["user"] == "light-1" and body["removed"]["preferences"] == "removed"
+        got = (await client.get(f"{url}{PREFS}", headers=auth(KEY))).json()
+        assert got["guidance"] is None and got["version"] > put.json()["version"]
+        gone = [
+            await client.get(f"{url}/v1/summaries/{summary.request_id}", headers=auth(KEY)),
+            await client.post(
+                f"{url}/v1/summaries/{summary.request_id}/messages",
+                json={"message": "still?"},
+                headers=auth(KEY),
+            ),
+        ]
+        assert [r.status_code for r in gone] == [404, 404]
+        recent = (await client.get(f"{url}/v1/summaries", headers=auth(KEY))).json()
+        assert summary.request_id not in [item["id"] for item in recent["items"]]
+        after = (await client.get(usage_url, headers=auth(KEY))).json()
+        # Billing survives forgetting: the month's figures are unchanged.
+        assert after == spent
+        # A new summary after forgetting works and starts a new memory.
+        await summarize(client, stack, KEY, 41)
 
 
 async def test_a_follow_up_after_sigkill_of_the_session_worker_keeps_the_turns(

@@ -159,8 +159,14 @@ class Sessions:
         self.table.data.pop(key, None)
         await self.table.send_changelog(None, key, None)
 
-    def expired(self, tiers: Mapping[str, Tier], now_ms: int) -> list[str]:
-        """The owned sessions past their tier's TTL (an unknown tier keeps the default)."""
+    def expired(
+        self,
+        tiers: Mapping[str, Tier],
+        now_ms: int,
+        forgotten_at: Callable[[str], int] = lambda user: 0,
+    ) -> list[str]:
+        """The owned sessions past their tier's TTL (an unknown tier keeps the default) or
+        opened before their user asked to be forgotten."""
         found = []
         for key, raw in list(self.table.items()):
             if partition_for(bytes(key), self.partitions) not in self.owned:
@@ -168,12 +174,13 @@ class Sessions:
             session = Session.decode(raw)
             tier = tiers.get(session.tier)
             ttl_s = tier.session_ttl_s if tier is not None else DEFAULT_TTL_S
-            if now_ms > session.created_at + int(ttl_s * 1000):
+            gone = session.created_at <= forgotten_at(session.user_id)
+            if gone or now_ms > session.created_at + int(ttl_s * 1000):
                 found.append(bytes(key).decode())
         return found
 
     async def follow_up(
-        self, request: SummarizeRequest, tier: Tier, now_ms: int
+        self, request: SummarizeRequest, tier: Tier, now_ms: int, *, forgotten_at: int = 0
     ) -> tuple[SummarizeRequest, Session] | Rejection:
         """The request to prepare for a follow-up (the session's document and instructions
         under the follow-up's id) and its session, with this turn recorded; or why not."""
@@ -182,6 +189,9 @@ class Sessions:
         session = self.get(session_id) or await self._open(session_id, tier.name)
         # Another user's session looks like none at all (the gateway answers 404 the same way).
         if session is None or session.user_id != request["user_id"]:
+            return rejected("session_not_found", f"no session {session_id[:64]}")
+        if session.created_at <= forgotten_at:
+            await self.forget(session_id)  # the user asked to be forgotten since
             return rejected("session_not_found", f"no session {session_id[:64]}")
         if now_ms > session.expires_at(tier):
             return rejected("session_expired", f"session {session_id} has expired")
