@@ -157,6 +157,9 @@ class Intake:
                 return self._found_again(existing, output_tokens)
         input_tokens = await self._input_tokens(principal, tier, body.document)
         input_tokens += prompt_overhead_tokens(body.instructions, output_tokens)
+        if body.context == "history":
+            # Memory counts toward the tier's tokens per minute (settled with the real figure).
+            input_tokens += tier.memory_tokens
         producer = self._producer
         if not self._running() or producer is None:
             raise NotReady("the gateway is starting or stopping")
@@ -402,6 +405,7 @@ def _request_record(
         "idempotency_key": idempotency_key,
         "body_sha256": None,
         "source": "gateway",
+        "context": body.context,
         "replay_of": None,
         "degraded": admitted.degraded,
         "created_at": created,

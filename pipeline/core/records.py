@@ -33,6 +33,10 @@ class Usage(TypedDict):
     # Prompt caching (docs/architecture.md, "Prompt caching"): not counted in input_tokens.
     cache_creation_input_tokens: int
     cache_read_input_tokens: int
+    # The input of one attempt split by what it is (estimates by preprocess's token count).
+    document_tokens: int
+    memory_tokens: int
+    instruction_tokens: int
 
 
 class ErrorInfo(TypedDict):
@@ -63,6 +67,7 @@ class SummarizeRequest(TypedDict):
     created_at: int
     trace: Trace
     session_of: NotRequired[str | None]
+    context: NotRequired[str | None]
 
 
 class InferenceJob(TypedDict):
@@ -89,6 +94,9 @@ class InferenceJob(TypedDict):
     session_id: NotRequired[str | None]
     turns: NotRequired[list[str]]
     cache_prompt: NotRequired[bool]
+    document_tokens: NotRequired[int]
+    memory_tokens: NotRequired[int]
+    instruction_tokens: NotRequired[int]
 
 
 class TokenEvent(TypedDict):

@@ -39,6 +39,8 @@ class Tier:
     # Memory (docs/architecture.md, "Context and memory"): how long a conversation about a
     # summary may go on after the summary was requested.
     session_ttl_s: float = 3600.0
+    # Input tokens of the user's own past summaries a request may add ("context": "history").
+    memory_tokens: int = 1_000
 
     @property
     def monthly_budget_micro_usd(self) -> int:
@@ -58,12 +60,20 @@ _INT_FIELDS = ("rpm", "tpm", "max_input_tokens", "max_output_tokens", "weight")
 _FLOAT_FIELDS = ("monthly_budget_usd", "max_queue_wait_s")
 # Optional, with the Tier field's default when absent.
 _OPTIONAL_FLOAT_FIELDS = ("session_ttl_s",)
+_OPTIONAL_INT_FIELDS = ("memory_tokens",)
 
 
 def _tier(name: str, raw: Any, source: Path) -> Tier:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [{name}] must be a table")
-    known = {*_INT_FIELDS, *_FLOAT_FIELDS, *_OPTIONAL_FLOAT_FIELDS, "on_input_too_large", "models"}
+    known = {
+        *_INT_FIELDS,
+        *_FLOAT_FIELDS,
+        *_OPTIONAL_FLOAT_FIELDS,
+        *_OPTIONAL_INT_FIELDS,
+        "on_input_too_large",
+        "models",
+    }
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{source}: [{name}] has unknown keys {sorted(unknown)}")
@@ -86,6 +96,13 @@ def _tier(name: str, raw: Any, source: Path) -> Tier:
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{source}: [{name}] {key} must be a positive number")
         values[key] = float(value)
+    for key in _OPTIONAL_INT_FIELDS:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{source}: [{name}] {key} must be a non-negative integer")
+        values[key] = value
     policy = raw.get("on_input_too_large", "reject")
     if policy not in INPUT_POLICIES:
         raise ConfigError(f"{source}: [{name}] on_input_too_large must be one of {INPUT_POLICIES}")

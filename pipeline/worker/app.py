@@ -36,6 +36,7 @@ from pipeline.kafka.admin import create_topics
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import LagReader, metadata_is_stale
 from pipeline.llm.client import UpstreamClient
+from pipeline.memory.history import HistoryTable
 from pipeline.memory.store import PreferencesTable
 from pipeline.quota.ledger import QuotaLedger
 from pipeline.worker.admission import TopicAdmission
@@ -98,6 +99,7 @@ class StageRuntime:
         self._lag: LagSampler | None = None
         self.quota: QuotaLedger | None = None
         self.preferences: PreferencesTable | None = None
+        self.history: HistoryTable | None = None
 
     async def start(self) -> None:
         self._start_metrics()
@@ -106,6 +108,8 @@ class StageRuntime:
             await self.quota.start()
         if self.preferences is not None:
             await self.preferences.start()
+        if self.history is not None:
+            await self.history.start()
         if self._metrics_server is not None:
             # Lag of this worker's stages, whole group: a worker fed by other systems (no
             # gateway running) still shows its queue.
@@ -123,6 +127,8 @@ class StageRuntime:
             await self.quota.stop()
         if self.preferences is not None:
             await self.preferences.stop()
+        if self.history is not None:
+            await self.history.stop()
         if self._lag is not None:
             lag, self._lag = self._lag, None
             await lag.stop()
@@ -199,7 +205,10 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
 
     if "preprocess" in wanted:
         runtime.preferences = PreferencesTable(settings)
-        runtime.quota = _add_preprocess(app, settings, topics, tokens, dlq, runtime.preferences)
+        runtime.history = HistoryTable(settings)
+        runtime.quota = _add_preprocess(
+            app, settings, topics, tokens, dlq, runtime.preferences, runtime.history
+        )
     if "inference" in wanted:
         runtime.inflight = _add_inference(app, settings, topics, tokens, dlq)
     if "postprocess" in wanted:
@@ -214,6 +223,7 @@ def _add_preprocess(
     tokens: TopicT,
     dlq: DeadLetterQueue,
     preferences: PreferencesTable,
+    history: HistoryTable,
 ) -> QuotaLedger:
     """The preprocess agent: `requests` -> `preprocessed`, or a rejection on `tokens`; returns
     the quota ledger it reserves other systems' requests in (the runtime starts it).
@@ -250,6 +260,7 @@ def _add_preprocess(
         admission=TopicAdmission(ledger),
         preferences=preferences,
         sessions=sessions,
+        history=history,
     )
 
     async def on_request(event: EventT[Any]) -> None:

@@ -19,10 +19,12 @@ from pipeline.core.producers import Headers
 from pipeline.core.records import InferenceJob, SummarizeRequest
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
+from pipeline.memory.history import HistoryTable
 from pipeline.memory.store import PreferencesTable
 from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
 from pipeline.worker.identity import IdentityError, RequestIdentity
+from pipeline.worker.memory.history import split_input, with_history
 from pipeline.worker.memory.preferences import with_preferences
 from pipeline.worker.memory.sessions import Sessions, conversation
 from pipeline.worker.prepare import (
@@ -55,6 +57,7 @@ class PreprocessStage:
         admission: TopicAdmission | None = None,
         preferences: PreferencesTable | None = None,
         sessions: Sessions | None = None,
+        history: HistoryTable | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -64,6 +67,7 @@ class PreprocessStage:
         self.admission = admission
         self.preferences = preferences
         self.sessions = sessions
+        self.history = history
         self._send_job = send_job
         self._send_token = send_token
         self._dlq = dlq
@@ -99,8 +103,8 @@ class PreprocessStage:
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
             return
         job = b""
-        if not isinstance(outcome, Rejection) and self.preferences is not None:
-            outcome = await with_preferences(outcome, self.preferences, headers)
+        if not isinstance(outcome, Rejection):
+            outcome = await self._with_memory(outcome, request, headers)
         if not isinstance(outcome, Rejection):
             encoded = self._encoded(outcome)
             if isinstance(encoded, Rejection):
@@ -157,6 +161,19 @@ class PreprocessStage:
                 "session_unavailable", "the document is too long to hold a conversation about"
             )
         return conversation(job, session, session_id)
+
+    async def _with_memory(
+        self, job: InferenceJob, request: SummarizeRequest, headers: Headers | None
+    ) -> InferenceJob:
+        """The user's preferences and history (looked up by the job's user), then the split."""
+        forgotten_at = 0
+        if self.preferences is not None:
+            job = await with_preferences(job, self.preferences, headers)
+            forgotten_at = self.preferences.forgotten_at(job["user_id"])
+        tier = self.tiers.get(job["tier"])
+        if tier is not None:
+            job = with_history(job, request, self.history, tier, forgotten_at=forgotten_at)
+        return split_input(job)
 
     def _encoded(self, job: InferenceJob) -> bytes | Rejection:
         """The job's record, or a rejection when it would not fit one: measured, not estimated,

@@ -277,6 +277,36 @@ async def test_forgetting_removes_preferences_sessions_and_history_but_not_billi
         await summarize(client, stack, KEY, 41)
 
 
+async def test_history_adds_the_users_own_relevant_summaries_counted_in_usage(
+    stack: Stack,
+) -> None:
+    key = "key-light-2"  # pro, with no memory from other tests
+    async with httpx.AsyncClient(timeout=60) as client:
+        past = [await summarize(client, stack, key, seed) for seed in (60, 61, 62)]
+        body = {"document": document(61), "max_output_tokens": 30, "context": "history"}
+
+        async def with_history() -> Any:
+            result = await collect(
+                client, "POST", f"{stack.gateway}/v1/summaries", json=body, headers=auth(key)
+            )
+            assert result.done["status"] == "COMPLETED", result.events
+            return result if result.done["usage"]["memory_tokens"] > 0 else None
+
+        # The worker reads results a moment after postprocess writes them.
+        found = None
+        for _ in range(10):
+            found = await with_history()
+            if found is not None:
+                break
+        assert found is not None, "no request used the history"
+    usage = found.done["usage"]
+    print(f"\nFIGURES history: memory_tokens={usage['memory_tokens']} of 1000 per request")
+    assert 0 < usage["memory_tokens"] <= 1_000
+    assert usage["document_tokens"] > 0 and usage["instruction_tokens"] > 0
+    [prompt] = prompts_of(stack, found.request_id)
+    assert "<history>" in prompt and past[1].done["summary"] in prompt
+
+
 async def test_a_follow_up_after_sigkill_of_the_session_worker_keeps_the_turns(
     stack: Stack,
 ) -> None:

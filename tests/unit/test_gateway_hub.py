@@ -146,6 +146,9 @@ async def test_memory_replay_after_a_cursor_then_done() -> None:
         "attempts": 1,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
+        "document_tokens": 0,
+        "memory_tokens": 0,
+        "instruction_tokens": 0,
     }
 
 

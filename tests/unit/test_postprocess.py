@@ -156,6 +156,9 @@ def test_build_result() -> None:
         "cost_micro_usd": 1015,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
+        "document_tokens": 0,
+        "memory_tokens": 0,
+        "instruction_tokens": 0,
     }
     assert result["last_seq"] == 5 and result["stop_reason"] == "end_turn"
     assert result["user_id"] == "bob" and result["tier"] == "pro"
@@ -195,6 +198,9 @@ def test_build_result_keeps_inner_whitespace_and_the_error() -> None:
         "cost_micro_usd": 0,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
+        "document_tokens": 0,
+        "memory_tokens": 0,
+        "instruction_tokens": 0,
     }
 
 

@@ -144,6 +144,9 @@ class RunPublisher:
             attempts=run.attempts,
             cache_creation_input_tokens=run.cache_creation_input_tokens,
             cache_read_input_tokens=run.cache_read_input_tokens,
+            document_tokens=int(run.job.get("document_tokens") or 0),
+            memory_tokens=int(run.job.get("memory_tokens") or 0),
+            instruction_tokens=int(run.job.get("instruction_tokens") or 0),
         )
         event = events.terminal(
             run.meta,

@@ -281,5 +281,7 @@ def conversation(job: InferenceJob, session: Session, session_id: str) -> Infere
     job["session_id"] = session_id
     job["turns"] = turns
     job["cache_prompt"] = True
-    job["input_tokens_estimate"] += sum(count_tokens(t) for t in turns)
+    memory = sum(count_tokens(t) for t in turns)
+    job["memory_tokens"] = int(job.get("memory_tokens") or 0) + memory
+    job["input_tokens_estimate"] += memory
     return job
