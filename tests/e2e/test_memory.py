@@ -192,6 +192,17 @@ async def test_canary_one_users_memory_never_reaches_another_users_prompts(
         assert put.status_code == 200
         ann_summary = await summarize(client, stack, "key-ann", 20)
 
+        # A summary of ann's that holds the marker: what ben's history look-ups must not find.
+        marked = " ".join(f"{marker} {sentence}." for sentence in document(22).split(". ")[:8])
+        ann_history = await collect(
+            client,
+            "POST",
+            f"{stack.gateway}/v1/summaries",
+            json={"document": marked, "max_output_tokens": 60},
+            headers=auth("key-ann"),
+        )
+        assert marker in ann_history.done["summary"]
+
         async def ann_turns() -> list[str]:
             turns = [
                 await follow_up(client, stack, "key-ann", ann_summary.request_id, f"{marker}?")
@@ -199,10 +210,17 @@ async def test_canary_one_users_memory_never_reaches_another_users_prompts(
             turns += [await summarize(client, stack, "key-ann", 21 + i) for i in range(2)]
             return [t.request_id for t in turns]
 
-        async def ben_turns() -> list[str]:
-            summaries = await asyncio.gather(
-                *(summarize(client, stack, "key-ben", 30 + i) for i in range(4))
+        async def ben_summary() -> Any:
+            # Ben asks for his own history with the document of ann's marked summary.
+            body = {"document": document(22), "max_output_tokens": 30, "context": "history"}
+            result = await collect(
+                client, "POST", f"{stack.gateway}/v1/summaries", json=body, headers=auth("key-ben")
             )
+            assert result.done["status"] == "COMPLETED", result.events
+            return result
+
+        async def ben_turns() -> list[str]:
+            summaries = await asyncio.gather(*(ben_summary() for _ in range(4)))
             follow_ups = await asyncio.gather(
                 *(
                     follow_up(client, stack, "key-ben", s.request_id, "and risks?")
