@@ -11,6 +11,7 @@ once and kept. Writes are acknowledged before the job is produced, so a SIGKILL 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -34,6 +35,8 @@ from pipeline.worker.prepare import MAX_INSTRUCTIONS_CHARS, Rejection, rejected
 
 log = logging.getLogger("sumstream.preprocess")
 
+# How long a changelog write may take before the record is retried.
+CHANGELOG_WAIT_S = 10.0
 # The TTL of a session whose tier is no longer in the tier file.
 DEFAULT_TTL_S = 3600.0
 
@@ -152,7 +155,12 @@ class Sessions:
         """Store and wait for the broker's acknowledgement of the changelog record."""
         key, raw = session_id.encode(), session.encode()
         self.table.data[key] = raw
-        await self.table.send_changelog(None, key, raw)
+        try:
+            # Bounded: a send that never completes must not stall the stage (it is retried).
+            await asyncio.wait_for(self.table.send_changelog(None, key, raw), CHANGELOG_WAIT_S)
+        except TimeoutError as exc:
+            log.warning("session changelog write timed out", extra={"session_id": session_id})
+            raise SessionUnavailableError("the sessions changelog did not acknowledge") from exc
 
     async def forget(self, session_id: str) -> None:
         key = session_id.encode()
