@@ -39,6 +39,7 @@ from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames, declared_topics
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import STAGE_TOPICS
+from pipeline.memory.store import PreferencesTable
 from pipeline.quota.state import UsageSummary
 
 log = logging.getLogger("sumstream.gateway")
@@ -112,6 +113,8 @@ class Gateway:
         self.index = RequestIndex(
             window_s=settings.idempotency_window_s, max_entries=settings.max_index_entries
         )
+        # The caller's memory (docs/architecture.md, "Context and memory").
+        self.preferences = PreferencesTable(settings, writer=True)
         self.producer: AIOKafkaProducer | None = None
         self.partitions = 0
         self.owned: frozenset[int] = frozenset()
@@ -128,6 +131,7 @@ class Gateway:
             spawn=self.spawn,
             running=self._running,
             budget_left=self._budget_left,
+            preferences=self.preferences,
         )
         self.lookup = RequestLookup(settings, self.connection, self.topics, self.index, self.hub)
         self.streams = ClientStreams(
@@ -154,13 +158,16 @@ class Gateway:
         try:
             self.partitions, requests_partitions = await self._check_topics(producer)
             self.owned = owned_partitions(s.instance_index, s.instance_count, self.partitions)
-            self.intake.open(producer, self.owned, self.partitions)
+            self.intake.open(
+                producer, self.owned, self.partitions, requests_partitions=requests_partitions
+            )
             await self.hub.start(
                 self.connection, self.topics.tokens, self.topics.results, self.owned
             )
             await self.index.start(self.connection, self.topics.requests, requests_partitions)
             # The month so far is replayed from `quota` before the first admission.
             await self.ledger.start()
+            await self.preferences.start()
             await self.settler.start()
             groups = dict.fromkeys(STAGE_TOPICS, s.app_id)
             self.monitor = LagMonitor.from_settings(
@@ -231,6 +238,7 @@ class Gateway:
             self.monitor = None
         await self.settler.stop()
         await self.ledger.stop()
+        await self.preferences.stop()
         await self.hub.stop()
         await self.index.stop()
         self.intake.close()

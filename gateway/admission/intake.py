@@ -35,10 +35,11 @@ from gateway.metrics import CANCELS
 from gateway.settings import GatewaySettings
 from gateway.streams.clients import Spawn
 from gateway.streams.hub import StreamHub
-from gateway.streams.ids import mint_request_id
+from gateway.streams.ids import mint_follow_up_id, mint_request_id
 from pipeline.core import longdoc
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
+from pipeline.core.partitioning import partition_for
 from pipeline.core.pricing import price_table
 from pipeline.core.producers import ProducerTable
 from pipeline.core.prompt import normalize_document
@@ -46,6 +47,8 @@ from pipeline.core.records import ControlEvent, SummarizeRequest
 from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames
 from pipeline.llm.extractive import count_tokens
+from pipeline.memory.preferences import PREFERENCES_VERSION_HEADER
+from pipeline.memory.store import PreferencesTable
 
 log = logging.getLogger("sumstream.gateway")
 
@@ -90,11 +93,13 @@ class Intake:
         spawn: Spawn,
         running: Callable[[], bool],
         budget_left: Callable[[str, str], int | None] | None = None,
+        preferences: PreferencesTable | None = None,
     ) -> None:
         self.settings = settings
         # (user, tier) -> micro-USD left this month (None: not known yet), for a long
         # document's plan (docs/architecture.md, "Long documents").
         self._budget_left = budget_left
+        self.preferences = preferences
         self.tiers = tiers
         self.topics = topics
         self.index = index
@@ -106,14 +111,23 @@ class Intake:
         self._producer: AIOKafkaProducer | None = None
         self._owned: frozenset[int] = frozenset()
         self._partitions = 0
+        self._requests_partitions = 0
         # The identity this gateway signs its requests with (docs/architecture.md, "Identity").
         self._signer = ProducerTable.load(settings.producers_file).get(
             settings.producer or GATEWAY_PRODUCER
         )
 
-    def open(self, producer: AIOKafkaProducer, owned: frozenset[int], partitions: int) -> None:
+    def open(
+        self,
+        producer: AIOKafkaProducer,
+        owned: frozenset[int],
+        partitions: int,
+        *,
+        requests_partitions: int = 0,
+    ) -> None:
         """Write through ``producer``, minting ids on ``owned`` of ``partitions``."""
         self._producer, self._owned, self._partitions = producer, owned, partitions
+        self._requests_partitions = requests_partitions or partitions
 
     def close(self) -> None:
         """Refuse further writes (503 not_ready): the producer is about to stop."""
@@ -153,6 +167,9 @@ class Intake:
             # Reserve the whole plan, and refuse up front what the budget cannot pay for.
             input_tokens = self._plan_tokens(principal, tier, body, input_tokens, output_tokens)
         input_tokens += prompt_overhead_tokens(body.instructions, output_tokens)
+        if body.context == "history":
+            # Memory counts toward the tier's tokens per minute (settled with the real figure).
+            input_tokens += tier.memory_tokens
         producer = self._producer
         if not self._running() or producer is None:
             raise NotReady("the gateway is starting or stopping")
@@ -218,6 +235,53 @@ class Intake:
             )
         return plan.input_tokens - prompt_overhead_tokens(body.instructions, output)
 
+    async def submit_follow_up(
+        self,
+        principal: Principal,
+        session_id: str,
+        message: str,
+        *,
+        input_tokens: int,
+        received_ms: int,
+    ) -> Accepted:
+        """Accept a follow-up question about ``session_id`` (already checked to be the caller's):
+        admitted like a summary, its id on the session's partition of `requests`."""
+        tier = self.tier_of(principal)
+        producer = self._producer
+        if not self._running() or producer is None:
+            raise NotReady("the gateway is starting or stopping")
+        request_id = mint_follow_up_id(
+            self._owned, self._partitions, session_id, self._requests_partitions
+        )
+        admitted = await self.admission.admit(
+            principal.user_id,
+            principal.tier,
+            request_id,
+            input_tokens=input_tokens,
+            max_output_tokens=tier.max_output_tokens,
+            model=None,
+        )
+        if partition_for(request_id, self._partitions) in self._owned:
+            self.hub.register(request_id)  # else its stream is read from the log
+        created = now_ms()
+        self.index.remember(request_id, principal.user_id, principal.tier, created)
+        body = SummaryIn.model_construct(
+            document="", instructions=message, max_output_tokens=None, model=None
+        )
+        record = _request_record(request_id, principal, body, admitted, None, created, received_ms)
+        record["session_of"] = session_id
+        await self._produce_request(producer, record, admitted)
+        self.admission.accepted(admitted)
+        _log_accepted(admitted, input_tokens)
+        return Accepted(
+            request_id,
+            False,
+            admitted.queue_position,
+            admitted.estimated_wait_s,
+            admitted.max_output_tokens,
+            admitted.degraded,
+        )
+
     async def _input_tokens(self, principal: Principal, tier: Tier, document: str) -> int:
         """The document's tokens as the tier bills them; 413 when the tier refuses its size,
         422 ``empty_document`` when it normalises to nothing."""
@@ -262,7 +326,7 @@ class Intake:
                 self.topics.requests,
                 key=request_id.encode(),
                 value=value,
-                headers=self._signer.headers(value),
+                headers=self._signer.headers(value) + self._memory_headers(record),
             )
         except KafkaError as exc:
             # The broker is likely gone: the reservation goes back in the background.
@@ -271,6 +335,13 @@ class Intake:
             raise BrokerUnavailable(
                 "could not write the request to the log", retry_after_s=1
             ) from exc
+
+    def _memory_headers(self, record: SummarizeRequest) -> list[tuple[str, bytes]]:
+        # Which preferences version this gateway knows the caller has: preprocess waits
+        # (briefly) for at least that one, so a PUT is seen by the next request. A hint
+        # about freshness only: the preferences themselves are looked up by the record's user.
+        version = self.preferences.version(record["user_id"]) if self.preferences else 0
+        return [(PREFERENCES_VERSION_HEADER, str(version).encode())] if version else []
 
     def _give_back(self, record: SummarizeRequest, admitted: Admitted) -> None:
         """Undo what ``submit`` took for a request that was not produced."""
@@ -367,6 +438,7 @@ def _request_record(
         "idempotency_key": idempotency_key,
         "body_sha256": None,
         "source": "gateway",
+        "context": body.context,
         "replay_of": None,
         "degraded": admitted.degraded,
         "created_at": created,

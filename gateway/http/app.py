@@ -25,6 +25,7 @@ from gateway.http.errors import (
     PayloadTooLarge,
     problem_response,
 )
+from gateway.http.memory import router as memory_router
 from gateway.http.page import router as page_router
 from gateway.http.routes import router
 from gateway.http.sse import ClientTooSlow
@@ -220,7 +221,7 @@ def create_app(
     app.state.stream_tokens = StreamTokens.from_settings(settings)
     app.include_router(router)
     # The web app and the WebSocket API (docs/architecture.md, "The web app and WebSocket API").
-    for extra in (webapi_router, documents_router, ws_router, page_router):
+    for extra in (webapi_router, documents_router, memory_router, ws_router, page_router):
         app.include_router(extra)
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -132,6 +132,23 @@ class NotReady(GatewayError):
     retriable = True
 
 
+class SessionBusy(GatewayError):
+    """A follow-up about a summary that has not finished yet."""
+
+    status = 409
+    title = "Summary not finished"
+    code = "session_busy"
+    retriable = True
+
+
+class SessionExpired(GatewayError):
+    """A follow-up after the tier's session TTL (docs/architecture.md, "Context and memory")."""
+
+    status = 410
+    title = "Session expired"
+    code = "session_expired"
+
+
 def problem_response(exc: GatewayError, instance: str | None = None) -> JSONResponse:
     """Render ``exc`` as problem+json, with Retry-After when the error has a wait."""
     body: dict[str, Any] = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +18,9 @@ class SummaryIn(BaseModel):
     instructions: str | None = Field(default=None, max_length=4_000)
     max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     model: str | None = Field(default=None, min_length=1, max_length=200)
+    context: Literal["history"] | None = Field(
+        default=None, description="history: add your most relevant past summaries as context"
+    )
     # A document that normalises to nothing is refused by intake (422 empty_document).
 
 
@@ -84,6 +87,11 @@ class UsageBody(TypedDict):
     input_tokens: int
     output_tokens: int
     attempts: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    document_tokens: int
+    memory_tokens: int
+    instruction_tokens: int
 
 
 class CostBody(TypedDict):
@@ -110,7 +118,17 @@ class ResultBody(TypedDict):
     completed_at: int | None
 
 
-NO_USAGE: Usage = {"input_tokens": 0, "output_tokens": 0, "attempts": 0, "cost_micro_usd": 0}
+NO_USAGE: Usage = {
+    "input_tokens": 0,
+    "output_tokens": 0,
+    "attempts": 0,
+    "cost_micro_usd": 0,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 0,
+    "document_tokens": 0,
+    "memory_tokens": 0,
+    "instruction_tokens": 0,
+}
 
 
 def result_json(result: SummaryResult) -> ResultBody:
@@ -128,6 +146,11 @@ def result_json(result: SummaryResult) -> ResultBody:
             "input_tokens": int(usage.get("input_tokens", 0)),
             "output_tokens": int(usage.get("output_tokens", 0)),
             "attempts": int(usage.get("attempts", 0)),
+            "cache_creation_input_tokens": int(usage.get("cache_creation_input_tokens", 0)),
+            "cache_read_input_tokens": int(usage.get("cache_read_input_tokens", 0)),
+            "document_tokens": int(usage.get("document_tokens", 0)),
+            "memory_tokens": int(usage.get("memory_tokens", 0)),
+            "instruction_tokens": int(usage.get("instruction_tokens", 0)),
         },
         "cost": {"micro_usd": cost, "usd": cost / 1_000_000},
         "latency_ms": dict(result.get("latency_ms") or {}),

@@ -22,6 +22,7 @@ from gateway.http.streamtoken import StreamTokens
 from gateway.metrics import OVERHEAD_SECONDS, REQUESTS
 from gateway.service import Gateway
 from pipeline.core.clock import now_ms
+from pipeline.kafka.tail import id_time_ms
 
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
@@ -82,7 +83,7 @@ def _overhead_headers(request: Request) -> dict[str, str]:
     return {"Server-Timing": f"gateway;dur={ms}", "X-Sumstream-Overhead-Ms": ms}
 
 
-def _wants_json(accept: str | None) -> bool:
+def wants_json(accept: str | None) -> bool:
     accept = (accept or "").lower()
     return "application/json" in accept and "text/event-stream" not in accept
 
@@ -95,6 +96,10 @@ async def owned_by(gateway: Gateway, request_id: str, principal: Principal) -> N
         raise NotReady("the gateway is starting or stopping")
     owner = await gateway.lookup.owner_of(request_id)
     if owner is None or owner.user_id != principal.user_id:
+        raise NotFound(f"no summary {request_id}")
+    # A forgotten user's earlier requests are gone for them (docs/architecture.md, "Forgetting").
+    forgotten_at = gateway.preferences.forgotten_at(principal.user_id)
+    if forgotten_at and (id_time_ms(request_id) or 0) <= forgotten_at:
         raise NotFound(f"no summary {request_id}")
 
 
@@ -160,7 +165,7 @@ async def create_summary(
     }
     if accepted.replay:
         headers["Idempotent-Replayed"] = "true"
-    if _wants_json(accept):
+    if wants_json(accept):
         return JSONResponse(out.model_dump(), status_code=202, headers=headers)
     return _stream_response(
         gateway, accepted.request_id, principal, after_seq=0, accepted=out, headers=headers

@@ -70,8 +70,10 @@ async def recent_summaries(
     request index holds (every instance follows all of ``requests``), newest first."""
     found: list[RecentOut] = []
     # The index is in log order: walk it from the end. Bounded by max_index_entries.
+    # Requests before DELETE /v1/me/memory are forgotten (docs/architecture.md, "Forgetting").
+    forgotten_at = gateway.preferences.forgotten_at(principal.user_id)
     for request_id, owner in reversed(gateway.index.owners.items()):
-        if owner.user_id != principal.user_id:
+        if owner.user_id != principal.user_id or owner.created_at <= forgotten_at:
             continue
         found.append(
             RecentOut(

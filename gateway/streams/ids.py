@@ -31,3 +31,23 @@ def mint_request_id(owned: frozenset[int], partitions: int) -> str:
         if partition_for(candidate, partitions) in owned:
             return candidate
     raise RuntimeError(f"no id hashed into partitions {sorted(owned)} of {partitions}")
+
+
+def mint_follow_up_id(
+    owned: frozenset[int], partitions: int, session_id: str, requests_partitions: int
+) -> str:
+    """A new ULID on the session's partition of `requests` (so the worker holding the session
+    reads the follow-up), in ``owned`` of the stream ``partitions`` when that is possible.
+
+    Both can be impossible together (with 6 and 6 partitions, a session minted by another
+    gateway instance): the follow-up's stream is then served from the log, like any stream
+    another instance owns.
+    """
+    target = partition_for(session_id, requests_partitions)
+    for attempt in range(MAX_ATTEMPTS):
+        candidate = str(random_ulid(now_ms()))
+        if partition_for(candidate, requests_partitions) != target:
+            continue
+        if attempt >= MAX_ATTEMPTS // 10 or partition_for(candidate, partitions) in owned:
+            return candidate
+    raise RuntimeError(f"no id hashed into partition {target} of {requests_partitions}")

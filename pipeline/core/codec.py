@@ -34,6 +34,7 @@ RECORDS = (
     "DeadLetter",
     "QuotaEvent",
     "ChunkSummary",
+    "UserPreferences",
 )
 
 
@@ -42,6 +43,9 @@ class Schema:
     name: str
     parsed: Any
     fingerprint: bytes
+    # The fingerprint earlier releases wrote: of a canonical form that named a shared record
+    # (Usage, ErrorInfo) instead of inlining it, so two versions of Usage gave one fingerprint.
+    legacy_fingerprint: bytes = b""
 
 
 def _parse_dir(directory: Path, names: tuple[str, ...]) -> dict[str, Schema]:
@@ -51,12 +55,17 @@ def _parse_dir(directory: Path, names: tuple[str, ...]) -> dict[str, Schema]:
         path = directory / f"{name}.avsc"
         if not path.exists():
             continue
-        parsed = parse_schema(json.loads(path.read_text()), named_schemas=named)
-        canonical = to_parsing_canonical_form(parsed)
-        fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
-        # fastavro gives the bytes little-endian, as single-object encoding stores them.
-        out[name] = Schema(name, parsed, fp)
+        raw = json.loads(path.read_text())
+        expanded = parse_schema(raw, named_schemas=dict(named), expand=True)
+        parsed = parse_schema(raw, named_schemas=named)
+        # The Avro spec's canonical form inlines a named type where it is first used.
+        out[name] = Schema(name, parsed, _fingerprint(expanded), _fingerprint(parsed))
     return out
+
+
+def _fingerprint(parsed: Any) -> bytes:
+    # fastavro gives the bytes little-endian, as single-object encoding stores them.
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
 
 
 class Codec:
@@ -69,6 +78,7 @@ class Codec:
         if history.is_dir():
             for version in sorted(p for p in history.iterdir() if p.is_dir()):
                 for schema in _parse_dir(version, RECORDS).values():
+                    self._writers[schema.legacy_fingerprint] = schema
                     self._writers[schema.fingerprint] = schema
         for schema in self.current.values():
             self._writers[schema.fingerprint] = schema

@@ -52,7 +52,16 @@ class StreamMeta:
 
 
 def usage(
-    *, input_tokens: int, output_tokens: int, attempts: int, cost_micro_usd: int = 0
+    *,
+    input_tokens: int,
+    output_tokens: int,
+    attempts: int,
+    cost_micro_usd: int = 0,
+    cache_creation_input_tokens: int = 0,
+    cache_read_input_tokens: int = 0,
+    document_tokens: int = 0,
+    memory_tokens: int = 0,
+    instruction_tokens: int = 0,
 ) -> Usage:
     """A Usage record (the worker leaves the cost at 0: postprocess prices it)."""
     return {
@@ -60,6 +69,11 @@ def usage(
         "output_tokens": output_tokens,
         "attempts": attempts,
         "cost_micro_usd": cost_micro_usd,
+        "cache_creation_input_tokens": cache_creation_input_tokens,
+        "cache_read_input_tokens": cache_read_input_tokens,
+        "document_tokens": document_tokens,
+        "memory_tokens": memory_tokens,
+        "instruction_tokens": instruction_tokens,
     }
 
 

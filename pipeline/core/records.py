@@ -9,7 +9,7 @@ does not type-check.
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 TokenKind = Literal["STARTED", "DELTA", "DONE", "ERROR", "CANCELLED", "PROGRESS"]
 ChunkKind = Literal["PLAN", "SUMMARY", "FAILED"]
@@ -31,6 +31,13 @@ class Usage(TypedDict):
     output_tokens: int
     attempts: int
     cost_micro_usd: int
+    # Prompt caching (docs/architecture.md, "Prompt caching"): not counted in input_tokens.
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    # The input of one attempt split by what it is (estimates by preprocess's token count).
+    document_tokens: int
+    memory_tokens: int
+    instruction_tokens: int
 
 
 class ErrorInfo(TypedDict):
@@ -60,6 +67,8 @@ class SummarizeRequest(TypedDict):
     degraded: str | None
     created_at: int
     trace: Trace
+    session_of: NotRequired[str | None]
+    context: NotRequired[str | None]
 
 
 class InferenceJob(TypedDict):
@@ -88,6 +97,13 @@ class InferenceJob(TypedDict):
     # its map and collapse calls.
     missing_sections: list[int]
     base_usage: Usage | None
+    preferences_version: NotRequired[int | None]
+    session_id: NotRequired[str | None]
+    turns: NotRequired[list[str]]
+    cache_prompt: NotRequired[bool]
+    document_tokens: NotRequired[int]
+    memory_tokens: NotRequired[int]
+    instruction_tokens: NotRequired[int]
 
 
 class TokenEvent(TypedDict):
@@ -203,6 +219,21 @@ class ChunkSummary(TypedDict):
     trace: Trace
 
 
+class UserPreferences(TypedDict):
+    """How one user likes their summaries (``preferences``, compacted, key user id)."""
+
+    user_id: str
+    version: int
+    length: str | None
+    style: str | None
+    language: str | None
+    audience: str | None
+    guidance: str | None
+    updated_at: int
+    forgotten_at: int
+    trace: Trace
+
+
 # Schema name -> its TypedDict; tests/unit/test_records.py checks the two agree.
 RECORD_TYPES: dict[str, type] = {
     "Usage": Usage,
@@ -215,4 +246,5 @@ RECORD_TYPES: dict[str, type] = {
     "DeadLetter": DeadLetter,
     "QuotaEvent": QuotaEvent,
     "ChunkSummary": ChunkSummary,
+    "UserPreferences": UserPreferences,
 }

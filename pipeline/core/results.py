@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from pipeline.core import events as token_events
 from pipeline.core.pricing import PriceTable
-from pipeline.core.records import ResultStatus, SummaryResult, TokenEvent, Trace
+from pipeline.core.records import ResultStatus, SummaryResult, TokenEvent, Trace, Usage
 
 # Error codes that mean "turned away before any model call": the result is REJECTED.
 REJECTION_CODES = frozenset(
@@ -72,6 +72,12 @@ def latency_breakdown(trace: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
+def _split(usage: Usage | None, name: str) -> int:
+    # The usage split by what the input is (docs/architecture.md, "Context and memory").
+    value = usage.get(name) if usage else None
+    return int(value) if isinstance(value, int) else 0
+
+
 def build_result(
     terminal: TokenEvent,
     text: str,
@@ -87,12 +93,21 @@ def build_result(
     usage_in = terminal.get("usage")
     input_tokens = int(usage_in.get("input_tokens") or 0) if usage_in else 0
     output_tokens = int(usage_in.get("output_tokens") or 0) if usage_in else 0
+    cache_written = int(usage_in.get("cache_creation_input_tokens") or 0) if usage_in else 0
+    cache_read = int(usage_in.get("cache_read_input_tokens") or 0) if usage_in else 0
     model = str(terminal.get("model") or "")
     usage = token_events.usage(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         attempts=int(usage_in.get("attempts") or 0) if usage_in else 0,
-        cost_micro_usd=prices.micro_usd(model, input_tokens, output_tokens),
+        cost_micro_usd=prices.micro_usd(
+            model, input_tokens, output_tokens, cache_written, cache_read
+        ),
+        cache_creation_input_tokens=cache_written,
+        cache_read_input_tokens=cache_read,
+        document_tokens=_split(usage_in, "document_tokens"),
+        memory_tokens=_split(usage_in, "memory_tokens"),
+        instruction_tokens=_split(usage_in, "instruction_tokens"),
     )
     trace: Trace = {str(k): int(v) for k, v in (terminal.get("trace") or {}).items()}
     trace["result"] = result_ms

@@ -211,6 +211,10 @@ class SimulatorSettings(BaseSettings):
     tokens_per_minute: int = Field(default=0, ge=0)
     input_tokens_per_minute: int = Field(default=0, ge=0)
     output_tokens_per_minute: int = Field(default=0, ge=0)
+    # Prompt caching (pipeline/llm/simulator/cache.py): the shortest prefix that is cached.
+    cache_min_tokens: int = Field(default=1024, ge=1)
+    # Keep every call's prompt text per request id (GET /_sim/stats): isolation tests read it.
+    record_prompts: bool = False
 
     @field_validator("error_status")
     @classmethod

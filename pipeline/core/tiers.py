@@ -46,6 +46,11 @@ class Tier:
     chunk_tokens: int = 8_000
     map_concurrency: int = 4
     reduce_output_tokens: int = 512
+    # Memory (docs/architecture.md, "Context and memory"): how long a conversation about a
+    # summary may go on after the summary was requested.
+    session_ttl_s: float = 3600.0
+    # Input tokens of the user's own past summaries a request may add ("context": "history").
+    memory_tokens: int = 1_000
 
     @property
     def document_limit(self) -> int:
@@ -89,13 +94,25 @@ _LONG_DOCUMENT_INTS = (
     "map_concurrency",
     "reduce_output_tokens",
 )
+# Optional, with the Tier field's default when absent.
+_OPTIONAL_FLOAT_FIELDS = ("session_ttl_s",)
+_OPTIONAL_INT_FIELDS = ("memory_tokens",)
 
 
 def _tier(name: str, raw: Any, source: Path) -> Tier:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [{name}] must be a table")
-    known = {*_INT_FIELDS, *_FLOAT_FIELDS, *_LONG_DOCUMENT_INTS, "long_documents"}
-    unknown = set(raw) - {*known, "on_input_too_large", "models"}
+    known = {
+        *_INT_FIELDS,
+        *_FLOAT_FIELDS,
+        *_OPTIONAL_FLOAT_FIELDS,
+        *_OPTIONAL_INT_FIELDS,
+        *_LONG_DOCUMENT_INTS,
+        "long_documents",
+        "on_input_too_large",
+        "models",
+    }
+    unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{source}: [{name}] has unknown keys {sorted(unknown)}")
     values: dict[str, Any] = {}
@@ -110,6 +127,20 @@ def _tier(name: str, raw: Any, source: Path) -> Tier:
         if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{source}: [{name}] {key} must be a non-negative number")
         values[key] = float(value)
+    for key in _OPTIONAL_FLOAT_FIELDS:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{source}: [{name}] {key} must be a positive number")
+        values[key] = float(value)
+    for key in _OPTIONAL_INT_FIELDS:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{source}: [{name}] {key} must be a non-negative integer")
+        values[key] = value
     policy = raw.get("on_input_too_large", "reject")
     if policy not in INPUT_POLICIES:
         raise ConfigError(f"{source}: [{name}] on_input_too_large must be one of {INPUT_POLICIES}")

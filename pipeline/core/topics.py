@@ -8,6 +8,8 @@ from pipeline.core.settings import KafkaSettings
 
 DAY_MS = 24 * 60 * 60 * 1000
 QUOTA_PARTITIONS = 3
+# Keyed by user and read whole by every gateway and preprocess worker (pipeline/memory/).
+PREFERENCES_PARTITIONS = 3
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ def declared_topics(settings: KafkaSettings) -> list[TopicSpec]:
             QUOTA_PARTITIONS,
             {"retention.ms": str(35 * DAY_MS), "message.timestamp.type": "LogAppendTime"},
         ),
+        # Each user's preferences, compacted: the last record per user, a tombstone forgets them.
+        TopicSpec(
+            "preferences", "UserPreferences", PREFERENCES_PARTITIONS, {"cleanup.policy": "compact"}
+        ),
     ]
     # Every topic takes whatever a producer may send (pipeline/core/sizes.py): a record the
     # producer accepts and the broker refuses would be lost after the stage had committed.
@@ -78,23 +84,21 @@ class TopicNames:
     quota: str
     chunks: str
     reuse: str
+    preferences: str = ""
 
     @classmethod
     def from_settings(cls, settings: KafkaSettings) -> TopicNames:
         p = settings.topic_prefix
-        return cls(
-            *(
-                f"{p}{s}"
-                for s in (
-                    "requests",
-                    "preprocessed",
-                    "tokens",
-                    "results",
-                    "control",
-                    "dlq",
-                    "quota",
-                    "chunks",
-                    "reuse",
-                )
-            )
+        short = (
+            "requests",
+            "preprocessed",
+            "tokens",
+            "results",
+            "control",
+            "dlq",
+            "quota",
+            "chunks",
+            "reuse",
+            "preferences",
         )
+        return cls(**{s: f"{p}{s}" for s in short})

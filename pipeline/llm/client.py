@@ -70,6 +70,9 @@ class Finished:
     stop_reason: str | None
     input_tokens: int
     output_tokens: int
+    # Prompt caching: input tokens written to and read from the cache, not in input_tokens.
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
 
 
 class UpstreamAttemptError(UpstreamError):
@@ -206,6 +209,8 @@ class UpstreamStream:
         self._stop_reason: str | None = None
         self.tokens_received = 0
         self.input_tokens = 0
+        self.cache_creation_input_tokens = 0
+        self.cache_read_input_tokens = 0
         self._reported_output = 0
         # The response's headers (rate-limit figures, request id), once the call is answered.
         self.headers: Mapping[str, str] = {}
@@ -295,18 +300,33 @@ class UpstreamStream:
             usage = (data.get("message") or {}).get("usage") or {}
             self.input_tokens = int(usage.get("input_tokens") or 0)
             self._reported_output = int(usage.get("output_tokens") or 0)
+            self._cache_usage(usage)
         elif kind == "message_delta":
             self._stop_reason = (data.get("delta") or {}).get("stop_reason")
             usage = data.get("usage") or {}
             self._reported_output = int(usage.get("output_tokens") or 0)
             if usage.get("input_tokens") is not None:
                 self.input_tokens = int(usage["input_tokens"])
+            self._cache_usage(usage)
         elif kind == "message_stop":
             self._finished = True
-            return Finished(self._stop_reason, self.input_tokens, self.output_tokens)
+            return Finished(
+                self._stop_reason,
+                self.input_tokens,
+                self.output_tokens,
+                self.cache_creation_input_tokens,
+                self.cache_read_input_tokens,
+            )
         elif kind == "error":
             raise self._error(_stream_error(data))
         return None
+
+    def _cache_usage(self, usage: Mapping[str, Any]) -> None:
+        # message_delta repeats the cumulative figures in newer API versions; absent: unchanged.
+        if usage.get("cache_creation_input_tokens") is not None:
+            self.cache_creation_input_tokens = int(usage["cache_creation_input_tokens"])
+        if usage.get("cache_read_input_tokens") is not None:
+            self.cache_read_input_tokens = int(usage["cache_read_input_tokens"])
 
     def _error(self, exc: BaseException) -> UpstreamAttemptError:
         if isinstance(exc, UpstreamAttemptError):
@@ -399,7 +419,13 @@ class UpstreamClient:
             raise map_error(exc) from exc
         text = "".join(block.text for block in message.content if block.type == "text")
         usage = message.usage
-        return text, Finished(message.stop_reason, usage.input_tokens, usage.output_tokens)
+        return text, Finished(
+            message.stop_reason,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_creation_input_tokens or 0,
+            usage.cache_read_input_tokens or 0,
+        )
 
     async def count_tokens(
         self, *, model: str, system: str, messages: Iterable[Mapping[str, Any]]

@@ -47,6 +47,11 @@ def essentials(kind: str, rec: dict[str, Any]) -> str:
             f"model={rec['model']} max_output={rec['max_output_tokens']} "
             f"input_est={rec['input_tokens_estimate']} chunks={len(rec['chunks'])}"
             + (" truncated" if rec["truncated"] else "")
+            + (
+                f" preferences=v{rec['preferences_version']}"
+                if rec.get("preferences_version")
+                else ""
+            )
         )
     if kind == "TokenEvent":
         first = token_events.first_seq(rec)

@@ -36,6 +36,8 @@ from pipeline.kafka.admin import create_topics
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import LagReader, metadata_is_stale
 from pipeline.llm.client import UpstreamClient
+from pipeline.memory.history import HistoryTable
+from pipeline.memory.store import PreferencesTable
 from pipeline.quota.ledger import QuotaLedger
 from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.agents import (
@@ -52,6 +54,7 @@ from pipeline.worker.identity import RequestIdentity
 from pipeline.worker.inference.upstream import Upstream
 from pipeline.worker.inflight import InflightWork
 from pipeline.worker.longdoc.agent import add_reduce, reuse_reader
+from pipeline.worker.memory.sessions import Sessions
 from pipeline.worker.postprocess import PostprocessStage, tail_reread
 from pipeline.worker.preprocess import PreprocessStage
 from pipeline.worker.request_ids import RequestIds
@@ -96,12 +99,18 @@ class StageRuntime:
         self.metrics_port: int | None = None
         self._lag: LagSampler | None = None
         self.quota: QuotaLedger | None = None
+        self.preferences: PreferencesTable | None = None
+        self.history: HistoryTable | None = None
 
     async def start(self) -> None:
         self._start_metrics()
         if self.quota is not None:
             # Before any request is reserved: start-up replays the month's ledger.
             await self.quota.start()
+        if self.preferences is not None:
+            await self.preferences.start()
+        if self.history is not None:
+            await self.history.start()
         if self._metrics_server is not None:
             # Lag of this worker's stages, whole group: a worker fed by other systems (no
             # gateway running) still shows its queue.
@@ -117,6 +126,10 @@ class StageRuntime:
             await self.inflight.stop()
         if self.quota is not None:
             await self.quota.stop()
+        if self.preferences is not None:
+            await self.preferences.stop()
+        if self.history is not None:
+            await self.history.stop()
         if self._lag is not None:
             lag, self._lag = self._lag, None
             await lag.stop()
@@ -194,7 +207,11 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
     )
 
     if "preprocess" in wanted:
-        runtime.quota = _add_preprocess(app, settings, topics, tokens, dlq)
+        runtime.preferences = PreferencesTable(settings)
+        runtime.history = HistoryTable(settings)
+        runtime.quota = _add_preprocess(
+            app, settings, topics, tokens, dlq, runtime.preferences, runtime.history
+        )
     if "inference" in wanted:
         runtime.inflight = _add_inference(app, settings, topics, tokens, dlq)
         add_reduce(app, settings, topics, tokens, dlq, load_tiers(settings.tiers_file))
@@ -209,6 +226,8 @@ def _add_preprocess(
     topics: TopicNames,
     tokens: TopicT,
     dlq: DeadLetterQueue,
+    preferences: PreferencesTable,
+    history: HistoryTable,
 ) -> QuotaLedger:
     """The preprocess agent: `requests` -> `preprocessed`, or a rejection on `tokens`; returns
     the quota ledger it reserves other systems' requests in (the runtime starts it).
@@ -217,6 +236,14 @@ def _add_preprocess(
     assignor hands partition p of both to one worker (see the `control` agent below).
     """
     ids = RequestIds(app, settings.work_partitions)
+    # Co-partitioned with `requests` like `request-ids` (pipeline/worker/memory/sessions.py).
+    sessions = Sessions(
+        app,
+        settings.work_partitions,
+        ConnectionConfig.from_settings(settings),
+        topics,
+        max_message_bytes=settings.sizes.topic_message_bytes,
+    )
     tiers = load_tiers(settings.tiers_file)
     ledger = QuotaLedger(
         settings, tiers, gateway_id=f"worker-{settings.app_id}-{uuid.uuid4().hex[:8]}"
@@ -237,6 +264,9 @@ def _add_preprocess(
         admission=TopicAdmission(ledger),
         send_chunk=sender(raw_topic(app, topics.chunks)),
         reuse=reuse_reader(settings, topics.reuse),
+        preferences=preferences,
+        sessions=sessions,
+        history=history,
     )
 
     async def on_request(event: EventT[Any]) -> None:
@@ -256,6 +286,11 @@ def _add_preprocess(
     @app.timer(600.0)  # type: ignore[untyped-decorator]
     async def purge_request_ids() -> None:
         ids.purge(now_ms() - retention_ms)
+
+    @app.timer(60.0)  # type: ignore[untyped-decorator]
+    async def purge_sessions() -> None:
+        for session_id in sessions.expired(tiers, now_ms(), preferences.forgotten_at):
+            await sessions.forget(session_id)
 
     return ledger
 

@@ -36,6 +36,10 @@ def resume_state(stream: Iterable[TokenEvent]) -> ResumeState | None:
             usage["attempts"] if usage else 0, max(int(e.get("attempt") or 0) for e in ordered)
         ),
         input_tokens=usage["input_tokens"] if usage else 0,
+        cache_creation_input_tokens=int(usage.get("cache_creation_input_tokens") or 0)
+        if usage
+        else 0,
+        cache_read_input_tokens=int(usage.get("cache_read_input_tokens") or 0) if usage else 0,
         # Without a usage record, count a token per streamed seq (what the client saw).
         output_tokens=(usage["output_tokens"] if usage else 0) or len(texts),
         trace=trace,

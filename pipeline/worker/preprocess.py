@@ -8,6 +8,7 @@ that is turned away here still ends for its client: the stage writes a terminal 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -22,10 +23,15 @@ from pipeline.core.producers import Headers
 from pipeline.core.records import ChunkSummary, InferenceJob, SummarizeRequest
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
+from pipeline.memory.history import HistoryTable
+from pipeline.memory.store import PreferencesTable
 from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
 from pipeline.worker.identity import IdentityError, RequestIdentity
 from pipeline.worker.longdoc.split import LongJob
+from pipeline.worker.memory.history import split_input, with_history
+from pipeline.worker.memory.preferences import with_preferences
+from pipeline.worker.memory.sessions import Sessions, conversation
 from pipeline.worker.prepare import (
     Rejection,
     prepare,
@@ -60,6 +66,9 @@ class PreprocessStage:
         admission: TopicAdmission | None = None,
         send_chunk: Send | None = None,
         reuse: ReuseReader | None = None,
+        preferences: PreferencesTable | None = None,
+        sessions: Sessions | None = None,
+        history: HistoryTable | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -67,6 +76,9 @@ class PreprocessStage:
         # None only in tests of the stage's own logic; the worker always checks both.
         self.identity = identity
         self.admission = admission
+        self.preferences = preferences
+        self.sessions = sessions
+        self.history = history
         self._send_job = send_job
         self._send_token = send_token
         self._send_chunk = send_chunk
@@ -95,13 +107,8 @@ class PreprocessStage:
                 validate_request(request)
                 vouched = await self.identity.check(request, value, origin, headers)
                 request = vouched.request
-            prepared = functools.partial(
-                prepare, request, self.tiers, self.settings, now_ms=now, enqueued_ms=timestamp_ms
-            )
-            # A big document is normalised, counted and split on a thread, so the streams this
-            # worker is running keep their pace meanwhile.
             big = len(value or b"") > PREPARE_IN_THREAD_BYTES
-            outcome = await asyncio.to_thread(prepared) if big else prepared()
+            outcome = await self._prepare(request, now, timestamp_ms, big)
         except IdentityError as exc:
             await self._refuse(key, value, origin, request, exc, now, timestamp_ms)
             return
@@ -109,6 +116,10 @@ class PreprocessStage:
             await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
             return
+        if isinstance(outcome, LongJob):
+            outcome = await self._long_with_memory(outcome, request, headers)
+        elif not isinstance(outcome, Rejection):
+            outcome = await self._with_memory(outcome, request, headers)
         outcome, values = self._encode_outcome(outcome)
         if not isinstance(outcome, Rejection) and self.admission and vouched:
             # After the size check: an oversized job reserves nothing.
@@ -207,6 +218,58 @@ class PreprocessStage:
             for r in kept
             if r["kind"] == "SUMMARY" and r["level"] == 0 and 0 <= r["index"] < len(long.maps)
         }
+
+    async def _prepare(
+        self, request: SummarizeRequest, now: int, enqueued_ms: int | None, big: bool
+    ) -> InferenceJob | LongJob | Rejection:
+        """``prepare``, or for a follow-up: the session's document and turns around it."""
+        tier = self.tiers.get(request.get("tier") or "")
+        session_id = request.get("session_of")
+        if not session_id or self.sessions is None or tier is None:
+            prepared = functools.partial(
+                prepare, request, self.tiers, self.settings, now_ms=now, enqueued_ms=enqueued_ms
+            )
+            # A big document is normalised, counted and split on a thread, so the streams this
+            # worker is running keep their pace meanwhile.
+            return await asyncio.to_thread(prepared) if big else prepared()
+        forgotten_at = self.preferences.forgotten_at(request["user_id"]) if self.preferences else 0
+        found = await self.sessions.follow_up(request, tier, now, forgotten_at=forgotten_at)
+        if isinstance(found, Rejection):
+            return found
+        expanded, session = found
+        job = prepare(expanded, self.tiers, self.settings, now_ms=now, enqueued_ms=enqueued_ms)
+        if isinstance(job, Rejection):
+            return job
+        if isinstance(job, LongJob) or job["chunks"]:
+            return rejected(
+                "session_unavailable", "the document is too long to hold a conversation about"
+            )
+        return conversation(job, session, session_id)
+
+    async def _with_memory(
+        self, job: InferenceJob, request: SummarizeRequest, headers: Headers | None
+    ) -> InferenceJob:
+        """The user's preferences and history (looked up by the job's user), then the split."""
+        forgotten_at = 0
+        if self.preferences is not None:
+            job = await with_preferences(job, self.preferences, headers)
+            forgotten_at = self.preferences.forgotten_at(job["user_id"])
+        tier = self.tiers.get(job["tier"])
+        if tier is not None:
+            job = with_history(job, request, self.history, tier, forgotten_at=forgotten_at)
+        return split_input(job)
+
+    async def _long_with_memory(
+        self, long: LongJob, request: SummarizeRequest, headers: Headers | None
+    ) -> LongJob:
+        """A long document takes the user's memory in its final reduce, whose text the user
+        reads (the chunk summaries are the model's own notes); the plan record carries it."""
+        final = await self._with_memory(long.final, request, headers)
+        plan_record: ChunkSummary = {
+            **long.plan_record,
+            "job": codec().encode("InferenceJob", final),
+        }
+        return dataclasses.replace(long, final=final, plan_record=plan_record)
 
     def _encoded(self, job: InferenceJob) -> bytes | Rejection:
         """The job's record, or a rejection when it would not fit one: measured, not estimated,

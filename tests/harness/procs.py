@@ -282,6 +282,7 @@ class Stack:
                 "inflight-changelog",
                 "request-ids-changelog",
                 "longdoc-changelog",
+                "sessions-changelog",
                 "__assignor-__leader",
             )
         ]

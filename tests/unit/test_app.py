@@ -135,8 +135,9 @@ def test_create_app_registers_the_chosen_stages(tmp_path: Path) -> None:
     assert app.conf.stream_wait_empty is False
     assert app.conf.producer_acks == -1
     assert app.conf.web_enabled is False
-    # The in-flight table exists only with inference; the request ids only with preprocess.
-    assert set(app.tables.data) == {"request-ids"}
+    # The in-flight table exists only with inference; request ids and sessions only with
+    # preprocess.
+    assert set(app.tables.data) == {"request-ids", "sessions"}
     with pytest.raises(ValueError, match="stages"):
         create_app(settings, ["preprocess", "transcode"])
     with pytest.raises(ValueError, match="stages"):

@@ -140,7 +140,16 @@ async def test_memory_replay_after_a_cursor_then_done() -> None:
     assert done["status"] == "COMPLETED"
     assert done["summary"] == "the summary"
     assert done["cost"] == {"micro_usd": 7, "usd": 7e-6}
-    assert done["usage"] == {"input_tokens": 3, "output_tokens": 4, "attempts": 1}
+    assert done["usage"] == {
+        "input_tokens": 3,
+        "output_tokens": 4,
+        "attempts": 1,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "document_tokens": 0,
+        "memory_tokens": 0,
+        "instruction_tokens": 0,
+    }
 
 
 async def test_duplicates_are_dropped_and_order_is_kept() -> None:

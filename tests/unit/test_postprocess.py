@@ -154,6 +154,11 @@ def test_build_result() -> None:
         "output_tokens": 3,
         "attempts": 2,
         "cost_micro_usd": 1015,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "document_tokens": 0,
+        "memory_tokens": 0,
+        "instruction_tokens": 0,
     }
     assert result["last_seq"] == 5 and result["stop_reason"] == "end_turn"
     assert result["user_id"] == "bob" and result["tier"] == "pro"
@@ -162,6 +167,21 @@ def test_build_result() -> None:
     assert result["latency_ms"]["total"] == 512
     assert result["error"] is None
     codec().encode("SummaryResult", result)
+
+
+def test_build_result_prices_cache_writes_and_reads() -> None:
+    usage = {
+        "input_tokens": 100,
+        "output_tokens": 10,
+        "attempts": 1,
+        "cost_micro_usd": 0,
+        "cache_creation_input_tokens": 2_000,
+        "cache_read_input_tokens": 20_000,
+    }
+    result = build_result(event(4, "DONE", usage=usage), "x", PRICES, result_ms=T0)
+    # claude-haiku-4-5 at 1 micro-USD an input token: writes 1.25, reads 0.1.
+    assert result["usage"]["cost_micro_usd"] == 100 + 50 + 2_500 + 2_000
+    assert result["usage"]["cache_read_input_tokens"] == 20_000
 
 
 def test_build_result_keeps_inner_whitespace_and_the_error() -> None:
@@ -176,6 +196,11 @@ def test_build_result_keeps_inner_whitespace_and_the_error() -> None:
         "output_tokens": 0,
         "attempts": 0,
         "cost_micro_usd": 0,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "document_tokens": 0,
+        "memory_tokens": 0,
+        "instruction_tokens": 0,
     }
 
 

@@ -32,6 +32,7 @@ from pipeline.core.clock import now_ms
 from pipeline.core.settings import SimulatorSettings
 from pipeline.llm.simulator import admin, asgi, protocol
 from pipeline.llm.simulator.asgi import ClientGone, Receive, Scope, Send
+from pipeline.llm.simulator.cache import CacheUsage, PromptCache
 from pipeline.llm.simulator.limits import RateBuckets
 from pipeline.llm.simulator.pacing import pace
 from pipeline.llm.simulator.protocol import Call, Rejection, Reply
@@ -59,6 +60,8 @@ KNOBS = (
     "fault_times",
     "retry_after_s",
     "context_window_tokens",
+    "cache_min_tokens",
+    "record_prompts",
     *BUCKET_KNOBS,
 )
 # A bigger body is parsed and summarized on a thread.
@@ -124,6 +127,7 @@ class Simulator:
         self._rng = random.Random(self.settings.seed)
         self.buckets = RateBuckets(self._bucket_sizes(self.settings), time.time())
         self.stats = Stats(self.settings.max_records, peak_concurrent=self.open_streams)
+        self.cache = PromptCache(min_tokens=self.settings.cache_min_tokens)
 
     def configure(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Change knobs (SimulatorSettings names); raises ValueError when one is unknown or bad."""
@@ -139,6 +143,7 @@ class Simulator:
         if "seed" in changes:
             self._rng = random.Random(self.knobs.seed)
         self.buckets.resize(self._bucket_sizes(self.knobs), time.time())
+        self.cache.min_tokens = self.knobs.cache_min_tokens
         return self.config()
 
     @staticmethod
@@ -192,6 +197,8 @@ class Simulator:
                 call, reply = protocol.prepare(body, window)
             self._admit(knobs)
             self._charge(call, reply)
+            # Only an accepted call reads or writes the cache, as only it is billed.
+            cached = self.cache.account(call.model, call.segments, call.input_tokens, time.time())
         except Rejection as rejection:
             extra = self.buckets.headers(time.time())
             if rejection.status in (429, 529):
@@ -205,7 +212,10 @@ class Simulator:
         except ClientGone:
             stats.finish(record, "client_closed")
             return
-        await self._respond(call, reply, knobs, stats, record, receive, send)
+        stats.cached(cached)
+        if knobs.record_prompts:
+            stats.prompt(record, "\n".join(segment.text for segment in call.segments))
+        await self._respond(call, reply, cached, knobs, stats, record, receive, send)
 
     async def _count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /v1/messages/count_tokens``: the prompt's input tokens, as the API counts them
@@ -251,6 +261,7 @@ class Simulator:
         self,
         call: Call,
         reply: Reply,
+        cached: CacheUsage,
         knobs: SimulatorSettings,
         stats: Stats,
         record: RequestRecord,
@@ -268,6 +279,8 @@ class Simulator:
             prefill_chars=len(call.prefill),
             model=call.model,
             input_tokens=call.input_tokens,
+            cache_read_input_tokens=cached.cache_read_input_tokens,
+            cache_creation_input_tokens=cached.cache_creation_input_tokens,
         )
         append_bounded(record.streams, stream)
         self._status(stats, record, 200)
@@ -277,9 +290,9 @@ class Simulator:
         ended = "error"
         try:
             work = (
-                self._stream(send, call, reply, knobs, fault_at, stream)
+                self._stream(send, call, reply, cached, knobs, fault_at, stream)
                 if call.stream
-                else self._reply(send, call, reply, knobs, stream)
+                else self._reply(send, call, reply, cached, knobs, stream)
             )
             ended = await asgi.unless_disconnected(receive, work) or "client_closed"
         except _ConnectionDropped:
@@ -298,11 +311,12 @@ class Simulator:
         send: Send,
         call: Call,
         reply: Reply,
+        cached: CacheUsage,
         knobs: SimulatorSettings,
         fault_at: int,
         stream: StreamRecord,
     ) -> str:
-        message = protocol.message(call, reply, content=[], output_tokens=0)
+        message = protocol.message(call, reply, content=[], output_tokens=0, cached=cached)
         message["stop_reason"] = None
         message["stop_sequence"] = None
         headers = asgi.headers(protocol.SSE_HEADERS) + self.buckets.headers(time.time())
@@ -322,7 +336,7 @@ class Simulator:
         delta = {
             "type": "message_delta",
             "delta": {"stop_reason": reply.stop_reason, "stop_sequence": reply.stop_sequence},
-            "usage": {"input_tokens": call.input_tokens, "output_tokens": len(frames)},
+            "usage": protocol.usage(call, cached, len(frames)),
         }
         await asgi.send_body(
             send,
@@ -332,7 +346,13 @@ class Simulator:
         return "completed"
 
     async def _reply(
-        self, send: Send, call: Call, reply: Reply, knobs: SimulatorSettings, stream: StreamRecord
+        self,
+        send: Send,
+        call: Call,
+        reply: Reply,
+        cached: CacheUsage,
+        knobs: SimulatorSettings,
+        stream: StreamRecord,
     ) -> str:
         # Generation takes as long as streaming the same tokens would.
         tokens = len(reply.pieces)
@@ -341,7 +361,7 @@ class Simulator:
         await asgi.send_json(
             send,
             200,
-            protocol.message(call, reply, content, tokens),
+            protocol.message(call, reply, content, tokens, cached),
             self.buckets.headers(time.time()),
         )
         stream.tokens = tokens

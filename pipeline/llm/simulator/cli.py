@@ -34,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fault-kind", choices=["error", "drop"])
     parser.add_argument("--fault-times", type=int, help="streams that get the fault (-1: all)")
     parser.add_argument("--retry-after-s", type=float, help="retry-after on 429 and 529")
+    parser.add_argument("--cache-min-tokens", type=int, help="shortest prompt prefix cached")
+    parser.add_argument(
+        "--record-prompts",
+        action="store_true",
+        default=None,
+        help="keep each call's prompt text for GET /_sim/stats (tests)",
+    )
     for bucket in ("requests", "tokens", "input-tokens", "output-tokens"):
         parser.add_argument(
             f"--{bucket}-per-minute", type=int, help=f"{bucket} bucket per minute (0: no limit)"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.llm import extractive
+from pipeline.llm.simulator.cache import MAX_BREAKPOINTS, TTLS_S, CacheUsage, Segment
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -49,10 +50,12 @@ class Call:
     model: str
     max_tokens: int
     stream: bool
-    prompt: str  # the last user message's text
+    prompt: str  # the last user message holding a <document>, else the last one
     prefill: str  # the final assistant message's text, "" without one
     input_tokens: int
     stop_sequences: tuple[str, ...] = ()
+    # Every block in prompt order, with its cache_control breakpoint (cache.py).
+    segments: tuple[Segment, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,7 @@ def parse_call(body: bytes) -> Call:
     if not isinstance(messages, list) or not messages:
         raise _invalid("messages: at least one message is required")
     turns: list[tuple[str, str]] = []
+    segments = _segments("system", data.get("system"), "system")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _invalid(f"messages.{i}: Input should be an object")
@@ -132,21 +136,39 @@ def parse_call(body: bytes) -> Call:
                 "optional final assistant message"
             )
         turns.append((role, text))
+        segments += _segments(role, message.get("content"), f"messages.{i}.content")
     prefill = turns[-1][1] if turns[-1][0] == "assistant" else ""
     if prefill != prefill.rstrip():
         raise _invalid("final assistant content cannot end with trailing whitespace")
-    prompt = next((text for role, text in reversed(turns) if role == "user"), None)
-    if prompt is None:
+    users = [text for role, text in turns if role == "user"]
+    if not users:
         raise _invalid("messages: at least one user message is required")
+    # A conversation about a document (follow-ups) is answered from the document it holds.
+    prompt = next((text for text in reversed(users) if "<document>" in text), users[-1])
     system = data.get("system")
-    system_text = "" if system is None else _text_of(system, "system")[0]
+    if system is not None:
+        _text_of(system, "system")  # validates it; its blocks are in segments
     stop_sequences = data.get("stop_sequences") or []
     if not isinstance(stop_sequences, list) or not all(isinstance(s, str) for s in stop_sequences):
         raise _invalid("stop_sequences: Input should be a list of strings")
-    input_tokens = extractive.count_tokens(system_text) + sum(
-        extractive.count_tokens(text) for _, text in turns
+    # Counted per block, as the cache counts its prefixes (cache.py), so the two always agree.
+    input_tokens = sum(extractive.count_tokens(segment.text) for segment in segments)
+    marked = sum(1 for segment in segments if segment.ttl_s is not None)
+    if marked > MAX_BREAKPOINTS:
+        raise _invalid(
+            f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. "
+            f"Found {marked}."
+        )
+    return Call(
+        model,
+        max_tokens,
+        stream,
+        prompt,
+        prefill,
+        input_tokens,
+        tuple(stop_sequences),
+        tuple(segments),
     )
-    return Call(model, max_tokens, stream, prompt, prefill, input_tokens, tuple(stop_sequences))
 
 
 def context_window(model: str, override: int = 0) -> int:
@@ -206,6 +228,27 @@ def _text_of(content: object, where: str) -> tuple[str, bool]:
     return "".join(parts), other
 
 
+def _segments(role: str, content: object, where: str) -> list[Segment]:
+    """The text blocks of an already validated content field, with their breakpoints."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [Segment(role, content)]
+    found: list[Segment] = []
+    for j, block in enumerate(content if isinstance(content, list) else []):
+        control = block.get("cache_control")
+        ttl_s = None
+        if control is not None:
+            if not isinstance(control, dict) or control.get("type") != "ephemeral":
+                raise _invalid(f"{where}.{j}.cache_control.type: Input should be 'ephemeral'")
+            ttl = control.get("ttl", "5m")
+            if ttl not in TTLS_S:
+                raise _invalid(f"{where}.{j}.cache_control.ttl: Input should be '5m' or '1h'")
+            ttl_s = TTLS_S[ttl]
+        found.append(Segment(role, str(block.get("text") or ""), ttl_s))
+    return found
+
+
 def _invalid(message: str) -> Rejection:
     return Rejection(400, message)
 
@@ -216,8 +259,23 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
+def usage(call: Call, cached: CacheUsage | None, output_tokens: int) -> dict[str, int]:
+    """The usage object: ``input_tokens`` are those neither read from nor written to the cache."""
+    cached = cached or CacheUsage(call.input_tokens)
+    return {
+        "input_tokens": cached.input_tokens,
+        "cache_creation_input_tokens": cached.cache_creation_input_tokens,
+        "cache_read_input_tokens": cached.cache_read_input_tokens,
+        "output_tokens": output_tokens,
+    }
+
+
 def message(
-    call: Call, reply: Reply, content: list[dict[str, str]], output_tokens: int
+    call: Call,
+    reply: Reply,
+    content: list[dict[str, str]],
+    output_tokens: int,
+    cached: CacheUsage | None = None,
 ) -> dict[str, Any]:
     return {
         "id": f"msg_sim{secrets.token_hex(10)}",
@@ -227,7 +285,7 @@ def message(
         "content": content,
         "stop_reason": reply.stop_reason,
         "stop_sequence": reply.stop_sequence,
-        "usage": {"input_tokens": call.input_tokens, "output_tokens": output_tokens},
+        "usage": usage(call, cached, output_tokens),
     }
 
 

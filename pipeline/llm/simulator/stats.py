@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.llm.simulator.cache import CacheUsage
 
 MAX_ATTEMPTS_PER_RECORD = 100
+INPUT_KINDS = ("uncached", "cache_creation", "cache_read")
 
 
 @dataclass(slots=True)
@@ -25,6 +29,8 @@ class StreamRecord:
     # What the attempt is billed by: its model and prompt size (``tokens`` is its output).
     model: str = ""
     input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -35,6 +41,8 @@ class RequestRecord:
     outcomes: list[str] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
     streams: list[StreamRecord] = field(default_factory=list)
+    # Every accepted call's prompt text (system and messages), when record_prompts is on.
+    prompts: list[str] = field(default_factory=list)
 
 
 class Stats:
@@ -50,6 +58,8 @@ class Stats:
         self.by_outcome: Counter[str] = Counter()
         self.peak_concurrent = peak_concurrent
         self.counts = 0  # POST /v1/messages/count_tokens answered
+        # Input tokens of accepted calls by how they were priced (prompt caching, cache.py).
+        self.input_tokens: Counter[str] = Counter()
         self.records: OrderedDict[str, RequestRecord] = OrderedDict()
         self._max_records = max_records
 
@@ -71,6 +81,14 @@ class Stats:
         self.by_status[status] += 1
         append_bounded(record.statuses, status)
 
+    def cached(self, usage: CacheUsage) -> None:
+        self.input_tokens["uncached"] += usage.input_tokens
+        self.input_tokens["cache_creation"] += usage.cache_creation_input_tokens
+        self.input_tokens["cache_read"] += usage.cache_read_input_tokens
+
+    def prompt(self, record: RequestRecord, text: str) -> None:
+        append_bounded(record.prompts, text)
+
     def finish(self, record: RequestRecord, outcome: str) -> None:
         self.by_outcome[outcome] += 1
         append_bounded(record.outcomes, outcome)
@@ -85,6 +103,7 @@ class Stats:
             "open_streams": open_streams,
             "peak_concurrent": self.peak_concurrent,
             "count_tokens_calls": self.counts,
+            "input_tokens": {k: self.input_tokens[k] for k in INPUT_KINDS},
             "requests": {i: _record_json(self.records[i]) for i in ids if i in self.records},
         }
 
@@ -101,15 +120,20 @@ def _record_json(record: RequestRecord) -> dict[str, Any]:
             "prefill_chars": s.prefill_chars,
             "model": s.model,
             "input_tokens": s.input_tokens,
+            "cache_read_input_tokens": s.cache_read_input_tokens,
+            "cache_creation_input_tokens": s.cache_creation_input_tokens,
         }
         for s in record.streams
     ]
-    return {
+    found: dict[str, Any] = {
         "attempts": record.attempts,
         "outcomes": list(record.outcomes),
         "statuses": list(record.statuses),
         "streams": streams,
     }
+    if record.prompts:
+        found["prompts"] = list(record.prompts)
+    return found
 
 
 def append_bounded(items: list[Any], item: Any) -> None:

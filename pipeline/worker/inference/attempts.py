@@ -9,6 +9,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from pipeline.core.metrics import (
     INFLIGHT,
@@ -121,6 +122,8 @@ class Attempts:
                 verdict = True
                 run.input_tokens += finished.input_tokens
                 run.output_tokens += finished.output_tokens
+                run.cache_creation_input_tokens += finished.cache_creation_input_tokens
+                run.cache_read_input_tokens += finished.cache_read_input_tokens
                 return text
             except UpstreamAttemptError as err:
                 verdict = True
@@ -177,7 +180,7 @@ class Attempts:
     async def _stream_attempt(
         self,
         run: Run,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         overlap: str,
         remaining: int,
         started: float,
@@ -245,6 +248,8 @@ class Attempts:
             # Every attempt is billed, including failed and cancelled ones.
             run.input_tokens += stream.input_tokens
             run.output_tokens += stream.output_tokens
+            run.cache_creation_input_tokens += stream.cache_creation_input_tokens
+            run.cache_read_input_tokens += stream.cache_read_input_tokens
             run.streamed += stream.output_tokens
 
     def _mark_token(self, run: Run) -> None:
@@ -370,9 +375,17 @@ class Attempts:
         )
 
 
-def _messages(run: Run, prompt: str, prefill: str) -> list[dict[str, str]]:
-    """The conversation of the next attempt: the prompt, then the text so far if any."""
-    messages = [{"role": "user", "content": prompt}]
+def _messages(run: Run, prompt: str, prefill: str) -> list[dict[str, Any]]:
+    """The conversation of the next attempt: the prompt, a follow-up's earlier turns, then the
+    text so far if any."""
+    first: Any = prompt
+    if run.job.get("cache_prompt"):
+        # The document is the same in every turn of a conversation: the API caches it
+        # (docs/architecture.md, "Prompt caching").
+        first = [{"type": "text", "text": prompt, "cache_control": {"type": "ephemeral"}}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": first}]
+    for i, text in enumerate(run.job.get("turns") or []):
+        messages.append({"role": "assistant" if i % 2 == 0 else "user", "content": text})
     if prefill:
         messages.append({"role": "assistant", "content": prefill})
         if run.continuation is Continuation.PROMPT:

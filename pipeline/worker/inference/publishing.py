@@ -139,7 +139,14 @@ class RunPublisher:
         await self._flush(run)
         run.seq += 1
         usage = events.usage(
-            input_tokens=run.input_tokens, output_tokens=run.output_tokens, attempts=run.attempts
+            input_tokens=run.input_tokens,
+            output_tokens=run.output_tokens,
+            attempts=run.attempts,
+            cache_creation_input_tokens=run.cache_creation_input_tokens,
+            cache_read_input_tokens=run.cache_read_input_tokens,
+            document_tokens=int(run.job.get("document_tokens") or 0),
+            memory_tokens=int(run.job.get("memory_tokens") or 0),
+            instruction_tokens=int(run.job.get("instruction_tokens") or 0),
         )
         event = events.terminal(
             run.meta,

@@ -84,6 +84,8 @@ class ResumeState:
     output_tokens: int
     # The trace of the earlier events (inference_start, first_token...), when known.
     trace: Trace = field(default_factory=dict)
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -99,6 +101,8 @@ class Run:
     attempts: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_creation_input_tokens: int = 0  # prompt caching: not in input_tokens
+    cache_read_input_tokens: int = 0
     streamed: int = 0  # output tokens behind the text so far (what max_tokens limits)
     trace: Trace = field(default_factory=dict)
     chunk_summaries: list[str] | None = None
@@ -122,6 +126,8 @@ class Run:
             self.attempts = self.resume.attempts
             self.input_tokens = self.resume.input_tokens
             self.output_tokens = self.resume.output_tokens
+            self.cache_creation_input_tokens = self.resume.cache_creation_input_tokens
+            self.cache_read_input_tokens = self.resume.cache_read_input_tokens
             self.streamed = self.resume.output_tokens
             self.trace.update(self.resume.trace)
         # A long document's final reduce bills its map and collapse calls with it; a resumed

@@ -1,0 +1,170 @@
+"""The ``preferences`` topic as a table: every partition read into a map by user id.
+
+The compacted topic is the table's log: the last record of a user is their preferences, a
+tombstone forgets them. Every gateway (which writes it) and every worker running preprocess
+(which reads it into prompts) holds the whole map, as the quota ledger does for ``quota``;
+a write is applied locally once the broker acknowledged it, so the writer reads its own write.
+See docs/architecture.md, "Context and memory".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, cast
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
+
+from pipeline.core.codec import codec
+from pipeline.core.errors import BrokerUnavailableError, CodecError, TopicMissingError
+from pipeline.core.records import UserPreferences
+from pipeline.core.settings import KafkaSettings
+from pipeline.core.topics import TopicNames
+from pipeline.kafka.connection import ConnectionConfig
+from pipeline.kafka.partition_tail import PartitionTail
+
+log = logging.getLogger("sumstream.memory")
+
+
+class MemoryUnavailableError(BrokerUnavailableError):
+    """The preferences log could not be read or written in time."""
+
+    code = "memory_unavailable"
+
+
+class PreferencesTable:
+    """Every user's current preferences, read from the compacted ``preferences`` topic."""
+
+    def __init__(
+        self, settings: KafkaSettings, *, writer: bool = False, start_timeout_s: float = 60.0
+    ) -> None:
+        self.settings = settings
+        self.topic = TopicNames.from_settings(settings).preferences
+        self._writer = writer
+        self._start_timeout_s = start_timeout_s
+        self._by_user: dict[str, UserPreferences] = {}
+        self._changed = asyncio.Condition()
+        self._producer: AIOKafkaProducer | None = None
+        self._tail: PartitionTail | None = None
+
+    @property
+    def ready(self) -> bool:
+        """True once every partition was read to the end it had at start."""
+        return self._tail is not None and self._tail.caught_up.is_set()
+
+    def get(self, user_id: str) -> UserPreferences | None:
+        """The user's preferences as last read (None: none set, or forgotten)."""
+        return self._by_user.get(user_id)
+
+    def forgotten_at(self, user_id: str) -> int:
+        """When the user last asked to be forgotten (epoch ms; 0: never)."""
+        found = self._by_user.get(user_id)
+        return found["forgotten_at"] if found else 0
+
+    def version(self, user_id: str) -> int:
+        found = self._by_user.get(user_id)
+        return found["version"] if found else 0
+
+    async def start(self) -> None:
+        """Read every partition from its start up to its end, then follow it."""
+        connection = ConnectionConfig.from_settings(self.settings)
+        self._tail = PartitionTail(connection, name="preferences", poll_timeout_ms=500)
+        try:
+            consumer = await self._tail.open()
+            if self._writer:
+                self._producer = connection.producer(
+                    acks="all", enable_idempotence=True, linger_ms=0
+                )
+                await self._producer.start()
+            partitions = await self._partitions(consumer)
+            tps = [TopicPartition(self.topic, p) for p in partitions]
+            await self._tail.assign(tps, offsets=dict.fromkeys(tps, 0))
+            self._tail.run(self._apply_batch)
+            async with asyncio.timeout(self._start_timeout_s):
+                await self._tail.caught_up.wait()
+        except BaseException as exc:
+            await self.stop()
+            if isinstance(exc, KafkaError | TimeoutError):
+                raise MemoryUnavailableError(f"preferences cannot start: {exc!r}") from exc
+            raise
+        log.info("preferences ready", extra={"topic": self.topic, "users": len(self._by_user)})
+
+    async def stop(self) -> None:
+        tail, self._tail = self._tail, None
+        if tail is not None:
+            await tail.stop()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(KafkaError):
+                await producer.stop()
+
+    async def put(self, record: UserPreferences) -> None:
+        """Write ``record`` as its user's preferences; applied here once acknowledged."""
+        value = codec().encode("UserPreferences", record)
+        await self._send(record["user_id"], value)
+        await self._apply(record["user_id"], record)
+
+    async def forget(self, user_id: str) -> bool:
+        """Write the user's tombstone; True when there was something to forget."""
+        had = user_id in self._by_user
+        await self._send(user_id, None)
+        await self._apply(user_id, None)
+        return had
+
+    async def wait_for(self, user_id: str, version: int, timeout_s: float) -> bool:
+        """Wait until the user's preferences reach ``version`` (True) or ``timeout_s`` passes."""
+        if self.version(user_id) >= version:
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s), self._changed:
+                await self._changed.wait_for(lambda: self.version(user_id) >= version)
+        return self.version(user_id) >= version
+
+    async def _send(self, user_id: str, value: bytes | None) -> None:
+        if self._producer is None:
+            raise RuntimeError("this preferences table does not write")
+        try:
+            await self._producer.send_and_wait(self.topic, key=user_id.encode(), value=value)
+        except KafkaError as exc:
+            raise MemoryUnavailableError(f"could not write preferences: {exc!r}") from exc
+
+    async def _partitions(self, consumer: Any) -> list[int]:
+        try:
+            async with asyncio.timeout(10):
+                while not (found := consumer.partitions_for_topic(self.topic)):
+                    await consumer.topics()
+                    consumer.assign([TopicPartition(self.topic, 0)])
+                    await asyncio.sleep(0.1)
+                return sorted(found)
+        except (UnknownTopicOrPartitionError, TimeoutError) as exc:
+            raise TopicMissingError(
+                f"topic {self.topic} missing: run `sumstream topics create`"
+            ) from exc
+
+    async def _apply_batch(self, tp: TopicPartition, messages: list[Any]) -> None:
+        for message in messages:
+            user_id = (message.key or b"").decode("utf-8", "replace")
+            if message.value is None:
+                await self._apply(user_id, None)
+                continue
+            try:
+                record = cast(UserPreferences, codec().decode_as(message.value, "UserPreferences"))
+            except CodecError as exc:
+                log.warning(
+                    "unreadable preferences record skipped",
+                    extra={"partition": tp.partition, "offset": message.offset, "error": str(exc)},
+                )
+                continue
+            # The key is the namespace: a record naming another user is not theirs to set.
+            if record["user_id"] == user_id:
+                await self._apply(user_id, record)
+
+    async def _apply(self, user_id: str, record: UserPreferences | None) -> None:
+        async with self._changed:
+            if record is None:
+                self._by_user.pop(user_id, None)
+            else:
+                self._by_user[user_id] = record
+            self._changed.notify_all()

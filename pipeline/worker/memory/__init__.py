@@ -1,0 +1,2 @@
+"""Memory in the stages: preferences applied by preprocess (docs/architecture.md, "Context
+and memory")."""
