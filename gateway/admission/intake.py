@@ -200,11 +200,21 @@ class Intake:
             request_id, principal, body, admitted, idempotency_key, created, received_ms
         )
         record["body_sha256"] = fingerprint  # the body the key was first used with
+        return await self._accept(producer, record, admitted, input_tokens)
+
+    async def _accept(
+        self,
+        producer: AIOKafkaProducer,
+        record: SummarizeRequest,
+        admitted: Admitted,
+        input_tokens: int,
+    ) -> Accepted:
+        """Write the request to the log; once it is there, it is accepted."""
         await self._produce_request(producer, record, admitted)
         self.admission.accepted(admitted)
         _log_accepted(admitted, input_tokens)
         return Accepted(
-            request_id,
+            record["request_id"],
             False,
             admitted.queue_position,
             admitted.estimated_wait_s,
@@ -270,17 +280,7 @@ class Intake:
         )
         record = _request_record(request_id, principal, body, admitted, None, created, received_ms)
         record["session_of"] = session_id
-        await self._produce_request(producer, record, admitted)
-        self.admission.accepted(admitted)
-        _log_accepted(admitted, input_tokens)
-        return Accepted(
-            request_id,
-            False,
-            admitted.queue_position,
-            admitted.estimated_wait_s,
-            admitted.max_output_tokens,
-            admitted.degraded,
-        )
+        return await self._accept(producer, record, admitted, input_tokens)
 
     async def _input_tokens(self, principal: Principal, tier: Tier, document: str) -> int:
         """The document's tokens as the tier bills them; 413 when the tier refuses its size,

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import cast
 
 import faust
 
 from pipeline.core.partitioning import partition_for
-from pipeline.worker.tables import OwnedTable, delete, write
+from pipeline.worker.tables import add_table, delete, write
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,29 +40,17 @@ class FirstRecord:
         return (self.partition, self.offset) == (partition, offset)
 
 
-class RequestIdTable(OwnedTable):
-    """The table; records which of its partitions this worker owns once they are recovered."""
-
-
 class RequestIds:
     """request id -> its first record, for the partitions of `requests` this worker reads."""
 
     def __init__(self, app: faust.App, partitions: int) -> None:
         self.partitions = partitions
         self.owned: set[int] = set()
-        self.table = cast(
-            RequestIdTable,
-            app.tables.add(
-                RequestIdTable(
-                    app,
-                    name="request-ids",
-                    partitions=partitions,
-                    key_type=bytes,
-                    value_type=bytes,
-                    use_partitioner=True,
-                    help="request_id -> its first record (pipeline/worker/request_ids.py)",
-                ),
-            ),
+        self.table = add_table(
+            app,
+            "request-ids",
+            partitions=partitions,
+            help="request_id -> its first record (pipeline/worker/request_ids.py)",
         )
         self.table.on_assigned = self._assigned
 

@@ -9,7 +9,9 @@ the key (docs/architecture.md, "Partitioning"), so the partition is known withou
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import cast
 
+import faust
 from faust.tables.table import Table
 from faust.types import TP
 
@@ -27,6 +29,32 @@ class OwnedTable(Table[bytes, bytes]):
         await super().on_recovery_completed(active_tps, standby_tps)
         if self.on_assigned is not None:
             self.on_assigned({tp.partition for tp in active_tps})
+
+
+def add_table(
+    app: faust.App,
+    name: str,
+    *,
+    partitions: int,
+    help: str,
+    max_message_bytes: int | None = None,
+) -> OwnedTable:
+    """A bytes table keyed like `requests` (murmur2 of the key, ``partitions`` of them).
+    ``max_message_bytes``: for tables whose entries hold a whole job or document, so the
+    changelog takes what the other topics take (docs/architecture.md, "Record sizes")."""
+    extra = {} if max_message_bytes is None else {"max.message.bytes": str(max_message_bytes)}
+    table = OwnedTable(
+        app,
+        name=name,
+        partitions=partitions,
+        # bytes => the "raw" serializer for keys and values.
+        key_type=bytes,
+        value_type=bytes,
+        use_partitioner=True,
+        extra_topic_configs=extra,
+        help=help,
+    )
+    return cast(OwnedTable, app.tables.add(table))
 
 
 def write(table: Table[bytes, bytes], partitions: int, key: bytes, raw: bytes) -> Awaitable[object]:

@@ -5,7 +5,7 @@ machine (``entries``), and the work that keeps them and resumes them after a reb
 from __future__ import annotations
 
 from pipeline.worker.inflight.entries import Entry, EntryState
-from pipeline.worker.inflight.table import InflightEntries, InflightTable
+from pipeline.worker.inflight.table import InflightEntries
 from pipeline.worker.inflight.work import InflightWork
 
-__all__ = ["Entry", "EntryState", "InflightEntries", "InflightTable", "InflightWork"]
+__all__ = ["Entry", "EntryState", "InflightEntries", "InflightWork"]

@@ -8,17 +8,12 @@ its job and Faust's co-partitioning hands both to the same worker.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import cast
 
 import faust
 
 from pipeline.core.partitioning import partition_for
 from pipeline.worker.inflight.entries import Entry, is_stale
-from pipeline.worker.tables import OnAssigned, OwnedTable, delete, write
-
-
-class InflightTable(OwnedTable):
-    """The `inflight` table; tells its owner when its partitions are recovered."""
+from pipeline.worker.tables import OnAssigned, add_table, delete, write
 
 
 class InflightEntries:
@@ -33,23 +28,12 @@ class InflightEntries:
         max_message_bytes: int,
     ) -> None:
         self.partitions = partitions
-        self.table = cast(
-            InflightTable,
-            app.tables.add(
-                InflightTable(
-                    app,
-                    name="inflight",
-                    partitions=partitions,
-                    # bytes => the "raw" serializer for keys and values.
-                    key_type=bytes,
-                    value_type=bytes,
-                    use_partitioner=True,
-                    # An entry holds a whole job: the changelog takes what the other topics
-                    # take (docs/architecture.md, "Record sizes").
-                    extra_topic_configs={"max.message.bytes": str(max_message_bytes)},
-                    help="request_id -> in-flight inference job (pipeline/worker/inflight/)",
-                ),
-            ),
+        self.table = add_table(
+            app,
+            "inflight",
+            partitions=partitions,
+            help="request_id -> in-flight inference job (pipeline/worker/inflight/)",
+            max_message_bytes=max_message_bytes,
         )
         self.table.on_assigned = on_assigned
         self.owned: set[int] = set()

@@ -26,7 +26,7 @@ from pipeline.worker.agents import events, on_record, process, raw_topic, sender
 from pipeline.worker.dlq import DeadLetterQueue, Origin
 from pipeline.worker.longdoc.reduce import DocState, Step, on_cancel, on_plan, on_summary
 from pipeline.worker.preprocess import ReuseReader
-from pipeline.worker.tables import write
+from pipeline.worker.tables import add_table, write
 
 log = logging.getLogger("sumstream.longdoc")
 
@@ -155,20 +155,12 @@ def add_reduce(
     """The reduce agents of the inference stage. `chunks`, `control` and the ``longdoc``
     changelog have `preprocessed`'s partition count and key by the parent request, so one
     worker owns a parent's records, its cancel and its state."""
-    table = cast(
-        Table[bytes, bytes],
-        app.tables.add(
-            Table(
-                app,
-                name="longdoc",
-                partitions=settings.work_partitions,
-                key_type=bytes,
-                value_type=bytes,
-                use_partitioner=True,
-                extra_topic_configs={"max.message.bytes": str(settings.sizes.topic_message_bytes)},
-                help="parent request id -> a long document's reduce progress",
-            )
-        ),
+    table = add_table(
+        app,
+        "longdoc",
+        partitions=settings.work_partitions,
+        help="parent request id -> a long document's reduce progress",
+        max_message_bytes=settings.sizes.topic_message_bytes,
     )
     reducer = LongDocReducer(
         table,

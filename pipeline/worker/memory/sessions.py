@@ -30,7 +30,7 @@ from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import read_request_records
 from pipeline.llm.extractive import count_tokens
 from pipeline.worker.prepare import MAX_INSTRUCTIONS_CHARS, Rejection, rejected
-from pipeline.worker.tables import OwnedTable, delete, write
+from pipeline.worker.tables import add_table, delete, write
 
 log = logging.getLogger("sumstream.preprocess")
 
@@ -95,10 +95,6 @@ class Session:
         return out
 
 
-class SessionTable(OwnedTable):
-    """The `sessions` table; records which of its partitions this worker owns."""
-
-
 Reader = Callable[[str, str, str], Any]
 
 
@@ -118,21 +114,12 @@ class Sessions:
         self.owned: set[int] = set()
         self._connection = connection
         self._topics = topics
-        self.table = cast(
-            SessionTable,
-            app.tables.add(
-                SessionTable(
-                    app,
-                    name="sessions",
-                    partitions=partitions,
-                    key_type=bytes,
-                    value_type=bytes,
-                    use_partitioner=True,
-                    # An entry holds a whole document (docs/architecture.md, "Record sizes").
-                    extra_topic_configs={"max.message.bytes": str(max_message_bytes)},
-                    help="session id -> conversation (pipeline/worker/memory/sessions.py)",
-                ),
-            ),
+        self.table = add_table(
+            app,
+            "sessions",
+            partitions=partitions,
+            help="session id -> conversation (pipeline/worker/memory/sessions.py)",
+            max_message_bytes=max_message_bytes,
         )
         self.table.on_assigned = self._assigned
 
