@@ -1,4 +1,4 @@
-"""Writes to the worker's changelog-backed tables, and the recovery hook they share.
+"""How the worker declares and writes its changelog-backed tables.
 
 Faust's own ``table[key] = value`` lets the producer pick the changelog partition, which needs
 the producer's metadata for the changelog topic: just after a takeover it may have none yet,
