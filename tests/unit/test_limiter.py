@@ -326,3 +326,20 @@ def test_refusals_in_a_row_at_one_level_slow_the_probing_beyond_it_each_time() -
     while limits.allowed < 16:
         limits.succeeded(clock.now, 0.2)
     assert _successes_to_grow(limits, clock) <= 2 * 16 * 4
+
+
+def test_a_worker_with_half_the_partitions_probes_beyond_a_refusal_half_as_fast() -> None:
+    probes = []
+    for share in (1.0, 0.5):
+        clock = FakeClock()
+        limits = limiter(clock)
+        limits.set_share(share)
+        limits.limit = 9.0
+        for _ in range(8):
+            limits.accepted()
+        limits.refused(clock.now, retry_after_s=None)
+        limits.accepted_now = 0
+        while limits.allowed < 8:
+            limits.succeeded(clock.now, 0.2)
+        probes.append(_successes_to_grow(limits, clock))
+    assert probes[1] >= 2 * probes[0] - 1

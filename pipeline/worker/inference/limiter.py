@@ -257,7 +257,8 @@ class UpstreamLimiter:
         else:
             step = 1.0 / self.limit
             if self._refused_at is not None:
-                step /= self.probe_slowdown * 2**self._repeats
+                # Every worker probes its share: together they probe as fast as one would.
+                step *= self.share / (self.probe_slowdown * 2**self._repeats)
         self._set_limit(min(float(self.own_ceiling), self.limit + step))
 
     def refused(self, started_at: float, retry_after_s: float | None) -> None:
