@@ -20,6 +20,7 @@ from typing import Any
 import faust
 import uvloop
 from faust.types import EventT, StreamT, TopicT
+from mode.utils.objects import cached_property
 from prometheus_client import start_http_server
 
 from pipeline.core.clock import now_ms
@@ -58,7 +59,7 @@ from pipeline.worker.memory.sessions import Sessions
 from pipeline.worker.postprocess import PostprocessStage, tail_reread
 from pipeline.worker.preprocess import PreprocessStage
 from pipeline.worker.request_ids import RequestIds
-from pipeline.worker.transport import Transport
+from pipeline.worker.transport import FlowControl, Transport
 
 log = logging.getLogger("sumstream.worker")
 
@@ -73,6 +74,10 @@ class StageApp(faust.App):
 
     def _new_transport(self) -> Any:
         return Transport(self.conf.broker_consumer, self)
+
+    @cached_property
+    def flow_control(self) -> FlowControl:
+        return FlowControl(loop=self.loop)
 
     async def on_start(self) -> None:
         await super().on_start()

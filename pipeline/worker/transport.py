@@ -1,12 +1,16 @@
-"""sumstream's Faust transport: Faust's aiokafka driver with an idempotent producer and a
-configurable fetch wait. ``StageApp`` (pipeline/worker/app.py) creates it instead of Faust's own.
+"""sumstream's Faust transport: Faust's aiokafka driver with an idempotent producer, a
+configurable fetch wait, and acks that cannot commit past a record nobody processed.
+``StageApp`` (pipeline/worker/app.py) creates it instead of Faust's own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Set
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, Message
+from mode.utils.queues import FlowControlEvent
 
 from pipeline.kafka.compat import set_fetch_max_wait
 
@@ -27,9 +31,70 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
 
+def ack_counts(
+    tp: TP,
+    generation: int | None,
+    current_generation: int,
+    unsettled: Set[TP],
+) -> bool:
+    """May an ack of a record of ``tp`` fetched in ``generation`` move the committed offset?
+
+    Not when it was fetched before the current generation, nor while ``tp`` is revoked and not
+    yet sought back to its committed offset: Faust's streams ack the events they *skip* around
+    a rebalance (a stale generation, a suspended flow) as if processed, and such an ack, made
+    after the revoke cleared the partition's committed offset, let the next commit jump over
+    records cleared from the agents' buffers. They were never processed and never came back
+    (docs/architecture.md, "Rebalances"). Refused acks only mean a redelivery after the seek.
+    """
+    if tp in unsettled:
+        return False
+    return generation is None or generation == current_generation
+
+
 class Consumer(faust_aiokafka.Consumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Partitions revoked and not yet sought back to their committed offsets.
+        self._unsettled: set[TP] = set()
+
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
+        self._unsettled.update(revoked)
+        await super().on_partitions_revoked(revoked)
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        offsets = await super().seek_to_committed()
+        self._unsettled.difference_update(offsets)
+        return offsets
+
+    def ack(self, message: Message) -> bool:
+        generation = getattr(message, "generation_id", None)
+        if not ack_counts(message.tp, generation, self.app.consumer_generation_id, self._unsettled):
+            message.acked = True  # acked once: the stream's later acks are no-ops
+            self._unacked_messages.discard(message)  # nothing for a shutdown to wait for
+            return False
+        return bool(super().ack(message))
+
+
+class FlowControl(FlowControlEvent):
+    """Faust's flow control of the agents' buffers, clearing them on a resume only when the
+    flow was suspended.
+
+    Faust's recovery resumes the flow twice after a rebalance: to read the changelogs, then
+    once the stream partitions are sought back to their committed offsets. By the second
+    resume the fetcher has been running again: records it fetched after the seek sit in the
+    agents' buffers, already past the consumer's position, and a clear there dropped them for
+    good (a follow-up queued behind a record the agent was busy with was never prepared;
+    docs/architecture.md, "Rebalances"). A buffer filled while the flow runs holds fresh
+    records, so only a resume from a suspension clears.
+    """
+
+    def resume(self) -> None:
+        if self.is_active():
+            return
+        super().resume()
 
 
 class Transport(faust_aiokafka.Transport):

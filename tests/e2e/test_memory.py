@@ -323,3 +323,22 @@ async def test_history_adds_the_users_own_relevant_summaries_counted_in_usage(
     assert usage["document_tokens"] > 0 and usage["instruction_tokens"] > 0
     [prompt] = prompts_of(stack, found.request_id)
     assert "<history>" in prompt and past[1].done["summary"] in prompt
+
+
+async def test_a_follow_up_after_sigkill_of_the_session_worker_keeps_the_turns(
+    stack: Stack,
+) -> None:
+    async with httpx.AsyncClient(timeout=90) as client:
+        summary = await summarize(client, stack, "key-ann", 14)
+        first = await follow_up(client, stack, "key-ann", summary.request_id, "Q-before-kill?")
+        [worker] = stack.workers
+        worker.kill9()
+        stack.workers.remove(worker)
+        # Sent while the replacement is still starting: the follow-up queues behind the
+        # records the kill left uncommitted, which the replacement gets again.
+        stack.start_worker(name="worker-after-kill")
+        async with asyncio.timeout(90):
+            second = await follow_up(client, stack, "key-ann", summary.request_id, "Q-after-kill?")
+    [prompt] = prompts_of(stack, second.request_id)
+    # The first turn was only in the `sessions` table: its changelog brought it back.
+    assert "Q-before-kill?" in prompt and first.done["summary"] in prompt

@@ -1,0 +1,76 @@
+"""The worker's Faust consumer: an ack counts toward the committed offset only for a record
+fetched in the current generation, on a partition sought back to its committed offset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from faust.transport.consumer import Consumer as FaustConsumer
+from faust.types import TP
+from faust.types.tuples import ConsumerMessage
+
+from pipeline.worker.app import StageApp
+from pipeline.worker.transport import Consumer, FlowControl, ack_counts
+
+TOPIC = "test-transport-requests"
+REQUESTS_0 = TP(TOPIC, 0)
+
+
+def test_an_ack_counts_in_the_current_generation_only() -> None:
+    assert ack_counts(REQUESTS_0, 7, 7, set())
+    assert not ack_counts(REQUESTS_0, 6, 7, set())
+    # A message built without a generation (Faust's own internal ones) keeps Faust's rule.
+    assert ack_counts(REQUESTS_0, None, 7, set())
+
+
+def test_an_ack_on_a_revoked_partition_not_yet_sought_back_does_not_count() -> None:
+    assert not ack_counts(REQUESTS_0, 7, 7, {REQUESTS_0})
+    assert ack_counts(TP(TOPIC, 1), 7, 7, {REQUESTS_0})
+
+
+def _message(offset: int, generation: int | None) -> ConsumerMessage:
+    return ConsumerMessage(
+        TOPIC, 0, offset, 0.0, 0, [], b"k", b"v", None, 1, 1, REQUESTS_0, generation_id=generation
+    )
+
+
+async def worker_consumer() -> Any:
+    """A worker app's own consumer (never started: acks need no broker)."""
+    app = StageApp("test-transport", broker="kafka://127.0.0.1:1", autodiscover=False)
+    app.topics.add(app.topic(TOPIC, value_serializer="raw"))
+    await app.topics._update_indices()  # what an agent's start does: its records are acked
+    app.consumer_generation_id = 7
+    built = app.consumer
+    assert isinstance(built, Consumer)
+    return built
+
+
+async def test_the_worker_consumer_skips_stale_acks_and_commits_only_processed_records() -> None:
+    consumer = await worker_consumer()
+    assert not consumer.ack(_message(10, generation=6))  # fetched before the rebalance
+    assert FaustConsumer._new_offset(consumer, REQUESTS_0) is None
+    assert consumer.ack(_message(11, generation=7))
+    assert FaustConsumer._new_offset(consumer, REQUESTS_0) == 12
+
+
+async def test_the_worker_consumer_counts_acks_again_once_the_partition_is_sought_back() -> None:
+    consumer = await worker_consumer()
+    consumer._unsettled.add(REQUESTS_0)
+    assert not consumer.ack(_message(20, generation=7))
+    consumer._unsettled.discard(REQUESTS_0)  # what seek_to_committed does for its partitions
+    assert consumer.ack(_message(21, generation=7))
+    assert FaustConsumer._new_offset(consumer, REQUESTS_0) == 22
+
+
+async def test_a_resume_while_the_flow_runs_keeps_the_buffered_records() -> None:
+    app = StageApp("test-transport-flow", broker="kafka://127.0.0.1:1", autodiscover=False)
+    flow = app.flow_control
+    assert isinstance(flow, FlowControl)
+    flow.resume()  # the flow starts suspended until the worker starts
+    buffer: Any = app.FlowControlQueue(maxsize=0, clear_on_resume=True)
+    buffer.put_nowait("fetched after the seek")
+    flow.resume()  # the recovery's second resume: the flow was running
+    assert buffer.qsize() == 1
+    flow.suspend()
+    flow.resume()  # a resume from a suspension drops what was buffered before it
+    assert buffer.qsize() == 0
