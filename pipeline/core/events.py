@@ -87,9 +87,17 @@ def started(meta: StreamMeta, *, seq: int, attempt: int, trace: Trace) -> TokenE
     return _event(meta, "STARTED", seq=seq, attempt=attempt, trace=trace)
 
 
-def delta(request_id: str, *, first_seq: int, pieces: Sequence[str], attempt: int) -> TokenEvent:
+def delta(
+    request_id: str,
+    *,
+    first_seq: int,
+    pieces: Sequence[str],
+    attempt: int,
+    usage: Usage | None = None,
+) -> TokenEvent:
     """A DELTA covering ``first_seq`` and the seqs after it, one per piece of text; the
-    per-stream metadata stays at the schema's defaults (STARTED and the terminal carry it)."""
+    per-stream metadata stays at the schema's defaults (STARTED and the terminal carry it).
+    ``usage`` rides on an attempt's first DELTA only (the run's input so far)."""
     if not pieces:
         raise ValueError("a DELTA covers at least one seq")
     cuts: list[int] = []
@@ -103,6 +111,7 @@ def delta(request_id: str, *, first_seq: int, pieces: Sequence[str], attempt: in
         seq=first_seq + len(pieces) - 1,
         attempt=attempt,
         text="".join(pieces),
+        usage=usage,
     )
     event["first_seq"] = first_seq if len(pieces) > 1 else 0
     event["cuts"] = cuts

@@ -25,7 +25,11 @@ def resume_state(stream: Iterable[TokenEvent]) -> ResumeState | None:
     ordered = [by_seq[s] for s in sorted(by_seq)]
     # A DELTA may cover a range of seqs; a redelivered one counts once.
     texts = events.delta_texts(ordered)
-    usage: Usage | None = next((e["usage"] for e in reversed(ordered) if e.get("usage")), None)
+    # The last usage out: an attempt's first DELTA carries the run's input so far (every
+    # attempt's, the one streaming included); its output is what was streamed, a token a seq.
+    last = next((e for e in reversed(ordered) if e.get("usage")), None)
+    usage: Usage | None = last["usage"] if last else None
+    streamed_output = last is None or last["kind"] == "DELTA"
     trace: Trace = {}
     for event in ordered:
         trace.update(event.get("trace") or {})
@@ -40,8 +44,10 @@ def resume_state(stream: Iterable[TokenEvent]) -> ResumeState | None:
         if usage
         else 0,
         cache_read_input_tokens=int(usage.get("cache_read_input_tokens") or 0) if usage else 0,
-        # Without a usage record, count a token per streamed seq (what the client saw).
-        output_tokens=(usage["output_tokens"] if usage else 0) or len(texts),
+        # Without a terminal's usage, count a token per streamed seq (what the client saw).
+        output_tokens=len(texts)
+        if streamed_output or not usage
+        else usage["output_tokens"] or len(texts),
         trace=trace,
     )
 

@@ -72,9 +72,19 @@ def test_resume_state_from_the_streamed_events() -> None:
     assert state.trace == {"inference_start": 5}
 
 
-def test_resume_state_prefers_reported_usage() -> None:
+def test_resume_state_bills_the_input_an_attempts_first_delta_reported() -> None:
+    # The usage on an attempt's first DELTA: every attempt's input so far, output before it.
+    usage = {"input_tokens": 40, "output_tokens": 1, "attempts": 3, "cost_micro_usd": 0}
+    state = resume_state([delta(1, "a"), delta(2, "b", usage=usage), delta(3, "c")])
+    assert state is not None
+    # Input as reported; output is what was streamed, a token a seq, the last attempt's too.
+    assert (state.input_tokens, state.output_tokens, state.attempts) == (40, 3, 3)
+
+
+def test_resume_state_takes_a_terminal_events_usage_whole() -> None:
     usage = {"input_tokens": 40, "output_tokens": 9, "attempts": 3, "cost_micro_usd": 0}
-    state = resume_state([delta(1, "a"), delta(2, "b", usage=usage)])
+    ended = {"seq": 3, "kind": "DONE", "text": "", "attempt": 3, "usage": usage}
+    state = resume_state([delta(1, "a"), delta(2, "b"), ended])
     assert state is not None
     assert (state.input_tokens, state.output_tokens, state.attempts) == (40, 9, 3)
 

@@ -22,6 +22,7 @@ from pipeline.llm.extractive import full_summary, summarize, tokens
 from pipeline.llm.simulator.app import LocalSimulator, serving
 from pipeline.worker.inference.breaker import BreakerState
 from pipeline.worker.inference.engine import InferenceEngine, ResumeState, Upstream
+from pipeline.worker.jobs import resume_state
 
 MODEL = "claude-haiku-4-5"
 TERMINAL = {"DONE", "ERROR", "CANCELLED"}
@@ -496,6 +497,29 @@ async def test_stop_ends_nothing_so_another_worker_can_resume(sim: LocalSimulato
     rid = job["request_id"]
     await poll(lambda: stats(sim, rid)["streams"][0]["ended"] is not None, timeout=1.0)
     assert [s["ended"] for s in stats(sim, job["request_id"])["streams"]] == ["client_closed"]
+
+
+async def test_a_stream_resumed_by_the_next_owner_bills_every_attempts_input(
+    sim: LocalSimulator,
+) -> None:
+    sim.app.configure({"token_delay_ms": 30})
+    job = make_job(document(82, sentences=40))
+    rid = job["request_id"]
+    async with running_engine(sim) as (engine, rec):
+        await engine.submit(job)
+        await rec.until(lambda: rec.deltas(rid) >= 3)
+    # The first DELTA of the attempt told what its input was.
+    first_delta = next(e for e in rec.events[rid] if e["kind"] == "DELTA")
+    assert first_delta["usage"]["input_tokens"] == stats(sim, rid)["streams"][0]["input_tokens"]
+    state = resume_state(rec.events[rid])
+    assert state is not None
+    sim.app.configure({"token_delay_ms": 0})
+    async with running_engine(sim) as (engine, rec2):
+        await engine.submit(job, state)
+        done = await rec2.terminal(rid, first_seq=state.last_seq + 1)
+    served = stats(sim, rid)["streams"]
+    assert len(served) == 2
+    assert done["usage"]["input_tokens"] == sum(s["input_tokens"] for s in served)
 
 
 async def test_streams_are_bounded_and_per_user_capped(sim: LocalSimulator) -> None:

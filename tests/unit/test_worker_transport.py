@@ -3,6 +3,8 @@ fetched in the current generation, on a partition sought back to its committed o
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from faust.transport.consumer import Consumer as FaustConsumer
@@ -34,7 +36,8 @@ def _message(offset: int, generation: int | None) -> ConsumerMessage:
     )
 
 
-async def worker_consumer() -> Any:
+@contextlib.asynccontextmanager
+async def worker_consumer() -> AsyncIterator[Any]:
     """A worker app's own consumer (never started: acks need no broker)."""
     app = StageApp("test-transport", broker="kafka://127.0.0.1:1", autodiscover=False)
     app.topics.add(app.topic(TOPIC, value_serializer="raw"))
@@ -42,24 +45,27 @@ async def worker_consumer() -> Any:
     app.consumer_generation_id = 7
     built = app.consumer
     assert isinstance(built, Consumer)
-    return built
+    try:
+        yield built
+    finally:
+        built._thread.thread_loop.close()  # the consumer thread's loop, never run
 
 
 async def test_the_worker_consumer_skips_stale_acks_and_commits_only_processed_records() -> None:
-    consumer = await worker_consumer()
-    assert not consumer.ack(_message(10, generation=6))  # fetched before the rebalance
-    assert FaustConsumer._new_offset(consumer, REQUESTS_0) is None
-    assert consumer.ack(_message(11, generation=7))
-    assert FaustConsumer._new_offset(consumer, REQUESTS_0) == 12
+    async with worker_consumer() as consumer:
+        assert not consumer.ack(_message(10, generation=6))  # fetched before the rebalance
+        assert FaustConsumer._new_offset(consumer, REQUESTS_0) is None
+        assert consumer.ack(_message(11, generation=7))
+        assert FaustConsumer._new_offset(consumer, REQUESTS_0) == 12
 
 
 async def test_the_worker_consumer_counts_acks_again_once_the_partition_is_sought_back() -> None:
-    consumer = await worker_consumer()
-    consumer._unsettled.add(REQUESTS_0)
-    assert not consumer.ack(_message(20, generation=7))
-    consumer._unsettled.discard(REQUESTS_0)  # what seek_to_committed does for its partitions
-    assert consumer.ack(_message(21, generation=7))
-    assert FaustConsumer._new_offset(consumer, REQUESTS_0) == 22
+    async with worker_consumer() as consumer:
+        consumer._unsettled.add(REQUESTS_0)
+        assert not consumer.ack(_message(20, generation=7))
+        consumer._unsettled.discard(REQUESTS_0)  # what seek_to_committed does for them
+        assert consumer.ack(_message(21, generation=7))
+        assert FaustConsumer._new_offset(consumer, REQUESTS_0) == 22
 
 
 async def test_a_resume_while_the_flow_runs_keeps_the_buffered_records() -> None:

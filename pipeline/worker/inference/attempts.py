@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from pipeline.core import events
 from pipeline.core.metrics import (
     INFLIGHT,
     INTER_TOKEN_SECONDS,
@@ -24,9 +25,10 @@ from pipeline.core.metrics import (
     UPSTREAM_PAUSES,
     UPSTREAM_RATE_LIMITED,
 )
+from pipeline.core.records import Usage
 from pipeline.core.settings import WorkerSettings
 from pipeline.llm import ratelimit
-from pipeline.llm.client import Finished, OnHeaders, UpstreamAttemptError
+from pipeline.llm.client import Finished, OnHeaders, UpstreamAttemptError, UpstreamStream
 from pipeline.worker.inference.limiter import Cost
 from pipeline.worker.inference.retry import backoff_delay
 from pipeline.worker.inference.runs import Continuation, Holding, Run
@@ -201,6 +203,7 @@ class Attempts:
         limiter = self.upstream.limiter
         sent_at = time.monotonic()
         verdict = False
+        announced = False
         previous: float | None = None
         INFLIGHT.inc()
         entered = False
@@ -232,6 +235,9 @@ class Attempts:
                         INTER_TOKEN_SECONDS.observe(now - previous)
                     previous = now
                     self._mark_token(run)
+                    if not announced:
+                        announced = True
+                        run.outbox.usage = _usage_so_far(run, stream)
                     run.text += text
                     await self._on_text(run, text)
             raise UpstreamAttemptError(
@@ -391,3 +397,17 @@ def _messages(run: Run, prompt: str, prefill: str) -> list[dict[str, Any]]:
         if run.continuation is Continuation.PROMPT:
             messages.append({"role": "user", "content": CONTINUE_PROMPT})
     return messages
+
+
+def _usage_so_far(run: Run, stream: UpstreamStream) -> Usage:
+    """The run's usage counting the input of the attempt now streaming (its first DELTA
+    carries it): a next owner resuming the run bills every attempt's input from it, even one
+    whose worker died mid-stream (docs/architecture.md, "Billing a resumed stream")."""
+    return events.usage(
+        input_tokens=run.input_tokens + stream.input_tokens,
+        output_tokens=run.output_tokens,
+        attempts=run.attempts,
+        cache_creation_input_tokens=run.cache_creation_input_tokens
+        + stream.cache_creation_input_tokens,
+        cache_read_input_tokens=run.cache_read_input_tokens + stream.cache_read_input_tokens,
+    )

@@ -92,8 +92,13 @@ class RunPublisher:
                             break
                 box.last_sent_at = loop.time()
                 pieces, box.pending = box.pending, []
+                usage, box.usage = box.usage, None
                 event = events.delta(
-                    run.request_id, first_seq=box.first_seq, pieces=pieces, attempt=_attempt(run)
+                    run.request_id,
+                    first_seq=box.first_seq,
+                    pieces=pieces,
+                    attempt=_attempt(run),
+                    usage=usage,
                 )
                 try:
                     await self._emit(event)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from pipeline.core.events import StreamMeta
 from pipeline.core.longdoc import parent_of
-from pipeline.core.records import InferenceJob, Trace
+from pipeline.core.records import InferenceJob, Trace, Usage
 
 
 class RunState(enum.Enum):
@@ -71,6 +71,9 @@ class Outbox:
     failure: Exception | None = None
     closed: bool = False  # nothing more is sent after the send under way
     last_sent_at: float | None = None  # loop time of the last DELTA record's send
+    # The run's usage as of an attempt's first token, for the next DELTA record: the next owner
+    # bills the attempt's input from it (docs/architecture.md, "Billing a resumed stream").
+    usage: Usage | None = None
 
 
 @dataclass
