@@ -34,6 +34,7 @@ from pipeline.worker.inflight.entries import (
     on_job,
     on_resume,
 )
+from pipeline.worker.inflight.freeze import FreezeWatch
 from pipeline.worker.inflight.table import InflightEntries
 from pipeline.worker.jobs import (
     cancelled_event,
@@ -106,6 +107,18 @@ class InflightWork:
         # `tokens` for a partition that may be moving (docs/architecture.md, "Rebalances").
         self._open = asyncio.Event()
         self._open.set()
+        # A freeze long enough to lose the group's membership closes the gate too, before the
+        # group tells us: the coordinator drops a member a session timeout after its last
+        # heartbeat, which can be a heartbeat interval (and a little) before the freeze.
+        limit_s = max(
+            settings.heartbeat_interval_s,
+            settings.session_timeout_s - 2 * settings.heartbeat_interval_s,
+        )
+        self._freeze = FreezeWatch(limit_s, self._hold_after_freeze)
+        self._reopen: asyncio.TimerHandle | None = None
+        # Set by a freeze: the next assignment releases every run, since another worker may
+        # have resumed (and written for) any of them meanwhile; the resume picks up ours.
+        self._membership_lost = False
         self._sending = 0
         self._sent = asyncio.Event()
         self._sent.set()
@@ -121,8 +134,10 @@ class InflightWork:
     async def start(self) -> None:
         self._engine = self._new_engine()
         await self._engine.start()
+        self._freeze.start()
 
     async def stop(self) -> None:
+        await self._freeze.stop()
         await self._release_all()
         await self.upstream.close()
 
@@ -139,6 +154,7 @@ class InflightWork:
         durable = self._durable.pop(event["request_id"], None)
         if durable is not None:
             await durable
+        self._freeze.check()
         if not self._open.is_set():
             await self._open.wait()
         if event["request_id"] in self._moved:
@@ -161,13 +177,36 @@ class InflightWork:
 
     # -- ownership (rebalance)
 
+    def _hold_after_freeze(self) -> None:
+        """Hold every emit: the group gave our partitions away while we were stopped, and the
+        runs (and queued jobs, whose STARTED waits here before any upstream call) learn which
+        moved at the next assignment. Should the membership have survived after all, nothing
+        comes: open again after a session timeout."""
+        log.warning("woke from a freeze: emits held until the group assigns partitions again")
+        self._open.clear()
+        if self._reopen is not None:
+            self._reopen.cancel()
+        self._membership_lost = True
+        loop = asyncio.get_running_loop()
+        self._reopen = loop.call_later(self.settings.session_timeout_s, self._membership_kept)
+
+    def _membership_kept(self) -> None:
+        """No rebalance came within a session timeout of the wake: the group kept us."""
+        self._reopen = None
+        self._membership_lost = False
+        self._open.set()
+
     def on_assigned(self, partitions: set[int]) -> None:
         """Called once the table's partitions are recovered: release what moved away, go on
         with what stayed, resume what was in flight in the partitions that came to us."""
         self._generation += 1
         self.entries.owned = set(partitions)
+        if self._reopen is not None:
+            self._reopen.cancel()
+            self._reopen = None
         here = (self._engine.request_ids() if self._engine else set()) | set(self._waiting)
-        self._moved = {rid for rid in here if not self.entries.owns(rid.encode())}
+        lost, self._membership_lost = self._membership_lost, False
+        self._moved = {rid for rid in here if lost or not self.entries.owns(rid.encode())}
         self._open.set()
         if self._moved:
             self._release_task = asyncio.ensure_future(self._release_moved(set(self._moved)))
@@ -220,6 +259,8 @@ class InflightWork:
                 fut.cancel()
         if self._engine is not None:
             await self._engine.release(request_ids)
+        # Released from a partition we own (after a freeze): the resume runs them again.
+        self._moved -= {rid for rid in request_ids if self.entries.owns(rid.encode())}
         log.info("released requests whose partition moved", extra={"count": len(request_ids)})
 
     async def _stop_resuming(self) -> None:
@@ -398,6 +439,10 @@ class InflightWork:
     async def _resume(
         self, snapshot: list[tuple[bytes, Entry]], generation: int, partitions: set[int]
     ) -> None:
+        if self._release_task is not None:
+            # Released runs of partitions we own again (after a freeze) resume from `tokens`.
+            with suppress(Exception):
+                await asyncio.shield(self._release_task)
         await self._load_boundaries(partitions)
         gate = asyncio.Semaphore(RESUME_CONCURRENCY)
 
