@@ -1,0 +1,436 @@
+"""The floor: CPU per request and TTFT of the minimal implementations of sumstream's
+architecture, bottom up, beside the baseline and sumstream itself, on this machine
+(docs/architecture.md, "Performance targets").
+
+    python -m bench.floor                 # 3 rounds of every row, about 5 minutes on 2 cores
+    python -m bench.floor --rounds 1 --rows baseline,bare
+
+Rows (each a closed loop of ``--concurrency`` streams, ``--requests`` timed requests, the
+simulator and corpus the bench uses):
+
+* ``baseline``: bench/baseline.py (direct SDK -> SSE);
+* ``sumstream``: the bench's sumstream (its workers and one gateway); its topics are counted
+  afterwards, which gives the records one request needs (N deltas and their sizes);
+* ``bare``: the broker carrying exactly those records, produced and consumed by bare aiokafka in
+  one process (gateway tail, and one worker group for preprocess, inference, postprocess);
+* ``faust``: the worker side as a Faust app that only forwards, calling the model;
+* ``gateway``: Starlette/uvicorn POST + SSE fed from one consumer, in front of that Faust app,
+  driven by the bench's HTTP client: the whole floor at once.
+
+It starts its own broker (ports 19190/19191, data in ``.data-floor/``) so other users of the
+shared broker do not show in the broker's CPU, and uses ports 19150-19189 for the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bench import client, corpus, profile, stack, stats
+from pipeline.core.settings import REPO_ROOT
+
+BROKER_PORT, CONTROLLER_PORT = 19190, 19191
+SIM_PORT, BASELINE_PORT, GATEWAY_PORT, SUMSTREAM_GATEWAY_PORT = 19150, 19151, 19160, 19161
+ROWS = ("baseline", "sumstream", "bare", "faust", "gateway")
+FLOOR_TOPICS = ("requests", "preprocessed", "tokens", "results")
+KIND_OF = {"STARTED": "S", "DELTA": "D"}  # every other TokenEvent kind is a terminal event
+
+
+def broker_env(data_dir: Path) -> None:
+    """Point this process and its children at the floor's own broker."""
+    os.environ.update(
+        {
+            "SUMSTREAM_DATA_DIR": str(data_dir),
+            "SUMSTREAM_BROKER_PORT": str(BROKER_PORT),
+            "SUMSTREAM_CONTROLLER_PORT": str(CONTROLLER_PORT),
+            "SUMSTREAM_BOOTSTRAP_SERVERS": f"127.0.0.1:{BROKER_PORT}",
+        }
+    )
+    jars = REPO_ROOT / ".data" / "kafka" / "jars"
+    if "SUMSTREAM_JARS_DIR" not in os.environ and jars.is_dir():
+        os.environ["SUMSTREAM_JARS_DIR"] = str(jars)
+
+
+def create_floor_topics(bootstrap: str, prefix: str, partitions: int = 6) -> None:
+    """The four topics a floor row uses, with sumstream's partition counts."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    new = [NewTopic(f"{prefix}{n}", partitions, 1) for n in FLOOR_TOPICS]
+    for future in admin.create_topics(new, operation_timeout=30).values():
+        future.result(timeout=30)
+
+
+def census(bootstrap: str, prefix: str) -> dict[str, Any]:
+    """Records per request on every topic of ``prefix`` (Faust's own included) and the mean
+    value size of each kind of record, read back from the broker."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from pipeline.core.codec import codec
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"census-{uuid.uuid4()}"})
+    counts: dict[str, int] = {}
+    sizes: dict[str, list[int]] = {}
+    try:
+        meta = consumer.list_topics(timeout=10)
+        for name, topic in sorted(meta.topics.items()):
+            if not name.startswith(prefix.rstrip(".")):
+                continue
+            total = 0
+            for p in topic.partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)
+                total += high - low
+            counts[name.removeprefix(prefix)] = total
+            if name.removeprefix(prefix) not in ("requests", "preprocessed", "tokens", "results"):
+                continue
+            consumer.assign([TopicPartition(name, p, 0) for p in topic.partitions])
+            seen = 0
+            while seen < total:
+                batch = consumer.consume(num_messages=1000, timeout=2.0)
+                if not batch:
+                    break
+                for msg in batch:
+                    if msg.error():
+                        continue
+                    seen += 1
+                    data = msg.value() or b""
+                    short = name.removeprefix(prefix)
+                    kind = {"requests": "R", "preprocessed": "J", "results": "X"}.get(short)
+                    if kind is None:
+                        record = codec().decode(data)[1]
+                        kind = KIND_OF.get(str(record["kind"]), "T")
+                    sizes.setdefault(kind, []).append(len(data))
+    finally:
+        consumer.close()
+    requests = max(counts.get("requests", 0), 1)
+    started = max(len(sizes.get("S", [])), 1)
+    return {
+        "records_per_request": {k: round(v / requests, 2) for k, v in counts.items()},
+        "deltas_per_request": round(len(sizes.get("D", [])) / started, 1),
+        "mean_bytes": {k: round(statistics.fmean(v)) for k, v in sizes.items()},
+    }
+
+
+class Floor:
+    """One floor run: the started processes, the simulator and what each row measured."""
+
+    def __init__(self, args: argparse.Namespace, st: stack.Stack) -> None:
+        self.args = args
+        self.st = st
+        self.bootstrap = f"127.0.0.1:{BROKER_PORT}"
+        self.sim_url = f"http://127.0.0.1:{SIM_PORT}"
+        self.broker_pid: int | None = None
+        self.results: list[dict[str, Any]] = []
+        self.census: dict[str, Any] | None = None
+        self.baseline: stack.Proc | None = None
+        self.sumstream: Any = None
+        self.next_index = 0
+
+    def docs(self, n: int) -> Callable[[int], tuple[str, str]]:
+        first = self.next_index
+        table = {i: corpus.request(i, self.args.max_tokens) for i in range(first, first + n)}
+        self.next_index += n
+        return table.__getitem__
+
+    async def measure(
+        self,
+        row: str,
+        pids: dict[str, tuple[int, ...]],
+        load: Callable[[], Awaitable[list[float]]],
+    ) -> dict[str, Any]:
+        """Run ``load`` (it returns TTFTs in ms) with the CPU of ``pids`` metered."""
+        load_before = stack.loadavg()
+        meter = profile.CpuMeter({**pids, "broker": (self.broker_pid or 0,)})
+        meter.start()
+        ttfts = await load()
+        cpu = meter.stop()
+        n = len(ttfts)
+        per = {k: round(v["cpu_s"] * 1000.0 / n, 1) for k, v in cpu["processes"].items()}
+        system = {k: v for k, v in per.items() if k != "broker" or row != "baseline"}
+        result = {
+            "row": row,
+            "n": n,
+            "cpu_ms": per,
+            "total_ms": round(sum(system.values()), 1),
+            "ttft_p50": round(stats.percentile(ttfts, 50), 1),
+            "ttft_p99": round(stats.percentile(ttfts, 99), 1),
+            "machine_busy": cpu["machine_busy"],
+            "load": [load_before, stack.loadavg()],
+        }
+        print(f"floor: {json.dumps(result)}", file=sys.stderr)
+        self.results.append(result)
+        return result
+
+    async def http_loop(self, target: client.Target, n: int) -> list[float]:
+        records = await client.closed_loop(
+            target,
+            "floor",
+            self.docs(n),
+            concurrency=self.args.concurrency,
+            requests=n,
+            max_output_tokens=self.args.max_tokens,
+            first_index=self.next_index - n,
+        )
+        bad = [r for r in records if not (r.complete and r.in_order)]
+        if bad:
+            raise RuntimeError(f"{target.name}: {len(bad)} streams incorrect: {bad[0].failure}")
+        return [r.ttft_ms for r in records if r.ttft_ms is not None]
+
+    async def row_baseline(self) -> None:
+        if self.baseline is None:
+            argv = [sys.executable, "-m", "bench.baseline", "--port", str(BASELINE_PORT)]
+            self.baseline = self.st.spawn("baseline", [*argv, "--sim-url", self.sim_url], env())
+            await self.st.wait_http(self.baseline, f"http://127.0.0.1:{BASELINE_PORT}/healthz", 30)
+        target = client.Target("baseline", f"http://127.0.0.1:{BASELINE_PORT}/v1/summaries")
+        await self.http_loop(target, self.args.concurrency)  # warm-up
+        pids = {"baseline": (self.baseline.pid,)}
+        await self.measure("baseline", pids, lambda: self.http_loop(target, self.args.requests))
+
+    async def row_sumstream(self) -> None:
+        from bench import run, scenarios
+
+        if self.sumstream is None:
+            plan = scenarios.Plan(workers=self.args.workers)
+            self.sumstream_id = f"floor-{uuid.uuid4().hex[:8]}"
+            self.sumstream = await run.start_sumstream(
+                plan,
+                self.st,
+                self.sumstream_id,
+                self.sim_url,
+                self.args.workers,
+                1,
+                port=lambda: SUMSTREAM_GATEWAY_PORT,
+            )
+        target = self.sumstream.target
+        await self.http_loop(target, self.args.concurrency)  # warm-up (and the group's join)
+        pids = {k: v for k, v in self.sumstream.pids.items() if k != "broker"}
+        await self.measure("sumstream", pids, lambda: self.http_loop(target, self.args.requests))
+        self.census = census(self.bootstrap, f"{self.sumstream_id}.")
+        print(f"floor: census {json.dumps(self.census)}", file=sys.stderr)
+
+    def config(self, prefix: str, upstream: bool) -> str:
+        census_ = self.census or {}
+        sizes = dict(census_.get("mean_bytes", {}))
+        cfg = {
+            "bootstrap": self.bootstrap,
+            "prefix": prefix,
+            "deltas": round(census_.get("deltas_per_request", 33)),
+            "tokens": self.args.max_tokens,
+            "upstream": self.sim_url if upstream else None,
+            "sizes": sizes,
+        }
+        return json.dumps(cfg)
+
+    async def pipe(self, row: str, prefix: str, with_worker: bool, more: dict[str, Any]) -> None:
+        """The bare gateway side (and worker side) as a child driven over stdin."""
+        argv = [sys.executable, "-m", "bench.floor_parts", "pipe"]
+        argv += ["--config", self.config(prefix, upstream=not with_worker)]
+        argv += ["--concurrency", str(self.args.concurrency), "--requests", str(self.args.requests)]
+        if with_worker:
+            argv.append("--worker")
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=REPO_ROOT,
+            env=env(),
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        stdin, stdout = proc.stdin, proc.stdout
+        try:
+            line = await asyncio.wait_for(stdout.readline(), 120)
+            if line.strip() != b"ready":
+                raise RuntimeError(f"floor_parts pipe did not start: {line!r}")
+
+            async def load() -> list[float]:
+                stdin.write(b"go\n")
+                await stdin.drain()
+                out = json.loads(await asyncio.wait_for(stdout.readline(), 120))
+                ttfts: list[float] = out["ttft_ms"]
+                return ttfts
+
+            await self.measure(row, {"pipe": (proc.pid,), **more}, load)
+            stdin.write(b"done\n")
+            await stdin.drain()
+            await asyncio.wait_for(proc.wait(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    async def row_bare(self) -> None:
+        prefix = f"floor-{uuid.uuid4().hex[:8]}."
+        create_floor_topics(self.bootstrap, prefix)
+        await self.pipe("bare", prefix, with_worker=True, more={})
+
+    async def rows_faust_gateway(self, rows: set[str]) -> None:
+        prefix = f"floor-{uuid.uuid4().hex[:8]}."
+        create_floor_topics(self.bootstrap, prefix)
+        config = self.config(prefix, upstream=True)
+        worker = self.st.spawn(
+            f"faust-{prefix}",
+            [sys.executable, "-m", "bench.floor_parts", "faust", "--config", config],
+            env(),
+        )
+        try:
+            if "faust" in rows:
+                await self.pipe("faust", prefix, with_worker=False, more={"worker": (worker.pid,)})
+            if "gateway" in rows:
+                argv = [sys.executable, "-m", "bench.floor_parts", "gateway", "--config", config]
+                gateway = self.st.spawn(
+                    f"gateway-{prefix}", [*argv, "--port", str(GATEWAY_PORT)], env()
+                )
+                try:
+                    await self.st.wait_http(gateway, f"http://127.0.0.1:{GATEWAY_PORT}/healthz", 60)
+                    target = client.Target(
+                        "floor-gateway", f"http://127.0.0.1:{GATEWAY_PORT}/v1/summaries"
+                    )
+                    await self.http_loop(target, max(self.args.concurrency, 20))  # warm-up
+                    pids = {"gateway": (gateway.pid,), "worker": (worker.pid,)}
+                    await self.measure(
+                        "gateway", pids, lambda: self.http_loop(target, self.args.requests)
+                    )
+                finally:
+                    self.st.stop([gateway])
+        finally:
+            self.st.stop([worker])
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+async def run_floor(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.core.settings import BrokerSettings
+    from pipeline.ops import broker
+
+    data_dir = REPO_ROOT / ".data-floor"
+    broker_env(data_dir)
+    run_dir = data_dir / "runs" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    st = stack.Stack(run_dir)
+    floor = Floor(args, st)
+    started = broker.start(BrokerSettings())
+    floor.broker_pid = stack.listening_pid(BROKER_PORT)
+    rows = set(args.rows)
+    try:
+        sim_argv = ["llm-sim", "--port", str(SIM_PORT), "--ttft-ms", str(args.ttft_ms)]
+        sim_argv += ["--token-delay-ms", str(args.token_ms), "--log-level", "warning"]
+        sim = st.spawn_cli("llm-sim", sim_argv, env())
+        await st.wait_http(sim, f"{floor.sim_url}/healthz", 30)
+        for round_no in range(args.rounds):
+            print(f"floor: round {round_no + 1} of {args.rounds}", file=sys.stderr)
+            if "sumstream" in rows:
+                await floor.row_sumstream()
+            if "baseline" in rows:
+                await floor.row_baseline()
+            if "bare" in rows:
+                await floor.row_bare()
+            if rows & {"faust", "gateway"}:
+                await floor.rows_faust_gateway(rows)
+    finally:
+        st.close()
+        if started and not args.keep_broker:
+            broker.stop(BrokerSettings())
+    return {
+        "machine": stack.machine(),
+        "broker_jit": stack.broker_jit(),
+        "args": vars(args),
+        "census": floor.census,
+        "results": floor.results,
+    }
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per row: the median and the range over rounds of every figure."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        rows.setdefault(r["row"], []).append(r)
+
+    def spread(values: list[float]) -> dict[str, float]:
+        return {
+            "median": round(statistics.median(values), 1),
+            "min": round(min(values), 1),
+            "max": round(max(values), 1),
+        }
+
+    out = []
+    for row in ROWS:
+        runs = rows.get(row)
+        if not runs:
+            continue
+        procs = sorted({p for r in runs for p in r["cpu_ms"]})
+        out.append(
+            {
+                "row": row,
+                "rounds": len(runs),
+                "cpu_ms": {p: spread([r["cpu_ms"].get(p, 0.0) for r in runs]) for p in procs},
+                "total_ms": spread([r["total_ms"] for r in runs]),
+                "ttft_p50": spread([r["ttft_p50"] for r in runs]),
+                "ttft_p99": spread([r["ttft_p99"] for r in runs]),
+                "load_1m": [r["load"][0][0] for r in runs if r["load"][0]],
+            }
+        )
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The floor table: medians with [min, max] over rounds."""
+    lines = [
+        "| row | what runs | CPU ms/request by process | total | TTFT p50 / p99 ms"
+        " | load (1 min) at start |",
+        "|---|---|---|---|---|---|",
+    ]
+    what = {
+        "baseline": "direct SDK -> SSE",
+        "sumstream": "sumstream (its workers, 1 gateway, broker)",
+        "bare": "broker + bare aiokafka, both sides in one process",
+        "faust": "broker + forwarding Faust worker (model calls) + bare gateway side",
+        "gateway": "broker + forwarding Faust worker + Starlette SSE gateway",
+    }
+
+    def fmt(s: dict[str, float]) -> str:
+        return f"{s['median']:g} [{s['min']:g}-{s['max']:g}]"
+
+    for row in report["summary"]:
+        cpu = ", ".join(f"{p} {fmt(s)}" for p, s in row["cpu_ms"].items())
+        ttft = f"{row['ttft_p50']['median']:g} / {row['ttft_p99']['median']:g}"
+        load = ", ".join(f"{x:.2f}" for x in row["load_1m"])
+        cells = [row["row"], what[row["row"]], cpu, fmt(row["total_ms"]), ttft, load]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rows", type=lambda s: s.split(","), default=list(ROWS))
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--requests", type=int, default=150)
+    parser.add_argument("--max-tokens", type=int, default=100)
+    parser.add_argument("--ttft-ms", type=float, default=200.0)
+    parser.add_argument("--token-ms", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--keep-broker", action="store_true")
+    args = parser.parse_args(argv)
+    report = asyncio.run(run_floor(args))
+    report["summary"] = summarize(report["results"])
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = REPO_ROOT / "bench" / "results" / f"floor-{stamp}.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+    print(f"\ncensus: {json.dumps(report['census'])}\nresults: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
