@@ -40,7 +40,7 @@ from pipeline.core.settings import REPO_ROOT
 
 BROKER_PORT, CONTROLLER_PORT = 19190, 19191
 SIM_PORT, BASELINE_PORT, GATEWAY_PORT, SUMSTREAM_GATEWAY_PORT = 19150, 19151, 19160, 19161
-ROWS = ("baseline", "sumstream", "bare", "faust", "gateway")
+ROWS = ("baseline", "sumstream", "bare", "faust", "gateway", "lean")
 FLOOR_TOPICS = ("requests", "preprocessed", "tokens", "results")
 KIND_OF = {"STARTED": "S", "DELTA": "D"}  # every other TokenEvent kind is a terminal event
 
@@ -132,7 +132,6 @@ class Floor:
         self.results: list[dict[str, Any]] = []
         self.census: dict[str, Any] | None = None
         self.baseline: stack.Proc | None = None
-        self.sumstream: Any = None
         self.next_index = 0
 
     def docs(self, n: int) -> Callable[[int], tuple[str, str]]:
@@ -196,25 +195,31 @@ class Floor:
         await self.measure("baseline", pids, lambda: self.http_loop(target, self.args.requests))
 
     async def row_sumstream(self) -> None:
+        """A fresh sumstream each round, stopped after it: idle, its consumers' polls would
+        show in the broker's CPU in the other rows."""
         from bench import run, scenarios
 
-        if self.sumstream is None:
-            plan = scenarios.Plan(workers=self.args.workers)
-            self.sumstream_id = f"floor-{uuid.uuid4().hex[:8]}"
-            self.sumstream = await run.start_sumstream(
-                plan,
-                self.st,
-                self.sumstream_id,
-                self.sim_url,
-                self.args.workers,
-                1,
-                port=lambda: SUMSTREAM_GATEWAY_PORT,
+        plan = scenarios.Plan(workers=self.args.workers)
+        run_id = f"floor-{uuid.uuid4().hex[:8]}"
+        started = await run.start_sumstream(
+            plan,
+            self.st,
+            run_id,
+            self.sim_url,
+            self.args.workers,
+            1,
+            port=lambda: SUMSTREAM_GATEWAY_PORT,
+        )
+        try:
+            target = started.target
+            await self.http_loop(target, 2 * self.args.concurrency)  # warm-up and the join
+            pids = {k: v for k, v in started.pids.items() if k != "broker"}
+            await self.measure(
+                "sumstream", pids, lambda: self.http_loop(target, self.args.requests)
             )
-        target = self.sumstream.target
-        await self.http_loop(target, self.args.concurrency)  # warm-up (and the group's join)
-        pids = {k: v for k, v in self.sumstream.pids.items() if k != "broker"}
-        await self.measure("sumstream", pids, lambda: self.http_loop(target, self.args.requests))
-        self.census = census(self.bootstrap, f"{self.sumstream_id}.")
+        finally:
+            self.st.stop(started.procs)
+        self.census = census(self.bootstrap, f"{run_id}.")
         print(f"floor: census {json.dumps(self.census)}", file=sys.stderr)
 
     def config(self, prefix: str, upstream: bool) -> str:
@@ -272,37 +277,43 @@ class Floor:
         create_floor_topics(self.bootstrap, prefix)
         await self.pipe("bare", prefix, with_worker=True, more={})
 
+    async def row_lean(self) -> None:
+        """The floor without Faust: the bare worker side calling the model, and the gateway."""
+        prefix = f"floor-{uuid.uuid4().hex[:8]}."
+        create_floor_topics(self.bootstrap, prefix)
+        parts = [sys.executable, "-m", "bench.floor_parts"]
+        config = self.config(prefix, upstream=True)
+        worker = self.st.spawn(f"lean-{prefix}", [*parts, "worker", "--config", config], env())
+        await self.gateway_row("lean", config, prefix, worker)
+
+    async def gateway_row(self, row: str, config: str, prefix: str, worker: stack.Proc) -> None:
+        """The Starlette gateway in front of ``worker``, driven by the bench's HTTP client."""
+        argv = [sys.executable, "-m", "bench.floor_parts", "gateway", "--config", config]
+        gateway = self.st.spawn(f"gateway-{prefix}", [*argv, "--port", str(GATEWAY_PORT)], env())
+        try:
+            await self.st.wait_http(gateway, f"http://127.0.0.1:{GATEWAY_PORT}/healthz", 60)
+            url = f"http://127.0.0.1:{GATEWAY_PORT}/v1/summaries"
+            target = client.Target("floor-gateway", url)
+            await self.http_loop(target, max(2 * self.args.concurrency, 40))  # warm-up
+            pids = {"gateway": (gateway.pid,), "worker": (worker.pid,)}
+            await self.measure(row, pids, lambda: self.http_loop(target, self.args.requests))
+        finally:
+            self.st.stop([gateway, worker])
+
     async def rows_faust_gateway(self, rows: set[str]) -> None:
+        """The forwarding Faust worker behind the bare gateway side, then behind the gateway."""
         prefix = f"floor-{uuid.uuid4().hex[:8]}."
         create_floor_topics(self.bootstrap, prefix)
         config = self.config(prefix, upstream=True)
-        worker = self.st.spawn(
-            f"faust-{prefix}",
-            [sys.executable, "-m", "bench.floor_parts", "faust", "--config", config],
-            env(),
-        )
+        parts = [sys.executable, "-m", "bench.floor_parts"]
+        worker = self.st.spawn(f"faust-{prefix}", [*parts, "faust", "--config", config], env())
         try:
             if "faust" in rows:
                 await self.pipe("faust", prefix, with_worker=False, more={"worker": (worker.pid,)})
             if "gateway" in rows:
-                argv = [sys.executable, "-m", "bench.floor_parts", "gateway", "--config", config]
-                gateway = self.st.spawn(
-                    f"gateway-{prefix}", [*argv, "--port", str(GATEWAY_PORT)], env()
-                )
-                try:
-                    await self.st.wait_http(gateway, f"http://127.0.0.1:{GATEWAY_PORT}/healthz", 60)
-                    target = client.Target(
-                        "floor-gateway", f"http://127.0.0.1:{GATEWAY_PORT}/v1/summaries"
-                    )
-                    await self.http_loop(target, max(self.args.concurrency, 20))  # warm-up
-                    pids = {"gateway": (gateway.pid,), "worker": (worker.pid,)}
-                    await self.measure(
-                        "gateway", pids, lambda: self.http_loop(target, self.args.requests)
-                    )
-                finally:
-                    self.st.stop([gateway])
+                await self.gateway_row("gateway", config, prefix, worker)
         finally:
-            self.st.stop([worker])
+            self.st.stop([p for p in (worker,) if p in self.st.procs])
 
 
 def env() -> dict[str, str]:
@@ -337,6 +348,8 @@ async def run_floor(args: argparse.Namespace) -> dict[str, Any]:
                 await floor.row_bare()
             if rows & {"faust", "gateway"}:
                 await floor.rows_faust_gateway(rows)
+            if "lean" in rows:
+                await floor.row_lean()
     finally:
         st.close()
         if started and not args.keep_broker:
@@ -396,6 +409,7 @@ def markdown(report: dict[str, Any]) -> str:
         "bare": "broker + bare aiokafka, both sides in one process",
         "faust": "broker + forwarding Faust worker (model calls) + bare gateway side",
         "gateway": "broker + forwarding Faust worker + Starlette SSE gateway",
+        "lean": "broker + bare aiokafka worker (model calls) + Starlette SSE gateway",
     }
 
     def fmt(s: dict[str, float]) -> str:

@@ -9,6 +9,7 @@ have on the wire, as orjson instead of Avro. The parts:
   without a group, time the first delta), closed loops driven from stdin (``go``); with
   ``--worker`` the worker side (preprocess, inference, postprocess in one consumer group) runs
   in the same process.
+* ``worker``: the worker side of ``pipe`` alone (bare aiokafka, one consumer group).
 * ``faust``: the worker side as a Faust app whose agents only forward.
 * ``gateway``: Starlette/uvicorn: POST produces the request, one aiokafka consumer feeds each
   stream's SSE events (pending events in one write).
@@ -419,7 +420,7 @@ def _sse(items: list[dict[str, Any]]) -> tuple[bytes, bool]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.floor_parts")
-    parser.add_argument("part", choices=("pipe", "faust", "gateway"))
+    parser.add_argument("part", choices=("pipe", "faust", "gateway", "worker"))
     parser.add_argument("--config", required=True, help="the Config as JSON")
     parser.add_argument("--worker", action="store_true", help="pipe: the worker side too")
     parser.add_argument("--concurrency", type=int, default=50)
@@ -429,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = Config(**json.loads(args.config))
     if args.part == "pipe":
         asyncio.run(pipe(cfg, args.concurrency, args.requests, args.worker))
+    elif args.part == "worker":
+        asyncio.run(bare_worker(cfg, asyncio.Event()))
     elif args.part == "faust":
         from faust import Worker
 
