@@ -63,9 +63,12 @@ class Config:
         return f"{self.prefix}{name}"
 
     @property
-    def per_record(self) -> int:
-        """Tokens per DELTA record (the first delta goes alone, as sumstream's does)."""
-        return max(1, -(-(self.tokens - 1) // max(1, self.deltas - 1)))
+    def ends(self) -> frozenset[int]:
+        """The seqs that end a DELTA record: ``deltas`` records over ``tokens`` tokens, the
+        first token alone (as sumstream's first delta goes at once), the rest spread evenly."""
+        n = max(1, min(self.deltas, self.tokens)) - 1
+        rest = self.tokens - 1
+        return frozenset({1, *(1 + round(j * rest / n) for j in range(1, n + 1))} if n else {1})
 
 
 def value(cfg: Config, kind: str, **fields: Any) -> bytes:
@@ -105,10 +108,11 @@ class Inference:
         tokens = self.cfg.topic("tokens")
         await self.send(tokens, key, value(self.cfg, STARTED))
         seq = 0
+        ends = self.cfg.ends
         pending: list[str] = []
         async for text in self.pieces(str(job.get("doc", ""))):
             pending.append(text)
-            if seq == 0 or len(pending) >= self.cfg.per_record:
+            if seq + len(pending) in ends:
                 first, seq = seq + 1, seq + len(pending)
                 delta = value(self.cfg, DELTA, t="".join(pending), s=seq, f=first)
                 await self.send(tokens, key, delta)
