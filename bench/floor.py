@@ -133,6 +133,7 @@ class Floor:
         self.round = 0
         self.incorrect = 0
         self.failures: list[str] = []
+        self.bursts: list[dict[str, Any]] = []
         self.census: dict[str, Any] | None = None
         self.baseline: stack.Proc | None = None
         self.next_index = 0
@@ -175,12 +176,14 @@ class Floor:
         self.results.append(result)
         return result
 
-    async def http_loop(self, target: client.Target, n: int) -> list[float]:
+    async def http_loop(
+        self, target: client.Target, n: int, concurrency: int | None = None
+    ) -> list[float]:
         records = await client.closed_loop(
             target,
             "floor",
             self.docs(n),
-            concurrency=self.args.concurrency,
+            concurrency=concurrency or self.args.concurrency,
             requests=n,
             max_output_tokens=self.args.max_tokens,
             first_index=self.next_index - n,
@@ -193,6 +196,35 @@ class Floor:
             print(f"floor: {target.name}: {len(bad)} streams incorrect: {reasons}", file=sys.stderr)
         return [r.ttft_ms for r in records if r.ttft_ms is not None]
 
+    async def burst(self, row: str, target: client.Target) -> None:
+        """The 100-user burst of the bench: its p99 TTFT over a single user's, and `accepted`
+        p99 (the baseline has no `accepted`: its status line stands in)."""
+        if not self.args.burst:
+            return
+        single = await self.http_loop(target, 8, concurrency=1)
+        n = self.args.burst
+        records = await client.burst(
+            target,
+            "floor",
+            self.docs(n),
+            users=n,
+            max_output_tokens=self.args.max_tokens,
+            first_index=self.next_index - n,
+        )
+        ttfts = [r.ttft_ms for r in records if r.ttft_ms is not None]
+        accepted = [r.accepted_ms or r.ttfb_ms for r in records]
+        figures = {
+            "row": row,
+            "round": self.round,
+            "users": n,
+            "single_p99": round(stats.percentile(single, 99), 1),
+            "burst_p99": round(stats.percentile(ttfts, 99), 1),
+            "accepted_p99": round(stats.percentile([a for a in accepted if a is not None], 99), 1),
+        }
+        figures["ratio"] = round(figures["burst_p99"] / figures["single_p99"], 2)
+        print(f"floor: burst {json.dumps(figures)}", file=sys.stderr)
+        self.bursts.append(figures)
+
     async def row_baseline(self) -> None:
         if self.baseline is None:
             argv = [sys.executable, "-m", "bench.baseline", "--port", str(BASELINE_PORT)]
@@ -202,6 +234,7 @@ class Floor:
         await self.http_loop(target, self.args.concurrency)  # warm-up
         pids = {"baseline": (self.baseline.pid,)}
         await self.measure("baseline", pids, lambda: self.http_loop(target, self.args.requests))
+        await self.burst("baseline", target)
 
     async def row_sumstream(self) -> None:
         """A fresh sumstream each round, stopped after it: idle, its consumers' polls would
@@ -226,6 +259,7 @@ class Floor:
             await self.measure(
                 "sumstream", pids, lambda: self.http_loop(target, self.args.requests)
             )
+            await self.burst("sumstream", target)
         finally:
             self.st.stop(started.procs)
         self.census = census(self.bootstrap, f"{run_id}.")
@@ -237,7 +271,7 @@ class Floor:
         cfg = {
             "bootstrap": self.bootstrap,
             "prefix": prefix,
-            "deltas": round(census_.get("deltas_per_request", 33)),
+            "deltas": self.args.deltas or round(census_.get("deltas_per_request", 33)),
             "tokens": self.args.max_tokens,
             "upstream": self.sim_url if upstream else None,
             "sizes": sizes,
@@ -306,6 +340,7 @@ class Floor:
             await self.http_loop(target, max(2 * self.args.concurrency, 40))  # warm-up
             pids = {"gateway": (gateway.pid,), "worker": (worker.pid,)}
             await self.measure(row, pids, lambda: self.http_loop(target, self.args.requests))
+            await self.burst(row, target)
         finally:
             self.st.stop([gateway, worker])
 
@@ -375,6 +410,7 @@ async def run_floor(args: argparse.Namespace) -> dict[str, Any]:
         "args": vars(args),
         "census": floor.census,
         "failures": floor.failures,
+        "bursts": floor.bursts,
         "results": floor.results,
     }
 
@@ -449,6 +485,24 @@ def markdown(report: dict[str, Any]) -> str:
             over = f"{fmt(row['over_p50'])} / {fmt(row['over_p99'])}"
         cells = [row["row"], what[row["row"]], cpu, fmt(row["total_ms"]), ttft, over, load]
         lines.append("| " + " | ".join(cells) + " |")
+    bursts: dict[str, list[dict[str, Any]]] = {}
+    for b in report.get("bursts") or []:
+        bursts.setdefault(b["row"], []).append(b)
+    if bursts:
+        lines += [
+            "",
+            "| row | users at once | p99 TTFT / single-user p99 | `accepted` p99 ms | rounds |",
+            "|---|---|---|---|---|",
+        ]
+        for row in ROWS:
+            runs = bursts.get(row)
+            if not runs:
+                continue
+            ratio = statistics.median(r["ratio"] for r in runs)
+            acc = statistics.median(r["accepted_p99"] for r in runs)
+            spread = f"x{min(r['ratio'] for r in runs):g}-{max(r['ratio'] for r in runs):g}"
+            cells = [row, str(runs[0]["users"]), f"x{ratio:g} ({spread})", f"{acc:g}"]
+            lines.append("| " + " | ".join([*cells, str(len(runs))]) + " |")
     return "\n".join(lines)
 
 
@@ -462,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttft-ms", type=float, default=200.0)
     parser.add_argument("--token-ms", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--deltas", type=int, default=0, help="DELTA records per request (0: sumstream's)"
+    )
+    parser.add_argument("--burst", type=int, default=100, help="users at once (0: none)")
     parser.add_argument("--keep-broker", action="store_true")
     parser.add_argument("--render", type=Path, help="print the table of an earlier run's JSON")
     args = parser.parse_args(argv)
