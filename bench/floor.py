@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,7 @@ class Floor:
     async def measure(
         self,
         row: str,
-        pids: dict[str, tuple[int, ...]],
+        pids: Mapping[str, tuple[int, ...]],
         load: Callable[[], Awaitable[list[float]]],
     ) -> dict[str, Any]:
         """Run ``load`` (it returns TTFTs in ms) with the CPU of ``pids`` metered."""

@@ -236,18 +236,18 @@ def faust_app(cfg: Config) -> Any:
     inference = Inference(cfg, send)
     post = Postprocess(cfg)
 
-    @app.agent(topics["requests"])  # type: ignore[misc]
+    @app.agent(topics["requests"])
     async def preprocess(stream: Any) -> None:
         async for key, data in stream.items():
             doc = orjson.loads(data)["doc"]
             await topics["preprocessed"].send(key=key, value=value(cfg, JOB, doc=doc))
 
-    @app.agent(topics["preprocessed"])  # type: ignore[misc]
+    @app.agent(topics["preprocessed"])
     async def infer(stream: Any) -> None:
         async for key, data in stream.items():
             inference.start(key, orjson.loads(data))
 
-    @app.agent(topics["tokens"])  # type: ignore[misc]
+    @app.agent(topics["tokens"])
     async def postprocess(stream: Any) -> None:
         async for key, data in stream.items():
             result = post.on_token(key, orjson.loads(data))
