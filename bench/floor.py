@@ -532,7 +532,18 @@ def main(argv: list[str] | None = None) -> int:
         out = REPO_ROOT / "bench" / "results" / f"floor-{stamp}.json"
     report["summary"] = summarize(report["results"])
     out.write_text(json.dumps(report, indent=1))
-    print(markdown(report))
+    table = markdown(report)
+    # The JSON is gitignored with the bench's; the table beside it is what gets committed.
+    incorrect = {r["row"]: 0 for r in report["results"]}
+    for r in report["results"]:
+        incorrect[r["row"]] += r.get("incorrect", 0)
+    notes = (
+        f"machine: {report['machine'].get('cores')} cores, broker {report['broker_jit']}; "
+        f"streams without a correct end per row: {incorrect}; failed rows: "
+        f"{report.get('failures') or 'none'}\n\ncensus: {report['census']}\n"
+    )
+    out.with_suffix(".md").write_text(f"# floor {out.stem}\n\n{table}\n\n{notes}")
+    print(table)
     print(f"\ncensus: {json.dumps(report['census'])}\nresults: {out}")
     return 0
 
