@@ -1,5 +1,5 @@
-"""The floor's minimal implementations (bench/floor_parts.py) and its summary (bench/floor.py):
-the records a request costs, their sizes, the SSE bytes the floor gateway writes."""
+"""The floor's minimal implementations (bench/floor_parts.py, floor_gateway.py) and its summary
+(bench/floor_report.py): the records a request costs, their sizes, the SSE bytes it writes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench import client, floor
+from bench import client, floor_report
+from bench.floor_gateway import _sse
 from bench.floor_parts import (
     DELTA,
     RESULT,
@@ -18,7 +19,6 @@ from bench.floor_parts import (
     Config,
     Inference,
     Postprocess,
-    _sse,
     value,
 )
 from bench.sse import SSEParser
@@ -109,7 +109,7 @@ def test_summary_gives_median_and_range_over_rounds_and_ttft_over_the_same_round
 
     bare = [result("bare", i, b, t) for i, (b, t) in enumerate(((10, 250), (14, 260), (11, 300)))]
     base = [result("baseline", i, 0, t) for i, t in enumerate((240, 200, 250))]
-    rows = floor.summarize(bare + base)
+    rows = floor_report.summarize(bare + base)
     assert [r["row"] for r in rows] == ["baseline", "bare"]
     summary = rows[1]
     assert summary["cpu_ms"]["broker"] == {"median": 11.0, "min": 10.0, "max": 14.0}
@@ -118,4 +118,4 @@ def test_summary_gives_median_and_range_over_rounds_and_ttft_over_the_same_round
     assert summary["over_p50"] == {"median": 50.0, "min": 10.0, "max": 60.0}
     assert summary["over_p99"] == {"median": 100.0, "min": 20.0, "max": 120.0}
     assert summary["load_1m"] == [1.5, 1.5, 1.5]
-    assert "| bare |" in floor.markdown({"summary": rows})
+    assert "| bare |" in floor_report.markdown({"summary": rows})
