@@ -89,7 +89,13 @@ async def start_systems(plan: Plan, st: stack.Stack, run_id: str) -> Bench:
 
 
 async def start_sumstream(
-    plan: Plan, st: stack.Stack, run_id: str, sim_url: str, workers: int, gateways: int
+    plan: Plan,
+    st: stack.Stack,
+    run_id: str,
+    sim_url: str,
+    workers: int,
+    gateways: int,
+    port: Callable[[], int] = stack.free_port,
 ) -> Sumstream:
     """``workers`` worker processes (all stages, splitting the partitions) and ``gateways``
     gateways (each owning its share of the partitions) on the topics of ``run_id``."""
@@ -115,18 +121,18 @@ async def start_sumstream(
     ]
     urls = []
     for i in range(gateways):
-        port = stack.free_port()
+        gateway_port = port()
         gateway = st.spawn_cli(
             f"{run_id}-gateway-{i}",
             [
-                *("gateway", "--host", "127.0.0.1", "--port", str(port)),
+                *("gateway", "--host", "127.0.0.1", "--port", str(gateway_port)),
                 *("--instance-index", str(i), "--instance-count", str(gateways)),
             ],
             env,
         )
-        await st.wait_http(gateway, f"http://127.0.0.1:{port}/readyz", 90)
+        await st.wait_http(gateway, f"http://127.0.0.1:{gateway_port}/readyz", 90)
         procs.append(gateway)
-        urls.append(f"http://127.0.0.1:{port}/v1/summaries")
+        urls.append(f"http://127.0.0.1:{gateway_port}/v1/summaries")
     pids = {
         "worker": tuple(p.pid for p in procs if "-worker-" in p.name),
         "gateway": tuple(p.pid for p in procs if "-gateway-" in p.name),
