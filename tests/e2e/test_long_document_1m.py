@@ -29,6 +29,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = {"SUMSTREAM_MAX_RECORD_BYTES": RECORD_BYTES}
     # The shipped enterprise tier; a fast simulator, so the ~70 calls take seconds.
     with running_stack(tmp, env=env, ttft_ms=5, token_delay_ms=0.2) as s:
+        # The worker's partitions assigned: the plan's latency is then the pipeline's own.
+        s.workers[0].wait_for_log("inflight partitions assigned")
         yield s
 
 
