@@ -28,7 +28,7 @@ from pipeline.memory.store import PreferencesTable
 from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
 from pipeline.worker.identity import IdentityError, RequestIdentity
-from pipeline.worker.longdoc.split import LongJob
+from pipeline.worker.longdoc.split import LongJob, plan_ahead
 from pipeline.worker.memory.history import split_input, with_history
 from pipeline.worker.memory.preferences import with_preferences
 from pipeline.worker.memory.sessions import Sessions, conversation
@@ -49,6 +49,9 @@ ReuseReader = Callable[[str], Awaitable[list[ChunkSummary]]]
 STAGE = "preprocess"
 # Records larger than this are prepared on a thread (a long document takes ~1 ms per 1k tokens).
 PREPARE_IN_THREAD_BYTES = 64 * 1024
+# A long document in a record larger than this (~150k tokens) has its plan sent from its raw
+# count before it is prepared, so the client has it within ~300 ms of `accepted`.
+PLAN_AHEAD_BYTES = 1_000_000
 
 
 class PreprocessStage:
@@ -108,6 +111,9 @@ class PreprocessStage:
                 vouched = await self.identity.check(request, value, origin, headers)
                 request = vouched.request
             big = len(value or b"") > PREPARE_IN_THREAD_BYTES
+            planned = len(value or b"") > PLAN_AHEAD_BYTES and await self._plan_ahead(
+                request, now, timestamp_ms
+            )
             outcome = await self._prepare(request, now, timestamp_ms, big)
         except IdentityError as exc:
             await self._refuse(key, value, origin, request, exc, now, timestamp_ms)
@@ -139,7 +145,7 @@ class PreprocessStage:
             await self._reject(request, outcome, now_ms=now, enqueued_ms=timestamp_ms)
             return
         if isinstance(outcome, LongJob):
-            await self._send_long(outcome, values)
+            await self._send_long(outcome, values, planned=planned)
             return
         await self._send_job(request["request_id"].encode(), values[0])
         # Stage latencies are observed once per request by postprocess, from the trace.
@@ -169,15 +175,32 @@ class PreprocessStage:
             return refusal, []
         return outcome, [e for e in encoded if isinstance(e, bytes)]
 
-    async def _send_long(self, long: LongJob, maps: list[bytes]) -> None:
+    async def _plan_ahead(
+        self, request: SummarizeRequest, now: int, enqueued_ms: int | None
+    ) -> bool:
+        """Send a big long document's plan before preparing it; whether it was sent."""
+        if request.get("session_of"):
+            return False  # a follow-up's document is the session's
+        created_at = int(request.get("created_at") or 0) or enqueued_ms or now
+        event = await asyncio.to_thread(
+            plan_ahead, request, self.tiers, self.settings, created_at=created_at
+        )
+        if event is None:
+            return False
+        await self._send_token(request["request_id"].encode(), codec().encode("TokenEvent", event))
+        return True
+
+    async def _send_long(self, long: LongJob, maps: list[bytes], *, planned: bool) -> None:
         """A long document: its PLAN record first (the reduce step's state starts there), the
-        plan's ``progress`` event, then every map job keyed by its own id, so the calls spread
-        over the partitions (docs/architecture.md, "Long documents")."""
+        plan's ``progress`` event (unless ``planned`` ahead), then every map job keyed by its
+        own id, so the calls spread over the partitions (docs/architecture.md, "Long
+        documents")."""
         parent = long.final["request_id"]
         if self._send_chunk is None:
             raise RuntimeError("a long document needs the chunks topic")
         await self._send_chunk(parent.encode(), codec().encode("ChunkSummary", long.plan_record))
-        await self._send_token(parent.encode(), codec().encode("TokenEvent", long.progress))
+        if not planned:
+            await self._send_token(parent.encode(), codec().encode("TokenEvent", long.progress))
         reused = await self._reused(long)
         for index, (job, value) in enumerate(zip(long.maps, maps, strict=True)):
             if index in reused:

@@ -68,7 +68,7 @@ async def test_a_1m_token_enterprise_document_streams_its_plan_progress_and_summ
     # The plan's latency from `accepted`, for docs/architecture.md (not asserted: timings).
     print(f"plan {1000 * (arrived[1] - arrived[0]):.0f} ms after accepted")
     progress = [e.data for e in result.of("progress")[1:]]
-    total = plan["calls"] - 1  # every call but the final reduce reports progress
+    total = progress[0]["total"]  # every call but the final reduce reports progress
     assert [p["done"] for p in progress] == list(range(1, total + 1))
     assert all(p["total"] == total for p in progress)
     assert names.index("token") > len(progress) + 1
@@ -76,5 +76,8 @@ async def test_a_1m_token_enterprise_document_streams_its_plan_progress_and_summ
     assert done["status"] == "COMPLETED" and done["summary"] == result.text.strip() != ""
     records = stack.sim_stats()["requests"]
     calls = {rid: r for rid, r in records.items() if longdoc.parent_of(rid) == result.request_id}
-    assert len(calls) == plan["calls"] == done["usage"]["attempts"]
+    assert len(calls) == total + 1 == done["usage"]["attempts"]
     assert done["usage"]["input_tokens"] >= count_tokens(DOCUMENT)
+    # The plan, sent ahead of the split, estimates the chunks within a few of those made.
+    maps = [rid for rid in calls if (longdoc.parse_chunk_id(rid) or ("", -1, 0))[1] == 0]
+    assert abs(len(maps) - plan["chunks"]) <= 2, (len(maps), plan)

@@ -7,14 +7,16 @@ import hashlib
 import itertools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipeline.core import events, longdoc
 from pipeline.core.codec import codec
 from pipeline.core.longdoc import Plan
-from pipeline.core.pricing import ModelPrice
+from pipeline.core.pricing import ModelPrice, price_table
 from pipeline.core.prompt import CHUNK_INSTRUCTIONS, SYSTEM_PROMPT, user_message
-from pipeline.core.records import ChunkSummary, InferenceJob, TokenEvent
+from pipeline.core.records import ChunkSummary, InferenceJob, SummarizeRequest, TokenEvent
+from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
 
@@ -125,3 +127,40 @@ def long_job(
     }
     progress = events.progress(events.StreamMeta.of(final), {"stage": "plan", **plan_json})
     return LongJob(plan, final, maps, record, progress)
+
+
+def plan_ahead(
+    request: SummarizeRequest,
+    tiers: Mapping[str, Tier],
+    settings: WorkerSettings,
+    *,
+    created_at: int,
+) -> TokenEvent | None:
+    """The plan's ``progress`` event of a long document from its raw text's count, before it
+    is normalised and split (a 1M-token document takes ~1 s to; counting it ~0.1 s); None when
+    the request is no long document of its tier. Normalising only changes whitespace, which the
+    count splits on, so the count stands; the chunks are the estimate (the split may make a few
+    more: the progress events carry the real total)."""
+    tier = tiers.get(request.get("tier") or "")
+    if tier is None:
+        return None
+    model = request.get("model") or tier.default_model or settings.default_model
+    tokens = count_tokens(request.get("document") or "")
+    if not tier.allows(model) or not longdoc.is_long(tokens, tier):
+        return None
+    if tokens > tier.document_limit:
+        if tier.on_input_too_large == "reject":
+            return None
+        tokens = tier.document_limit  # truncated to it
+    requested = request.get("max_output_tokens")
+    plan = longdoc.plan(
+        tokens,
+        tier,
+        max_output_tokens=min(requested or tier.max_output_tokens, tier.max_output_tokens),
+        overhead_tokens=count_tokens(SYSTEM_PROMPT) + count_tokens(CHUNK_INSTRUCTIONS),
+        price=price_table(settings.prices_file).price_for(model),
+    )
+    meta = events.StreamMeta.of(
+        {**request, "tier": tier.name, "model": model, "created_at": created_at}
+    )
+    return events.progress(meta, {"stage": "plan", **plan.as_json()})
