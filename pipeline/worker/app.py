@@ -54,6 +54,7 @@ from pipeline.worker.identity import RequestIdentity
 from pipeline.worker.inference.upstream import Upstream
 from pipeline.worker.inflight import InflightWork
 from pipeline.worker.longdoc.agent import add_reduce, reuse_reader
+from pipeline.worker.longdoc.count import upstream_count
 from pipeline.worker.memory.sessions import Sessions
 from pipeline.worker.postprocess import PostprocessStage, tail_reread
 from pipeline.worker.preprocess import PreprocessStage
@@ -264,6 +265,7 @@ def _add_preprocess(
         admission=TopicAdmission(ledger),
         send_chunk=sender(raw_topic(app, topics.chunks)),
         reuse=reuse_reader(settings, topics.reuse),
+        count=upstream_count(settings),
         preferences=preferences,
         sessions=sessions,
         history=history,

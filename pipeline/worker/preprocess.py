@@ -28,6 +28,7 @@ from pipeline.memory.store import PreferencesTable
 from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
 from pipeline.worker.identity import IdentityError, RequestIdentity
+from pipeline.worker.longdoc.count import Count, counted
 from pipeline.worker.longdoc.split import LongJob, plan_ahead
 from pipeline.worker.memory.history import split_input, with_history
 from pipeline.worker.memory.preferences import with_preferences
@@ -69,6 +70,7 @@ class PreprocessStage:
         admission: TopicAdmission | None = None,
         send_chunk: Send | None = None,
         reuse: ReuseReader | None = None,
+        count: Count | None = None,
         preferences: PreferencesTable | None = None,
         sessions: Sessions | None = None,
         history: HistoryTable | None = None,
@@ -86,6 +88,7 @@ class PreprocessStage:
         self._send_token = send_token
         self._send_chunk = send_chunk
         self._reuse = reuse
+        self._count = count
         self._dlq = dlq
         self._clock = clock
 
@@ -124,6 +127,8 @@ class PreprocessStage:
             return
         if isinstance(outcome, LongJob):
             outcome = await self._long_with_memory(outcome, request, headers)
+            if self._count is not None:
+                outcome = await counted(outcome, request, self._count, self.tiers, self.settings)
         elif not isinstance(outcome, Rejection):
             outcome = await self._with_memory(outcome, request, headers)
         outcome, values = self._encode_outcome(outcome)

@@ -39,6 +39,11 @@ class LongJob:
         return self.plan_record["reuse_key"]
 
 
+def overhead_tokens() -> int:
+    """The plan's prompt tokens per call beside the document (system prompt, instructions)."""
+    return count_tokens(SYSTEM_PROMPT) + count_tokens(CHUNK_INSTRUCTIONS)
+
+
 def with_overlap(parts: list[str], overlap: int) -> list[str]:
     """Each part after the first starts with the end of the one before it: its last whole
     sentences within ``overlap`` tokens (else its last ``overlap`` words)."""
@@ -103,6 +108,29 @@ def long_job(
                 "trace": dict(template["trace"]),
             }
         )
+    return _with_plan(template, maps, plan, reuse_key(template, maps), tier)
+
+
+def recounted(
+    long: LongJob, document_tokens: int, tier: Tier, price: ModelPrice, *, overhead_tokens: int
+) -> LongJob:
+    """``long`` planned again for ``document_tokens`` (the upstream's count), same chunks."""
+    plan = longdoc.plan(
+        document_tokens,
+        tier,
+        max_output_tokens=long.final["max_output_tokens"],
+        overhead_tokens=overhead_tokens,
+        price=price,
+        chunks=len(long.maps),
+    )
+    return _with_plan(long.final, long.maps, plan, long.reuse_key, tier)
+
+
+def _with_plan(
+    template: InferenceJob, maps: list[InferenceJob], plan: Plan, key: str, tier: Tier
+) -> LongJob:
+    """The final reduce job, PLAN record and plan event of ``plan``."""
+    parent = template["request_id"]
     # Admission reserves the estimate plus the final output: the whole plan.
     final: InferenceJob = {
         **template,
@@ -121,7 +149,7 @@ def long_job(
         "group_size": longdoc.group_size(tier),
         "job": codec().encode("InferenceJob", final),
         "plan": json.dumps(plan_json, separators=(",", ":"), sort_keys=True),
-        "reuse_key": reuse_key(template, maps),
+        "reuse_key": key,
         "created_at": template["created_at"],
         "trace": dict(template["trace"]),
     }
@@ -157,7 +185,7 @@ def plan_ahead(
         tokens,
         tier,
         max_output_tokens=min(requested or tier.max_output_tokens, tier.max_output_tokens),
-        overhead_tokens=count_tokens(SYSTEM_PROMPT) + count_tokens(CHUNK_INSTRUCTIONS),
+        overhead_tokens=overhead_tokens(),
         price=price_table(settings.prices_file).price_for(model),
     )
     meta = events.StreamMeta.of(
