@@ -91,6 +91,9 @@ class PreprocessStage:
         self._count = count
         self._dlq = dlq
         self._clock = clock
+        # One big document prepared at a time: each holds the GIL for its whole split, and
+        # several at once left the event loop (every stream of this worker) a sixth of it.
+        self._cpu = asyncio.Semaphore(1)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -187,9 +190,10 @@ class PreprocessStage:
         if request.get("session_of"):
             return False  # a follow-up's document is the session's
         created_at = int(request.get("created_at") or 0) or enqueued_ms or now
-        event = await asyncio.to_thread(
-            plan_ahead, request, self.tiers, self.settings, created_at=created_at
-        )
+        async with self._cpu:
+            event = await asyncio.to_thread(
+                plan_ahead, request, self.tiers, self.settings, created_at=created_at
+            )
         if event is None:
             return False
         await self._send_token(request["request_id"].encode(), codec().encode("TokenEvent", event))
@@ -259,7 +263,10 @@ class PreprocessStage:
             )
             # A big document is normalised, counted and split on a thread, so the streams this
             # worker is running keep their pace meanwhile.
-            return await asyncio.to_thread(prepared) if big else prepared()
+            if not big:
+                return prepared()
+            async with self._cpu:
+                return await asyncio.to_thread(prepared)
         forgotten_at = self.preferences.forgotten_at(request["user_id"]) if self.preferences else 0
         found = await self.sessions.follow_up(request, tier, now, forgotten_at=forgotten_at)
         if isinstance(found, Rejection):
