@@ -161,6 +161,9 @@ class WorkerSettings(KafkaSettings):
     # Stages and the Faust app (pipeline/worker/app.py, preprocess.py, postprocess.py).
     # Tokens one model call may hold (prompt + output); longer documents are split (map-reduce).
     model_budget_tokens: int = Field(default=150_000, ge=1_000)
+    # Ask the upstream's count_tokens for a long document's tokens (docs/architecture.md,
+    # "Long documents"); unset: when a real API key is configured (the simulator counts too).
+    count_tokens_upstream: bool | None = None
     # A long document summarized again by the same user within this many seconds reuses its
     # chunk summaries (docs/architecture.md, "Long documents"); 0 turns reuse off.
     chunk_reuse_window_s: float = Field(default=3600.0, ge=0)

@@ -359,12 +359,18 @@ def _stream_error(data: Mapping[str, Any]) -> UpstreamAttemptError:
 class UpstreamClient:
     """The model API: the real one when an API key is set, else the simulator."""
 
+    @staticmethod
+    def has_real_key(settings: WorkerSettings) -> bool:
+        """Whether the settings name the real API (a key is set) rather than the simulator."""
+        key = settings.anthropic_api_key
+        return key is not None and bool(key.get_secret_value())
+
     def __init__(self, settings: WorkerSettings) -> None:
         timeout = httpx2.Timeout(
             settings.upstream_read_timeout_s, connect=settings.upstream_connect_timeout_s
         )
         key = settings.anthropic_api_key
-        if key is not None and key.get_secret_value():
+        if key is not None and self.has_real_key(settings):
             self.name = "anthropic"
             self._client = AsyncAnthropic(
                 api_key=key.get_secret_value(),

@@ -55,6 +55,7 @@ from pipeline.worker.identity import RequestIdentity
 from pipeline.worker.inference.upstream import Upstream
 from pipeline.worker.inflight import InflightWork
 from pipeline.worker.longdoc.agent import add_reduce, reuse_reader
+from pipeline.worker.longdoc.count import upstream_count
 from pipeline.worker.memory.sessions import Sessions
 from pipeline.worker.postprocess import PostprocessStage, tail_reread
 from pipeline.worker.preprocess import PreprocessStage
@@ -62,6 +63,8 @@ from pipeline.worker.request_ids import RequestIds
 from pipeline.worker.transport import FlowControl, Transport
 
 log = logging.getLogger("sumstream.worker")
+# Requests preprocess handles at once (the preprocess agent's actors).
+PREPROCESS_CONCURRENCY = 4
 
 STAGES = ("preprocess", "inference", "postprocess")
 
@@ -269,6 +272,7 @@ def _add_preprocess(
         admission=TopicAdmission(ledger),
         send_chunk=sender(raw_topic(app, topics.chunks)),
         reuse=reuse_reader(settings, topics.reuse),
+        count=upstream_count(settings),
         preferences=preferences,
         sessions=sessions,
         history=history,
@@ -281,7 +285,13 @@ def _add_preprocess(
             message.key, message.value, origin(event), timestamp_ms(event), message.headers
         )
 
-    @app.agent(raw_topic(app, topics.requests), name="preprocess")
+    # Several requests at once: a long document's preparation (~0.5 s for 100k tokens: the
+    # split on a thread, the reuse read) must not hold the short requests behind it (the
+    # bench's start-up stall, docs/architecture.md "Long documents"). Faust acks each record
+    # when its handler ends and commits only below the oldest unacknowledged one.
+    @app.agent(
+        raw_topic(app, topics.requests), name="preprocess", concurrency=PREPROCESS_CONCURRENCY
+    )
     async def preprocess_agent(stream: StreamT[Any]) -> None:
         async for event in events(stream):
             await process("preprocess", on_request, event, dlq, preprocess.abandon)

@@ -66,13 +66,15 @@ def truncate_to_tokens(text: str, max_tokens: int) -> str:
     return cut.rstrip()
 
 
-def _units(text: str, budget: int) -> list[tuple[str, str]]:
-    """Pieces of ``text`` within ``budget`` tokens, each with the joiner that preceded it."""
-    units: list[tuple[str, str]] = []
+def _units(text: str, budget: int) -> list[tuple[str, str, int]]:
+    """Pieces of ``text`` within ``budget`` tokens, each with the joiner that preceded it and
+    its token count."""
+    units: list[tuple[str, str, int]] = []
     for p_index, paragraph in enumerate(text.split("\n\n")):
         joiner = "\n\n" if p_index else ""
-        if count_tokens(paragraph) <= budget:
-            units.append((paragraph, joiner))
+        tokens = count_tokens(paragraph)
+        if tokens <= budget:
+            units.append((paragraph, joiner, tokens))
             continue
         for s_index, sentence in enumerate(_SENTENCE_END.split(paragraph)):
             rest = sentence
@@ -83,7 +85,7 @@ def _units(text: str, budget: int) -> list[tuple[str, str]]:
                     piece = rest[: max(1, len(rest) // 2)]
                     while count_tokens(piece) > budget and len(piece) > 1:
                         piece = piece[: len(piece) // 2]
-                units.append((piece, sep))
+                units.append((piece, sep, count_tokens(piece)))
                 rest = rest[len(piece) :].lstrip()
                 sep = " "
     return units
@@ -92,21 +94,25 @@ def _units(text: str, budget: int) -> list[tuple[str, str]]:
 def split_into_chunks(text: str, budget: int) -> list[str]:
     """Split ``text`` at paragraph, sentence, then word boundaries into ``budget``-token chunks."""
     chunks: list[str] = []
-    current = ""
-    current_tokens = 0
-    for piece, joiner in _units(text, budget):
+    # The chunk under way as its pieces and joiners, joined once it is full (a 1M-token
+    # document has ~50k paragraphs: growing one string per piece copied each chunk ~1,000x).
+    current: list[str] = []
+    current_tokens = current_chars = 0
+    for piece, joiner, tokens in _units(text, budget):
         # Pieces are joined by whitespace, which count_tokens splits on: the count of the
         # joined text is the sum of the counts, so each piece is counted once (a long
         # document's plan must come quickly).
-        tokens = count_tokens(piece)
-        if current and current_tokens + tokens > budget:
-            chunks.append(current)
-            current, current_tokens = piece, tokens
-        else:
-            current = f"{current}{joiner}{piece}" if current else piece
+        if current_chars and current_tokens + tokens > budget:
+            chunks.append("".join(current))
+            current, current_tokens, current_chars = [piece], tokens, len(piece)
+        elif current_chars:
+            current += [joiner, piece]
             current_tokens += tokens
-    if current:
-        chunks.append(current)
+            current_chars += len(joiner) + len(piece)
+        else:  # nothing but empty pieces so far: they and their joiners go
+            current, current_tokens, current_chars = [piece], current_tokens + tokens, len(piece)
+    if current_chars:
+        chunks.append("".join(current))
     return chunks
 
 

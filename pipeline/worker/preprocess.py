@@ -28,7 +28,8 @@ from pipeline.memory.store import PreferencesTable
 from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
 from pipeline.worker.identity import IdentityError, RequestIdentity
-from pipeline.worker.longdoc.split import LongJob
+from pipeline.worker.longdoc.count import Count, counted
+from pipeline.worker.longdoc.split import LongJob, plan_ahead
 from pipeline.worker.memory.history import split_input, with_history
 from pipeline.worker.memory.preferences import with_preferences
 from pipeline.worker.memory.sessions import Sessions, conversation
@@ -49,6 +50,9 @@ ReuseReader = Callable[[str], Awaitable[list[ChunkSummary]]]
 STAGE = "preprocess"
 # Records larger than this are prepared on a thread (a long document takes ~1 ms per 1k tokens).
 PREPARE_IN_THREAD_BYTES = 64 * 1024
+# A long document in a record larger than this (~150k tokens) has its plan sent from its raw
+# count before it is prepared, so the client has it within ~300 ms of `accepted`.
+PLAN_AHEAD_BYTES = 1_000_000
 
 
 class PreprocessStage:
@@ -66,6 +70,7 @@ class PreprocessStage:
         admission: TopicAdmission | None = None,
         send_chunk: Send | None = None,
         reuse: ReuseReader | None = None,
+        count: Count | None = None,
         preferences: PreferencesTable | None = None,
         sessions: Sessions | None = None,
         history: HistoryTable | None = None,
@@ -83,8 +88,12 @@ class PreprocessStage:
         self._send_token = send_token
         self._send_chunk = send_chunk
         self._reuse = reuse
+        self._count = count
         self._dlq = dlq
         self._clock = clock
+        # One big document prepared at a time: each holds the GIL for its whole split, and
+        # several at once left the event loop (every stream of this worker) a sixth of it.
+        self._cpu = asyncio.Semaphore(1)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -108,6 +117,9 @@ class PreprocessStage:
                 vouched = await self.identity.check(request, value, origin, headers)
                 request = vouched.request
             big = len(value or b"") > PREPARE_IN_THREAD_BYTES
+            planned = len(value or b"") > PLAN_AHEAD_BYTES and await self._plan_ahead(
+                request, now, timestamp_ms
+            )
             outcome = await self._prepare(request, now, timestamp_ms, big)
         except IdentityError as exc:
             await self._refuse(key, value, origin, request, exc, now, timestamp_ms)
@@ -118,6 +130,8 @@ class PreprocessStage:
             return
         if isinstance(outcome, LongJob):
             outcome = await self._long_with_memory(outcome, request, headers)
+            if self._count is not None:
+                outcome = await counted(outcome, request, self._count, self.tiers, self.settings)
         elif not isinstance(outcome, Rejection):
             outcome = await self._with_memory(outcome, request, headers)
         outcome, values = self._encode_outcome(outcome)
@@ -139,7 +153,7 @@ class PreprocessStage:
             await self._reject(request, outcome, now_ms=now, enqueued_ms=timestamp_ms)
             return
         if isinstance(outcome, LongJob):
-            await self._send_long(outcome, values)
+            await self._send_long(outcome, values, planned=planned)
             return
         await self._send_job(request["request_id"].encode(), values[0])
         # Stage latencies are observed once per request by postprocess, from the trace.
@@ -169,15 +183,33 @@ class PreprocessStage:
             return refusal, []
         return outcome, [e for e in encoded if isinstance(e, bytes)]
 
-    async def _send_long(self, long: LongJob, maps: list[bytes]) -> None:
+    async def _plan_ahead(
+        self, request: SummarizeRequest, now: int, enqueued_ms: int | None
+    ) -> bool:
+        """Send a big long document's plan before preparing it; whether it was sent."""
+        if request.get("session_of"):
+            return False  # a follow-up's document is the session's
+        created_at = int(request.get("created_at") or 0) or enqueued_ms or now
+        async with self._cpu:
+            event = await asyncio.to_thread(
+                plan_ahead, request, self.tiers, self.settings, created_at=created_at
+            )
+        if event is None:
+            return False
+        await self._send_token(request["request_id"].encode(), codec().encode("TokenEvent", event))
+        return True
+
+    async def _send_long(self, long: LongJob, maps: list[bytes], *, planned: bool) -> None:
         """A long document: its PLAN record first (the reduce step's state starts there), the
-        plan's ``progress`` event, then every map job keyed by its own id, so the calls spread
-        over the partitions (docs/architecture.md, "Long documents")."""
+        plan's ``progress`` event (unless ``planned`` ahead), then every map job keyed by its
+        own id, so the calls spread over the partitions (docs/architecture.md, "Long
+        documents")."""
         parent = long.final["request_id"]
         if self._send_chunk is None:
             raise RuntimeError("a long document needs the chunks topic")
         await self._send_chunk(parent.encode(), codec().encode("ChunkSummary", long.plan_record))
-        await self._send_token(parent.encode(), codec().encode("TokenEvent", long.progress))
+        if not planned:
+            await self._send_token(parent.encode(), codec().encode("TokenEvent", long.progress))
         reused = await self._reused(long)
         for index, (job, value) in enumerate(zip(long.maps, maps, strict=True)):
             if index in reused:
@@ -231,7 +263,10 @@ class PreprocessStage:
             )
             # A big document is normalised, counted and split on a thread, so the streams this
             # worker is running keep their pace meanwhile.
-            return await asyncio.to_thread(prepared) if big else prepared()
+            if not big:
+                return prepared()
+            async with self._cpu:
+                return await asyncio.to_thread(prepared)
         forgotten_at = self.preferences.forgotten_at(request["user_id"]) if self.preferences else 0
         found = await self.sessions.follow_up(request, tier, now, forgotten_at=forgotten_at)
         if isinstance(found, Rejection):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import random
+import sysconfig
+from pathlib import Path
+
+from pipeline.llm.extractive import count_tokens
 
 SUBJECTS = [
     "The harbour authority",
@@ -69,3 +73,20 @@ def document(seed: int, sentences: int = 24) -> str:
         )
         out.append(sentence)
     return " ".join(out)
+
+
+def stdlib_document(min_tokens: int) -> str:
+    """Real text: whole stdlib modules (docstrings, comments, code) up to ``min_tokens``; the
+    top-level modules first, then the packages' (their tests left out), for the largest."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    top = sorted(root.glob("*.py"))
+    nested = sorted(p for p in root.rglob("*.py") if p.parent != root and "test" not in p.parts)
+    parts: list[str] = []
+    tokens = 0
+    for path in (p for p in (*top, *nested) if p.stat().st_size > 4_000):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        tokens += count_tokens(text)
+        if tokens > min_tokens:
+            break
+    return "\n\n".join(parts)

@@ -5,9 +5,7 @@ stops every chunk call."""
 
 from __future__ import annotations
 
-import sysconfig
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +14,7 @@ import pytest
 from pipeline.core import longdoc
 from pipeline.core.resources import DEFAULT_TIERS_FILE
 from pipeline.llm.extractive import count_tokens
+from tests.e2e.documents import stdlib_document
 from tests.harness import Stack, StreamResult, auth, running_stack
 from tests.harness.sse import SseEvent, sse_events
 from tests.harness.waiting import eventually
@@ -35,20 +34,6 @@ reduce_output_tokens = 400
 MAX_OUTPUT = 120
 
 OVERRIDDEN = {line.split("=")[0].strip() for line in LONG_TIER.strip().splitlines()}
-
-
-def stdlib_document(min_tokens: int) -> str:
-    """Real text: whole stdlib modules (docstrings, comments, code) up to ``min_tokens``."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    parts: list[str] = []
-    tokens = 0
-    for path in sorted(p for p in root.glob("*.py") if p.stat().st_size > 4_000):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        parts.append(text)
-        tokens += count_tokens(text)
-        if tokens > min_tokens:
-            break
-    return "\n\n".join(parts)
 
 
 DOCUMENT = stdlib_document(62_000)

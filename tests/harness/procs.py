@@ -194,7 +194,10 @@ class Stack:
 
     @property
     def settings(self) -> KafkaSettings:
-        return KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix)
+        # The topics this harness creates take the records the stack's processes may write.
+        record_bytes = self.extra_env.get("SUMSTREAM_MAX_RECORD_BYTES")
+        sizes = {"max_record_bytes": int(record_bytes)} if record_bytes else {}
+        return KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix, **sizes)
 
     @property
     def topics(self) -> TopicNames:

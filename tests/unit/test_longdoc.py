@@ -3,6 +3,7 @@ step's transitions (pure; docs/architecture.md, "Long documents")."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from decimal import Decimal
 from typing import Any
@@ -17,7 +18,7 @@ from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens, document_of
 from pipeline.worker.longdoc.reduce import DocState, on_cancel, on_plan, on_summary
-from pipeline.worker.longdoc.split import LongJob, with_overlap
+from pipeline.worker.longdoc.split import LongJob, plan_ahead, with_overlap
 from pipeline.worker.prepare import CHUNK_PLACEHOLDER, prepare
 
 NOW = 1_750_000_000_000
@@ -150,6 +151,36 @@ def test_prepare_plans_a_long_document_as_map_jobs_a_plan_record_and_a_progress_
     assert out.progress["kind"] == "PROGRESS" and out.progress["seq"] == 0
     shown = json.loads(out.progress["text"])
     assert shown["stage"] == "plan" and shown["chunks"] == len(out.maps)
+
+
+def test_the_plan_sent_ahead_counts_the_raw_document_as_prepare_counts_the_normalised_one() -> None:
+    # Untidy whitespace, which normalising removes, changes no count.
+    doc = document(300).replace(". ", ".  \t").replace("\n\n", " \n\n\n\n ")
+    tiers = {"pro": LONG}
+    ahead = plan_ahead(request(doc), tiers, WorkerSettings(), created_at=NOW - 20)
+    out = prepare(request(doc), tiers, WorkerSettings(), now_ms=NOW)
+    assert ahead is not None and isinstance(out, LongJob)
+    early, exact = json.loads(ahead["text"]), json.loads(out.progress["text"])
+    assert early["document_tokens"] == exact["document_tokens"]
+    assert early["stage"] == "plan" and abs(early["chunks"] - exact["chunks"]) <= 2
+    assert ahead["request_id"] == out.final["request_id"] and ahead["seq"] == 0
+    assert (ahead["tier"], ahead["model"]) == (out.final["tier"], out.final["model"])
+
+
+def test_no_plan_goes_ahead_for_a_document_one_call_holds_or_its_tier_refuses() -> None:
+    settings = WorkerSettings()
+    assert plan_ahead(request(document(20)), {"pro": LONG}, settings, created_at=NOW) is None
+    assert (
+        plan_ahead(request(document(300), "free"), {"free": SHORT}, settings, created_at=NOW)
+        is None
+    )
+    refusing = {
+        "pro": dataclasses.replace(LONG, max_document_tokens=2_000, on_input_too_large="reject")
+    }
+    assert plan_ahead(request(document(300)), refusing, settings, created_at=NOW) is None
+    cutting = {"pro": dataclasses.replace(LONG, max_document_tokens=2_000)}
+    ahead = plan_ahead(request(document(300)), cutting, settings, created_at=NOW)
+    assert ahead is not None and json.loads(ahead["text"])["document_tokens"] == 2_000
 
 
 def test_a_request_id_with_the_chunk_separator_is_invalid() -> None:

@@ -77,6 +77,28 @@ def test_normalize_is_idempotent(text: str) -> None:
     assert "\r" not in once and "\n\n\n" not in once and "  " not in once
 
 
+def reference_normalize(text: str) -> str:
+    """normalize_text as first written: every space run and every newline matched."""
+    import re
+    import unicodedata
+
+    text = unicodedata.normalize("NFC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n")
+    text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]", "", text)
+    text = re.sub(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+", " ", text)
+    text = re.sub(r" *\n *", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+@settings(max_examples=300)
+@given(st.text(alphabet=" \t\n\r\x0b\u00a0\u3000\u2028\u200bab.e\u0301<>", max_size=60))
+def test_normalize_takes_the_fast_path_to_the_same_text(text: str) -> None:
+    assert normalize_text(text) == reference_normalize(text)
+    ascii_only = text.encode("ascii", "ignore").decode()
+    assert normalize_text(ascii_only) == reference_normalize(ascii_only)
+
+
 # --- truncation and chunking -------------------------------------------------------------------
 
 

@@ -10,7 +10,13 @@ import pytest
 from pipeline.core import events
 from pipeline.core.codec import codec
 from pipeline.core.records import TokenEvent
-from pipeline.worker.inference.publishing import PublishError, RunPublisher, coalesce_hold_s
+from pipeline.worker.inference.publishing import (
+    CHUNK_HOLD_S,
+    PublishError,
+    RunPublisher,
+    coalesce_hold_s,
+    run_hold_s,
+)
 from pipeline.worker.inference.runs import Run, RunState
 
 
@@ -152,11 +158,19 @@ def test_the_hold_is_none_for_light_load_and_grows_to_its_maximum() -> None:
     assert coalesce_hold_s(200, 8, 48, 0.0) == 0.0
 
 
+def test_a_chunk_calls_records_wait_at_least_the_chunk_hold_and_others_the_loads() -> None:
+    chunk = "01J0000000000000000000000A~0.3"
+    assert run_hold_s(chunk, 0.0) == CHUNK_HOLD_S
+    assert run_hold_s(chunk, 2 * CHUNK_HOLD_S) == 2 * CHUNK_HOLD_S
+    assert run_hold_s("01J0000000000000000000000A", 0.0) == 0.0
+    assert run_hold_s("01J0000000000000000000000A", 0.01) == 0.01
+
+
 async def test_under_load_a_runs_next_record_waits_the_hold_and_takes_every_delta_meanwhile() -> (
     None
 ):
     broker, sleep = GatedBroker(), HeldSleep()
-    publisher, run = RunPublisher(broker.emit, hold=lambda: 0.02, sleep=sleep), new_run()
+    publisher, run = RunPublisher(broker.emit, hold=lambda run: 0.02, sleep=sleep), new_run()
     await publisher.delta(run, "The")  # the first record goes at once: no added TTFT
     assert (await broker.next_send())["text"] == "The"
     broker.gate.release()

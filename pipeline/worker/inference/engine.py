@@ -32,6 +32,7 @@ from pipeline.worker.inference.publishing import (
     PublishError,
     RunPublisher,
     coalesce_hold_s,
+    run_hold_s,
 )
 from pipeline.worker.inference.retry import RetryBudget
 from pipeline.worker.inference.runs import Holding, Interrupt, ResumeState, Run, RunState
@@ -217,11 +218,12 @@ class InferenceEngine:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _coalesce_hold(self) -> float:
+    def _coalesce_hold(self, run: Run) -> float:
         s = self.settings
-        return coalesce_hold_s(
+        load = coalesce_hold_s(
             len(self._runs), s.coalesce_light_runs, s.coalesce_full_runs, s.coalesce_max_hold_ms
         )
+        return run_hold_s(run.request_id, load)
 
     def _new_run(self, job: InferenceJob, resume: ResumeState | None) -> Run:
         deadline_ms = int(job.get("deadline_ms") or 0)

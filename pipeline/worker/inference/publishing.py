@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from pipeline.core import events
+from pipeline.core import events, longdoc
 from pipeline.core.events import TerminalKind
 from pipeline.core.records import ErrorInfo, TokenEvent
 from pipeline.worker.inference.runs import Run, RunState
@@ -23,7 +23,7 @@ logger = logging.getLogger("sumstream.inference")
 
 Emit = Callable[[TokenEvent], Awaitable[None]]
 # Seconds a run's next record waits after its previous one, given the load (0: none).
-Hold = Callable[[], float]
+Hold = Callable[[Run], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -35,6 +35,21 @@ def coalesce_hold_s(active_runs: int, light_runs: int, full_runs: int, max_hold_
         return 0.0
     share = min(1.0, (active_runs - light_runs) / max(1, full_runs - light_runs))
     return share * max_hold_ms / 1000.0
+
+
+# A long document's chunk calls stream to nobody (its client follows their progress, not their
+# text), so each of their records waits at least this long after the previous one: a call of
+# 400 tokens at 10 ms makes ~16 records instead of up to 400, and the worker, the broker and
+# every gateway's tail handle that many fewer beside the short requests (docs/architecture.md,
+# "Long documents", the bench). A crash loses at most this much of a call's text to redo.
+CHUNK_HOLD_S = 0.25
+
+
+def run_hold_s(request_id: str, load_hold_s: float) -> float:
+    """The hold of a run: the load's, and at least ``CHUNK_HOLD_S`` for a chunk call."""
+    if longdoc.parse_chunk_id(request_id) is None:
+        return load_hold_s
+    return max(load_hold_s, CHUNK_HOLD_S)
 
 
 class PublishError(Exception):
@@ -84,7 +99,7 @@ class RunPublisher:
             loop = asyncio.get_running_loop()
             while box.pending and not box.closed:
                 if self._hold is not None and box.last_sent_at is not None:
-                    wait = box.last_sent_at + self._hold() - loop.time()
+                    wait = box.last_sent_at + self._hold(run) - loop.time()
                     if wait > 0:
                         # Under load the next record waits a little: more deltas join it.
                         await self._sleep(wait)

@@ -7,14 +7,16 @@ import hashlib
 import itertools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipeline.core import events, longdoc
 from pipeline.core.codec import codec
 from pipeline.core.longdoc import Plan
-from pipeline.core.pricing import ModelPrice
+from pipeline.core.pricing import ModelPrice, price_table
 from pipeline.core.prompt import CHUNK_INSTRUCTIONS, SYSTEM_PROMPT, user_message
-from pipeline.core.records import ChunkSummary, InferenceJob, TokenEvent
+from pipeline.core.records import ChunkSummary, InferenceJob, SummarizeRequest, TokenEvent
+from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens
 
@@ -35,6 +37,11 @@ class LongJob:
     @property
     def reuse_key(self) -> str:
         return self.plan_record["reuse_key"]
+
+
+def overhead_tokens() -> int:
+    """The plan's prompt tokens per call beside the document (system prompt, instructions)."""
+    return count_tokens(SYSTEM_PROMPT) + count_tokens(CHUNK_INSTRUCTIONS)
 
 
 def with_overlap(parts: list[str], overlap: int) -> list[str]:
@@ -101,6 +108,29 @@ def long_job(
                 "trace": dict(template["trace"]),
             }
         )
+    return _with_plan(template, maps, plan, reuse_key(template, maps), tier)
+
+
+def recounted(
+    long: LongJob, document_tokens: int, tier: Tier, price: ModelPrice, *, overhead_tokens: int
+) -> LongJob:
+    """``long`` planned again for ``document_tokens`` (the upstream's count), same chunks."""
+    plan = longdoc.plan(
+        document_tokens,
+        tier,
+        max_output_tokens=long.final["max_output_tokens"],
+        overhead_tokens=overhead_tokens,
+        price=price,
+        chunks=len(long.maps),
+    )
+    return _with_plan(long.final, long.maps, plan, long.reuse_key, tier)
+
+
+def _with_plan(
+    template: InferenceJob, maps: list[InferenceJob], plan: Plan, key: str, tier: Tier
+) -> LongJob:
+    """The final reduce job, PLAN record and plan event of ``plan``."""
+    parent = template["request_id"]
     # Admission reserves the estimate plus the final output: the whole plan.
     final: InferenceJob = {
         **template,
@@ -119,9 +149,46 @@ def long_job(
         "group_size": longdoc.group_size(tier),
         "job": codec().encode("InferenceJob", final),
         "plan": json.dumps(plan_json, separators=(",", ":"), sort_keys=True),
-        "reuse_key": reuse_key(template, maps),
+        "reuse_key": key,
         "created_at": template["created_at"],
         "trace": dict(template["trace"]),
     }
     progress = events.progress(events.StreamMeta.of(final), {"stage": "plan", **plan_json})
     return LongJob(plan, final, maps, record, progress)
+
+
+def plan_ahead(
+    request: SummarizeRequest,
+    tiers: Mapping[str, Tier],
+    settings: WorkerSettings,
+    *,
+    created_at: int,
+) -> TokenEvent | None:
+    """The plan's ``progress`` event of a long document from its raw text's count, before it
+    is normalised and split (a 1M-token document takes ~1 s to; counting it ~0.1 s); None when
+    the request is no long document of its tier. Normalising only changes whitespace, which the
+    count splits on, so the count stands; the chunks are the estimate (the split may make a few
+    more: the progress events carry the real total)."""
+    tier = tiers.get(request.get("tier") or "")
+    if tier is None:
+        return None
+    model = request.get("model") or tier.default_model or settings.default_model
+    tokens = count_tokens(request.get("document") or "")
+    if not tier.allows(model) or not longdoc.is_long(tokens, tier):
+        return None
+    if tokens > tier.document_limit:
+        if tier.on_input_too_large == "reject":
+            return None
+        tokens = tier.document_limit  # truncated to it
+    requested = request.get("max_output_tokens")
+    plan = longdoc.plan(
+        tokens,
+        tier,
+        max_output_tokens=min(requested or tier.max_output_tokens, tier.max_output_tokens),
+        overhead_tokens=overhead_tokens(),
+        price=price_table(settings.prices_file).price_for(model),
+    )
+    meta = events.StreamMeta.of(
+        {**request, "tier": tier.name, "model": model, "created_at": created_at}
+    )
+    return events.progress(meta, {"stage": "plan", **plan.as_json()})
