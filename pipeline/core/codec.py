@@ -105,9 +105,12 @@ class Codec:
             raise CodecError(f"{name}: {exc}") from exc
         return buf.getvalue()
 
-    def decode(self, data: bytes | None, expect: str | None = None) -> tuple[str, dict[str, Any]]:
-        """Return (record name, record), sealed text opened. ``expect`` rejects records of
-        another type; a sealed field whose key is not read yet raises KeyUnknownError."""
+    def decode(
+        self, data: bytes | None, expect: str | None = None, *, opened: bool = True
+    ) -> tuple[str, dict[str, Any]]:
+        """Return (record name, record), sealed text opened unless ``opened`` is False (a
+        billing reader, which needs no key). ``expect`` rejects records of another type; a
+        sealed field whose key is not read yet raises KeyUnknownError."""
         if not data or len(data) < HEADER_LEN or data[:2] != MARKER:
             raise CodecError("not an Avro single-object encoded record")
         writer = self._writers.get(data[2:HEADER_LEN])
@@ -127,11 +130,12 @@ class Codec:
         extra = len(data) - HEADER_LEN - body.tell()
         if extra:
             raise CodecError(f"{writer.name}: {extra} trailing bytes")
-        open_fields(writer.name, record)
+        if opened:
+            open_fields(writer.name, record)
         return writer.name, record
 
-    def decode_as(self, data: bytes | None, name: str) -> dict[str, Any]:
-        return self.decode(data, expect=name)[1]
+    def decode_as(self, data: bytes | None, name: str, *, opened: bool = True) -> dict[str, Any]:
+        return self.decode(data, expect=name, opened=opened)[1]
 
 
 @lru_cache(maxsize=1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import binascii
 import os
 import zlib
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from functools import lru_cache
 from typing import Any
 
@@ -145,6 +145,13 @@ def new_key() -> bytes:
     return AESGCM.generate_key(bit_length=KEY_BYTES * 8)
 
 
+def seal_text(text: str, user_id: str) -> str:
+    """``text`` sealed with ``user_id``'s current key; as it is when the user has none."""
+    ring = keyring()
+    key_id = ring.current(user_id)
+    return text if key_id is None else ring.seal(text, key_id)
+
+
 def seal_fields(name: str, record: MutableMapping[str, Any], user_id: str) -> None:
     """Seal ``record``'s text fields in place with ``user_id``'s current key, if it has one."""
     ring = keyring()
@@ -171,7 +178,7 @@ def open_fields(name: str, record: MutableMapping[str, Any]) -> None:
             record[field] = [ring.open(v) for v in value]
 
 
-def is_forgotten(record: MutableMapping[str, Any], name: str) -> bool:
+def is_forgotten(record: Mapping[str, Any], name: str) -> bool:
     """True when one of ``record``'s opened text fields was shredded."""
     for field in SEALED_FIELDS.get(name, ()):
         value = record.get(field)

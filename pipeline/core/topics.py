@@ -64,7 +64,14 @@ def declared_topics(settings: KafkaSettings) -> list[TopicSpec]:
         ),
         # Users' data keys, compacted: never deleted by time; a tombstone shreds a key and so
         # makes every copy of the text it sealed unreadable (docs/architecture.md, "Forgetting").
-        TopicSpec("keys", "DataKey", KEYS_PARTITIONS, {"cleanup.policy": "compact"}),
+        # Tombstones outlive every sealed copy (results: 30 d), so a reader that meets text
+        # sealed with a shredded key knows it was shredded rather than waiting for it.
+        TopicSpec(
+            "keys",
+            "DataKey",
+            KEYS_PARTITIONS,
+            {"cleanup.policy": "compact", "delete.retention.ms": str(31 * DAY_MS)},
+        ),
     ]
     # Every topic takes whatever a producer may send (pipeline/core/sizes.py): a record the
     # producer accepts and the broker refuses would be lost after the stage had committed.

@@ -36,7 +36,7 @@ log = logging.getLogger("sumstream.memory")
 KEY_WAIT_S = 5.0
 
 
-class KeyStore:
+class DataKeyTable:
     """Reads ``keys`` into the process keyring; a writer also creates and shreds keys."""
 
     def __init__(

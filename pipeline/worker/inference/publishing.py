@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pipeline.core import events
 from pipeline.core.events import TerminalKind
 from pipeline.core.records import ErrorInfo, TokenEvent
+from pipeline.core.sealing import seal_text
 from pipeline.worker.inference.runs import Run, RunState
 
 logger = logging.getLogger("sumstream.inference")
@@ -95,6 +96,8 @@ class RunPublisher:
                 event = events.delta(
                     run.request_id, first_seq=box.first_seq, pieces=pieces, attempt=_attempt(run)
                 )
+                # One seal per record, not per piece: its cuts index the plain text.
+                event["text"] = seal_text(event["text"], run.job["user_id"])
                 try:
                     await self._emit(event)
                 except asyncio.CancelledError as exc:
