@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,10 +19,10 @@ def ring_with(*keys: tuple[str, str]) -> Keyring:
 
 
 @pytest.fixture
-def process_ring() -> Iterator[Keyring]:
-    sealing.keyring.cache_clear()
-    yield sealing.keyring()
-    sealing.keyring.cache_clear()
+def process_ring(monkeypatch: pytest.MonkeyPatch) -> Keyring:
+    ring = Keyring()
+    monkeypatch.setattr(sealing, "keyring", lambda: ring)
+    return ring
 
 
 @given(st.text())
