@@ -356,8 +356,8 @@ def replay_json(stack: Stack, request_id: str) -> list[dict[str, Any]]:
 async def test_forgetting_shreds_the_users_text_in_the_immutable_topics_but_not_billing(
     stack: Stack,
 ) -> None:
-    # light-2 forgets, light-3 does not; neither has memory from another test of this module.
-    forgetful, other = "key-light-2", "key-light-3"
+    # light-4 forgets, light-5 does not; no other test of this module uses either.
+    forgetful, other = "key-light-4", "key-light-5"
     markers = {key: f"Okapi{uuid.uuid4().hex[:10]}" for key in (forgetful, other)}
     async with httpx.AsyncClient(timeout=60) as client:
         streams = {}
