@@ -40,11 +40,17 @@ class DataKeyTable:
     """Reads ``keys`` into the process keyring; a writer also creates and shreds keys."""
 
     def __init__(
-        self, settings: KafkaSettings, *, writer: bool = False, start_timeout_s: float = 60.0
+        self,
+        settings: KafkaSettings,
+        *,
+        writer: bool = False,
+        start_timeout_s: float = 60.0,
+        ring: sealing.Keyring | None = None,
     ) -> None:
         self.settings = settings
         self.topic = TopicNames.from_settings(settings).keys
-        self.ring = sealing.keyring()
+        # The process's keyring, which the codec opens with; a test may give its own.
+        self.ring = ring if ring is not None else sealing.keyring()
         self._writer = writer
         self._start_timeout_s = start_timeout_s
         self._changed = asyncio.Condition()
