@@ -140,7 +140,11 @@ class PreprocessStage:
             # A request another system wrote in plain text gets a key here: its copies
             # downstream are sealed (the record on `requests` stays as it was written).
             await self.keys.key_for(request["user_id"])
-        outcome, values = self._encode_outcome(outcome)
+        if big:
+            # Sealing a big job costs milliseconds (docs/architecture.md, "Forgetting").
+            outcome, values = await asyncio.to_thread(self._encode_outcome, outcome)
+        else:
+            outcome, values = self._encode_outcome(outcome)
         if not isinstance(outcome, Rejection) and self.admission and vouched:
             # After the size check: an oversized job reserves nothing.
             reserved = outcome.final if isinstance(outcome, LongJob) else outcome
