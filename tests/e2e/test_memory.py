@@ -380,6 +380,7 @@ async def test_forgetting_shreds_the_users_text_in_the_immutable_topics_but_not_
         assert markers[forgetful] in before and gone.text.strip() in before
         receipt = await client.delete(f"{stack.gateway}/v1/me/memory", headers=auth(forgetful))
         assert receipt.status_code == 200, receipt.text
+        print(f"\nFIGURES forget with shredding: latency_ms={receipt.json()['latency_ms']}")
         assert "unreadable" in receipt.json()["removed"]["text"]
         assert "plaintext requests" in receipt.json()["kept"]
         after = replay_json(stack, gone.request_id)
