@@ -12,6 +12,7 @@ from typing import Any, cast
 import faust
 from faust.types import TP, EventT, TopicT
 
+from pipeline.core import sealing
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
@@ -288,7 +289,12 @@ class InflightWork:
         record: Mapping[str, object] = {}
         try:
             record = await self._decode(message.value)
-            return validate_job(record)
+            job = validate_job(record)
+            if sealing.is_forgotten(job, "InferenceJob"):
+                # Its user was forgotten while it waited: its end, and no call on "[forgotten]".
+                await self._emit(invalid_job_event(job, "the request's text was forgotten"))
+                return None
+            return job
         except (CodecError, ValidationError) as exc:
             await self._dlq.publish(
                 key=message.key, value=message.value, exc=exc, stage="inference", origin=origin
