@@ -4,10 +4,11 @@ a data key it does not know, so tests decode the sealed records real processes w
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import cast
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline.core import sealing
 from pipeline.core.codec import codec
@@ -30,6 +31,7 @@ class BrokerKeyring(Keyring):
             return super().open(text)
 
     def fetch(self) -> None:
+        """Read every ``*keys`` topic to its end, all partitions at once."""
         consumer = Consumer(
             {
                 "bootstrap.servers": self.bootstrap,
@@ -38,26 +40,28 @@ class BrokerKeyring(Keyring):
             }
         )
         try:
-            names = [t for t in consumer.list_topics(timeout=10).topics if t.endswith("keys")]
-            for topic in names:
-                self._read(consumer, topic)
+            topics = consumer.list_topics(timeout=10).topics
+            ends: dict[tuple[str, int], int] = {}
+            for name, meta in topics.items():
+                if not name.endswith("keys"):
+                    continue
+                for p in meta.partitions:
+                    low, high = consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)
+                    if high > low:
+                        ends[(name, p)] = high
+            if ends:
+                consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in ends])
+                self._read(consumer, ends)
         finally:
             consumer.close()
 
-    def _read(self, consumer: Consumer, topic: str) -> None:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        }
-        wanted = {p for p, end in ends.items() if end > 0}
-        if not wanted:
-            return
-        consumer.assign([TopicPartition(topic, p, 0) for p in wanted])
-        while wanted:
-            for msg in consumer.consume(num_messages=500, timeout=0.5):
-                partition, offset = msg.partition(), msg.offset()
-                if msg.error() or partition is None or offset is None:
+    def _read(self, consumer: Consumer, ends: dict[tuple[str, int], int]) -> None:
+        wanted = set(ends)
+        deadline = time.monotonic() + 30
+        while wanted and time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=500, timeout=0.2):
+                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                if msg.error() or topic is None or partition is None or offset is None:
                     continue
                 user_id, _, key_id = (msg.key() or b"").decode().rpartition("/")
                 value = msg.value()
@@ -66,8 +70,8 @@ class BrokerKeyring(Keyring):
                 else:
                     record = cast(DataKey, codec().decode_as(value, "DataKey"))
                     self.add(record["user_id"], record["key_id"], record["key"])
-                if offset + 1 >= ends[partition]:
-                    wanted.discard(partition)
+                if offset + 1 >= ends[(topic, partition)]:
+                    wanted.discard((topic, partition))
 
 
 def install(bootstrap: str) -> BrokerKeyring:
