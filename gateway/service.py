@@ -39,6 +39,7 @@ from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames, declared_topics
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import STAGE_TOPICS
+from pipeline.memory.keystore import DataKeyTable
 from pipeline.memory.store import PreferencesTable
 from pipeline.quota.state import UsageSummary
 
@@ -115,6 +116,8 @@ class Gateway:
         )
         # The caller's memory (docs/architecture.md, "Context and memory").
         self.preferences = PreferencesTable(settings, writer=True)
+        # Users' data keys: text on the immutable topics is sealed with them ("Forgetting").
+        self.data_keys = DataKeyTable(settings, writer=True)
         self.producer: AIOKafkaProducer | None = None
         self.partitions = 0
         self.owned: frozenset[int] = frozenset()
@@ -132,6 +135,7 @@ class Gateway:
             running=self._running,
             budget_left=self._budget_left,
             preferences=self.preferences,
+            keys=self.data_keys,
         )
         self.lookup = RequestLookup(settings, self.connection, self.topics, self.index, self.hub)
         self.streams = ClientStreams(
@@ -161,6 +165,8 @@ class Gateway:
             self.intake.open(
                 producer, self.owned, self.partitions, requests_partitions=requests_partitions
             )
+            # Keys first: every record the hub and the readers decode may be sealed.
+            await self.data_keys.start()
             await self.hub.start(
                 self.connection, self.topics.tokens, self.topics.results, self.owned
             )
@@ -240,6 +246,7 @@ class Gateway:
         await self.ledger.stop()
         await self.preferences.stop()
         await self.hub.stop()
+        await self.data_keys.stop()
         await self.index.stop()
         self.intake.close()
         if self.producer is not None:

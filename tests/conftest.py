@@ -16,6 +16,7 @@ from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.admin import create_topics, delete_topics
 from pipeline.ops.broker import is_reachable
+from tests.harness.keys import install as install_keyring
 
 
 def unique(prefix: str) -> str:
@@ -33,6 +34,12 @@ def bootstrap() -> str:
             "or `.venv/bin/sumstream broker start`"
         )
     return servers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def broker_keyring() -> None:
+    """Records real processes sealed decode here too (tests/harness/keys.py)."""
+    install_keyring(KafkaSettings().bootstrap_servers)
 
 
 @pytest.fixture

@@ -47,13 +47,16 @@ from pipeline.core.records import ControlEvent, SummarizeRequest
 from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames
 from pipeline.llm.extractive import count_tokens
+from pipeline.memory.keystore import DataKeyTable
 from pipeline.memory.preferences import PREFERENCES_VERSION_HEADER
-from pipeline.memory.store import PreferencesTable
+from pipeline.memory.store import MemoryUnavailableError, PreferencesTable
 
 log = logging.getLogger("sumstream.gateway")
 
 # Counting tokens is linear in the document; past this size it leaves the event loop.
 COUNT_IN_THREAD_BYTES = 256 * 1024
+# Sealing costs about 10 µs per KiB (bench/sealing.py): from here, off the event loop.
+SEAL_IN_THREAD_BYTES = 64 * 1024
 # Characters of a document's start normalised first: enough to find a visible one at once.
 EMPTY_CHECK_PREFIX = 256
 # The producer name the gateway signs as unless SUMSTREAM_PRODUCER names another.
@@ -94,12 +97,16 @@ class Intake:
         running: Callable[[], bool],
         budget_left: Callable[[str, str], int | None] | None = None,
         preferences: PreferencesTable | None = None,
+        keys: DataKeyTable | None = None,
     ) -> None:
         self.settings = settings
         # (user, tier) -> micro-USD left this month (None: not known yet), for a long
         # document's plan (docs/architecture.md, "Long documents").
         self._budget_left = budget_left
         self.preferences = preferences
+        # The users' data keys: the request's text is sealed (docs/architecture.md,
+        # "Forgetting"); None (a test's intake) writes it plain.
+        self.keys = keys
         self.tiers = tiers
         self.topics = topics
         self.index = index
@@ -313,7 +320,20 @@ class Intake:
         self, producer: AIOKafkaProducer, record: SummarizeRequest, admitted: Admitted
     ) -> None:
         request_id = record["request_id"]
-        value = codec().encode("SummarizeRequest", record)
+        user_id = record["user_id"]
+        if self.keys is not None:
+            try:
+                await self.keys.key_for(user_id)
+            except MemoryUnavailableError as exc:
+                self._give_back(record, admitted)
+                raise BrokerUnavailable("could not create the data key", retry_after_s=1) from exc
+        if len(record["document"]) > SEAL_IN_THREAD_BYTES:
+            # Sealing a big document costs milliseconds: not on the event loop.
+            value = await asyncio.to_thread(
+                codec().encode, "SummarizeRequest", record, sealed_for=user_id
+            )
+        else:
+            value = codec().encode("SummarizeRequest", record, sealed_for=user_id)
         if len(value) > self.settings.max_record_bytes:
             # Measured, as the producer would: a record it refuses must not be accepted.
             self._give_back(record, admitted)

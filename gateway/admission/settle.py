@@ -140,7 +140,7 @@ class ResultSettler:
         results: list[dict[str, Any]] = []
         for message in messages:
             try:
-                results.append(codec().decode_as(message.value, "SummaryResult"))
+                results.append(codec().decode_as(message.value, "SummaryResult", opened=False))
             except CodecError:
                 SETTLED.labels("undecodable").inc()  # postprocess is the only writer; skip
         outcomes = await asyncio.gather(

@@ -206,6 +206,8 @@ async def forget_memory(gateway: GatewayDep, principal: PrincipalDep) -> ForgetR
     )
     try:
         await table.put(record)
+        # Shredding the data keys makes the text on the immutable topics unreadable.
+        shredded = await gateway.data_keys.shred(user)
     except MemoryUnavailableError as exc:
         raise BrokerUnavailable("could not record the forgetting", retry_after_s=1) from exc
     return ForgetReceipt(
@@ -216,10 +218,17 @@ async def forget_memory(gateway: GatewayDep, principal: PrincipalDep) -> ForgetR
             "sessions": "every conversation about a summary requested before forgotten_at",
             "history": "summaries requested before forgotten_at: no longer served (404) "
             "nor used as context",
+            "text": f"{len(shredded)} data key(s) shredded: the documents, prompts, tokens "
+            "and summaries sealed with them in requests, preprocessed, tokens and results "
+            "are now unreadable everywhere",
         },
         kept={
             "billing": "usage and cost per request (results, quota ledger) for invoices",
-            "immutable topics": "records in requests, tokens and results until their retention",
+            "audit": "status, usage, cost, latency and trace of every record, in clear",
+            "plaintext requests": "a request another system put on requests unsealed stays "
+            "readable there until its retention (7 days); its copies downstream were sealed",
+            "long documents": "chunk summaries on chunks and reuse (unsealed) until their "
+            "retention (1 day)",
         },
         latency_ms=now_ms() - started,
     )

@@ -20,6 +20,7 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from pipeline.core.errors import CodecError, UnknownSchemaError
 from pipeline.core.resources import SCHEMA_DIR as SCHEMA_DIR
+from pipeline.core.sealing import open_fields, seal_fields
 
 MARKER = b"\xc3\x01"
 HEADER_LEN = 10
@@ -35,6 +36,7 @@ RECORDS = (
     "QuotaEvent",
     "ChunkSummary",
     "UserPreferences",
+    "DataKey",
 )
 
 
@@ -83,21 +85,32 @@ class Codec:
         for schema in self.current.values():
             self._writers[schema.fingerprint] = schema
 
-    def encode(self, name: str, record: Mapping[str, Any]) -> bytes:
+    def encode(
+        self, name: str, record: Mapping[str, Any], *, sealed_for: str | None = None
+    ) -> bytes:
+        """Encode ``record``; with ``sealed_for``, its text fields are sealed with that user's
+        data key when the process has one (docs/architecture.md, "Forgetting")."""
         schema = self.current.get(name)
         if schema is None:
             raise UnknownSchemaError(f"no schema named {name!r}")
         buf = io.BytesIO()
         buf.write(MARKER)
         buf.write(schema.fingerprint)
+        copy = dict(record)
+        if sealed_for:
+            seal_fields(name, copy, sealed_for)
         try:
-            schemaless_writer(buf, schema.parsed, dict(record))
+            schemaless_writer(buf, schema.parsed, copy)
         except (ValueError, TypeError, KeyError, AttributeError, struct.error) as exc:
             raise CodecError(f"{name}: {exc}") from exc
         return buf.getvalue()
 
-    def decode(self, data: bytes | None, expect: str | None = None) -> tuple[str, dict[str, Any]]:
-        """Return (record name, record). ``expect`` rejects records of another type."""
+    def decode(
+        self, data: bytes | None, expect: str | None = None, *, opened: bool = True
+    ) -> tuple[str, dict[str, Any]]:
+        """Return (record name, record), sealed text opened unless ``opened`` is False (a
+        billing reader, which needs no key). ``expect`` rejects records of another type; a
+        sealed field whose key is not read yet raises KeyUnknownError."""
         if not data or len(data) < HEADER_LEN or data[:2] != MARKER:
             raise CodecError("not an Avro single-object encoded record")
         writer = self._writers.get(data[2:HEADER_LEN])
@@ -117,10 +130,12 @@ class Codec:
         extra = len(data) - HEADER_LEN - body.tell()
         if extra:
             raise CodecError(f"{writer.name}: {extra} trailing bytes")
+        if opened:
+            open_fields(writer.name, record)
         return writer.name, record
 
-    def decode_as(self, data: bytes | None, name: str) -> dict[str, Any]:
-        return self.decode(data, expect=name)[1]
+    def decode_as(self, data: bytes | None, name: str, *, opened: bool = True) -> dict[str, Any]:
+        return self.decode(data, expect=name, opened=opened)[1]
 
 
 @lru_cache(maxsize=1)

@@ -234,6 +234,16 @@ class UserPreferences(TypedDict):
     trace: Trace
 
 
+class DataKey(TypedDict):
+    """One user's data key for sealed text (``keys``, compacted, key ``<user>/<key_id>``)."""
+
+    user_id: str
+    key_id: str
+    key: bytes
+    created_at: int
+    trace: Trace
+
+
 # Schema name -> its TypedDict; tests/unit/test_records.py checks the two agree.
 RECORD_TYPES: dict[str, type] = {
     "Usage": Usage,
@@ -247,4 +257,5 @@ RECORD_TYPES: dict[str, type] = {
     "QuotaEvent": QuotaEvent,
     "ChunkSummary": ChunkSummary,
     "UserPreferences": UserPreferences,
+    "DataKey": DataKey,
 }

@@ -10,6 +10,8 @@ DAY_MS = 24 * 60 * 60 * 1000
 QUOTA_PARTITIONS = 3
 # Keyed by user and read whole by every gateway and preprocess worker (pipeline/memory/).
 PREFERENCES_PARTITIONS = 3
+# Users' data keys, read whole by every process that seals or opens text (pipeline/memory/).
+KEYS_PARTITIONS = 3
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,16 @@ def declared_topics(settings: KafkaSettings) -> list[TopicSpec]:
         TopicSpec(
             "preferences", "UserPreferences", PREFERENCES_PARTITIONS, {"cleanup.policy": "compact"}
         ),
+        # Users' data keys, compacted: never deleted by time; a tombstone shreds a key and so
+        # makes every copy of the text it sealed unreadable (docs/architecture.md, "Forgetting").
+        # Tombstones outlive every sealed copy (results: 30 d), so a reader that meets text
+        # sealed with a shredded key knows it was shredded rather than waiting for it.
+        TopicSpec(
+            "keys",
+            "DataKey",
+            KEYS_PARTITIONS,
+            {"cleanup.policy": "compact", "delete.retention.ms": str(31 * DAY_MS)},
+        ),
     ]
     # Every topic takes whatever a producer may send (pipeline/core/sizes.py): a record the
     # producer accepts and the broker refuses would be lost after the stage had committed.
@@ -85,6 +97,7 @@ class TopicNames:
     chunks: str
     reuse: str
     preferences: str = ""
+    keys: str = ""
 
     @classmethod
     def from_settings(cls, settings: KafkaSettings) -> TopicNames:
@@ -100,5 +113,6 @@ class TopicNames:
             "chunks",
             "reuse",
             "preferences",
+            "keys",
         )
         return cls(**{s: f"{p}{s}" for s in short})

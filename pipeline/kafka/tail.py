@@ -7,7 +7,7 @@ inference resume after a crash and replay all use this one reader.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -17,6 +17,7 @@ from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
 from pipeline.core.partitioning import partition_for
 from pipeline.core.records import TERMINAL_KINDS
+from pipeline.core.sealing import KeyUnknownError
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.partition_tail import PartitionTail, partition_ids
 
@@ -44,6 +45,7 @@ async def read_request_records(
     until_ms: int | None = None,
     idle_timeout_s: float = 30.0,
     stop_at_terminal: bool = True,
+    wait_for_key: Callable[[str], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield the decoded records keyed ``request_id`` in ``topic``, in log order.
 
@@ -52,7 +54,8 @@ async def read_request_records(
     the time its records can have been written. With ``follow`` it keeps reading until a
     terminal TokenEvent (when ``stop_at_terminal``) or ``idle_timeout_s`` passes without any
     record of this request. Undecodable records are skipped: their stage has already sent
-    them to the dead-letter topic.
+    them to the dead-letter topic. A record sealed with a data key not read yet is skipped
+    too, unless ``wait_for_key`` waits for the key (docs/architecture.md, "Forgetting").
     """
     stop_after_ms = None if follow or until_ms is None else until_ms + CLOCK_SKEW_MS
     key = request_id.encode()
@@ -83,6 +86,15 @@ async def read_request_records(
                     continue
                 try:
                     record = codec().decode_as(msg.value, schema)
+                except KeyUnknownError as exc:
+                    if wait_for_key is None:
+                        continue
+                    # After the wait the key is read, or reads as shredded: no second miss.
+                    await wait_for_key(exc.key_id)
+                    try:
+                        record = codec().decode_as(msg.value, schema)
+                    except CodecError:
+                        continue
                 except CodecError:
                     continue
                 deadline = time.monotonic() + idle_timeout_s

@@ -18,6 +18,7 @@ from typing import Any, cast
 import bm25s
 from aiokafka import TopicPartition
 
+from pipeline.core import sealing
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
@@ -130,7 +131,7 @@ class HistoryTable:
             self.remember(result)
 
     def remember(self, result: SummaryResult) -> None:
-        if result["status"] != "COMPLETED" or not result["summary"]:
+        if result["status"] != "COMPLETED" or result["summary"] in ("", sealing.FORGOTTEN):
             return
         past = self._by_user.setdefault(result["user_id"], deque(maxlen=PER_USER))
         if any(p.request_id == result["request_id"] for p in past):

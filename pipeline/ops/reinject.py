@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.core import sealing
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError
 from pipeline.core.settings import KafkaSettings
@@ -35,6 +36,8 @@ class RerunReport:
     skipped_replays: int = 0
     skipped_users: int = 0
     undecodable: int = 0
+    # Requests whose user was forgotten (their key shredded): their text is gone.
+    forgotten: int = 0
     failed: dict[str, str] = field(default_factory=dict)
 
 
@@ -122,6 +125,9 @@ async def rerun(
             if user is not None and original["user_id"] != user:
                 report.skipped_users += 1
                 continue
+            if sealing.is_forgotten(original, "SummarizeRequest"):
+                report.forgotten += 1
+                continue
             replay = replay_request(original, model=model)
             old, new = original["request_id"], replay["request_id"]
             if producer is None:
@@ -132,7 +138,8 @@ async def rerun(
             if pace:
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                 next_at = max(next_at, time.monotonic()) + pace
-            value = codec().encode("SummarizeRequest", replay)
+            # Sealed again with the user's key: a replay never puts opened text in clear.
+            value = codec().encode("SummarizeRequest", replay, sealed_for=replay["user_id"])
             while True:
                 try:
                     producer.produce(

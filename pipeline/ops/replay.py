@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import sys
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
-from pipeline.core.errors import SumstreamError
+from pipeline.core.errors import SumstreamError, TopicMissingError
 from pipeline.core.settings import KafkaSettings
+from pipeline.memory.keystore import DataKeyTable
 from pipeline.ops import reinject
 from pipeline.ops.audit import export, output_file
 from pipeline.ops.history import Progress, format_time, parse_time, request_history
 from pipeline.ops.timeline import history_lines
+
+T = TypeVar("T")
 
 
 def _time_arg(text: str) -> int:
@@ -61,8 +66,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--no-progress", action="store_true")
 
 
+async def with_keys(settings: KafkaSettings, work: Awaitable[T]) -> T:
+    """Await ``work`` with every data key of ``keys`` read: sealed text opens, and text whose
+    key was shredded reads as ``[forgotten]`` (docs/architecture.md, "Forgetting")."""
+    table = DataKeyTable(settings)
+    # A deployment from before sealed text has no `keys` topic: nothing is sealed there.
+    with contextlib.suppress(TopicMissingError):
+        await table.start()
+    table.ring.settled = True
+    try:
+        return await work
+    finally:
+        await table.stop()
+
+
 def _print_history(settings: KafkaSettings, request_id: str, as_json: bool) -> int:
-    records = asyncio.run(request_history(settings, request_id))
+    records = asyncio.run(with_keys(settings, request_history(settings, request_id)))
     if not records:
         print(f"no records of request {request_id} in {settings.topic_prefix}*", file=sys.stderr)
         return 1
@@ -83,17 +102,20 @@ def _run_rerun(settings: KafkaSettings, args: argparse.Namespace) -> int:
     progress = Progress("reading requests", enabled=not args.no_progress)
     try:
         report = asyncio.run(
-            reinject.rerun(
+            with_keys(
                 settings,
-                args.since,
-                args.until,
-                model=args.model,
-                user=args.user,
-                include_replays=args.include_replays,
-                dry_run=args.dry_run,
-                rate=args.rate,
-                on_mapped=show,
-                progress=progress,
+                reinject.rerun(
+                    settings,
+                    args.since,
+                    args.until,
+                    model=args.model,
+                    user=args.user,
+                    include_replays=args.include_replays,
+                    dry_run=args.dry_run,
+                    rate=args.rate,
+                    on_mapped=show,
+                    progress=progress,
+                ),
             )
         )
     finally:
@@ -102,7 +124,8 @@ def _run_rerun(settings: KafkaSettings, args: argparse.Namespace) -> int:
     print(
         f"{verb} {len(report.mapping)} requests from {format_time(args.since)} to "
         f"{format_time(args.until)}; skipped {report.skipped_replays} replays, "
-        f"{report.skipped_users} of other users, {report.undecodable} undecodable",
+        f"{report.skipped_users} of other users, {report.forgotten} forgotten, "
+        f"{report.undecodable} undecodable",
         file=sys.stderr,
     )
     for old, err in report.failed.items():

@@ -20,6 +20,7 @@ from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import read_request_records
+from pipeline.memory.keystore import DataKeyTable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,31 +102,39 @@ def produce_request(
 async def follow(
     settings: KafkaSettings, request_id: str, timeout_s: float
 ) -> dict[str, Any] | None:
-    """Print each token as it arrives, then return the SummaryResult (None on timeout)."""
+    """Print each token as it arrives, then return the SummaryResult (None on timeout).
+    Preprocess seals the text with the user's data key, so the keys are read too."""
     topics = TopicNames.from_settings(settings)
-    async for event in read_request_records(
-        ConnectionConfig.from_settings(settings),
-        topics.tokens,
-        request_id,
-        schema="TokenEvent",
-        follow=True,
-        idle_timeout_s=timeout_s,
-    ):
-        if event["kind"] == "DELTA":
-            sys.stdout.write(event["text"])
-            sys.stdout.flush()
-    sys.stdout.write("\n")
-    async for result in read_request_records(
-        ConnectionConfig.from_settings(settings),
-        topics.results,
-        request_id,
-        schema="SummaryResult",
-        follow=True,
-        idle_timeout_s=timeout_s,
-        stop_at_terminal=False,
-    ):
-        return result
-    return None
+    keys = DataKeyTable(settings)
+    await keys.start()
+    try:
+        async for event in read_request_records(
+            ConnectionConfig.from_settings(settings),
+            topics.tokens,
+            request_id,
+            schema="TokenEvent",
+            follow=True,
+            idle_timeout_s=timeout_s,
+            wait_for_key=keys.wait_for,
+        ):
+            if event["kind"] == "DELTA":
+                sys.stdout.write(event["text"])
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        async for result in read_request_records(
+            ConnectionConfig.from_settings(settings),
+            topics.results,
+            request_id,
+            schema="SummaryResult",
+            follow=True,
+            idle_timeout_s=timeout_s,
+            stop_at_terminal=False,
+            wait_for_key=keys.wait_for,
+        ):
+            return result
+        return None
+    finally:
+        await keys.stop()
 
 
 def run(args: argparse.Namespace) -> int:

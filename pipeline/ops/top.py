@@ -133,7 +133,7 @@ class PipelineView:
         if logged.value is None:
             return
         try:
-            result = codec().decode_as(logged.value, "SummaryResult")
+            result = codec().decode_as(logged.value, "SummaryResult", opened=False)
         except CodecError:
             return
         self.add_result(logged.key, logged.timestamp_ms, result)

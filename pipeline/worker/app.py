@@ -38,6 +38,7 @@ from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import LagReader, metadata_is_stale
 from pipeline.llm.client import UpstreamClient
 from pipeline.memory.history import HistoryTable
+from pipeline.memory.keystore import DataKeyTable
 from pipeline.memory.store import PreferencesTable
 from pipeline.quota.ledger import QuotaLedger
 from pipeline.worker.admission import TopicAdmission
@@ -109,9 +110,13 @@ class StageRuntime:
         self.quota: QuotaLedger | None = None
         self.preferences: PreferencesTable | None = None
         self.history: HistoryTable | None = None
+        # Users' data keys; preprocess creates one for a plain request ("Forgetting").
+        self.keys = DataKeyTable(settings, writer="preprocess" in stages)
 
     async def start(self) -> None:
         self._start_metrics()
+        # First: every record a stage or table reads may be sealed.
+        await self.keys.start()
         if self.quota is not None:
             # Before any request is reserved: start-up replays the month's ledger.
             await self.quota.start()
@@ -138,6 +143,7 @@ class StageRuntime:
             await self.preferences.stop()
         if self.history is not None:
             await self.history.stop()
+        await self.keys.stop()
         if self._lag is not None:
             lag, self._lag = self._lag, None
             await lag.stop()
@@ -218,13 +224,13 @@ def create_app(settings: WorkerSettings, stages: Iterable[str] = STAGES) -> Stag
         runtime.preferences = PreferencesTable(settings)
         runtime.history = HistoryTable(settings)
         runtime.quota = _add_preprocess(
-            app, settings, topics, tokens, dlq, runtime.preferences, runtime.history
+            app, settings, topics, tokens, dlq, runtime.preferences, runtime.history, runtime.keys
         )
     if "inference" in wanted:
-        runtime.inflight = _add_inference(app, settings, topics, tokens, dlq)
+        runtime.inflight = _add_inference(app, settings, topics, tokens, dlq, runtime.keys)
         add_reduce(app, settings, topics, tokens, dlq, load_tiers(settings.tiers_file))
     if "postprocess" in wanted:
-        _add_postprocess(app, settings, connection, topics, tokens, dlq)
+        _add_postprocess(app, settings, connection, topics, tokens, dlq, runtime.keys)
     return app
 
 
@@ -236,6 +242,7 @@ def _add_preprocess(
     dlq: DeadLetterQueue,
     preferences: PreferencesTable,
     history: HistoryTable,
+    keys: DataKeyTable,
 ) -> QuotaLedger:
     """The preprocess agent: `requests` -> `preprocessed`, or a rejection on `tokens`; returns
     the quota ledger it reserves other systems' requests in (the runtime starts it).
@@ -276,6 +283,7 @@ def _add_preprocess(
         preferences=preferences,
         sessions=sessions,
         history=history,
+        keys=keys,
     )
 
     async def on_request(event: EventT[Any]) -> None:
@@ -316,6 +324,7 @@ def _add_inference(
     topics: TopicNames,
     tokens: TopicT,
     dlq: DeadLetterQueue,
+    keys: DataKeyTable,
 ) -> InflightWork:
     """The inference and control agents, on the in-flight work they share."""
     inflight = InflightWork(
@@ -326,6 +335,7 @@ def _add_inference(
         dlq=dlq,
         # Once per worker: the upstream's health outlives every partition assignment.
         upstream=Upstream(settings, UpstreamClient(settings)),
+        keys=keys,
     )
 
     @app.agent(raw_topic(app, topics.preprocessed), name="inference")
@@ -361,6 +371,7 @@ def _add_postprocess(
     topics: TopicNames,
     tokens: TopicT,
     dlq: DeadLetterQueue,
+    keys: DataKeyTable,
 ) -> None:
     """The postprocess agent: `tokens` -> `results`."""
     postprocess = PostprocessStage(
@@ -370,6 +381,7 @@ def _add_postprocess(
         dlq=dlq,
         reread=tail_reread(connection, topics.tokens),
         send_chunk=sender(raw_topic(app, topics.chunks)),
+        keys=keys,
     )
     on_token = on_record(postprocess.handle)
 

@@ -39,6 +39,7 @@ from pipeline.core.results import build_result
 from pipeline.core.settings import WorkerSettings
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import read_request_records
+from pipeline.memory.keystore import DataKeyTable
 from pipeline.worker.dlq import DeadLetterQueue, Origin
 from pipeline.worker.longdoc.records import chunk_summary
 
@@ -126,9 +127,12 @@ class PostprocessStage:
         dlq: DeadLetterQueue,
         reread: Reread,
         send_chunk: Send | None = None,
+        keys: DataKeyTable | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        # Deltas are opened, and the summary sealed, with the user's data key ("Forgetting").
+        self.keys = keys
         self._send_chunk = send_chunk
         self.prices = prices
         self._send_result = send_result
@@ -150,7 +154,10 @@ class PostprocessStage:
     ) -> None:
         """Process one record of `tokens`; never raises for a bad record (it is dead-lettered)."""
         try:
-            decoded = codec().decode_as(value, "TokenEvent")
+            if self.keys is None:
+                decoded = codec().decode_as(value, "TokenEvent")
+            else:
+                decoded = await self.keys.decode(value, "TokenEvent")
             if decoded.get("kind") == "PROGRESS":
                 # A long document's plan or progress: for its client, nothing to assemble.
                 RECORDS_PROCESSED.labels(stage=STAGE, outcome="progress").inc()
@@ -203,7 +210,8 @@ class PostprocessStage:
             await self._send_chunk(chunk[0].encode(), codec().encode("ChunkSummary", record))
             self._finished[request_id] = None
             return
-        await self._send_result(request_id.encode(), codec().encode("SummaryResult", result))
+        value = codec().encode("SummaryResult", result, sealed_for=result["user_id"])
+        await self._send_result(request_id.encode(), value)
         self._finished[request_id] = None
         while len(self._finished) > self.settings.postprocess_max_open:
             self._finished.popitem(last=False)

@@ -13,9 +13,9 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import cast
+from typing import Any, cast
 
-from pipeline.core import events
+from pipeline.core import events, sealing
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
 from pipeline.core.metrics import RECORDS_PROCESSED
@@ -24,6 +24,7 @@ from pipeline.core.records import ChunkSummary, InferenceJob, SummarizeRequest
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.memory.history import HistoryTable
+from pipeline.memory.keystore import DataKeyTable
 from pipeline.memory.store import PreferencesTable
 from pipeline.worker.admission import TopicAdmission
 from pipeline.worker.dlq import DeadLetterQueue, Origin, error_type
@@ -74,6 +75,7 @@ class PreprocessStage:
         preferences: PreferencesTable | None = None,
         sessions: Sessions | None = None,
         history: HistoryTable | None = None,
+        keys: DataKeyTable | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -84,6 +86,9 @@ class PreprocessStage:
         self.preferences = preferences
         self.sessions = sessions
         self.history = history
+        # Requests are opened with, and jobs sealed with, the user's data key ("Forgetting");
+        # None only in tests of the stage's own logic.
+        self.keys = keys
         self._send_job = send_job
         self._send_token = send_token
         self._send_chunk = send_chunk
@@ -98,6 +103,11 @@ class PreprocessStage:
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
+    async def _decode(self, value: bytes | None) -> dict[str, Any]:
+        if self.keys is None:
+            return codec().decode_as(value, "SummarizeRequest")
+        return await self.keys.decode(value, "SummarizeRequest")
+
     async def handle(
         self,
         key: bytes | None,
@@ -110,7 +120,7 @@ class PreprocessStage:
         now = self._now_ms()
         try:
             # The codec checked the record's shape against the schema; prepare checks values.
-            request = cast(SummarizeRequest, codec().decode_as(value, "SummarizeRequest"))
+            request = cast(SummarizeRequest, await self._decode(value))
             vouched = None
             if self.identity is not None and value is not None:
                 validate_request(request)
@@ -120,7 +130,13 @@ class PreprocessStage:
             planned = len(value or b"") > PLAN_AHEAD_BYTES and await self._plan_ahead(
                 request, now, timestamp_ms
             )
-            outcome = await self._prepare(request, now, timestamp_ms, big)
+            if sealing.is_forgotten(request, "SummarizeRequest"):
+                # Its user was forgotten while it waited: the text is gone, so is the request.
+                outcome: InferenceJob | LongJob | Rejection = rejected(
+                    "request_forgotten", "the request's text was forgotten at its user's request"
+                )
+            else:
+                outcome = await self._prepare(request, now, timestamp_ms, big)
         except IdentityError as exc:
             await self._refuse(key, value, origin, request, exc, now, timestamp_ms)
             return
@@ -134,7 +150,15 @@ class PreprocessStage:
                 outcome = await counted(outcome, request, self._count, self.tiers, self.settings)
         elif not isinstance(outcome, Rejection):
             outcome = await self._with_memory(outcome, request, headers)
-        outcome, values = self._encode_outcome(outcome)
+        if self.keys is not None and not isinstance(outcome, Rejection):
+            # A request another system wrote in plain text gets a key here: its copies
+            # downstream are sealed (the record on `requests` stays as it was written).
+            await self.keys.key_for(request["user_id"])
+        if big:
+            # Sealing a big job costs milliseconds (docs/architecture.md, "Forgetting").
+            outcome, values = await asyncio.to_thread(self._encode_outcome, outcome)
+        else:
+            outcome, values = self._encode_outcome(outcome)
         if not isinstance(outcome, Rejection) and self.admission and vouched:
             # After the size check: an oversized job reserves nothing.
             reserved = outcome.final if isinstance(outcome, LongJob) else outcome
@@ -311,7 +335,7 @@ class PreprocessStage:
         since normalisation can triple a document's UTF-8 size and a job the producer refuses
         would leave its client waiting (docs/architecture.md, "Record sizes")."""
         job["trace"]["preprocess_end"] = self._now_ms()
-        value = codec().encode("InferenceJob", job)
+        value = codec().encode("InferenceJob", job, sealed_for=job["user_id"])
         if len(value) > self.settings.max_record_bytes:
             return rejected(
                 "input_too_large",

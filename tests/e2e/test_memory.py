@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -10,10 +13,20 @@ from typing import Any
 import httpx
 import pytest
 
+from pipeline.core.sealing import FORGOTTEN
 from pipeline.ops.history import request_history
 from pipeline.ops.timeline import history_lines
 from tests.e2e.documents import document
-from tests.harness import REPO, Stack, auth, collect, eventually, running_stack
+from tests.harness import (
+    BOOTSTRAP,
+    REPO,
+    Stack,
+    auth,
+    collect,
+    eventually,
+    read_topic,
+    running_stack,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -342,3 +355,68 @@ async def test_a_follow_up_after_sigkill_of_the_session_worker_keeps_the_turns(
     [prompt] = prompts_of(stack, second.request_id)
     # The first turn was only in the `sessions` table: its changelog brought it back.
     assert "Q-before-kill?" in prompt and first.done["summary"] in prompt
+
+
+def replay_json(stack: Stack, request_id: str) -> list[dict[str, Any]]:
+    """``sumstream replay request ID --json`` as an operator runs it: every record, decoded."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.ops.cli", "replay", "request", request_id, "--json"],
+        env=stack.env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+async def test_forgetting_shreds_the_users_text_in_the_immutable_topics_but_not_billing(
+    stack: Stack,
+) -> None:
+    # light-4 forgets, light-5 does not; no other test of this module uses either.
+    forgetful, other = "key-light-4", "key-light-5"
+    markers = {key: f"Okapi{uuid.uuid4().hex[:10]}" for key in (forgetful, other)}
+    async with httpx.AsyncClient(timeout=60) as client:
+        streams = {}
+        for key, marker in markers.items():
+            body = {"document": f"{marker} opens this report. {document(60)}"}
+            streams[key] = await collect(
+                client, "POST", f"{stack.gateway}/v1/summaries", json=body, headers=auth(key)
+            )
+            assert streams[key].done["status"] == "COMPLETED", streams[key].events
+        gone = streams[forgetful]
+        usage_url = f"{stack.gateway}/v1/usage"
+
+        def settled() -> dict[str, Any] | None:
+            now = httpx.get(usage_url, headers=auth(forgetful), timeout=10).json()
+            return now if now["cost_micro_usd"] == gone.done["cost"]["micro_usd"] else None
+
+        spent = await asyncio.to_thread(eventually, settled, timeout=30, message="settled")
+        before = json.dumps(replay_json(stack, gone.request_id), ensure_ascii=False)
+        # Readable (and sealed on the wire) until forgotten: the replay opens it.
+        assert markers[forgetful] in before and gone.text.strip() in before
+        receipt = await client.delete(f"{stack.gateway}/v1/me/memory", headers=auth(forgetful))
+        assert receipt.status_code == 200, receipt.text
+        print(f"\nFIGURES forget with shredding: latency_ms={receipt.json()['latency_ms']}")
+        assert "unreadable" in receipt.json()["removed"]["text"]
+        assert "plaintext requests" in receipt.json()["kept"]
+        after = replay_json(stack, gone.request_id)
+        seen = json.dumps(after, ensure_ascii=False)
+        assert {"requests", "preprocessed", "tokens", "results"} <= {r["topic"] for r in after}
+        assert markers[forgetful] not in seen and gone.text.strip() not in seen
+        assert FORGOTTEN in seen
+        # Billing and audit fields stay in clear.
+        result = next(r["record"] for r in after if r["topic"] == "results")
+        assert result["summary"] == FORGOTTEN
+        assert result["status"] == "COMPLETED"
+        assert result["usage"]["output_tokens"] == gone.done["usage"]["output_tokens"]
+        assert (await client.get(usage_url, headers=auth(forgetful))).json() == spent
+        # The other user's text still reads back, and was never in clear on the wire.
+        kept = json.dumps(replay_json(stack, streams[other].request_id), ensure_ascii=False)
+        assert markers[other] in kept and streams[other].text.strip() in kept
+        key = streams[other].request_id.encode()
+        for topic in (stack.topics.requests, stack.topics.tokens, stack.topics.results):
+            found = read_topic(BOOTSTRAP, topic, lambda rs: any(r.key == key for r in rs))
+            assert not [r for r in found if markers[other].encode() in r.value]

@@ -196,8 +196,10 @@ class Stack:
     def settings(self) -> KafkaSettings:
         # The topics this harness creates take the records the stack's processes may write.
         record_bytes = self.extra_env.get("SUMSTREAM_MAX_RECORD_BYTES")
-        sizes = {"max_record_bytes": int(record_bytes)} if record_bytes else {}
-        return KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix, **sizes)
+        settings = KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix)
+        if record_bytes:
+            return settings.model_copy(update={"max_record_bytes": int(record_bytes)})
+        return settings
 
     @property
     def topics(self) -> TopicNames:

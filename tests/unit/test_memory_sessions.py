@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import cast
 
+import pytest
+
 from gateway.streams.ids import mint_follow_up_id
+from pipeline.core import sealing
 from pipeline.core.partitioning import partition_for
 from pipeline.core.records import InferenceJob
+from pipeline.core.sealing import FORGOTTEN, Keyring
 from pipeline.core.tiers import Tier
 from pipeline.worker.memory.sessions import Session, Turn, conversation
 
@@ -64,3 +68,21 @@ def test_a_follow_up_id_keeps_the_session_partition_when_ownership_is_impossible
     )
     minted = mint_follow_up_id(frozenset({1, 3}), 6, session_id, 4)
     assert partition_for(minted, 4) == 0
+
+
+def test_a_session_entry_holds_its_text_sealed_and_a_shredded_key_forgets_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ring = Keyring()
+    monkeypatch.setattr(sealing, "keyring", lambda: ring)
+    ring.add("ann", "k1", sealing.new_key())
+    kept = session()
+    kept.document, kept.answer = "ann-document-marker", "ann-answer-marker"
+    kept.turns = [Turn("f1", "ann-question-marker", "ann-reply-marker")]
+    raw = kept.encode()
+    assert b"marker" not in raw and b"user_id" in raw
+    assert Session.decode(raw) == kept
+    ring.shred("ann", "k1")
+    gone = Session.decode(raw)
+    assert (gone.document, gone.answer, gone.turns[0].message) == (FORGOTTEN,) * 3
+    assert gone.created_at == kept.created_at

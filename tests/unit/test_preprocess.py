@@ -6,9 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.core import sealing
 from pipeline.core.codec import codec
 from pipeline.core.errors import ValidationError
 from pipeline.core.prompt import SYSTEM_PROMPT, normalize_text
+from pipeline.core.sealing import Keyring
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import Tier
 from pipeline.llm.extractive import count_tokens, document_of, summarize
@@ -411,3 +413,26 @@ async def test_stage_dead_letters_a_request_without_id(
     await s.handle(None, codec().encode("SummarizeRequest", request(request_id="")), ORIGIN, 1)
     assert jobs.sent == [] and tokens.sent == []
     assert codec().decode_as(dead.sent[0][1], "DeadLetter")["error"] == "request_id is empty"
+
+
+async def test_a_sealed_request_gives_a_sealed_job_and_a_shredded_one_is_rejected(
+    stage: tuple[PreprocessStage, Sink, Sink, Sink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ring = Keyring()
+    monkeypatch.setattr(sealing, "keyring", lambda: ring)
+    ring.add("alice", "k1", sealing.new_key())
+    s, jobs, tokens, dead = stage
+    first = codec().encode("SummarizeRequest", request(), sealed_for="alice")
+    rid = "01J0000000000000000000000B"
+    second = codec().encode("SummarizeRequest", request(request_id=rid), sealed_for="alice")
+    await s.handle(b"01J0000000000000000000000A", first, ORIGIN, NOW - 15)
+    [(_, raw)] = jobs.sent
+    assert b"<document>" not in raw and b"ss1:k1:" in raw
+    job = codec().decode_as(raw, "InferenceJob")
+    assert summarize(document_of(job["prompt"]), 20) == summarize(DOC, 20)
+    ring.shred("alice", "k1")  # the second request waited while its user was forgotten
+    await s.handle(rid.encode(), second, ORIGIN, NOW - 15)
+    assert len(jobs.sent) == 1 and dead.sent == []
+    [(_, value)] = tokens.sent
+    event = codec().decode_as(value, "TokenEvent")
+    assert (event["kind"], event["error"]["code"]) == ("ERROR", "request_forgotten")

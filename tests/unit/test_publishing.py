@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.core import events
+from pipeline.core import events, sealing
 from pipeline.core.codec import codec
 from pipeline.core.records import TokenEvent
+from pipeline.core.sealing import Keyring
 from pipeline.worker.inference.publishing import (
     CHUNK_HOLD_S,
     PublishError,
@@ -183,3 +184,24 @@ async def test_under_load_a_runs_next_record_waits_the_hold_and_takes_every_delt
     second = await broker.next_send()
     assert (events.first_seq(second), second["seq"], second["text"]) == (2, 3, " cat sat")
     assert len(broker.sent) == 2
+
+
+async def test_a_coalesced_delta_is_sealed_once_and_its_cuts_index_the_opened_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ring = Keyring()
+    monkeypatch.setattr(sealing, "keyring", lambda: ring)
+    ring.add("u", "k1", sealing.new_key())
+    broker = GatedBroker()
+    publisher, run = RunPublisher(broker.emit), new_run()
+    await publisher.delta(run, "The")
+    await broker.next_send()
+    for piece in [" cat", " sat"]:
+        await publisher.delta(run, piece)
+    broker.gate.release()
+    second = await broker.next_send()
+    assert second["text"].startswith("ss1:k1:") and "cat" not in second["text"]
+    opened = codec().decode_as(codec().encode("TokenEvent", second), "TokenEvent")
+    assert [piece for _, piece in events.pieces(opened)] == [" cat", " sat"]
+    broker.gate.release()
+    await publisher.close(run)

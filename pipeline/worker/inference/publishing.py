@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pipeline.core import events, longdoc
 from pipeline.core.events import TerminalKind
 from pipeline.core.records import ErrorInfo, TokenEvent
+from pipeline.core.sealing import seal_text
 from pipeline.worker.inference.runs import Run, RunState
 
 logger = logging.getLogger("sumstream.inference")
@@ -115,6 +116,8 @@ class RunPublisher:
                     attempt=_attempt(run),
                     usage=usage,
                 )
+                # One seal per record, not per piece: its cuts index the plain text.
+                event["text"] = seal_text(event["text"], run.job["user_id"])
                 try:
                     await self._emit(event)
                 except asyncio.CancelledError as exc:

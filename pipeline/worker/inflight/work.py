@@ -12,6 +12,7 @@ from typing import Any, cast
 import faust
 from faust.types import TP, EventT, TopicT
 
+from pipeline.core import sealing
 from pipeline.core.clock import now_ms
 from pipeline.core.codec import codec
 from pipeline.core.errors import CodecError, ValidationError
@@ -21,6 +22,7 @@ from pipeline.core.settings import WorkerSettings
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.tail import read_request_records
+from pipeline.memory.keystore import DataKeyTable
 from pipeline.worker.agents import timestamp_ms
 from pipeline.worker.dlq import DeadLetterQueue, Origin
 from pipeline.worker.inference.engine import InferenceEngine, ResumeState, Upstream
@@ -77,8 +79,11 @@ class InflightWork:
         tokens_topic: TopicT,
         dlq: DeadLetterQueue,
         upstream: Upstream,
+        keys: DataKeyTable | None = None,
     ) -> None:
         self.app = app
+        # Jobs are sealed with their user's data key (docs/architecture.md, "Forgetting").
+        self.keys = keys
         self.settings = settings
         self.topics = topics
         self._tokens_topic = tokens_topic
@@ -324,8 +329,13 @@ class InflightWork:
         origin = Origin(message.topic, message.partition, message.offset)
         record: Mapping[str, object] = {}
         try:
-            record = codec().decode_as(message.value, "InferenceJob")
-            return validate_job(record)
+            record = await self._decode(message.value)
+            job = validate_job(record)
+            if sealing.is_forgotten(job, "InferenceJob"):
+                # Its user was forgotten while it waited: its end, and no call on "[forgotten]".
+                await self._emit(invalid_job_event(job, "the request's text was forgotten"))
+                return None
+            return job
         except (CodecError, ValidationError) as exc:
             await self._dlq.publish(
                 key=message.key, value=message.value, exc=exc, stage="inference", origin=origin
@@ -334,6 +344,11 @@ class InflightWork:
             if isinstance(exc, ValidationError) and str(record.get("request_id") or "").strip():
                 await self._emit(invalid_job_event(record, str(exc)))
             return None
+
+    async def _decode(self, value: bytes | None) -> dict[str, Any]:
+        if self.keys is None:
+            return codec().decode_as(value, "InferenceJob")
+        return await self.keys.decode(value, "InferenceJob")
 
     async def _admit(self, event: EventT[Any], job: InferenceJob, key: bytes) -> None:
         # Durable first: once the engine emits, a crash must leave this entry for the next
@@ -480,7 +495,7 @@ class InflightWork:
         if not entry.job:
             return  # a cancel marker for a job that never arrived: the job's arrival ends it
         try:
-            job = validate_job(codec().decode_as(entry.job, "InferenceJob"))
+            job = validate_job(await self._decode(entry.job))
         except (CodecError, ValidationError) as exc:
             # Written by a version whose schema this one does not know: it can never run here.
             log.error(

@@ -12,6 +12,7 @@ once and kept. Writes are acknowledged before the job is produced, so a SIGKILL 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -20,10 +21,12 @@ from typing import Any, cast
 
 import faust
 
+from pipeline.core import sealing
 from pipeline.core.errors import SumstreamError
 from pipeline.core.partitioning import partition_for
 from pipeline.core.prompt import normalize_text
 from pipeline.core.records import InferenceJob, SummarizeRequest, SummaryResult
+from pipeline.core.sealing import KeyUnknownError
 from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.connection import ConnectionConfig
@@ -56,6 +59,17 @@ class Turn:
     answer: str | None = None
 
 
+_TEXT = ("document", "instructions", "answer")
+
+
+def _sealed(text: str | None, user_id: str) -> str | None:
+    return None if text is None else sealing.seal_text(text, user_id)
+
+
+def _opened(text: str | None) -> str | None:
+    return None if text is None else sealing.keyring().open(text)
+
+
 @dataclass(slots=True)
 class Session:
     """What a conversation about one summary needs to build its next prompt."""
@@ -71,12 +85,26 @@ class Session:
     turns: list[Turn] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        """The changelog record, its text sealed with the user's key like the topics' text
+        (docs/architecture.md, "Forgetting")."""
+        data = asdict(self)
+        seal = functools.partial(_sealed, user_id=self.user_id)
+        for name in _TEXT:
+            data[name] = seal(data[name])
+        for turn in data["turns"]:
+            turn["message"], turn["answer"] = seal(turn["message"]), seal(turn["answer"])
+        return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Session:
+        """The entry, its text opened; raises KeyUnknownError for a key not read yet."""
         data = json.loads(raw)
-        data["turns"] = [Turn(**t) for t in data.get("turns", [])]
+        for name in _TEXT:
+            data[name] = _opened(data.get(name))
+        data["turns"] = [
+            Turn(t["request_id"], _opened(t["message"]) or "", _opened(t.get("answer")))
+            for t in data.get("turns", [])
+        ]
         return cls(**data)
 
     def expires_at(self, tier: Tier) -> int:
@@ -128,7 +156,11 @@ class Sessions:
 
     def get(self, session_id: str) -> Session | None:
         raw = self.table.get(session_id.encode())
-        return Session.decode(raw) if raw else None
+        try:
+            return Session.decode(raw) if raw else None
+        except KeyUnknownError as exc:
+            # The key reaches this worker on `keys` shortly: the stage retries the record.
+            raise SessionUnavailableError(f"session {session_id[:64]}: {exc}") from exc
 
     async def put(self, session_id: str, session: Session) -> None:
         """Store and wait for the broker's acknowledgement of the changelog record."""
@@ -156,7 +188,10 @@ class Sessions:
         for key, raw in list(self.table.items()):
             if partition_for(bytes(key), self.partitions) not in self.owned:
                 continue
-            session = Session.decode(raw)
+            try:
+                session = Session.decode(raw)
+            except KeyUnknownError:
+                continue  # its key is not read yet: the next purge sees it
             tier = tiers.get(session.tier)
             ttl_s = tier.session_ttl_s if tier is not None else DEFAULT_TTL_S
             gone = session.created_at <= forgotten_at(session.user_id)
