@@ -99,6 +99,10 @@ class PreprocessStage:
         # One big document prepared at a time: each holds the GIL for its whole split, and
         # several at once left the event loop (every stream of this worker) a sixth of it.
         self._cpu = asyncio.Semaphore(1)
+        # The agent handles several records at once, but an id belongs to its *first* record
+        # in the partition (docs/architecture.md, "Identity"): records are decoded and their
+        # ids claimed one at a time, in the order the agent took them (the lock is FIFO).
+        self._in_order = asyncio.Lock()
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -119,13 +123,14 @@ class PreprocessStage:
         """Process one record of `requests`; never raises for a bad record (it is dead-lettered)."""
         now = self._now_ms()
         try:
-            # The codec checked the record's shape against the schema; prepare checks values.
-            request = cast(SummarizeRequest, await self._decode(value))
-            vouched = None
-            if self.identity is not None and value is not None:
-                validate_request(request)
-                vouched = await self.identity.check(request, value, origin, headers)
-                request = vouched.request
+            async with self._in_order:
+                # The codec checked the record's shape against the schema; prepare checks values.
+                request = cast(SummarizeRequest, await self._decode(value))
+                vouched = None
+                if self.identity is not None and value is not None:
+                    validate_request(request)
+                    vouched = await self.identity.check(request, value, origin, headers)
+                    request = vouched.request
             big = len(value or b"") > PREPARE_IN_THREAD_BYTES
             planned = len(value or b"") > PLAN_AHEAD_BYTES and await self._plan_ahead(
                 request, now, timestamp_ms

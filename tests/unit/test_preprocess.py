@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -436,3 +438,50 @@ async def test_a_sealed_request_gives_a_sealed_job_and_a_shredded_one_is_rejecte
     [(_, value)] = tokens.sent
     event = codec().decode_as(value, "TokenEvent")
     assert (event["kind"], event["error"]["code"]) == ("ERROR", "request_forgotten")
+
+
+class SlowFirstKeys:
+    """A keyring reader whose first decode waits (a key not read yet), the others do not."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def decode(self, value: bytes | None, schema: str) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls == 1:
+            await self.release.wait()
+        return codec().decode_as(value, schema)
+
+    async def key_for(self, user_id: str) -> None:
+        """The stage asks for the user's key before sealing the job: none here (plain)."""
+
+
+class ClaimOrder:
+    """An identity check that records the order in which records claimed their ids."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+
+    async def check(self, request: Any, value: bytes, origin: Origin, headers: Any) -> Any:
+        self.order.append(origin.offset)
+        return SimpleNamespace(request=request, producer=None)
+
+
+async def test_records_handled_at_once_claim_their_ids_in_the_order_they_came(
+    stage: tuple[PreprocessStage, Sink, Sink, Sink],
+) -> None:
+    s, _, _, _ = stage
+    keys, claims = SlowFirstKeys(), ClaimOrder()
+    s.keys, s.identity = cast(Any, keys), cast(Any, claims)
+    value = codec().encode("SummarizeRequest", request())
+    rid = b"01J0000000000000000000000A"
+    # The same id twice, the first record's decode slow: the first still claims first.
+    first = asyncio.ensure_future(s.handle(rid, value, Origin("t.requests", 3, 42), NOW))
+    second = asyncio.ensure_future(s.handle(rid, value, Origin("t.requests", 3, 43), NOW))
+    for _ in range(10):  # scheduler turns, not time: each task runs until it blocks
+        await asyncio.sleep(0)
+    assert keys.calls == 1  # the second waits its turn, its id not claimed yet
+    keys.release.set()
+    await asyncio.gather(first, second)
+    assert claims.order == [42, 43]

@@ -140,6 +140,10 @@ class Sessions:
     ) -> None:
         self.partitions = partitions
         self.owned: set[int] = set()
+        # preprocess handles several records at once; two follow-ups of one session must not
+        # both read the entry, add their turn and write it back (the second write would drop
+        # the first turn). Follow-ups are few, so one at a time in all.
+        self._one_at_a_time = asyncio.Lock()
         self._connection = connection
         self._topics = topics
         self.table = add_table(
@@ -204,6 +208,12 @@ class Sessions:
     ) -> tuple[SummarizeRequest, Session] | Rejection:
         """The request to prepare for a follow-up (the session's document and instructions
         under the follow-up's id) and its session, with this turn recorded; or why not."""
+        async with self._one_at_a_time:
+            return await self._follow_up(request, tier, now_ms, forgotten_at=forgotten_at)
+
+    async def _follow_up(
+        self, request: SummarizeRequest, tier: Tier, now_ms: int, *, forgotten_at: int
+    ) -> tuple[SummarizeRequest, Session] | Rejection:
         session_id = str(request.get("session_of") or "")
         request_id = request["request_id"]
         session = self.get(session_id) or await self._open(session_id, tier.name)
