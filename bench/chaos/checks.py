@@ -46,6 +46,10 @@ class Verdict:
     served_micro_usd: int
     # Requests whose billed cost differs from what the simulator served: id, billed, served.
     billing_mismatches: list[tuple[str, int, int]]
+    # For each of them, the tokens the simulator served and the result billed, so the report
+    # tells unbilled input (an attempt's input nobody reported) from unbilled output (tokens a
+    # cut attempt was sent that never reached `tokens`).
+    billing_detail: list[dict[str, Any]]
     billed_unaccepted: list[str]
     ledger_disagreements: list[str]
     unexpected_dlq: int
@@ -169,6 +173,7 @@ def evaluate(
         for i in set(served) | set(billed)
         if billed.get(i, 0) != served.get(i, 0)
     )
+    detail = [_unbilled(i, sim_requests.get(i, {}), results.get(i, {})) for i, _, _ in mismatches]
     dlq = list(dlq)
     from_poison = [
         d
@@ -186,6 +191,7 @@ def evaluate(
         billed_micro_usd=sum(billed.values()),
         served_micro_usd=sum(served.values()),
         billing_mismatches=mismatches,
+        billing_detail=detail,
         billed_unaccepted=billed_unaccepted,
         ledger_disagreements=ledgers,
         unexpected_dlq=len(dlq) - len(from_poison),
@@ -194,6 +200,21 @@ def evaluate(
         resumed_streams=sum(1 for s in accepted_streams if s.resumes),
         longest_stall_s=round(max((s.longest_stall_s for s in streams), default=0.0), 3),
     )
+
+
+def _unbilled(
+    request_id: str, served: Mapping[str, Any], result: Mapping[str, Any]
+) -> dict[str, Any]:
+    streams = served.get("streams", [])
+    usage = result.get("usage") or {}
+    input_served = sum(int(s.get("input_tokens", 0)) for s in streams)
+    output_served = sum(int(s.get("tokens", 0)) for s in streams)
+    return {
+        "request_id": request_id,
+        "attempts": [(s.get("ended"), s.get("input_tokens"), s.get("tokens")) for s in streams],
+        "unbilled_input_tokens": input_served - int(usage.get("input_tokens", 0)),
+        "unbilled_output_tokens": output_served - int(usage.get("output_tokens", 0)),
+    }
 
 
 def _ledger_disagreements(

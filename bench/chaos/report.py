@@ -55,6 +55,9 @@ def markdown(data: dict[str, Any], verdict: Verdict) -> str:
         f"| served (simulator) micro-USD | {f['served_micro_usd']} |",
         f"| requests billed differently from served | {len(f['billing_mismatches'])} "
         f"{f['billing_mismatches'][:5]} |",
+        "| unbilled tokens of those (input, output) | "
+        f"{sum(d['unbilled_input_tokens'] for d in f['billing_detail'])}, "
+        f"{sum(d['unbilled_output_tokens'] for d in f['billing_detail'])} |",
         f"| billed for unaccepted requests | {len(f['billed_unaccepted'])} |",
         f"| quota ledger disagreements | {len(f['ledger_disagreements'])} |",
         f"| dlq: poison injected / found / other | {f['poison_injected']} / "

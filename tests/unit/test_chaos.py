@@ -99,6 +99,9 @@ def test_every_broken_promise_is_counted() -> None:
     assert verdict.lost == ["lost"]
     assert verdict.duplicated_tokens == 1 and verdict.text_mismatches == ["a"]
     assert verdict.billing_diff == 2  # 31 + 1 billed, 30 served
+    # Per request billed differently: served tokens against the result's (0 in, 0 out here).
+    detail = {d["request_id"]: d for d in verdict.billing_detail}
+    assert (detail["a"]["unbilled_input_tokens"], detail["a"]["unbilled_output_tokens"]) == (15, 3)
     assert verdict.billed_unaccepted == ["ghost"]
     assert verdict.ledger_disagreements == ["g1: ann ledger 31 != results 32"]
     assert verdict.unexpected_dlq == 1
