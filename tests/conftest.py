@@ -16,6 +16,7 @@ from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.admin import create_topics, delete_topics
 from pipeline.ops.broker import is_reachable
+from tests.harness.keys import BrokerKeyring
 from tests.harness.keys import install as install_keyring
 
 
@@ -37,9 +38,16 @@ def bootstrap() -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def broker_keyring() -> None:
+def broker_keyring() -> BrokerKeyring:
     """Records real processes sealed decode here too (tests/harness/keys.py)."""
-    install_keyring(KafkaSettings().bootstrap_servers)
+    return install_keyring(KafkaSettings().bootstrap_servers)
+
+
+@pytest.fixture(autouse=True)
+def keys_of_this_test_only(broker_keyring: BrokerKeyring) -> Iterator[None]:
+    """Keys made by a test's in-process parts seal that test's text only."""
+    yield
+    broker_keyring.end_of_test()
 
 
 @pytest.fixture
