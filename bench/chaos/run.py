@@ -30,6 +30,7 @@ from pipeline.core.settings import REPO_ROOT, KafkaSettings, WorkerSettings
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.admin import create_topics
 from pipeline.ops import broker
+from pipeline.ops.replay import with_keys
 
 SESSION_TIMEOUT_S = WorkerSettings().session_timeout_s
 
@@ -268,6 +269,12 @@ async def chaos(run: Run, clients: int) -> Verdict:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         run.note("clients done", still_waiting=len(pending))
+    # Text in the topics is sealed with the users' data keys: read them all first.
+    return await with_keys(run.settings, check(run))
+
+
+async def check(run: Run) -> Verdict:
+    """Read the topics and the simulator's records back, and judge the run."""
     results = await drain(run, timeout_s=90)
     usage = await ledgers(run, results)
     dlq_topic = TopicNames.from_settings(run.settings).dlq
