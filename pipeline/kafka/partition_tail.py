@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 
 from pipeline.core.errors import TopicMissingError
 from pipeline.kafka.connection import ConnectionConfig
@@ -60,6 +60,22 @@ async def partition_ids(consumer: AIOKafkaConsumer, topic: str, attempts: int = 
             return set(partitions)
         await asyncio.sleep(0.1)
     raise TopicMissingError(f"topic {topic} has no partitions")
+
+
+async def table_partitions(
+    consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 10
+) -> list[int]:
+    """The partitions of a table's topic (one read whole and followed), asking the broker for
+    metadata until it has them; TopicMissingError names the command that creates it."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not (found := consumer.partitions_for_topic(topic)):
+                await consumer.topics()
+                consumer.assign([TopicPartition(topic, 0)])
+                await asyncio.sleep(0.1)
+            return sorted(found)
+    except (UnknownTopicOrPartitionError, TimeoutError) as exc:
+        raise TopicMissingError(f"topic {topic} missing: run `sumstream topics create`") from exc
 
 
 class _SeekUncommitted(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -15,15 +15,15 @@ import logging
 from typing import Any, cast
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
+from aiokafka.errors import KafkaError
 
 from pipeline.core.codec import codec
-from pipeline.core.errors import BrokerUnavailableError, CodecError, TopicMissingError
+from pipeline.core.errors import BrokerUnavailableError, CodecError
 from pipeline.core.records import UserPreferences
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
 from pipeline.kafka.connection import ConnectionConfig
-from pipeline.kafka.partition_tail import PartitionTail
+from pipeline.kafka.partition_tail import PartitionTail, table_partitions
 
 log = logging.getLogger("sumstream.memory")
 
@@ -78,7 +78,7 @@ class PreferencesTable:
                     acks="all", enable_idempotence=True, linger_ms=0
                 )
                 await self._producer.start()
-            partitions = await self._partitions(consumer)
+            partitions = await table_partitions(consumer, self.topic)
             tps = [TopicPartition(self.topic, p) for p in partitions]
             await self._tail.assign(tps, offsets=dict.fromkeys(tps, 0))
             self._tail.run(self._apply_batch)
@@ -129,19 +129,6 @@ class PreferencesTable:
             await self._producer.send_and_wait(self.topic, key=user_id.encode(), value=value)
         except KafkaError as exc:
             raise MemoryUnavailableError(f"could not write preferences: {exc!r}") from exc
-
-    async def _partitions(self, consumer: Any) -> list[int]:
-        try:
-            async with asyncio.timeout(10):
-                while not (found := consumer.partitions_for_topic(self.topic)):
-                    await consumer.topics()
-                    consumer.assign([TopicPartition(self.topic, 0)])
-                    await asyncio.sleep(0.1)
-                return sorted(found)
-        except (UnknownTopicOrPartitionError, TimeoutError) as exc:
-            raise TopicMissingError(
-                f"topic {self.topic} missing: run `sumstream topics create`"
-            ) from exc
 
     async def _apply_batch(self, tp: TopicPartition, messages: list[Any]) -> None:
         for message in messages:
