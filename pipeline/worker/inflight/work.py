@@ -246,6 +246,10 @@ class InflightWork:
         partition moved and lets the rest go on, so a rebalance costs no upstream call for an
         untouched partition (docs/architecture.md, "Rebalances").
         """
+        if self._reopen is not None:
+            # The rebalance a freeze announced: its assignment opens the gate, not the timer.
+            self._reopen.cancel()
+            self._reopen = None
         if not self.entries.owned and not self._waiting:
             return  # nothing can be running: jobs only start in owned partitions
         self._generation += 1
