@@ -147,7 +147,10 @@ class Gateway:
             spawn=self.spawn,
             cancel=self.intake.cancel,
             running=self._running,
+            gateway_id=self.ledger.gateway_id,
+            announce=self.ledger.attach,
         )
+        self.ledger.on_attached = self.streams.attached
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -111,6 +111,7 @@ def _stream_response(
     after_seq: int,
     accepted: AcceptedOut | None,
     headers: dict[str, str],
+    announce: bool,
 ) -> EventSourceResponse:
     return stream_response(
         gateway,
@@ -119,6 +120,7 @@ def _stream_response(
         after_seq=after_seq,
         accepted=accepted,
         headers=headers,
+        announce=announce,
     )
 
 
@@ -167,8 +169,15 @@ async def create_summary(
         headers["Idempotent-Replayed"] = "true"
     if wants_json(accept):
         return JSONResponse(out.model_dump(), status_code=202, headers=headers)
+    # A replayed POST is a client coming back, maybe to another gateway than it left.
     return _stream_response(
-        gateway, accepted.request_id, principal, after_seq=0, accepted=out, headers=headers
+        gateway,
+        accepted.request_id,
+        principal,
+        after_seq=0,
+        accepted=out,
+        headers=headers,
+        announce=accepted.replay,
     )
 
 
@@ -193,7 +202,7 @@ async def summary_stream(
             raise InvalidRequest("Last-Event-ID must be a token seq (an integer)") from None
     await owned_by(gateway, request_id, principal)
     return _stream_response(
-        gateway, request_id, principal, after_seq=after, accepted=None, headers={}
+        gateway, request_id, principal, after_seq=after, accepted=None, headers={}, announce=True
     )
 
 

@@ -211,11 +211,18 @@ def stream_response(
     after_seq: int,
     accepted: AcceptedOut | None,
     headers: Mapping[str, str],
+    announce: bool = False,
 ) -> SummaryStreamResponse:
     """The SSE response of ``request_id`` for ``user_id``, from ``after_seq`` on."""
     link = ClientLink()
     events = summary_events(
-        gateway, request_id, user_id, after_seq=after_seq, accepted=accepted, link=link
+        gateway,
+        request_id,
+        user_id,
+        after_seq=after_seq,
+        accepted=accepted,
+        link=link,
+        announce=announce,
     )
     return SummaryStreamResponse(
         events,
@@ -327,9 +334,14 @@ async def summary_events(
     after_seq: int = 0,
     accepted: AcceptedOut | None = None,
     link: ClientLink | None = None,
+    announce: bool = False,
 ) -> AsyncIterator[bytes]:
     """The SSE events of one request, from ``after_seq`` on, to its terminal event, as the
-    chunks written to the client (one chunk holds every event that was ready)."""
+    chunks written to the client (one chunk holds every event that was ready).
+
+    ``announce``: the client attaches to a request that already had a stream (a resume, a
+    replayed POST), so every gateway learns that this one now owns its disconnect cancel.
+    """
     # One loop past ~60 lines: the source, the progress and the lifetime are the state of one
     # stream, and the ``finally`` that closes it must see all three.
     progress = StreamProgress(after_seq)
@@ -340,7 +352,9 @@ async def summary_events(
     try:
         if accepted is not None:
             yield encode_event("accepted", accepted.model_dump())
-        source = gateway.streams.open(request_id, after_seq)
+        source = gateway.streams.open(
+            request_id, after_seq, announce_for=user_id if announce else ""
+        )
         STREAMS.labels(source.kind).inc()
         while True:
             if progress.result is not None and progress.can_finish():

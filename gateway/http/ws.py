@@ -230,7 +230,13 @@ class Session:
             REQUESTS.labels(exc.code).inc()
             raise
         REQUESTS.labels("idempotent_replay" if accepted.replay else "accepted").inc()
-        self.follow(accepted.request_id, 0, accepted_out(accepted), frame.get("ref"))
+        self.follow(
+            accepted.request_id,
+            0,
+            accepted_out(accepted),
+            frame.get("ref"),
+            announce=accepted.replay,
+        )
 
     async def resume(self, frame: Mapping[str, Any]) -> None:
         request_id = _request_id(frame)
@@ -241,7 +247,7 @@ class Session:
         if request_id in self.follows:
             raise InvalidRequest(f"this socket already follows {request_id}")
         self._check_room()
-        self.follow(request_id, last_seq, None, frame.get("ref"))
+        self.follow(request_id, last_seq, None, frame.get("ref"), announce=True)
 
     async def cancel(self, frame: Mapping[str, Any]) -> None:
         principal = self._key_principal("cancel")
@@ -265,13 +271,19 @@ class Session:
             )
 
     def follow(
-        self, request_id: str, after_seq: int, accepted: AcceptedOut | None, ref: object
+        self,
+        request_id: str,
+        after_seq: int,
+        accepted: AcceptedOut | None,
+        ref: object,
+        *,
+        announce: bool = False,
     ) -> None:
         """Stream ``request_id``'s events after ``after_seq`` to the socket, beside the others."""
         assert self.principal is not None
         user_id = self.principal.user_id
         self.follows[request_id] = asyncio.create_task(
-            self._follow(request_id, user_id, after_seq, accepted, ref),
+            self._follow(request_id, user_id, after_seq, accepted, ref, announce),
             name=f"ws-follow-{request_id}",
         )
 
@@ -282,13 +294,19 @@ class Session:
         after_seq: int,
         accepted: AcceptedOut | None,
         ref: object,
+        announce: bool,
     ) -> None:
         # An async generator (typed as an iterator): closed here, so its ``finally`` (the
         # disconnect cancel, the metrics) runs when this task is cancelled.
         chunks = cast(
             AsyncGenerator[bytes, None],
             summary_events(
-                self.gateway, request_id, user_id, after_seq=after_seq, accepted=accepted
+                self.gateway,
+                request_id,
+                user_id,
+                after_seq=after_seq,
+                accepted=accepted,
+                announce=announce,
             ),
         )
         try:

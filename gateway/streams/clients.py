@@ -3,7 +3,10 @@
 A stream reads from the hub's memory when it still holds every event the client needs, else
 from a short-lived reader of the log. When the last stream of an unfinished request closes,
 a CANCEL follows unless a client comes back within ``cancel_grace_s``; a request still
-queued (nothing streamed yet) is cancelled at once, before the pipeline calls the model.
+queued (nothing streamed yet) is cancelled at once, before the pipeline calls the model. A
+client that comes back at another gateway counts too: a stream that attaches to an existing
+request announces it (ATTACHED on `quota`, which every gateway reads), and the gateway with the
+latest attach owns the cancel (docs/architecture.md, "Cancel on disconnect across gateways").
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -31,6 +34,8 @@ SourceKind = Literal["memory", "log"]
 # Starts a named background task that the gateway cancels and awaits on stop.
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
 Cancel = Callable[[str, str, str], Awaitable[None]]
+# Announces (user_id, request_id): a client attached to the request's stream here.
+Announce = Callable[[str, str], None]
 
 
 @dataclass
@@ -64,8 +69,12 @@ class ClientStreams:
         spawn: Spawn,
         cancel: Cancel,
         running: Callable[[], bool],
+        gateway_id: str = "",
+        announce: Announce | None = None,
     ) -> None:
         self.settings = settings
+        self.gateway_id = gateway_id
+        self._announce = announce
         self.connection = connection
         self.topics = topics
         self.hub = hub
@@ -75,10 +84,19 @@ class ClientStreams:
         self._running = running
         self._open: Counter[str] = Counter()
         self._cancel_timers: dict[str, asyncio.Task[None]] = {}
+        # request_id -> the gateway of its latest announced attach, in log order (bounded).
+        self._attached: OrderedDict[str, str] = OrderedDict()
 
-    def open(self, request_id: str, after_seq: int) -> StreamSource:
-        """Events after ``after_seq``: from memory when it covers them, else from the log."""
+    def open(self, request_id: str, after_seq: int, *, announce_for: str = "") -> StreamSource:
+        """Events after ``after_seq``: from memory when it covers them, else from the log.
+
+        With ``announce_for`` (the user id), the attach is announced to every gateway: this
+        stream's client came back (a resume, a replayed POST), maybe having left another one.
+        """
         self._open[request_id] += 1
+        if announce_for and self._announce is not None:
+            self.attached(request_id, self.gateway_id)
+            self._announce(announce_for, request_id)
         timer = self._cancel_timers.pop(request_id, None)
         if timer is not None:
             timer.cancel()
@@ -133,6 +151,27 @@ class ClientStreams:
         finally:
             sub.close(reason)
 
+    def attached(self, request_id: str, gateway_id: str) -> None:
+        """A client attached to ``request_id``'s stream at ``gateway_id`` (ATTACHED, in log order).
+
+        Another gateway's attach takes this one's disconnect cancel away: its timer stops.
+        """
+        self._attached[request_id] = gateway_id
+        self._attached.move_to_end(request_id)
+        while len(self._attached) > self.settings.max_tracked_streams:
+            self._attached.popitem(last=False)
+        if gateway_id != self.gateway_id:
+            timer = self._cancel_timers.pop(request_id, None)
+            if timer is not None:
+                timer.cancel()
+                log.info(
+                    "disconnect cancel left to another gateway", extra={"request_id": request_id}
+                )
+
+    def _attached_elsewhere(self, request_id: str) -> bool:
+        owner = self._attached.get(request_id)
+        return owner is not None and owner != self.gateway_id
+
     def closed(self, request_id: str, user_id: str, *, finished: bool) -> None:
         """An SSE stream ended; unfinished ones are cancelled unless a client comes back."""
         self._open[request_id] -= 1
@@ -140,6 +179,8 @@ class ClientStreams:
             del self._open[request_id]
         if finished or not self._running() or request_id in self._cancel_timers:
             return
+        if self._attached_elsewhere(request_id):
+            return  # its latest client is at another gateway, which owns the cancel
         # The grace lets a client reconnect to text already flowing. A queued request has no
         # text yet: should it start within the grace, its model call is made (and billed) for
         # a client that has gone.
@@ -163,6 +204,8 @@ class ClientStreams:
             await asyncio.sleep(grace_s)
             stream = self.hub.get(request_id)
             if self._open[request_id] > 0 or (stream is not None and stream.result):
+                return
+            if self._attached_elsewhere(request_id):
                 return
             await self._cancel(request_id, user_id, "disconnect")
         except (BrokerUnavailable, NotReady) as exc:

@@ -15,7 +15,7 @@ TokenKind = Literal["STARTED", "DELTA", "DONE", "ERROR", "CANCELLED", "PROGRESS"
 ChunkKind = Literal["PLAN", "SUMMARY", "FAILED"]
 ResultStatus = Literal["COMPLETED", "PARTIAL", "FAILED", "CANCELLED", "REJECTED"]
 ControlAction = Literal["CANCEL"]
-QuotaKind = Literal["RESERVE", "SETTLE", "RELEASE", "UNKNOWN"]
+QuotaKind = Literal["RESERVE", "SETTLE", "RELEASE", "UNKNOWN", "ATTACHED"]
 
 # Token events that end a request's stream: exactly one per request, always the last seq.
 TERMINAL_KINDS: frozenset[TokenKind] = frozenset({"DONE", "ERROR", "CANCELLED"})

@@ -8,6 +8,11 @@ decides each RESERVE from the records before it in its partition. All of them re
 log with the same tier table, so they reach the same verdicts and two processes reserving for
 one user never exceed the limits together.
 
+The gateways also share one fact that is not a ledger entry on it, because the `quota` topic is
+the one every gateway reads whole: ATTACHED, a client attached to a request's stream at a
+gateway (a resume, a replayed POST), which makes that gateway the owner of the request's
+disconnect cancel (docs/architecture.md, "Cancel on disconnect across gateways").
+
 Who settles: the gateways, in one consumer group on `results` (gateway/admission/settle.py), so each
 result is settled once its partition's settler reads it, even when the gateway that accepted
 the request is gone; with the result's total tokens and cost. A gateway that fails to
@@ -20,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -92,6 +97,8 @@ class QuotaLedger:
         self._background: set[asyncio.Task[None]] = set()
         self._ready: asyncio.Future[None] | None = None
         self._stopping = False
+        # Called with (request_id, gateway id) for every ATTACHED record, in log order.
+        self.on_attached: Callable[[str, str], None] | None = None
 
     async def __aenter__(self) -> QuotaLedger:
         await self.start()
@@ -206,6 +213,29 @@ class QuotaLedger:
         """Give back a reservation whose request never ran (e.g. producing it failed)."""
         await self._append(self._event("RELEASE", user_id, tier, request_id, requests=0))
 
+    def attach(self, user_id: str, request_id: str) -> None:
+        """Announce that a client attached to ``request_id``'s stream here (not waited for).
+
+        Best effort: if the record is lost, the gateway a client left earlier may still cancel
+        the request at the end of its grace (the window this closes).
+        """
+        if self._producer is None or self._stopping or not self.ready:
+            return
+        event = self._event("ATTACHED", user_id, "", request_id, requests=0)
+        value = codec().encode("QuotaEvent", event.to_record())
+        producer = self._producer
+
+        async def send() -> None:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await producer.send_and_wait(
+                        self.topic, value, key=user_id.encode(), timestamp_ms=event.at
+                    )
+            except (KafkaError, TimeoutError) as exc:
+                log.warning("attach not announced: %r", exc, extra={"request_id": request_id})
+
+        self._spawn(send())
+
     def usage(self, user_id: str, tier: str | None = None) -> UsageSummary:
         """The user's figures for this month, as this instance has read them (GET /v1/usage)."""
         partition = partition_for(user_id, len(self._states)) if self._states else 0
@@ -319,6 +349,10 @@ class QuotaLedger:
             )
             return
         event = QuotaEvent.from_record(record, at=message.timestamp)
+        if event.kind == "ATTACHED":
+            if self.on_attached is not None:
+                self.on_attached(event.request_id, event.gateway)
+            return
         verdict = state.apply(event)
         future = self._waiters.get(event.event_id)
         if future is not None and not future.done():

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from pipeline.core.tiers import Tier
 
-Kind = Literal["RESERVE", "SETTLE", "RELEASE", "UNKNOWN"]
+Kind = Literal["RESERVE", "SETTLE", "RELEASE", "UNKNOWN", "ATTACHED"]
 Reason = Literal["rate_limit", "token_limit", "budget"]
 _RESERVED, _SETTLED, _RELEASED, _UNRESERVED = "reserved", "settled", "released", "unreserved"
 

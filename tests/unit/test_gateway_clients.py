@@ -17,6 +17,7 @@ from pipeline.core.topics import TopicNames
 from pipeline.kafka.connection import ConnectionConfig
 
 RID = "01JABCDEFGHJKMNPQRSTVWXYZ0"
+HERE, THERE = "gw-a", "gw-b"
 
 
 class Harness:
@@ -29,6 +30,7 @@ class Harness:
         self.tasks: list[asyncio.Task[Any]] = []
         self.cancels: list[tuple[str, str, str]] = []
         self.cancelled = asyncio.Event()
+        self.announced: list[tuple[str, str]] = []
         self.running = running
         connection = ConnectionConfig.from_settings(settings)
         lookup = RequestLookup(settings, connection, topics, RequestIndex(), self.hub)
@@ -41,6 +43,8 @@ class Harness:
             spawn=self.spawn,
             cancel=self.cancel,
             running=lambda: self.running,
+            gateway_id=HERE,
+            announce=lambda user_id, request_id: self.announced.append((user_id, request_id)),
         )
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
@@ -140,3 +144,51 @@ async def test_a_request_this_gateway_does_not_hold_keeps_the_grace() -> None:
     timer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await timer
+
+
+# -- a client that comes back at another gateway (docs/architecture.md, "Cancel on disconnect
+# across gateways") ------------------------------------------------------------------------------
+
+
+async def test_an_attach_at_another_gateway_stops_this_ones_cancel_timer() -> None:
+    h = Harness(cancel_grace_s=3_600)
+    h.hub.register(RID)
+    started(h.hub)
+    h.streams.open(RID, 0).close(h.hub)
+    h.streams.closed(RID, "alice", finished=False)
+    [timer] = h.tasks
+    h.streams.attached(RID, THERE)  # its ATTACHED record, read from `quota`
+    with pytest.raises(asyncio.CancelledError):
+        await timer
+    assert h.cancels == []
+
+
+async def test_a_stream_closed_after_its_client_attached_elsewhere_starts_no_cancel() -> None:
+    h = Harness(cancel_grace_s=0)
+    h.hub.register(RID)
+    started(h.hub)
+    source = h.streams.open(RID, 0)
+    h.streams.attached(RID, THERE)
+    source.close(h.hub)
+    h.streams.closed(RID, "alice", finished=False)
+    assert h.tasks == [] and h.cancels == []
+
+
+async def test_a_client_back_here_after_another_gateway_makes_this_one_own_the_cancel() -> None:
+    h = Harness(cancel_grace_s=0)
+    h.hub.register(RID)
+    started(h.hub)
+    h.streams.attached(RID, THERE)
+    source = h.streams.open(RID, 3, announce_for="alice")  # a resume here
+    assert h.announced == [("alice", RID)]
+    source.close(h.hub)
+    h.streams.closed(RID, "alice", finished=False)
+    await asyncio.wait_for(h.cancelled.wait(), 5)
+    assert h.cancels == [(RID, "alice", "disconnect")]
+
+
+async def test_a_first_stream_announces_nothing() -> None:
+    h = Harness(cancel_grace_s=3_600)
+    h.hub.register(RID)
+    h.streams.open(RID, 0)
+    assert h.announced == []

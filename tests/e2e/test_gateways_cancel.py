@@ -1,0 +1,112 @@
+"""The disconnect cancel across gateways: a client that comes back at another gateway within the
+grace keeps its request; the gateway it came back to owns the cancel from then on.
+
+docs/architecture.md, "Cancel on disconnect across gateways". Two gateways on real processes,
+a short grace (SUMSTREAM_CANCEL_GRACE_S) and a stream that lasts several graces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.documents import document
+from tests.harness import Stack, StreamResult, auth, collect, eventually_async, running_stack
+
+GRACE_S = 1.5
+# 60 tokens 80 ms apart: ~5 s of text, more than three graces.
+OUTPUT_TOKENS = 60
+KEY = "key-ben"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    env = {"SUMSTREAM_CANCEL_GRACE_S": str(GRACE_S)}
+    with running_stack(
+        tmp_path_factory.mktemp("gateways-cancel"),
+        gateways=2,
+        env=env,
+        ttft_ms=100,
+        token_delay_ms=80,
+    ) as s:
+        yield s
+
+
+async def _result(client: httpx.AsyncClient, url: str, request_id: str) -> dict[str, Any]:
+    async def finished() -> dict[str, Any] | None:
+        got = await client.get(f"{url}/v1/summaries/{request_id}", headers=auth(KEY))
+        assert got.status_code in (200, 202), got.text
+        body: dict[str, Any] = got.json()
+        return body if got.status_code == 200 else None
+
+    result: dict[str, Any] = await eventually_async(
+        finished, timeout=120, message=f"the result of {request_id}"
+    )
+    return result
+
+
+async def _start_and_leave(client: httpx.AsyncClient, url: str, n: int) -> tuple[str, int]:
+    """POST at ``url``, read three tokens, disconnect; returns the id and the last seq read."""
+    first = await collect(
+        client,
+        "POST",
+        f"{url}/v1/summaries",
+        json={"document": document(n), "max_output_tokens": OUTPUT_TOKENS},
+        headers=auth(KEY),
+        stop_after_tokens=3,
+    )
+    assert first.status_code == 200, first.events
+    request_id = str(first.of("accepted")[0].data["id"])
+    return request_id, int(first.of("token")[-1].id or 0)
+
+
+async def _resume(
+    client: httpx.AsyncClient, url: str, request_id: str, after: int, **kw: Any
+) -> StreamResult:
+    return await collect(
+        client,
+        "GET",
+        f"{url}/v1/summaries/{request_id}/events",
+        headers={**auth(KEY), "Last-Event-ID": str(after)},
+        **kw,
+    )
+
+
+def test_a_client_back_at_another_gateway_within_the_grace_keeps_its_request(
+    stack: Stack,
+) -> None:
+    first_gw, second_gw = stack.gateways
+
+    async def run() -> tuple[StreamResult, dict[str, Any], int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            request_id, last = await _start_and_leave(client, first_gw, 7100)
+            # Back at once, at the other gateway, and there to the end: several graces long.
+            resumed = await _resume(client, second_gw, request_id, last)
+            return resumed, await _result(client, first_gw, request_id), last
+
+    resumed, result, last = asyncio.run(run())
+    assert resumed.done is not None, resumed.events
+    assert resumed.done["status"] == "COMPLETED", resumed.done
+    assert result["status"] == "COMPLETED", result
+    seqs = [int(e.id or 0) for e in resumed.of("token")]
+    assert seqs == list(range(last + 1, last + 1 + len(seqs))), seqs
+
+
+def test_the_gateway_a_client_came_back_to_cancels_when_it_leaves_for_good(stack: Stack) -> None:
+    first_gw, second_gw = stack.gateways
+
+    async def run() -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            request_id, last = await _start_and_leave(client, first_gw, 7200)
+            again = await _resume(client, second_gw, request_id, last, stop_after_tokens=2)
+            assert len(again.of("token")) == 2, again.events
+            # Gone for good: the second gateway's grace runs out and it cancels.
+            return await _result(client, first_gw, request_id)
+
+    result = asyncio.run(run())
+    assert result["status"] == "CANCELLED", result
+    assert result["usage"]["output_tokens"] < OUTPUT_TOKENS, result["usage"]
