@@ -1,11 +1,12 @@
 """sumstream's Faust transport: Faust's aiokafka driver with an idempotent producer, a
-configurable fetch wait, and acks that cannot commit past a record nobody processed.
+configurable fetch wait, and acks and gaps that cannot commit past a record nobody processed.
 ``StageApp`` (pipeline/worker/app.py) creates it instead of Faust's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set
+import logging
+from collections.abc import AsyncIterator, Mapping, Set
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -13,6 +14,8 @@ from faust.types import TP, Message
 from mode.utils.queues import FlowControlEvent
 
 from pipeline.kafka.compat import set_fetch_max_wait
+
+log = logging.getLogger("sumstream.worker.transport")
 
 
 class Producer(faust_aiokafka.Producer):
@@ -56,6 +59,10 @@ class Consumer(faust_aiokafka.Consumer):
         super().__init__(*args, **kwargs)
         # Partitions revoked and not yet sought back to their committed offsets.
         self._unsettled: set[TP] = set()
+        # Partitions to re-read from an offset the fetcher skipped, at the next fetch; and the
+        # last offset each was re-read from (a skip that comes back is a real hole).
+        self._rewind: dict[TP, int] = {}
+        self._rewound: dict[TP, int] = {}
 
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -68,6 +75,40 @@ class Consumer(faust_aiokafka.Consumer):
         offsets = await super().seek_to_committed()
         self._unsettled.difference_update(offsets)
         return offsets
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        """Offsets the fetcher skipped: re-read them rather than commit over them.
+
+        Faust's drain loop takes the offsets between the last record it read and the next one
+        as absent (a compacted topic, transaction markers) and lets the commit pass over them.
+        The worker's input topics are neither compacted nor transactional, so every offset is a
+        record, and a skip there means a fetch raced a seek around a rebalance. Committing over
+        it lost records no handler had seen (docs/architecture.md, "Rebalances": the chaos
+        run's two DONE events whose results were never written). The partition is re-read
+        from just before the skip at the next fetch; a record delivered twice is handled
+        idempotently. The same skip seen again after a re-read is a real hole: Faust's rule.
+        """
+        start = max(0, offset_from - 1)  # Faust's read offset after a seek is off by one
+        if self._rewound.get(tp) == start:
+            await super()._add_gap(tp, offset_from, offset_to)
+            return
+        log.warning(
+            "fetch skipped offsets; re-reading them",
+            extra={"topic": tp.topic, "partition": tp.partition, "from": start, "to": offset_to},
+        )
+        self._rewind[tp] = min(start, self._rewind.get(tp, start))
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:  # noqa: ASYNC109 (Faust's signature)
+        """Faust's fetch, after re-seeking the partitions whose fetch skipped offsets."""
+        while self._rewind:
+            tp, offset = self._rewind.popitem()
+            self._rewound[tp] = offset
+            try:
+                await self.seek(tp, offset)
+            except Exception as exc:  # revoked meanwhile: its next owner reads from the commit
+                log.warning("re-read not possible: %r", exc, extra={"partition": tp.partition})
+        async for item in super().getmany(timeout):
+            yield item
 
     def ack(self, message: Message) -> bool:
         generation = getattr(message, "generation_id", None)

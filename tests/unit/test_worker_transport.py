@@ -80,3 +80,44 @@ async def test_a_resume_while_the_flow_runs_keeps_the_buffered_records() -> None
     flow.suspend()
     flow.resume()  # a resume from a suspension drops what was buffered before it
     assert buffer.qsize() == 0
+
+
+# -- offsets the fetch skipped (docs/architecture.md, "Rebalances") -----------------------------
+
+
+async def test_offsets_the_fetch_skipped_are_not_committed_over_but_re_read() -> None:
+    async with worker_consumer() as consumer:
+        consumer._committed_offset[REQUESTS_0] = 101
+        # The drain loop read 101, then got 113: Faust would take 102-112 as absent.
+        await consumer._add_gap(REQUESTS_0, 102, 113)
+        assert consumer.ack(_message(101, generation=7))
+        assert consumer.ack(_message(113, generation=7))
+        assert FaustConsumer._new_offset(consumer, REQUESTS_0) == 102  # not past the skip
+        assert consumer._rewind == {REQUESTS_0: 101}
+
+
+async def test_the_next_fetch_seeks_back_to_the_skipped_offsets(monkeypatch: Any) -> None:
+    sought: list[tuple[TP, int]] = []
+
+    async def seek(tp: TP, offset: int) -> None:
+        sought.append((tp, offset))
+
+    async def nothing(self: Any, timeout: float) -> AsyncIterator[Any]:
+        for item in ():
+            yield item
+
+    monkeypatch.setattr(FaustConsumer, "getmany", nothing)
+    async with worker_consumer() as consumer:
+        monkeypatch.setattr(consumer, "seek", seek)
+        await consumer._add_gap(REQUESTS_0, 102, 113)
+        assert [item async for item in consumer.getmany(timeout=0.0)] == []
+        assert sought == [(REQUESTS_0, 101)]
+        assert consumer._rewind == {}
+
+
+async def test_a_skip_seen_again_after_its_re_read_is_taken_as_a_real_hole() -> None:
+    async with worker_consumer() as consumer:
+        consumer._rewound[REQUESTS_0] = 101
+        await consumer._add_gap(REQUESTS_0, 102, 113)
+        assert consumer._rewind == {}
+        assert consumer._gap[REQUESTS_0]  # Faust's rule: the offsets count as absent
