@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, cast
 
 from pipeline.core.records import ErrorInfo, TokenEvent, TokenKind, Trace, Usage
 
@@ -123,6 +124,30 @@ def progress(meta: StreamMeta, payload: Mapping[str, object]) -> TokenEvent:
     the seq stream (docs/architecture.md, "Long documents")."""
     text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
     return _event(meta, "PROGRESS", seq=0, attempt=0, text=text)
+
+
+def unpublished_usage(meta: StreamMeta, used: Usage) -> TokenEvent:
+    """A USAGE event: upstream work a worker received but could not publish before its run was
+    released (seq 0, outside the seq stream; docs/architecture.md, "Billing a resumed stream").
+    Its text is a fresh id, so a redelivered record counts once."""
+    return _event(meta, "USAGE", seq=0, attempt=0, text=uuid.uuid4().hex, usage=used)
+
+
+def add_usage(base: Usage | None, extra: Usage) -> Usage:
+    """``base`` plus the tokens of ``extra`` (a USAGE event's): what the request really used."""
+    total = dict(base) if base else dict(usage(input_tokens=0, output_tokens=0, attempts=0))
+    for name in (
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ):
+        total[name] = _count(total.get(name)) + _count(extra.get(name))
+    return cast(Usage, total)
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) else 0
 
 
 def terminal(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, NotRequired, TypedDict
 
-TokenKind = Literal["STARTED", "DELTA", "DONE", "ERROR", "CANCELLED", "PROGRESS"]
+TokenKind = Literal["STARTED", "DELTA", "DONE", "ERROR", "CANCELLED", "PROGRESS", "USAGE"]
 ChunkKind = Literal["PLAN", "SUMMARY", "FAILED"]
 ResultStatus = Literal["COMPLETED", "PARTIAL", "FAILED", "CANCELLED", "REJECTED"]
 ControlAction = Literal["CANCEL"]

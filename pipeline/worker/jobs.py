@@ -12,14 +12,17 @@ from pipeline.core.events import StreamMeta
 from pipeline.core.records import ControlEvent, InferenceJob, TokenEvent, Trace, Usage
 from pipeline.worker.inference.engine import ResumeState
 
+OUTSIDE_SEQS = frozenset({"PROGRESS", "USAGE"})
+
 
 def resume_state(stream: Iterable[TokenEvent]) -> ResumeState | None:
     """What the engine needs to continue a stream from the events already in `tokens`.
 
     None when nothing was streamed yet (the job simply starts again, seq 1).
     """
-    # A long document's PROGRESS events (seq 0) are outside the seq stream.
-    by_seq = {int(e["seq"]): e for e in stream if e["kind"] != "PROGRESS"}
+    # PROGRESS and USAGE events (seq 0) are outside the seq stream; a USAGE event is billed by
+    # postprocess, on top of what the stream's last usage says.
+    by_seq = {int(e["seq"]): e for e in stream if e["kind"] not in OUTSIDE_SEQS}
     if not by_seq:
         return None
     ordered = [by_seq[s] for s in sorted(by_seq)]

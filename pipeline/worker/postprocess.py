@@ -91,6 +91,17 @@ def validate_event(record: Mapping[str, object]) -> TokenEvent:
     return cast(TokenEvent, record)
 
 
+def validate_usage_event(record: Mapping[str, object]) -> TokenEvent:
+    """A USAGE record as a TokenEvent; ``ValidationError`` if it cannot be billed."""
+    if not str(record.get("request_id") or "").strip():
+        raise ValidationError("request_id is empty")
+    if not record.get("usage"):
+        raise ValidationError("a USAGE event carries a usage")
+    if not str(record.get("text") or ""):
+        raise ValidationError("a USAGE event carries its id in text")
+    return cast(TokenEvent, record)
+
+
 Send = Callable[[bytes, bytes], Awaitable[None]]
 # Re-reads every TokenEvent of one request from `tokens`: (request_id, created_at ms) -> events.
 Reread = Callable[[str, int], Awaitable[list[TokenEvent]]]
@@ -144,6 +155,8 @@ class PostprocessStage:
         self._open: OrderedDict[str, dict[int, TokenEvent]] = OrderedDict()
         # Recently finished ids: a replayed or duplicate terminal is not finalised twice.
         self._finished: OrderedDict[str, None] = OrderedDict()
+        # USAGE events of streams under way here, by request and by their id: billed at the end.
+        self._usages: dict[str, dict[str, TokenEvent]] = {}
 
     @property
     def open_requests(self) -> int:
@@ -162,10 +175,16 @@ class PostprocessStage:
                 # A long document's plan or progress: for its client, nothing to assemble.
                 RECORDS_PROCESSED.labels(stage=STAGE, outcome="progress").inc()
                 return
-            event = validate_event(decoded)
+            if decoded.get("kind") == "USAGE":
+                usage_event = validate_usage_event(decoded)
+            else:
+                event = validate_event(decoded)
         except (CodecError, ValidationError) as exc:
             await self._dlq.publish(key=key, value=value, exc=exc, stage=STAGE, origin=origin)
             RECORDS_PROCESSED.labels(stage=STAGE, outcome="dead_letter").inc()
+            return
+        if decoded.get("kind") == "USAGE":
+            await self._on_usage(usage_event)
             return
         request_id = event["request_id"]
         if request_id in self._finished:
@@ -173,19 +192,49 @@ class PostprocessStage:
             return
         if event["kind"] in TERMINAL_KINDS:
             result_ms = timestamp_ms if timestamp_ms is not None else int(self._clock() * 1000)
-            await self._finish(event, self._open.pop(request_id, {}), result_ms)
+            usages = self._usages.pop(request_id, {})
+            await self._finish(event, self._open.pop(request_id, {}), result_ms, usages)
             return
+        self._open_stream(request_id).setdefault(int(event["seq"]), event)
+
+    def _open_stream(self, request_id: str) -> dict[int, TokenEvent]:
         events = self._open.get(request_id)
         if events is None:
             events = self._open[request_id] = {}
             while len(self._open) > self.settings.postprocess_max_open:
-                self._open.popitem(last=False)  # the least recently active stream
+                # The least recently active stream: its end re-reads it from `tokens`.
+                dropped, _ = self._open.popitem(last=False)
+                self._usages.pop(dropped, None)
         else:
             self._open.move_to_end(request_id)
-        events.setdefault(int(event["seq"]), event)
+        return events
+
+    async def _on_usage(self, event: TokenEvent) -> None:
+        """Upstream work a released run could not publish (docs/architecture.md, "Billing a
+        resumed stream"): billed with the stream's end, or by amending a result already out."""
+        request_id = event["request_id"]
+        RECORDS_PROCESSED.labels(stage=STAGE, outcome="usage").inc()
+        if request_id not in self._open:
+            # Not under way here: maybe finished (here or by another instance). The log says.
+            stream = await self._reread_with_retries(request_id, event)
+            terminal = next((e for e in stream if e["kind"] in TERMINAL_KINDS), None)
+            if terminal is not None:
+                by_seq = {int(e["seq"]): e for e in stream if int(e["seq"]) > 0}
+                usages = {str(e["text"]): e for e in stream if e["kind"] == "USAGE"}
+                usages[str(event["text"])] = event
+                await self._finish(terminal, by_seq, int(self._clock() * 1000), usages, amend=True)
+                return
+        self._open_stream(request_id)
+        self._usages.setdefault(request_id, {})[str(event["text"])] = event
 
     async def _finish(
-        self, terminal: TokenEvent, events: dict[int, TokenEvent], result_ms: int
+        self,
+        terminal: TokenEvent,
+        events: dict[int, TokenEvent],
+        result_ms: int,
+        usages: dict[str, TokenEvent],
+        *,
+        amend: bool = False,
     ) -> None:
         started = time.perf_counter()
         request_id = terminal["request_id"]
@@ -195,12 +244,21 @@ class PostprocessStage:
             # Part of the stream was consumed before a restart or by another instance.
             reread = await self._reread_with_retries(request_id, terminal)
             assembly = assemble([*reread, *events.values()], upto_seq=int(terminal["seq"]))
+            usages.update({str(e["text"]): e for e in reread if e["kind"] == "USAGE"})
             log_at = logging.INFO if assembly.complete else logging.ERROR
             log.log(
                 log_at,
                 "stream re-read from tokens",
                 extra={"request_id": request_id, "complete": assembly.complete},
             )
+        if usages:
+            # Work released runs received but never published: billed with the rest.
+            total = terminal.get("usage")
+            for extra in usages.values():
+                used = extra.get("usage")
+                if used:
+                    total = token_events.add_usage(total, used)
+            terminal = cast(TokenEvent, {**terminal, "usage": total})
         result = build_result(terminal, assembly.text, self.prices, result_ms=result_ms)
         chunk = parse_chunk_id(request_id)
         if chunk is not None and self._send_chunk is not None:
@@ -217,7 +275,7 @@ class PostprocessStage:
             self._finished.popitem(last=False)
         self._observe(result, time.perf_counter() - started)
         log.info(
-            "result",
+            "result amended with unpublished usage" if amend else "result",
             extra={
                 "request_id": request_id,
                 "status": result["status"],

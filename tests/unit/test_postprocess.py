@@ -376,3 +376,69 @@ async def test_a_failing_re_read_still_writes_a_result(monkeypatch: pytest.Monke
     assert calls == 3
     [result] = results_of(results)
     assert result["summary"] == "bridge opened."  # what this instance saw
+
+
+# --- work a released run could not publish (USAGE events) --------------------------------------
+
+
+def usage_event(uid: str, input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return event(
+        0,
+        "USAGE",
+        text=uid,
+        attempt=0,
+        usage={
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "attempts": 0,
+            "cost_micro_usd": 0,
+        },
+    )
+
+
+async def test_usage_before_the_end_is_billed_with_the_result_once() -> None:
+    stage, results, _, _ = make_stage()
+    released = usage_event("u1", 161, 27)
+    await feed(stage, [*STREAM[:2], released, released, *STREAM[2:]])  # redelivered: once
+    [result] = results_of(results)
+    assert result["usage"]["input_tokens"] == 1000 + 161
+    assert result["usage"]["output_tokens"] == 3 + 27
+    assert result["usage"]["cost_micro_usd"] == PRICES.micro_usd(
+        "claude-haiku-4-5", input_tokens=1161, output_tokens=30
+    )
+
+
+async def test_usage_after_the_result_amends_it_from_the_log() -> None:
+    released = usage_event("u2", 0, 6)
+    log = Log([*STREAM, released])
+    stage, results, _, _ = make_stage(log=log)
+    await feed(stage, STREAM)
+    await feed(stage, [released])
+    first, amended = results_of(results)
+    assert first["usage"]["output_tokens"] == 3
+    assert amended["usage"]["output_tokens"] == 3 + 6
+    assert amended["summary"] == first["summary"]
+    assert amended["usage"]["cost_micro_usd"] > first["usage"]["cost_micro_usd"]
+
+
+async def test_usage_for_a_stream_finished_elsewhere_amends_it_once_per_usage() -> None:
+    first_usage, second_usage = usage_event("u3", 50, 0), usage_event("u4", 0, 4)
+    log = Log([*STREAM, first_usage, second_usage])
+    stage, results, _, _ = make_stage(log=log)
+    # This instance never saw the stream: both USAGE events read the end from the log.
+    await feed(stage, [first_usage, second_usage])
+    amended = results_of(results)[-1]
+    assert amended["usage"]["input_tokens"] == 1000 + 50
+    assert amended["usage"]["output_tokens"] == 3 + 4
+
+
+async def test_usage_for_a_stream_not_ended_yet_waits_for_its_end() -> None:
+    released = usage_event("u5", 161, 0)
+    log = Log([*STREAM[:2], released])  # the end is not written yet
+    stage, results, _, _ = make_stage(log=log)
+    await feed(stage, [released])
+    assert results.sent == []
+    log.events = [*STREAM, released]
+    await feed(stage, STREAM[2:])  # a resumed owner's seqs and end: the start is re-read
+    [result] = results_of(results)
+    assert result["usage"]["input_tokens"] == 1000 + 161

@@ -87,10 +87,10 @@ def test_decoded_record_has_the_typed_dict_keys(name: str) -> None:
     assert set(decoded) == set(get_type_hints(RECORD_TYPES[name]))
 
 
-def test_terminal_kinds_are_token_kinds_and_exclude_started_delta_and_progress() -> None:
+def test_terminal_kinds_are_token_kinds_and_exclude_started_delta_progress_and_usage() -> None:
     kinds = set(get_args(records.TokenKind))
     assert kinds > TERMINAL_KINDS
-    assert kinds - TERMINAL_KINDS == {"STARTED", "DELTA", "PROGRESS"}
+    assert kinds - TERMINAL_KINDS == {"STARTED", "DELTA", "PROGRESS", "USAGE"}
 
 
 def test_a_token_event_of_the_previous_schema_reads_as_a_one_seq_delta() -> None:

@@ -53,3 +53,50 @@ async def test_a_resumed_run_continues_from_the_streamed_state() -> None:
     assert (run.seq, run.text, run.attempts, run.streamed) == (4, "Hello", 2, 7)
     assert (run.input_tokens, run.output_tokens, run.trace) == (30, 7, {"inference_start": 5})
     assert (run.request_id, run.user_id, run.weight, run.meta.source) == ("r1", "u", 4, "replay")
+
+
+# -- what a released run used that `tokens` does not show (docs/architecture.md, "Billing a
+# resumed stream") ------------------------------------------------------------------------------
+
+
+def _attempt(run: Run, *, input_tokens: int, output_tokens: int) -> None:
+    """What an upstream attempt adds to the run (attempts.py does this as a stream ends)."""
+    run.attempts += 1
+    run.input_tokens += input_tokens
+    run.output_tokens += output_tokens
+
+
+async def test_a_run_that_published_nothing_leaves_its_whole_work_unbilled() -> None:
+    run = make_run()
+    _attempt(run, input_tokens=161, output_tokens=30)  # streamed into a frozen worker
+    used = run.unpublished_usage()
+    assert used is not None
+    assert (used["input_tokens"], used["output_tokens"]) == (161, 30)
+
+
+async def test_published_seqs_and_the_usage_a_delta_carried_are_not_counted_again() -> None:
+    run = make_run()
+    _attempt(run, input_tokens=161, output_tokens=0)
+    run.outbox.published(1, run.usage())  # its first DELTA carried the attempt's input
+    run.output_tokens += 9  # nine tokens received; one of them out
+    used = run.unpublished_usage()
+    assert used is not None
+    assert (used["input_tokens"], used["output_tokens"]) == (0, 8)
+
+
+async def test_a_resumed_run_counts_only_its_own_work() -> None:
+    resume = ResumeState(text="ab", last_seq=3, attempts=1, input_tokens=161, output_tokens=2)
+    run = make_run(resume)
+    _attempt(run, input_tokens=170, output_tokens=5)  # a second attempt, nothing published
+    used = run.unpublished_usage()
+    assert used is not None
+    assert (used["input_tokens"], used["output_tokens"]) == (170, 5)
+
+
+async def test_a_run_whose_work_is_all_out_has_nothing_unbilled() -> None:
+    run = make_run()
+    _attempt(run, input_tokens=161, output_tokens=0)
+    run.outbox.published(1, run.usage())
+    run.output_tokens += 4
+    run.outbox.published(3, None)
+    assert run.unpublished_usage() is None

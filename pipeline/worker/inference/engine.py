@@ -23,7 +23,7 @@ from typing import Self
 from pipeline.core import events
 from pipeline.core.longdoc import parse_chunk_id
 from pipeline.core.metrics import STAGE_SECONDS
-from pipeline.core.records import ErrorInfo, InferenceJob
+from pipeline.core.records import ErrorInfo, InferenceJob, TokenEvent
 from pipeline.core.settings import WorkerSettings
 from pipeline.worker.inference.attempts import Attempts, GiveUp
 from pipeline.worker.inference.breaker import BreakerState, CircuitBreaker
@@ -96,14 +96,18 @@ class InferenceEngine:
         if self._dispatcher is None:
             self._dispatcher = asyncio.create_task(self._dispatch(), name="inference-dispatch")
 
-    async def stop(self) -> None:
-        """Stop every job WITHOUT a terminal event: another worker resumes them from Kafka."""
+    async def stop(self) -> list[TokenEvent]:
+        """Stop every job WITHOUT a terminal event: another worker resumes them from Kafka.
+
+        Returns the USAGE events of the work they received but could not publish.
+        """
         self._stopping = True
         tasks: list[asyncio.Task[None]] = []
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             tasks.append(self._dispatcher)
-        for run in list(self._runs.values()):
+        runs = list(self._runs.values())
+        for run in runs:
             run.interrupt = Interrupt.SHUTDOWN
             if run.task is not None:
                 run.task.cancel()
@@ -114,10 +118,14 @@ class InferenceEngine:
         for run in list(self._runs.values()):
             self._release(run)
         self._runs.clear()
+        return _unpublished(runs)
 
-    async def release(self, request_ids: set[str]) -> None:
+    async def release(self, request_ids: set[str]) -> list[TokenEvent]:
         """Stop these runs WITHOUT a terminal event (their partitions moved to another worker,
-        which resumes them from Kafka); every other run goes on untouched."""
+        which resumes them from Kafka); every other run goes on untouched.
+
+        Returns the USAGE events of the work they received but could not publish.
+        """
         runs = [run for rid, run in list(self._runs.items()) if rid in request_ids]
         tasks: list[asyncio.Task[None]] = []
         for run in runs:
@@ -128,6 +136,7 @@ class InferenceEngine:
         await asyncio.gather(*tasks, return_exceptions=True)
         for run in runs:
             self._release(run)
+        return _unpublished(runs)
 
     def request_ids(self) -> set[str]:
         """The requests queued or running here."""
@@ -398,3 +407,17 @@ class InferenceEngine:
             retriable=False,
             partial=bool(run.text),
         )
+
+
+def _unpublished(runs: list[Run]) -> list[TokenEvent]:
+    """USAGE events for the upstream work of stopped runs that `tokens` does not show
+    (docs/architecture.md, "Billing a resumed stream")."""
+    out = []
+    for run in runs:
+        # A long document's chunk call bills through its ChunkSummary: not covered here.
+        if run.ended or parse_chunk_id(run.request_id) is not None:
+            continue
+        used = run.unpublished_usage()
+        if used is not None:
+            out.append(events.unpublished_usage(run.meta, used))
+    return out

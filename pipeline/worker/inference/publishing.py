@@ -138,6 +138,7 @@ class RunPublisher:
                         extra=run.log,
                     )
                     return
+                box.published(len(pieces), usage)
         finally:
             box.sending = None
 

@@ -11,6 +11,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from pipeline.core import events
 from pipeline.core.events import StreamMeta
 from pipeline.core.longdoc import parent_of
 from pipeline.core.records import InferenceJob, Trace, Usage
@@ -74,6 +75,15 @@ class Outbox:
     # The run's usage as of an attempt's first token, for the next DELTA record: the next owner
     # bills the attempt's input from it (docs/architecture.md, "Billing a resumed stream").
     usage: Usage | None = None
+    # What reached `tokens`: the seqs sent, and the last usage a DELTA carried out.
+    sent_seqs: int = 0
+    sent_usage: Usage | None = None
+
+    def published(self, seqs: int, usage: Usage | None) -> None:
+        """A DELTA record of ``seqs`` seqs (and ``usage``, if it carried one) is out."""
+        self.sent_seqs += seqs
+        if usage is not None:
+            self.sent_usage = usage
 
 
 @dataclass
@@ -120,6 +130,9 @@ class Run:
     # 0 for the sources served first (WorkerSettings.priority_sources), 1 for the others.
     priority: int = 1
     meta: StreamMeta = field(init=False)
+    # The usage the run started from (inherited from `tokens`, or a long document's map calls):
+    # what this run adds to it is its own upstream work.
+    inherited: Usage = field(init=False)
 
     def __post_init__(self) -> None:
         self.meta = StreamMeta.of(self.job)
@@ -140,6 +153,39 @@ class Run:
             self.input_tokens += base["input_tokens"]
             self.output_tokens += base["output_tokens"]
             self.attempts += base["attempts"]
+        self.inherited = self.usage()
+
+    def usage(self) -> Usage:
+        """Every token the run's upstream calls used so far, with what it inherited."""
+        return events.usage(
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            attempts=self.attempts,
+            cache_creation_input_tokens=self.cache_creation_input_tokens,
+            cache_read_input_tokens=self.cache_read_input_tokens,
+        )
+
+    def unpublished_usage(self) -> Usage | None:
+        """What this run's upstream calls used that a next owner resuming it from `tokens` does
+        not bill: the input of attempts no DELTA reported, and output never sent as a seq
+        (docs/architecture.md, "Billing a resumed stream"). None when that is nothing."""
+        used, base = self.usage(), self.inherited
+        # A next owner bills input from the last usage out, else from what this run inherited.
+        billed_input = self.outbox.sent_usage or base
+        unbilled = {
+            name: max(0, int(used[name]) - int(billed_input[name]))
+            for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        }
+        output = max(0, used["output_tokens"] - base["output_tokens"] - self.outbox.sent_seqs)
+        if not output and not any(unbilled.values()):
+            return None
+        return events.usage(
+            input_tokens=unbilled["input_tokens"],
+            output_tokens=output,
+            attempts=0,
+            cache_creation_input_tokens=unbilled["cache_creation_input_tokens"],
+            cache_read_input_tokens=unbilled["cache_read_input_tokens"],
+        )
 
     def advance(self, state: RunState) -> None:
         """Move to ``state``; a transition the lifecycle does not have is a bug."""

@@ -267,7 +267,7 @@ class InflightWork:
             if fut is not None:
                 fut.cancel()
         if self._engine is not None:
-            await self._engine.release(request_ids)
+            await self._send_unbilled(await self._engine.release(request_ids))
         # Released from a partition we own (after a freeze): the resume runs them again.
         self._moved -= {rid for rid in request_ids if self.entries.owns(rid.encode())}
         log.info("released requests whose partition moved", extra={"count": len(request_ids)})
@@ -291,7 +291,24 @@ class InflightWork:
             fut.cancel()
         if self._engine is not None:
             engine, self._engine = self._engine, None
-            await engine.stop()
+            await self._send_unbilled(await engine.stop())
+
+    async def _send_unbilled(self, usage_events: list[TokenEvent]) -> None:
+        """Write the USAGE events of released runs (docs/architecture.md, "Billing a resumed
+        stream"). Outside the seq stream, so past the emit gate: the partition may be another
+        worker's already, and they write no seq. Best effort: one that fails stays unbilled."""
+        for event in usage_events:
+            try:
+                sent = await self._tokens_topic.send(
+                    key=event["request_id"].encode(), value=codec().encode("TokenEvent", event)
+                )
+                await asyncio.wait_for(sent, self.settings.session_timeout_s)
+            except Exception as exc:
+                log.warning(
+                    "unpublished usage not written: %r",
+                    exc,
+                    extra={"request_id": event["request_id"]},
+                )
 
     async def _on_finished(self, request_id: str) -> None:
         self._durable.pop(request_id, None)
