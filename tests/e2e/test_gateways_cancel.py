@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.e2e.documents import document
-from tests.harness import Stack, StreamResult, auth, collect, eventually_async, running_stack
+from tests.harness import Stack, StreamResult, auth, collect, running_stack, summary_result
 
 GRACE_S = 1.5
 # 60 tokens 80 ms apart: ~5 s of text, more than three graces.
@@ -37,16 +37,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 async def _result(client: httpx.AsyncClient, url: str, request_id: str) -> dict[str, Any]:
-    async def finished() -> dict[str, Any] | None:
-        got = await client.get(f"{url}/v1/summaries/{request_id}", headers=auth(KEY))
-        assert got.status_code in (200, 202), got.text
-        body: dict[str, Any] = got.json()
-        return body if got.status_code == 200 else None
-
-    result: dict[str, Any] = await eventually_async(
-        finished, timeout=120, message=f"the result of {request_id}"
-    )
-    return result
+    return await summary_result(client, url, auth(KEY), request_id)
 
 
 async def _start_and_leave(client: httpx.AsyncClient, url: str, n: int) -> tuple[str, int]:

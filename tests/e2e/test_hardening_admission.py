@@ -37,6 +37,7 @@ from tests.harness import (
     running_stack,
     signed,
     sse_events,
+    summary_result,
     write_tiers,
 )
 
@@ -52,18 +53,7 @@ HEAVY_STREAMS = 30
 async def result_of(
     client: httpx.AsyncClient, url: str, key: str, request_id: str
 ) -> dict[str, Any]:
-    """GET /v1/summaries/{id} until its result is there (202 while running)."""
-
-    async def finished() -> dict[str, Any] | None:
-        got = await client.get(f"{url}/v1/summaries/{request_id}", headers=auth(key))
-        assert got.status_code in (200, 202), got.text
-        body: dict[str, Any] = got.json()
-        return body if got.status_code == 200 else None
-
-    result: dict[str, Any] = await eventually_async(
-        finished, timeout=120, message=f"the result of {request_id}"
-    )
-    return result
+    return await summary_result(client, url, auth(key), request_id)
 
 
 def model_labels(stack: Stack) -> set[str]:

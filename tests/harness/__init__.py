@@ -15,7 +15,7 @@ from tests.harness.procs import (
     wait_for_balanced_group,
     wait_http,
 )
-from tests.harness.sse import SseEvent, StreamResult, collect, sse_events
+from tests.harness.sse import SseEvent, StreamResult, collect, sse_events, summary_result
 from tests.harness.tiers import TierRow, write_tiers
 from tests.harness.topics import Record, end_offsets, produce_raw, read_topic, signed
 from tests.harness.waiting import eventually, eventually_async
@@ -42,6 +42,7 @@ __all__ = [
     "running_stack",
     "signed",
     "sse_events",
+    "summary_result",
     "wait_for_balanced_group",
     "wait_http",
     "write_tiers",

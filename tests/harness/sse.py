@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from bench.sse import SSEParser
+from tests.harness.waiting import eventually_async
 
 
 @dataclass
@@ -95,4 +96,21 @@ async def collect(
                 break
             if stop_after_tokens is not None and len(result.of("token")) >= stop_after_tokens:
                 break
+    return result
+
+
+async def summary_result(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], request_id: str
+) -> dict[str, Any]:
+    """GET /v1/summaries/{id} until its result is there (202 while running)."""
+
+    async def finished() -> dict[str, Any] | None:
+        got = await client.get(f"{url}/v1/summaries/{request_id}", headers=headers)
+        assert got.status_code in (200, 202), got.text
+        body: dict[str, Any] = got.json()
+        return body if got.status_code == 200 else None
+
+    result: dict[str, Any] = await eventually_async(
+        finished, timeout=120, message=f"the result of {request_id}"
+    )
     return result
