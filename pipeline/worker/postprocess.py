@@ -273,7 +273,8 @@ class PostprocessStage:
         self._finished[request_id] = None
         while len(self._finished) > self.settings.postprocess_max_open:
             self._finished.popitem(last=False)
-        self._observe(result, time.perf_counter() - started)
+        if not amend:  # the counters saw this request once already (they are at least once)
+            self._observe(result, time.perf_counter() - started)
         log.info(
             "result amended with unpublished usage" if amend else "result",
             extra={

@@ -100,3 +100,17 @@ async def test_a_run_whose_work_is_all_out_has_nothing_unbilled() -> None:
     run.output_tokens += 4
     run.outbox.published(3, None)
     assert run.unpublished_usage() is None
+
+
+async def test_a_run_that_began_publishing_its_end_writes_no_usage_event() -> None:
+    from pipeline.worker.inference.engine import _unpublished
+
+    run, ending = make_run(), make_run()
+    for r in (run, ending):
+        _attempt(r, input_tokens=161, output_tokens=30)
+    ending.advance(RunState.RUNNING)
+    ending.advance(RunState.FINISHING)  # its terminal, which bills the whole run, may be out
+    [usage_event] = _unpublished([run, ending])
+    assert usage_event["kind"] == "USAGE" and usage_event["seq"] == 0
+    assert usage_event["usage"] is not None
+    assert usage_event["usage"]["output_tokens"] == 30

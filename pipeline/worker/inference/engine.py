@@ -414,8 +414,9 @@ def _unpublished(runs: list[Run]) -> list[TokenEvent]:
     (docs/architecture.md, "Billing a resumed stream")."""
     out = []
     for run in runs:
-        # A long document's chunk call bills through its ChunkSummary: not covered here.
-        if run.ended or parse_chunk_id(run.request_id) is not None:
+        # A terminal event may be out (it bills the whole run); a long document's chunk call
+        # bills through its ChunkSummary: neither is covered here.
+        if run.finishing or parse_chunk_id(run.request_id) is not None:
             continue
         used = run.unpublished_usage()
         if used is not None:
