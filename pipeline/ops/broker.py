@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from pipeline.core.errors import BrokerToolingError
 from pipeline.core.settings import BrokerSettings, KafkaSettings, kafka_settings
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.ops.broker_install import (
+    HOST,
     LOG4J2,
     BrokerPaths,
     ClusterNode,
@@ -196,6 +198,7 @@ def start(settings: BrokerSettings, wait_s: float = 60.0) -> bool:
         ):
             return False  # someone else's broker on our port
         if missing:
+            _ensure_ports_free(missing)
             java = find_java(settings)
             ensure_jars(settings)
             for node in missing:
@@ -210,6 +213,30 @@ def start(settings: BrokerSettings, wait_s: float = 60.0) -> bool:
                 stop(settings)
             raise
         return bool(missing)
+
+
+def _ensure_ports_free(nodes: list[ClusterNode]) -> None:
+    """Refuse to launch onto a port another process holds: a node of another cluster there
+    would answer our readiness probe and reject our votes (INCONSISTENT_CLUSTER_ID)."""
+    taken = [
+        port for node in nodes for port in (node.port, node.controller_port) if not _port_free(port)
+    ]
+    if taken:
+        raise BrokerToolingError(
+            f"port(s) {', '.join(map(str, taken))} on {HOST} are in use by another process "
+            "(another broker or cluster?): stop it, or choose other ports with "
+            "SUMSTREAM_BROKER_PORT and SUMSTREAM_CONTROLLER_PORT"
+        )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the JVM binds
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def _launch(java: Path, settings: BrokerSettings, node: ClusterNode) -> int:

@@ -97,6 +97,19 @@ def test_a_stale_pid_file_is_ignored(tmp_path: Path) -> None:
     assert broker.stop(settings) is False
 
 
+def test_a_cluster_is_not_launched_onto_a_port_another_process_holds(tmp_path: Path) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]  # another cluster's node 1, say
+        settings = BrokerSettings(
+            data_dir=tmp_path, broker_port=port, controller_port=port + 1, broker_nodes=3
+        )
+        with pytest.raises(BrokerToolingError, match=rf"port\(s\) .*\b{port}\b.* in use"):
+            broker.start(settings, wait_s=5.0)
+    assert not any(broker.BrokerPaths.of(settings, n).pid_file.exists() for n in (1, 2, 3))
+
+
 def props_of(settings: BrokerSettings, node_id: int = 1) -> dict[str, str]:
     node = broker.cluster_nodes(settings)[node_id - 1]
     text = broker.server_properties(settings, broker.BrokerPaths.of(settings, node_id), node)
