@@ -25,7 +25,8 @@ STREAM_ENDS = Counter(
 CANCELS = Counter("sumstream_gateway_cancels_total", "Cancel events produced", ["reason"])
 ADMISSION = Counter(
     "sumstream_gateway_admission_total",
-    "Admission verdicts: admitted, degraded, shed, rate_limit, token_limit, budget, inflight_bound",
+    "Admission verdicts: admitted, degraded, shed, rate_limit, token_limit, budget, "
+    "inflight_bound, user_inflight_bound, duplicate (an Idempotency-Key another request holds)",
     ["verdict"],
 )
 ESTIMATED_WAIT = Gauge(

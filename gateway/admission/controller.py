@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.admission.backpressure import QueueWaitEstimator, UserView
-from gateway.admission.quota import QuotaUnavailable, quota_refusal
+from gateway.admission.quota import KeyHeld, QuotaUnavailable, quota_refusal
 from gateway.http.errors import Overloaded, RateLimited
 from gateway.metrics import ADMISSION, ESTIMATED_WAIT
 from pipeline.core.prompt import DEFAULT_INSTRUCTIONS, SYSTEM_PROMPT, user_message
@@ -47,7 +47,16 @@ def prompt_overhead_tokens(instructions: str | None, max_output_tokens: int) -> 
 class Ledger(Protocol):
     """What admission needs of the quota ledger (pipeline/quota/ledger.py ``QuotaLedger``)."""
 
-    async def reserve(self, user_id: str, tier: str, request_id: str, tokens: int) -> Verdict: ...
+    async def reserve(
+        self,
+        user_id: str,
+        tier: str,
+        request_id: str,
+        tokens: int,
+        *,
+        idempotency_key: str | None = None,
+        body_sha256: str | None = None,
+    ) -> Verdict: ...
 
     async def release(self, user_id: str, tier: str, request_id: str) -> None: ...
 
@@ -144,10 +153,13 @@ class Admission:
         input_tokens: int,
         max_output_tokens: int,
         model: str | None,
+        idempotency_key: str | None = None,
+        body_sha256: str | None = None,
     ) -> Admitted:
         """Let ``request_id`` in or raise Overloaded (503) / RateLimited, BudgetExceeded (429).
 
-        QuotaUnavailable (503) when the ledger cannot answer in time.
+        QuotaUnavailable (503) when the ledger cannot answer in time; KeyHeld when the ledger
+        names another request that holds ``idempotency_key``.
         """
         tier = self.tiers[tier_name]
         now = self._clock()
@@ -173,10 +185,21 @@ class Admission:
             )
         self._track(request_id, user_id, tier.weight, now)
         try:
-            verdict = await self.ledger.reserve(user_id, tier_name, request_id, tokens)
+            verdict = await self.ledger.reserve(
+                user_id,
+                tier_name,
+                request_id,
+                tokens,
+                idempotency_key=idempotency_key,
+                body_sha256=body_sha256,
+            )
         except BaseException:
             self._untrack(request_id)
             raise
+        if verdict.reason == "duplicate" and verdict.duplicate_of is not None:
+            self._untrack(request_id)
+            ADMISSION.labels("duplicate").inc()
+            raise KeyHeld(verdict.duplicate_of, verdict.duplicate_body)
         refusal = quota_refusal(verdict)
         if refusal is not None:
             self._untrack(request_id)

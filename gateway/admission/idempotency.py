@@ -4,8 +4,9 @@ The choice: the map lives in memory and is rebuilt from the ``requests`` topic i
 (field ``idempotency_key``), reading the last ``idempotency_window_s`` (24 h) at start-up
 and then following the topic. So a restarted instance still dedupes, and instances see each
 other's keys within a fetch round trip. Two POSTs with the same key racing at two instances
-within that round trip can both be accepted; a shared store (or keying the request id on the
-idempotency key) would close that gap, and is not worth its cost here.
+within that round trip are told apart by the quota ledger: the RESERVE carries the key, and the
+second in log order is refused as a duplicate naming the first (docs/architecture.md,
+"Idempotency across gateways"); ``Intake`` then records the holder here.
 
 Each key also keeps the SHA-256 of the body it was first sent with (``body_sha256``, carried in
 the record), so the key reused for another body answers 422 instead of the first request.

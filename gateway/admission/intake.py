@@ -19,6 +19,7 @@ from aiokafka.errors import KafkaError
 from gateway.admission.backpressure import QueueWaitEstimator
 from gateway.admission.controller import Admission, Admitted, prompt_overhead_tokens
 from gateway.admission.idempotency import RequestIndex, body_sha256
+from gateway.admission.quota import KeyHeld
 from gateway.http.auth import Principal
 from gateway.http.errors import (
     BrokerUnavailable,
@@ -181,14 +182,22 @@ class Intake:
         if not self._running() or producer is None:
             raise NotReady("the gateway is starting or stopping")
         request_id = mint_request_id(self._owned, self._partitions)
-        admitted = await self.admission.admit(
-            principal.user_id,
-            principal.tier,
-            request_id,
-            input_tokens=input_tokens,
-            max_output_tokens=output_tokens,
-            model=body.model,
-        )
+        try:
+            admitted = await self.admission.admit(
+                principal.user_id,
+                principal.tier,
+                request_id,
+                input_tokens=input_tokens,
+                max_output_tokens=output_tokens,
+                model=body.model,
+                idempotency_key=idempotency_key,
+                body_sha256=fingerprint,
+            )
+        except KeyHeld as held:
+            # Another POST with this key (maybe at another gateway) reserved first, in log order.
+            return self._held_elsewhere(
+                principal, idempotency_key or "", held, fingerprint, output_tokens
+            )
         if idempotency_key:
             try:
                 holder = self.index.reserve(
@@ -371,6 +380,18 @@ class Intake:
         if key:
             self.index.release(record["user_id"], key, request_id)
         self._spawn(self.admission.release(admitted), f"release-{request_id}")
+
+    def _held_elsewhere(
+        self, principal: Principal, key: str, held: KeyHeld, fingerprint: str | None, output: int
+    ) -> Accepted:
+        """Answer a POST whose key the ledger gave to ``held.request_id``: a replay of that
+        request (its record may not have reached `requests` yet), or 422 for another body."""
+        # The ledger's partition is the user's own, written by gateways only: the holder is
+        # this user's, so its stream may be served before the index reads its record.
+        self.index.remember(held.request_id, principal.user_id, principal.tier, now_ms())
+        holder = self.index.reserve(principal.user_id, key, held.request_id, held.body_sha256)
+        self.index.lookup(principal.user_id, key, fingerprint)  # 422 for another body
+        return self._found_again(holder, output)
 
     def _found_again(self, request_id: str, max_output_tokens: int) -> Accepted:
         # Found again by its Idempotency-Key: the queue as it is now, from lag.

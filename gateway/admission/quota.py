@@ -27,6 +27,17 @@ class QuotaLedger(ledger.QuotaLedger):
     unavailable = QuotaUnavailable
 
 
+class KeyHeld(Exception):
+    """A RESERVE refused as ``duplicate``: another request holds the user's Idempotency-Key in
+    the ledger, and this POST is a replay of it (docs/architecture.md, "Idempotency across
+    gateways")."""
+
+    def __init__(self, request_id: str, body_sha256: str | None) -> None:
+        super().__init__(f"the Idempotency-Key is held by {request_id}")
+        self.request_id = request_id
+        self.body_sha256 = body_sha256
+
+
 def quota_refusal(verdict: Verdict) -> GatewayError | None:
     """The 429 to answer a refused RESERVE with: its own problem type for the budget."""
     if verdict.granted:

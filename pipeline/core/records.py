@@ -198,6 +198,8 @@ class QuotaEvent(TypedDict):
     at: int
     gateway: str
     trace: Trace
+    idempotency_key: NotRequired[str | None]
+    body_sha256: NotRequired[str | None]
 
 
 class ChunkSummary(TypedDict):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -166,14 +167,31 @@ class QuotaLedger:
         self._producer = None
         self._stopping = False
 
-    async def reserve(self, user_id: str, tier: str, request_id: str, tokens: int) -> Verdict:
-        """Reserve one request and ``tokens`` tokens; the log decides (see QuotaState)."""
+    async def reserve(
+        self,
+        user_id: str,
+        tier: str,
+        request_id: str,
+        tokens: int,
+        *,
+        idempotency_key: str | None = None,
+        body_sha256: str | None = None,
+    ) -> Verdict:
+        """Reserve one request and ``tokens`` tokens; the log decides (see QuotaState).
+
+        With ``idempotency_key``, a RESERVE after another live one of the user's key is refused
+        as ``duplicate``, naming the request that holds it.
+        """
         if tier not in self.tiers:
             raise ValidationError(f"unknown tier {tier!r}")
         if tokens < 0:
             raise ValidationError("tokens must not be negative")
         self._check_running()
-        event = self._event("RESERVE", user_id, tier, request_id, tokens=tokens)
+        event = dataclasses.replace(
+            self._event("RESERVE", user_id, tier, request_id, tokens=tokens),
+            idempotency_key=idempotency_key,
+            body_sha256=body_sha256,
+        )
         try:
             verdict = await self._append(event)
         except QuotaUnavailableError:

@@ -22,6 +22,12 @@ Rules of the log (``QuotaState``):
   `requests` by another system) counts its tokens at its own time and its cost.
 * RELEASE drops a reservation that never ran. A RESERVE never settled nor released counts at
   its reserved figure until the window passes: the safe side.
+* A RESERVE carrying the client's Idempotency-Key holds the (user, key) once granted, until the
+  horizon passes or its request is released. A later RESERVE of another request under a held key
+  is refused as ``duplicate`` and names the holder (and the body it was sent with), whatever the
+  limits: the gateways answer it as a replay of the holder, so two POSTs with one key at two
+  gateways never both run (docs/architecture.md, "Idempotency across gateways"). Beyond the
+  horizon, each gateway's request index (which follows `requests` for 24 h) answers instead.
 
 The Kafka side (writing records, reading the log, waiting for a verdict) is ``QuotaLedger`` in
 pipeline/quota/ledger.py.
@@ -39,7 +45,7 @@ from typing import Any, Literal
 from pipeline.core.tiers import Tier
 
 Kind = Literal["RESERVE", "SETTLE", "RELEASE", "UNKNOWN", "ATTACHED"]
-Reason = Literal["rate_limit", "token_limit", "budget"]
+Reason = Literal["rate_limit", "token_limit", "budget", "duplicate"]
 _RESERVED, _SETTLED, _RELEASED, _UNRESERVED = "reserved", "settled", "released", "unreserved"
 
 
@@ -60,6 +66,8 @@ class QuotaEvent:
     cost_micro_usd: int = 0
     gateway: str = ""
     trace: Mapping[str, int] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    body_sha256: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,13 +84,19 @@ class QuotaEvent:
 
 @dataclass(frozen=True)
 class Verdict:
-    """A RESERVE's outcome. ``retry_after_s`` says when the same RESERVE would fit."""
+    """A RESERVE's outcome. ``retry_after_s`` says when the same RESERVE would fit.
+
+    ``duplicate_of`` (reason ``duplicate``): the request that holds the RESERVE's
+    Idempotency-Key, and ``duplicate_body`` the body hash it was sent with.
+    """
 
     granted: bool
     reason: Reason | None = None
     retry_after_s: float | None = None
     remaining_requests: int = 0
     remaining_tokens: int = 0
+    duplicate_of: str | None = None
+    duplicate_body: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,8 @@ class _Entry:
     input_tokens: int = 0
     output_tokens: int = 0
     cost: int = 0
+    key: str | None = None  # the Idempotency-Key it holds
+    body: str | None = None
 
 
 @dataclass
@@ -143,6 +159,8 @@ class _UserBook:
     tier: str = ""
     entries: deque[_Entry] = field(default_factory=deque)  # ordered by ``at``
     by_request: dict[str, _Entry] = field(default_factory=dict)
+    # Idempotency-Key -> the live entry that holds it (pruned with the entries).
+    keys: dict[str, _Entry] = field(default_factory=dict)
     # Month totals.
     requests: int = 0
     tokens: int = 0
@@ -185,6 +203,8 @@ class QuotaState:
             if entry is not None and entry.state == _RESERVED:
                 entry.state = _RELEASED
                 book.requests -= entry.requests
+                if entry.key is not None and book.keys.get(entry.key) is entry:
+                    del book.keys[entry.key]  # never produced: the key is free again
         return None
 
     def _prune(self, book: _UserBook, t: int) -> None:
@@ -192,6 +212,8 @@ class QuotaState:
             old = book.entries.popleft()
             if book.by_request.get(old.request_id) is old:
                 del book.by_request[old.request_id]
+            if old.key is not None and book.keys.get(old.key) is old:
+                del book.keys[old.key]
 
     def _live(self, book: _UserBook, request_id: str, t: int) -> _Entry | None:
         entry = book.by_request.get(request_id)
@@ -219,6 +241,12 @@ class QuotaState:
         if existing is not None and existing.state in (_RESERVED, _SETTLED):
             # The same request reserved again (a writer's retry): one reservation, granted.
             return Verdict(True, None, None, rpm - used_requests, tpm - used_tokens)
+        holder = book.keys.get(event.idempotency_key) if event.idempotency_key else None
+        if holder is not None:
+            # Another request holds the key: this one is a replay of it and counts for nothing.
+            return Verdict(
+                False, "duplicate", duplicate_of=holder.request_id, duplicate_body=holder.body
+            )
         if tier is None:
             # A tier this instance does not know: refused the same way by every instance.
             return Verdict(False, "rate_limit", self.window_ms / 1000)
@@ -231,6 +259,9 @@ class QuotaState:
             book.entries.append(entry)
             book.by_request[event.request_id] = entry
             book.requests += event.requests
+            if event.idempotency_key:
+                entry.key, entry.body = event.idempotency_key, event.body_sha256
+                book.keys[event.idempotency_key] = entry
             return Verdict(True, None, None, -over_requests, -over_tokens)
         wait_ms = max(
             self._frees_at(window, over_requests, t, _counted_requests),

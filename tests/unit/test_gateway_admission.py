@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 
 import pytest
@@ -17,7 +18,7 @@ from gateway.admission.controller import (
     Degradation,
     prompt_overhead_tokens,
 )
-from gateway.admission.quota import QuotaUnavailable
+from gateway.admission.quota import KeyHeld, QuotaUnavailable
 from gateway.http.errors import BudgetExceeded, Overloaded, RateLimited
 from pipeline.core.tiers import Tier
 from pipeline.quota.state import QuotaEvent, QuotaState, Verdict
@@ -58,9 +59,20 @@ class StateLedger:
             **kw,  # type: ignore[arg-type]
         )
 
-    async def reserve(self, user_id: str, tier: str, request_id: str, tokens: int) -> Verdict:
+    async def reserve(
+        self,
+        user_id: str,
+        tier: str,
+        request_id: str,
+        tokens: int,
+        *,
+        idempotency_key: str | None = None,
+        body_sha256: str | None = None,
+    ) -> Verdict:
         self.reserved.append((request_id, tokens))
-        verdict = self.state.apply(self._event("RESERVE", user_id, tier, request_id, tokens=tokens))
+        event = self._event("RESERVE", user_id, tier, request_id, tokens=tokens)
+        event = dataclasses.replace(event, idempotency_key=idempotency_key, body_sha256=body_sha256)
+        verdict = self.state.apply(event)
         assert verdict is not None
         return verdict
 
@@ -130,6 +142,28 @@ async def test_admitted_requests_reserve_input_plus_output_and_carry_the_queue_f
     assert admitted.queue_position == 5  # four ahead
     assert admitted.estimated_wait_s == pytest.approx(4.0)
     assert admitted.degraded is None and admitted.max_output_tokens == 50
+
+
+async def test_a_key_the_ledger_holds_for_another_request_is_answered_as_key_held() -> None:
+    adm, _, _ = admission()
+
+    async def keyed(request_id: str, body: str) -> Admitted:
+        return await adm.admit(
+            "u",
+            "free",
+            request_id,
+            input_tokens=50,
+            max_output_tokens=50,
+            model=None,
+            idempotency_key="k1",
+            body_sha256=body,
+        )
+
+    await keyed("first", "h1")
+    with pytest.raises(KeyHeld) as caught:
+        await keyed("second", "h2")
+    assert (caught.value.request_id, caught.value.body_sha256) == ("first", "h1")
+    assert adm.inflight == 1  # the duplicate holds no slot
 
 
 async def test_requests_per_minute_are_refused_by_the_ledger_with_retry_after() -> None:

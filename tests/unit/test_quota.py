@@ -344,3 +344,62 @@ def test_verdicts_match_the_plain_reference(ops: list[tuple[str, int, int, int]]
     events = _events(ops)
     verdicts = evaluate(events, TIERS)
     assert {k: v.granted for k, v in verdicts.items()} == _reference(events, 3, 1_000)
+
+
+def reserve_keyed(
+    state: QuotaState, at: int, request_id: str, key: str, body: str = "b1", user: str = "u"
+) -> Verdict:
+    event = ev("RESERVE", at, request_id, user, tokens=100)
+    verdict = state.apply(
+        QuotaEvent(**{**event.to_record(), "idempotency_key": key, "body_sha256": body})
+    )
+    assert verdict is not None
+    return verdict
+
+
+def test_a_second_reserve_of_a_held_key_is_a_duplicate_naming_the_first_and_counts_nothing() -> (
+    None
+):
+    state = QuotaState(TIERS)
+    assert reserve_keyed(state, T0, "a", "k1").granted
+    second = reserve_keyed(state, T0 + 1, "b", "k1", body="b2")
+    assert second == Verdict(False, "duplicate", duplicate_of="a", duplicate_body="b1")
+    # The duplicate took nothing: two more requests fit the tier's 3 per minute.
+    assert reserve(state, T0 + 2, "c").granted
+    assert reserve(state, T0 + 3, "d").granted
+    # The holder retrying its own RESERVE is still granted (a writer's retry).
+    assert reserve_keyed(state, T0 + 4, "a", "k1").granted
+
+
+def test_a_duplicate_is_answered_even_when_the_limits_would_refuse() -> None:
+    state = QuotaState({"t": tier(rpm=1)})
+    assert reserve_keyed(state, T0, "a", "k1").granted
+    assert reserve_keyed(state, T0 + 1, "b", "k1").reason == "duplicate"
+    assert reserve_keyed(state, T0 + 2, "c", "k2").reason == "rate_limit"
+
+
+def test_keys_are_per_user_and_a_released_or_refused_reserve_holds_none() -> None:
+    state = QuotaState({"t": tier(rpm=2)})
+    assert reserve_keyed(state, T0, "a", "k1").granted
+    assert reserve_keyed(state, T0 + 1, "b", "k1", user="v").granted  # another user's key
+    state.apply(ev("RELEASE", T0 + 2, "a", requests=0))
+    assert reserve_keyed(state, T0 + 3, "c", "k1").granted  # "a" never ran: free again
+    assert reserve_keyed(state, T0 + 4, "d", "k2").granted
+    assert reserve_keyed(state, T0 + 5, "e", "k3").reason == "rate_limit"
+    assert reserve_keyed(state, T0 + W + 5, "f", "k3").granted  # the refused "e" held nothing
+
+
+def test_a_key_is_held_until_the_horizon_passes() -> None:
+    state = QuotaState(TIERS, horizon_ms=10 * W)
+    assert reserve_keyed(state, T0, "a", "k1").granted
+    state.apply(ev("SETTLE", T0 + 1_000, "a", tokens=50, cost_micro_usd=1))
+    assert reserve_keyed(state, T0 + 10 * W - 1, "b", "k1").duplicate_of == "a"
+    assert reserve_keyed(state, T0 + 10 * W, "c", "k1").granted
+
+
+def test_the_key_and_body_travel_in_the_quota_record() -> None:
+    event = QuotaEvent(
+        **{**ev("RESERVE", T0, "a").to_record(), "idempotency_key": "k", "body_sha256": "h"}
+    )
+    decoded = codec().decode_as(codec().encode("QuotaEvent", event.to_record()), "QuotaEvent")
+    assert QuotaEvent.from_record(decoded) == event
