@@ -7,7 +7,8 @@ removes it.
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaClient, AIOKafkaConsumer
+from aiokafka.protocol.metadata import MetadataRequest
 
 
 def set_fetch_max_wait(consumer: AIOKafkaConsumer, ms: int) -> None:
@@ -18,3 +19,26 @@ def set_fetch_max_wait(consumer: AIOKafkaConsumer, ms: int) -> None:
     and hands it to its fetcher in ``start()``, so setting it before the start takes effect.
     """
     consumer._fetch_max_wait_ms = ms
+
+
+async def topic_served_by_every_broker(client: AIOKafkaClient, topic: str, partitions: int) -> bool:
+    """True when each broker's own metadata has ``topic`` with ``partitions`` partitions, each
+    with a leader.
+
+    A CreateTopics answer means the controller has the topic; each broker learns it from the
+    metadata log a moment later. A consumer that asks a broker which has not yet learnt it
+    takes the topic as missing until its next refresh (``metadata_max_age_ms``, 5 minutes),
+    and Faust's assignor leaves such a topic out of every assignment until then. aiokafka's
+    client asks one broker at a time, so this sends the Metadata request to each broker itself
+    (``client.send`` with aiokafka's protocol classes, which are not a public API).
+    """
+    request = MetadataRequest([topic], allow_auto_topic_creation=False)
+    for broker in client.cluster.brokers():
+        response = await client.send(broker.nodeId, request)
+        found = [entry for entry in response.topics if entry[1] == topic]
+        if not found or found[0][0] != 0:  # the topic's error code
+            return False
+        served = [p for p in found[0][-1] if p[0] == 0 and p[2] >= 0]  # no error, a leader
+        if len(served) != partitions:
+            return False
+    return True

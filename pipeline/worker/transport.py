@@ -5,17 +5,24 @@ configurable fetch wait, and acks and gaps that cannot commit past a record nobo
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping, Set
 from typing import Any
 
+from aiokafka import AIOKafkaClient
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
+from mode import Service
 from mode.utils.queues import FlowControlEvent
 
-from pipeline.kafka.compat import set_fetch_max_wait
+from pipeline.core.errors import BrokerUnavailableError
+from pipeline.kafka.compat import set_fetch_max_wait, topic_served_by_every_broker
 
 log = logging.getLogger("sumstream.worker.transport")
+# How often a new topic's metadata is asked for again while a broker has not learnt it.
+TOPIC_POLL_S = 0.05
 
 
 class Producer(faust_aiokafka.Producer):
@@ -141,3 +148,29 @@ class FlowControl(FlowControlEvent):
 class Transport(faust_aiokafka.Transport):
     Consumer = Consumer
     Producer = Producer
+
+    async def _create_topic(
+        self,
+        owner: Service,
+        client: AIOKafkaClient,
+        topic: str,
+        partitions: int,
+        replication: int,
+        **kwargs: Any,
+    ) -> None:
+        """Create ``topic`` (Faust's way) and return once every broker serves it.
+
+        Faust returns when the controller has the topic. On a cluster of several brokers the
+        consumer's metadata may then come from a broker that has not learnt it yet: the group
+        leader's assignor leaves the missing changelog out, and nothing assigns its partitions
+        for five minutes (a chaos run's workers both came up holding no `inflight` partition).
+        """
+        await super()._create_topic(owner, client, topic, partitions, replication, **kwargs)
+        timeout_s = kwargs.get("timeout", 30000) / 1000
+        deadline = time.monotonic() + timeout_s
+        while not await topic_served_by_every_broker(client, topic, partitions):
+            if time.monotonic() > deadline:
+                raise BrokerUnavailableError(
+                    f"topic {topic} is not served by every broker after {timeout_s:g} s"
+                )
+            await asyncio.sleep(TOPIC_POLL_S)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import inspect
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaClient, AIOKafkaConsumer
+from aiokafka.protocol.metadata import MetadataRequest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from pipeline.kafka.compat import set_fetch_max_wait
@@ -43,3 +44,12 @@ def test_faust_still_hard_codes_the_wait_compat_overrides() -> None:
     # If Faust gains a setting for it, use that and drop set_fetch_max_wait.
     source = inspect.getsource(faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer)
     assert "fetch_max_wait_ms=1500" in source
+
+
+def test_aiokafka_and_faust_keep_what_the_topic_wait_uses() -> None:
+    # topic_served_by_every_broker sends aiokafka's own Metadata request to each broker, and
+    # the transport wraps Faust's _create_topic with the arguments it has today.
+    assert "allow_auto_topic_creation" in inspect.signature(MetadataRequest).parameters
+    assert callable(getattr(AIOKafkaClient, "send", None))
+    params = list(inspect.signature(faust_aiokafka.Transport._create_topic).parameters)
+    assert params[:6] == ["self", "owner", "client", "topic", "partitions", "replication"]
