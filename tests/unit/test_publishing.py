@@ -13,6 +13,7 @@ from pipeline.core.records import TokenEvent
 from pipeline.core.sealing import Keyring
 from pipeline.worker.inference.publishing import (
     CHUNK_HOLD_S,
+    EmitRefused,
     PublishError,
     RunPublisher,
     coalesce_hold_s,
@@ -106,6 +107,34 @@ async def test_a_failed_send_raises_publish_error_and_sends_nothing_after_it() -
         await publisher.delta(run, "c")
     assert [e["text"] for e in broker.sent] == ["a"]
     assert run.state is RunState.FINISHING
+
+
+async def test_a_run_whose_deltas_failed_before_its_end_has_no_terminal_out() -> None:
+    broker = GatedBroker()
+    publisher, run = RunPublisher(broker.emit), new_run()
+    await publisher.delta(run, "a")
+    await broker.next_send()
+    broker.fail_next = True
+    broker.gate.release()
+    with pytest.raises(PublishError):
+        await publisher.finish(run, "DONE")
+    # FINISHING, yet no terminal was sent: its release must bill what it used.
+    assert run.state is RunState.FINISHING and not run.terminal_out
+
+
+async def test_a_terminal_the_emit_refused_is_not_out_and_one_that_failed_may_be() -> None:
+    async def refuse(event: TokenEvent) -> None:
+        raise EmitRefused(event["request_id"])
+
+    async def lose(event: TokenEvent) -> None:
+        raise RuntimeError("acknowledgement timed out")  # the record may be on the broker
+
+    refused, lost = new_run(), new_run()
+    for emit, run in ((refuse, refused), (lose, lost)):
+        with pytest.raises(PublishError):
+            await RunPublisher(emit).finish(run, "DONE")
+    assert not refused.terminal_out
+    assert lost.terminal_out
 
 
 async def test_close_lets_the_send_under_way_finish_and_drops_what_waits_behind_it() -> None:

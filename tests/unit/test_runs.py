@@ -102,14 +102,17 @@ async def test_a_run_whose_work_is_all_out_has_nothing_unbilled() -> None:
     assert run.unpublished_usage() is None
 
 
-async def test_a_run_that_began_publishing_its_end_writes_no_usage_event() -> None:
+async def test_only_a_run_whose_terminal_may_be_out_writes_no_usage_event() -> None:
     from pipeline.worker.inference.engine import _unpublished
 
     run, ending = make_run(), make_run()
     for r in (run, ending):
         _attempt(r, input_tokens=161, output_tokens=30)
-    ending.advance(RunState.RUNNING)
-    ending.advance(RunState.FINISHING)  # its terminal, which bills the whole run, may be out
+        r.advance(RunState.RUNNING)
+        r.advance(RunState.FINISHING)  # both reached their end
+    ending.terminal_out = True  # its terminal, which bills the whole run, may be out
+    # `run` failed to flush its deltas before its terminal was sent (chaos seed 11: two runs
+    # released by a rebalance this way went unbilled).
     [usage_event] = _unpublished([run, ending])
     assert usage_event["kind"] == "USAGE" and usage_event["seq"] == 0
     assert usage_event["usage"] is not None

@@ -416,7 +416,7 @@ def _unpublished(runs: list[Run]) -> list[TokenEvent]:
     for run in runs:
         # A terminal event may be out (it bills the whole run); a long document's chunk call
         # bills through its ChunkSummary: neither is covered here.
-        if run.finishing or parse_chunk_id(run.request_id) is not None:
+        if run.terminal_out or parse_chunk_id(run.request_id) is not None:
             continue
         used = run.unpublished_usage()
         if used is not None:

@@ -53,6 +53,11 @@ def run_hold_s(request_id: str, load_hold_s: float) -> float:
     return max(load_hold_s, CHUNK_HOLD_S)
 
 
+class EmitRefused(Exception):
+    """The emit refused an event before sending it (its request's partition moved to another
+    worker): nothing of it is out."""
+
+
 class PublishError(Exception):
     """``emit`` failed: the request cannot be ended here (the next owner resumes it)."""
 
@@ -191,18 +196,30 @@ class RunPublisher:
 
     async def _publish(self, run: Run, event: TokenEvent) -> None:
         terminal = run.state is RunState.FINISHING
+        if terminal:
+            run.terminal_out = True
         send = asyncio.ensure_future(self._emit(event))
         try:
             await asyncio.shield(send)
         except asyncio.CancelledError:
             # Finish the send under way, then let the cancellation through.
             with contextlib.suppress(Exception):
-                await send
-                if terminal:
-                    run.advance(RunState.ENDED)
+                await self._sent(run, send, terminal)
             raise
         except Exception as exc:
+            if isinstance(exc, EmitRefused):
+                run.terminal_out = False
             raise PublishError(f"publishing {event['kind']} seq {event['seq']} failed") from exc
+        if terminal:
+            run.advance(RunState.ENDED)
+
+    @staticmethod
+    async def _sent(run: Run, send: asyncio.Future[None], terminal: bool) -> None:
+        try:
+            await send
+        except EmitRefused:
+            run.terminal_out = False
+            raise
         if terminal:
             run.advance(RunState.ENDED)
 

@@ -130,8 +130,10 @@ class Run:
     # 0 for the sources served first (WorkerSettings.priority_sources), 1 for the others.
     priority: int = 1
     meta: StreamMeta = field(init=False)
-    # It began publishing its terminal event (which bills the whole run) at some point.
-    finishing: bool = False
+    # Its terminal event (which bills the whole run) may be out: set as its send begins, and
+    # cleared if the emit refused it before sending (docs/architecture.md, "Billing a resumed
+    # stream"). A run that reached FINISHING but failed to flush its deltas sent no terminal.
+    terminal_out: bool = False
     # The usage the run started from (inherited from `tokens`, or a long document's map calls):
     # what this run adds to it is its own upstream work.
     inherited: Usage = field(init=False)
@@ -194,8 +196,6 @@ class Run:
         if state not in _NEXT[self.state]:
             raise RuntimeError(f"run {self.request_id}: {self.state.name} -> {state.name}")
         self.state = state
-        if state is RunState.FINISHING:
-            self.finishing = True
 
     @property
     def closed(self) -> bool:

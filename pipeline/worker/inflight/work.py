@@ -26,6 +26,7 @@ from pipeline.memory.keystore import DataKeyTable
 from pipeline.worker.agents import timestamp_ms
 from pipeline.worker.dlq import DeadLetterQueue, Origin
 from pipeline.worker.inference.engine import InferenceEngine, ResumeState, Upstream
+from pipeline.worker.inference.publishing import EmitRefused
 from pipeline.worker.inflight.entries import (
     Entry,
     EntryState,
@@ -49,7 +50,7 @@ from pipeline.worker.jobs import (
 log = logging.getLogger("sumstream.worker")
 
 
-class PartitionMoved(Exception):
+class PartitionMoved(EmitRefused):
     """An emit for a request whose partition another worker owns now: it is not sent."""
 
 
