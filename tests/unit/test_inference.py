@@ -22,6 +22,7 @@ from pipeline.llm.extractive import full_summary, summarize, tokens
 from pipeline.llm.simulator.app import LocalSimulator, serving
 from pipeline.worker.inference.breaker import BreakerState
 from pipeline.worker.inference.engine import InferenceEngine, ResumeState, Upstream
+from pipeline.worker.inference.publishing import EmitRefused
 from pipeline.worker.jobs import resume_state
 
 MODEL = "claude-haiku-4-5"
@@ -684,6 +685,38 @@ async def test_a_failed_publish_leaves_the_request_to_the_next_owner(
     assert [e["kind"] for e in rec.events[broken["request_id"]]] == ["STARTED"]
     assert broken["request_id"] not in rec.finished
     assert "inference job failed" in caplog.text
+
+
+async def test_a_run_stopped_by_a_refused_emit_is_billed_by_the_release_that_follows(
+    sim: LocalSimulator,
+) -> None:
+    # The gate refuses a run's emits once its partition moved; the run may stop on that before
+    # the release of the moved requests reaches it (chaos seed 11: such runs went unbilled).
+    job = make_job(document(172))
+    rid = job["request_id"]
+
+    class MovedRecorder(Recorder):
+        async def emit(self, event: dict[str, Any]) -> None:
+            if event["kind"] == "DELTA":
+                raise EmitRefused(rid)
+            await super().emit(event)
+
+    settings = WorkerSettings(llm_sim_url=sim.url, **FAST)
+    client = UpstreamClient(settings)
+    rec = MovedRecorder()
+    try:
+        async with InferenceEngine(
+            settings, Upstream(settings, client), rec.emit, rec.on_finished
+        ) as engine:
+            await engine.submit(job)
+            await poll(lambda: not engine.is_active(rid))
+            [usage_event] = await engine.release({rid})
+    finally:
+        await client.close()
+    [served] = stats(sim, rid)["streams"]
+    assert usage_event["kind"] == "USAGE" and usage_event["request_id"] == rid
+    assert usage_event["usage"]["input_tokens"] == served["input_tokens"]
+    assert 1 <= usage_event["usage"]["output_tokens"] <= served["tokens"]
 
 
 async def test_a_final_reduce_with_missing_sections_ends_partial_and_bills_the_earlier_calls(

@@ -29,6 +29,7 @@ from pipeline.worker.inference.attempts import Attempts, GiveUp
 from pipeline.worker.inference.breaker import BreakerState, CircuitBreaker
 from pipeline.worker.inference.publishing import (
     Emit,
+    EmitRefused,
     PublishError,
     RunPublisher,
     coalesce_hold_s,
@@ -73,6 +74,9 @@ class InferenceEngine:
             settings, upstream, self._publisher.delta, clock=clock, rng=rng or random.Random()
         )
         self._runs: dict[str, Run] = {}
+        # Runs that stopped on an emit the gate refused (their partition moved) before the
+        # release that follows every such refusal took them: that release bills their work.
+        self._refused: list[Run] = []
         self._early_cancels: OrderedDict[str, str] = OrderedDict()
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
@@ -118,7 +122,7 @@ class InferenceEngine:
         for run in list(self._runs.values()):
             self._release(run)
         self._runs.clear()
-        return _unpublished(runs)
+        return _unpublished(self._with_refused(runs))
 
     async def release(self, request_ids: set[str]) -> list[TokenEvent]:
         """Stop these runs WITHOUT a terminal event (their partitions moved to another worker,
@@ -136,7 +140,12 @@ class InferenceEngine:
         await asyncio.gather(*tasks, return_exceptions=True)
         for run in runs:
             self._release(run)
-        return _unpublished(runs)
+        return _unpublished(self._with_refused(runs))
+
+    def _with_refused(self, runs: list[Run]) -> list[Run]:
+        """``runs`` and the runs stopped by a refused emit since the last release."""
+        refused, self._refused = self._refused, []
+        return runs + [run for run in refused if run not in runs]
 
     def request_ids(self) -> set[str]:
         """The requests queued or running here."""
@@ -290,9 +299,15 @@ class InferenceEngine:
                 if task is not None:
                     task.uncancel()
                 await self._publisher.finish(run, "CANCELLED", error=self._cancel_error(run))
+        except PublishError as exc:
+            # Without a terminal event the request stays in the agent's in-flight table and is
+            # resumed from the tokens topic by the next owner.
+            if isinstance(exc.__cause__, EmitRefused):
+                logger.info("run stopped: its partition moved", extra=run.log)
+                self._refused.append(run)
+            else:
+                logger.exception("inference job failed", extra=run.log)
         except Exception:
-            # Publishing failed: without a terminal event the request stays in the agent's
-            # in-flight table and is resumed from the tokens topic by the next owner.
             logger.exception("inference job failed", extra=run.log)
         finally:
             try:
