@@ -19,7 +19,7 @@ from typing import Any
 
 import faust
 import uvloop
-from faust.types import EventT, StreamT, TopicT
+from faust.types import TP, EventT, StreamT, TopicT
 from mode.utils.objects import cached_property
 from prometheus_client import start_http_server
 
@@ -389,6 +389,10 @@ def _add_postprocess(
     async def postprocess_agent(stream: StreamT[Any]) -> None:
         async for event in events(stream):
             await process("postprocess", on_token, event, dlq)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_tokens_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        postprocess.on_revoked({tp.partition for tp in revoked if tp.topic == topics.tokens})
 
 
 # --- The command ----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from pipeline.core.metrics import (
     REQUESTS_COMPLETED,
     STAGE_SECONDS,
 )
+from pipeline.core.partitioning import partition_for
 from pipeline.core.pricing import PriceTable
 from pipeline.core.records import TERMINAL_KINDS, SummaryResult, TokenEvent
 from pipeline.core.results import build_result
@@ -196,6 +197,16 @@ class PostprocessStage:
             await self._finish(event, self._open.pop(request_id, {}), result_ms, usages)
             return
         self._open_stream(request_id).setdefault(int(event["seq"]), event)
+
+    def on_revoked(self, partitions: set[int]) -> None:
+        """Forget the streams under way in ``partitions`` of `tokens`: another instance may
+        finish them while we do not own them (a freeze past the session timeout), and an entry
+        kept here would wait for an end we never read, holding a USAGE event that came after
+        it (chaos seed 11: a result left unamended). An end read later re-reads its stream."""
+        count = self.settings.stream_partitions
+        for request_id in [r for r in self._open if partition_for(r.encode(), count) in partitions]:
+            del self._open[request_id]
+            self._usages.pop(request_id, None)
 
     def _open_stream(self, request_id: str) -> dict[int, TokenEvent]:
         events = self._open.get(request_id)

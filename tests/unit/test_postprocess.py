@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.core.codec import codec
+from pipeline.core.partitioning import partition_for
 from pipeline.core.pricing import DEFAULT_PRICES_FILE, PriceTable
 from pipeline.core.results import LATENCY_SPANS, build_result, latency_breakdown, result_status
 from pipeline.core.settings import WorkerSettings
@@ -442,3 +443,30 @@ async def test_usage_for_a_stream_not_ended_yet_waits_for_its_end() -> None:
     await feed(stage, STREAM[2:])  # a resumed owner's seqs and end: the start is re-read
     [result] = results_of(results)
     assert result["usage"]["input_tokens"] == 1000 + 161
+
+
+async def test_usage_after_a_revoke_amends_a_result_another_instance_wrote() -> None:
+    # This instance read the stream's start, was frozen past its session timeout, and got the
+    # partition back after another instance had ended the stream and written its result
+    # (chaos seed 11): the USAGE event it reads next must amend that result, not wait for an
+    # end it will never read.
+    released = usage_event("u6", 161, 27)
+    log = Log([*STREAM, released])
+    stage, results, _, _ = make_stage(log=log)
+    await feed(stage, STREAM[:2])
+    stage.on_revoked({partition_for(STREAM[0]["request_id"].encode(), 6)})
+    await feed(stage, [released])
+    [amended] = results_of(results)
+    assert amended["usage"]["input_tokens"] == 1000 + 161
+    assert amended["usage"]["output_tokens"] == 3 + 27
+
+
+async def test_a_revoke_keeps_the_streams_of_partitions_still_owned() -> None:
+    stage, results, _, log = make_stage()
+    await feed(stage, STREAM[:2])
+    kept = partition_for(STREAM[0]["request_id"].encode(), 6)
+    stage.on_revoked({p for p in range(6) if p != kept})
+    await feed(stage, STREAM[2:])
+    [result] = results_of(results)
+    assert result["status"] == "COMPLETED"
+    assert log.calls == []  # assembled from what it held: nothing re-read
