@@ -45,7 +45,7 @@ def _lag() -> Command:
 
 
 def _worker() -> Command:
-    from pipeline.worker import app as command
+    from pipeline.worker import command
 
     return command
 

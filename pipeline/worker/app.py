@@ -1,4 +1,5 @@
-"""The Faust app and the `sumstream worker` command: any subset of the three stages.
+"""The Faust app: an agent for each of any subset of the three stages (the `sumstream worker`
+command that runs it is pipeline/worker/command.py).
 
 Each stage is one agent on one topic (docs/architecture.md, "The stages"). Records are read and
 written as raw bytes and decoded by pipeline/core/codec.py inside the agents
@@ -9,7 +10,6 @@ Faust. The inference stage keeps its in-flight work durable in a changelog-backe
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import logging.config
@@ -18,14 +18,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import faust
-import uvloop
 from faust.types import TP, EventT, StreamT, TopicT
 from mode.utils.objects import cached_property
 from prometheus_client import start_http_server
 
 from pipeline.core.clock import now_ms
-from pipeline.core.errors import SumstreamError
-from pipeline.core.jsonlog import logging_config
 from pipeline.core.keys import load_keys, user_tiers
 from pipeline.core.metrics import LagSampler
 from pipeline.core.pricing import PriceTable
@@ -33,7 +30,6 @@ from pipeline.core.producers import ProducerTable
 from pipeline.core.settings import WorkerSettings
 from pipeline.core.tiers import load_tiers
 from pipeline.core.topics import TopicNames
-from pipeline.kafka.admin import create_topics
 from pipeline.kafka.connection import ConnectionConfig
 from pipeline.kafka.lag import LagReader, metadata_is_stale
 from pipeline.llm.client import UpstreamClient
@@ -393,65 +389,3 @@ def _add_postprocess(
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_tokens_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
         postprocess.on_revoked({tp.partition for tp in revoked if tp.topic == topics.tokens})
-
-
-# --- The command ----------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--stages",
-        default=None,
-        help="comma-separated subset of preprocess,inference,postprocess (default: all, or "
-        "SUMSTREAM_STAGES)",
-    )
-    parser.add_argument("--app-id", default=None, help="Faust app id = consumer group")
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="Prometheus /metrics port (0: any free port, -1: off)",
-    )
-    parser.add_argument("--log-level", default=None)
-
-
-def run(args: argparse.Namespace) -> int:
-    """`sumstream worker`: create the topics, then run the Faust worker until stopped."""
-    overrides: dict[str, Any] = {}
-    if args.stages is not None:
-        overrides["stages"] = args.stages
-    if args.app_id is not None:
-        overrides["app_id"] = args.app_id
-    if args.metrics_port is not None:
-        overrides["metrics_port"] = args.metrics_port
-    if args.log_level is not None:
-        overrides["log_level"] = args.log_level
-    settings = WorkerSettings(**overrides)
-    stages = [s.strip() for s in settings.stages.split(",") if s.strip()]
-    logging.config.dictConfig(logging_config(settings))
-
-    try:
-        created = create_topics(settings)
-    except SumstreamError as exc:
-        log.error("cannot prepare the topics", extra={"error": str(exc), "code": exc.code})
-        return 1
-    if created:
-        log.info("topics created", extra={"topics": created})
-    # uvloop cuts the per-event cost of the asyncio machinery that every token passes through.
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    app = create_app(settings, stages)
-    worker = faust.Worker(
-        app,
-        loop=loop,
-        loglevel=settings.log_level.upper(),
-        logging_config=logging_config(settings),
-        quiet=True,
-        redirect_stdouts=False,
-    )
-    log.info("worker starting", extra={"app_id": settings.app_id, "stages": stages})
-    try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
-    return 0
