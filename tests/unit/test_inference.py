@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -167,13 +167,27 @@ FAST = {
 }
 
 
+class FailingRecorder(Recorder):
+    """A Recorder whose emit raises what ``error`` gives for an event (None: records it)."""
+
+    def __init__(self, error: Callable[[dict[str, Any]], Exception | None]) -> None:
+        super().__init__()
+        self._error = error
+
+    async def emit(self, event: dict[str, Any]) -> None:
+        exc = self._error(event)
+        if exc is not None:
+            raise exc
+        await super().emit(event)
+
+
 @asynccontextmanager
 async def running_engine(
-    sim: LocalSimulator, **overrides: Any
+    sim: LocalSimulator, recorder: Recorder | None = None, **overrides: Any
 ) -> AsyncIterator[tuple[InferenceEngine, Recorder]]:
     settings = WorkerSettings(llm_sim_url=sim.url, **{**FAST, **overrides})
     client = UpstreamClient(settings)
-    recorder = Recorder()
+    recorder = recorder or Recorder()
     engine = InferenceEngine(
         settings,
         Upstream(settings, client),
@@ -661,26 +675,18 @@ async def test_a_failed_publish_leaves_the_request_to_the_next_owner(
     sim: LocalSimulator, caplog: pytest.LogCaptureFixture
 ) -> None:
     broken, healthy = make_job(document(170)), make_job(document(171), user="bob")
-
-    class FlakyRecorder(Recorder):
-        async def emit(self, event: dict[str, Any]) -> None:
-            if event["request_id"] == broken["request_id"] and event["kind"] == "DELTA":
-                raise RuntimeError("producer is gone")
-            await super().emit(event)
-
-    settings = WorkerSettings(llm_sim_url=sim.url, **FAST)
-    client = UpstreamClient(settings)
-    rec = FlakyRecorder()
-    try:
-        async with InferenceEngine(
-            settings, Upstream(settings, client), rec.emit, rec.on_finished
-        ) as engine:
-            await engine.submit(broken)
-            await engine.submit(healthy)
-            assert (await rec.terminal(healthy["request_id"]))["kind"] == "DONE"
-            await poll(lambda: not engine.is_active(broken["request_id"]))
-    finally:
-        await client.close()
+    flaky = FailingRecorder(
+        lambda e: (
+            RuntimeError("producer is gone")
+            if e["request_id"] == broken["request_id"] and e["kind"] == "DELTA"
+            else None
+        )
+    )
+    async with running_engine(sim, flaky) as (engine, rec):
+        await engine.submit(broken)
+        await engine.submit(healthy)
+        assert (await rec.terminal(healthy["request_id"]))["kind"] == "DONE"
+        await poll(lambda: not engine.is_active(broken["request_id"]))
     # No terminal event and no on_finished: the in-flight entry stays for a resume.
     assert [e["kind"] for e in rec.events[broken["request_id"]]] == ["STARTED"]
     assert broken["request_id"] not in rec.finished
@@ -694,25 +700,11 @@ async def test_a_run_stopped_by_a_refused_emit_is_billed_by_the_release_that_fol
     # the release of the moved requests reaches it (chaos seed 11: such runs went unbilled).
     job = make_job(document(172))
     rid = job["request_id"]
-
-    class MovedRecorder(Recorder):
-        async def emit(self, event: dict[str, Any]) -> None:
-            if event["kind"] == "DELTA":
-                raise EmitRefused(rid)
-            await super().emit(event)
-
-    settings = WorkerSettings(llm_sim_url=sim.url, **FAST)
-    client = UpstreamClient(settings)
-    rec = MovedRecorder()
-    try:
-        async with InferenceEngine(
-            settings, Upstream(settings, client), rec.emit, rec.on_finished
-        ) as engine:
-            await engine.submit(job)
-            await poll(lambda: not engine.is_active(rid))
-            [usage_event] = await engine.release({rid})
-    finally:
-        await client.close()
+    moved = FailingRecorder(lambda e: EmitRefused(rid) if e["kind"] == "DELTA" else None)
+    async with running_engine(sim, moved) as (engine, _):
+        await engine.submit(job)
+        await poll(lambda: not engine.is_active(rid))
+        [usage_event] = await engine.release({rid})
     [served] = stats(sim, rid)["streams"]
     assert usage_event["kind"] == "USAGE" and usage_event["request_id"] == rid
     assert usage_event["usage"]["input_tokens"] == served["input_tokens"]
