@@ -7,8 +7,14 @@ removes it.
 
 from __future__ import annotations
 
+import asyncio
+
 from aiokafka import AIOKafkaClient, AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 from aiokafka.protocol.metadata import MetadataRequest
+
+# How long one broker may take to answer a Metadata request before it counts as not serving.
+ANSWER_S = 5.0
 
 
 def set_fetch_max_wait(consumer: AIOKafkaConsumer, ms: int) -> None:
@@ -34,7 +40,13 @@ async def topic_served_by_every_broker(client: AIOKafkaClient, topic: str, parti
     """
     request = MetadataRequest([topic], allow_auto_topic_creation=False)
     for broker in client.cluster.brokers():
-        response = await client.send(broker.nodeId, request)
+        try:
+            response = await asyncio.wait_for(client.send(broker.nodeId, request), ANSWER_S)
+        except (KafkaError, TimeoutError):
+            # A broker that died after the client's metadata named it: the cluster fences it
+            # within its session timeout, and a fresh metadata no longer lists it.
+            await client.force_metadata_update()
+            return False
         found = [entry for entry in response.topics if entry[1] == topic]
         if not found or found[0][0] != 0:  # the topic's error code
             return False

@@ -6,12 +6,14 @@ Each test fails loudly on a library upgrade that removes or renames what we reac
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 
 from aiokafka import AIOKafkaClient, AIOKafkaConsumer
+from aiokafka.errors import KafkaConnectionError
 from aiokafka.protocol.metadata import MetadataRequest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
-from pipeline.kafka.compat import set_fetch_max_wait
+from pipeline.kafka.compat import set_fetch_max_wait, topic_served_by_every_broker
 from pipeline.worker import transport
 
 
@@ -53,3 +55,24 @@ def test_aiokafka_and_faust_keep_what_the_topic_wait_uses() -> None:
     assert callable(getattr(AIOKafkaClient, "send", None))
     params = list(inspect.signature(faust_aiokafka.Transport._create_topic).parameters)
     assert params[:6] == ["self", "owner", "client", "topic", "partitions", "replication"]
+
+
+async def test_a_broker_that_does_not_answer_counts_as_not_serving_and_refreshes_metadata() -> None:
+    class DeadBrokerClient:
+        """A client whose metadata still names a broker that has died."""
+
+        def __init__(self) -> None:
+            self.cluster = SimpleNamespace(brokers=lambda: [SimpleNamespace(nodeId=3)])
+            self.refreshed = 0
+
+        async def send(self, node_id: int, request: object) -> object:
+            raise KafkaConnectionError(f"node {node_id}: connection refused")
+
+        async def force_metadata_update(self) -> bool:
+            self.refreshed += 1
+            return True
+
+    client = DeadBrokerClient()
+    served = await topic_served_by_every_broker(client, "t", 6)  # type: ignore[arg-type]
+    assert served is False
+    assert client.refreshed == 1  # the next look no longer lists a fenced broker

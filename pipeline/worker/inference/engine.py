@@ -145,7 +145,8 @@ class InferenceEngine:
     def _with_refused(self, runs: list[Run]) -> list[Run]:
         """``runs`` and the runs stopped by a refused emit since the last release."""
         refused, self._refused = self._refused, []
-        return runs + [run for run in refused if run not in runs]
+        taken = {id(run) for run in runs}
+        return runs + [run for run in refused if id(run) not in taken]
 
     def request_ids(self) -> set[str]:
         """The requests queued or running here."""
