@@ -48,9 +48,10 @@ from pipeline.core.records import ControlEvent, SummarizeRequest
 from pipeline.core.tiers import Tier
 from pipeline.core.topics import TopicNames
 from pipeline.llm.extractive import count_tokens
+from pipeline.memory.compacted import MemoryUnavailableError
 from pipeline.memory.keystore import DataKeyTable
 from pipeline.memory.preferences import PREFERENCES_VERSION_HEADER
-from pipeline.memory.store import MemoryUnavailableError, PreferencesTable
+from pipeline.memory.store import PreferencesTable
 
 log = logging.getLogger("sumstream.gateway")
 

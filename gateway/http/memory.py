@@ -30,7 +30,8 @@ from pipeline.core.records import UserPreferences
 from pipeline.kafka.tail import id_time_ms
 from pipeline.llm.extractive import count_tokens
 from pipeline.memory import preferences as prefs
-from pipeline.memory.store import MemoryUnavailableError, PreferencesTable
+from pipeline.memory.compacted import MemoryUnavailableError
+from pipeline.memory.store import PreferencesTable
 
 router = APIRouter()
 

@@ -15,8 +15,7 @@ import logging
 import secrets
 from typing import Any, cast
 
-from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import TopicPartition
 
 from pipeline.core import sealing
 from pipeline.core.clock import now_ms
@@ -25,9 +24,7 @@ from pipeline.core.errors import CodecError
 from pipeline.core.records import DataKey
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
-from pipeline.kafka.connection import ConnectionConfig
-from pipeline.kafka.partition_tail import PartitionTail, table_partitions
-from pipeline.memory.store import MemoryUnavailableError
+from pipeline.memory.compacted import CompactedTable
 
 log = logging.getLogger("sumstream.memory")
 
@@ -36,8 +33,11 @@ log = logging.getLogger("sumstream.memory")
 KEY_WAIT_S = 5.0
 
 
-class DataKeyTable:
+class DataKeyTable(CompactedTable):
     """Reads ``keys`` into the process keyring; a writer also creates and shreds keys."""
+
+    name = "keys"
+    what = "data keys"
 
     def __init__(
         self,
@@ -47,52 +47,11 @@ class DataKeyTable:
         start_timeout_s: float = 60.0,
         ring: sealing.Keyring | None = None,
     ) -> None:
-        self.settings = settings
-        self.topic = TopicNames.from_settings(settings).keys
+        topic = TopicNames.from_settings(settings).keys
+        super().__init__(settings, topic, writer=writer, start_timeout_s=start_timeout_s)
         # The process's keyring, which the codec opens with; a test may give its own.
         self.ring = ring if ring is not None else sealing.keyring()
-        self._writer = writer
-        self._start_timeout_s = start_timeout_s
-        self._changed = asyncio.Condition()
         self._creating: dict[str, asyncio.Future[str]] = {}
-        self._producer: AIOKafkaProducer | None = None
-        self._tail: PartitionTail | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self._tail is not None and self._tail.caught_up.is_set()
-
-    async def start(self) -> None:
-        """Read every partition from its start up to its end, then follow it."""
-        connection = ConnectionConfig.from_settings(self.settings)
-        self._tail = PartitionTail(connection, name="keys", poll_timeout_ms=500)
-        try:
-            consumer = await self._tail.open()
-            if self._writer:
-                self._producer = connection.producer(
-                    acks="all", enable_idempotence=True, linger_ms=0
-                )
-                await self._producer.start()
-            partitions = await table_partitions(consumer, self.topic)
-            tps = [TopicPartition(self.topic, p) for p in partitions]
-            await self._tail.assign(tps, offsets=dict.fromkeys(tps, 0))
-            self._tail.run(self._apply_batch)
-            async with asyncio.timeout(self._start_timeout_s):
-                await self._tail.caught_up.wait()
-        except BaseException as exc:
-            await self.stop()
-            if isinstance(exc, KafkaError | TimeoutError):
-                raise MemoryUnavailableError(f"keys cannot start: {exc!r}") from exc
-            raise
-
-    async def stop(self) -> None:
-        tail, self._tail = self._tail, None
-        if tail is not None:
-            await tail.stop()
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            with contextlib.suppress(KafkaError):
-                await producer.stop()
 
     async def key_for(self, user_id: str) -> str:
         """The user's current key id, created (and acknowledged by the broker) if none."""
@@ -152,14 +111,6 @@ class DataKeyTable:
         await self._send(f"{user_id}/{key_id}", codec().encode("DataKey", record))
         await self._apply(record["user_id"], key_id, record["key"])
         return key_id
-
-    async def _send(self, key: str, value: bytes | None) -> None:
-        if self._producer is None:
-            raise RuntimeError("this keystore does not write")
-        try:
-            await self._producer.send_and_wait(self.topic, key=key.encode(), value=value)
-        except KafkaError as exc:
-            raise MemoryUnavailableError(f"could not write a data key: {exc!r}") from exc
 
     async def _apply_batch(self, tp: TopicPartition, messages: list[Any]) -> None:
         for message in messages:

@@ -14,45 +14,30 @@ import contextlib
 import logging
 from typing import Any, cast
 
-from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import TopicPartition
 
 from pipeline.core.codec import codec
-from pipeline.core.errors import BrokerUnavailableError, CodecError
+from pipeline.core.errors import CodecError
 from pipeline.core.records import UserPreferences
 from pipeline.core.settings import KafkaSettings
 from pipeline.core.topics import TopicNames
-from pipeline.kafka.connection import ConnectionConfig
-from pipeline.kafka.partition_tail import PartitionTail, table_partitions
+from pipeline.memory.compacted import CompactedTable
 
 log = logging.getLogger("sumstream.memory")
 
 
-class MemoryUnavailableError(BrokerUnavailableError):
-    """The preferences log could not be read or written in time."""
-
-    code = "memory_unavailable"
-
-
-class PreferencesTable:
+class PreferencesTable(CompactedTable):
     """Every user's current preferences, read from the compacted ``preferences`` topic."""
+
+    name = "preferences"
+    what = "preferences"
 
     def __init__(
         self, settings: KafkaSettings, *, writer: bool = False, start_timeout_s: float = 60.0
     ) -> None:
-        self.settings = settings
-        self.topic = TopicNames.from_settings(settings).preferences
-        self._writer = writer
-        self._start_timeout_s = start_timeout_s
+        topic = TopicNames.from_settings(settings).preferences
+        super().__init__(settings, topic, writer=writer, start_timeout_s=start_timeout_s)
         self._by_user: dict[str, UserPreferences] = {}
-        self._changed = asyncio.Condition()
-        self._producer: AIOKafkaProducer | None = None
-        self._tail: PartitionTail | None = None
-
-    @property
-    def ready(self) -> bool:
-        """True once every partition was read to the end it had at start."""
-        return self._tail is not None and self._tail.caught_up.is_set()
 
     def get(self, user_id: str) -> UserPreferences | None:
         """The user's preferences as last read (None: none set, or forgotten)."""
@@ -68,37 +53,8 @@ class PreferencesTable:
         return found["version"] if found else 0
 
     async def start(self) -> None:
-        """Read every partition from its start up to its end, then follow it."""
-        connection = ConnectionConfig.from_settings(self.settings)
-        self._tail = PartitionTail(connection, name="preferences", poll_timeout_ms=500)
-        try:
-            consumer = await self._tail.open()
-            if self._writer:
-                self._producer = connection.producer(
-                    acks="all", enable_idempotence=True, linger_ms=0
-                )
-                await self._producer.start()
-            partitions = await table_partitions(consumer, self.topic)
-            tps = [TopicPartition(self.topic, p) for p in partitions]
-            await self._tail.assign(tps, offsets=dict.fromkeys(tps, 0))
-            self._tail.run(self._apply_batch)
-            async with asyncio.timeout(self._start_timeout_s):
-                await self._tail.caught_up.wait()
-        except BaseException as exc:
-            await self.stop()
-            if isinstance(exc, KafkaError | TimeoutError):
-                raise MemoryUnavailableError(f"preferences cannot start: {exc!r}") from exc
-            raise
+        await super().start()
         log.info("preferences ready", extra={"topic": self.topic, "users": len(self._by_user)})
-
-    async def stop(self) -> None:
-        tail, self._tail = self._tail, None
-        if tail is not None:
-            await tail.stop()
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            with contextlib.suppress(KafkaError):
-                await producer.stop()
 
     async def put(self, record: UserPreferences) -> None:
         """Write ``record`` as its user's preferences; applied here once acknowledged."""
@@ -121,14 +77,6 @@ class PreferencesTable:
             async with asyncio.timeout(timeout_s), self._changed:
                 await self._changed.wait_for(lambda: self.version(user_id) >= version)
         return self.version(user_id) >= version
-
-    async def _send(self, user_id: str, value: bytes | None) -> None:
-        if self._producer is None:
-            raise RuntimeError("this preferences table does not write")
-        try:
-            await self._producer.send_and_wait(self.topic, key=user_id.encode(), value=value)
-        except KafkaError as exc:
-            raise MemoryUnavailableError(f"could not write preferences: {exc!r}") from exc
 
     async def _apply_batch(self, tp: TopicPartition, messages: list[Any]) -> None:
         for message in messages:
