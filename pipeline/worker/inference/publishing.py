@@ -198,25 +198,21 @@ class RunPublisher:
         terminal = run.state is RunState.FINISHING
         if terminal:
             run.terminal_out = True
-        send = asyncio.ensure_future(self._emit(event))
+        send = asyncio.ensure_future(self._send(run, event, terminal))
         try:
             await asyncio.shield(send)
         except asyncio.CancelledError:
             # Finish the send under way, then let the cancellation through.
             with contextlib.suppress(Exception):
-                await self._sent(run, send, terminal)
+                await send
             raise
         except Exception as exc:
-            if isinstance(exc, EmitRefused):
-                run.terminal_out = False
             raise PublishError(f"publishing {event['kind']} seq {event['seq']} failed") from exc
-        if terminal:
-            run.advance(RunState.ENDED)
 
-    @staticmethod
-    async def _sent(run: Run, send: asyncio.Future[None], terminal: bool) -> None:
+    async def _send(self, run: Run, event: TokenEvent, terminal: bool) -> None:
+        """Emit ``event``; a terminal sent ends the run, one the emit refused is not out."""
         try:
-            await send
+            await self._emit(event)
         except EmitRefused:
             run.terminal_out = False
             raise
